@@ -1,0 +1,303 @@
+//! The daemon: `Application::build(config)` then `run_until_stopped(token)`.
+//!
+//! Start-up order: metrics and health state, NATS, HTTP listeners (so `/health` answers at
+//! once), then the database (created and migrated, retried in the background while it is down),
+//! then one independent loop per consumer. Shutdown: readiness flips to 503 at once, intake
+//! stops, in-flight messages finish and are settled, acks are flushed, the connection drained,
+//! and the HTTP listeners stop last.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::ConnectErrorKind;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, NatsConfig};
+use crate::consumer::{sleep_or_cancel, Shared, Worker};
+use crate::health::Health;
+use crate::http::{self, HttpState};
+use crate::metrics::Metrics;
+use crate::store;
+
+pub struct Application {
+    shared: Shared,
+    nats: async_nats::Client,
+    listener: tokio::net::TcpListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+}
+
+/// Connects to NATS. Wrong credentials or TLS settings stop start-up with a clear error; an
+/// unreachable server does not: the client keeps trying and readiness says disconnected.
+pub async fn connect_nats(cfg: &NatsConfig) -> anyhow::Result<async_nats::Client> {
+    let options = || async {
+        let mut o = async_nats::ConnectOptions::new()
+            .name("normalize-service")
+            .connection_timeout(Duration::from_secs(5))
+            .max_reconnects(None::<usize>);
+        if let Some(path) = &cfg.creds_file {
+            o = o
+                .credentials_file(path)
+                .await
+                .with_context(|| format!("NATS_CREDS_FILE: cannot read credentials file {path}"))?;
+        }
+        if let (Some(user), Some(password)) = (&cfg.user, &cfg.password) {
+            o = o.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &cfg.token {
+            o = o.token(token.clone());
+        }
+        if let Some(ca) = &cfg.tls_ca_file {
+            if !std::path::Path::new(ca).is_file() {
+                anyhow::bail!("NATS_TLS_CA_FILE: {ca} is not a readable file");
+            }
+            o = o.add_root_certificates(ca.into()).require_tls(true);
+        }
+        anyhow::Ok(o)
+    };
+    let urls: Vec<async_nats::ServerAddr> = cfg
+        .urls
+        .iter()
+        .map(|u| u.parse::<async_nats::ServerAddr>())
+        .collect::<Result<_, _>>()
+        .context("NATS_URL: cannot parse server address")?;
+    let shown = cfg
+        .urls
+        .iter()
+        .map(|u| crate::redact::redact_url(u))
+        .collect::<Vec<_>>()
+        .join(",");
+    match options().await?.connect(urls.clone()).await {
+        Ok(client) => {
+            tracing::info!(servers = %shown, "connected to NATS");
+            Ok(client)
+        }
+        Err(e) => match e.kind() {
+            ConnectErrorKind::Io | ConnectErrorKind::TimedOut | ConnectErrorKind::Dns | ConnectErrorKind::MaxReconnects => {
+                tracing::warn!(servers = %shown, error = %e, "NATS unreachable at start; retrying in the background");
+                Ok(options().await?.retry_on_initial_connect().connect(urls).await?)
+            }
+            ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => Err(anyhow::anyhow!(
+                "NATS refused the credentials (check NATS_USER/NATS_PASSWORD, NATS_TOKEN or NATS_CREDS_FILE): {e}"
+            )),
+            ConnectErrorKind::Tls => Err(anyhow::anyhow!(
+                "TLS to NATS failed (check NATS_TLS_CA_FILE and the tls:// URL in NATS_URL): {e}"
+            )),
+            ConnectErrorKind::ServerParse => Err(anyhow::anyhow!("NATS_URL: {e}")),
+        },
+    }
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Application> {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+        let health = Arc::new(Health::new(
+            config.mode,
+            &config
+                .consumers
+                .iter()
+                .map(|c| (c.kind, c.durable.clone(), c.expires))
+                .collect::<Vec<_>>(),
+        ));
+        let nats = connect_nats(&config.nats).await?;
+        let js = async_nats::jetstream::new(nats.clone());
+        let pool = store::lazy_pool(&config).context("DATABASE_URL")?;
+        let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
+            .await
+            .with_context(|| format!("PORT: cannot listen on {}:{}", config.host, config.port))?;
+        // Port 0 asks the OS for a free port (tests); equal non-zero ports share one listener.
+        let metrics_listener = if config.metrics_port == 0 || config.metrics_port != config.port {
+            Some(
+                tokio::net::TcpListener::bind((config.host.as_str(), config.metrics_port))
+                    .await
+                    .with_context(|| format!("METRICS_PORT: cannot listen on {}:{}", config.host, config.metrics_port))?,
+            )
+        } else {
+            None
+        };
+        Ok(Application {
+            shared: Shared {
+                config,
+                js,
+                pool,
+                metrics,
+                health,
+            },
+            nats,
+            listener,
+            metrics_listener,
+        })
+    }
+
+    /// The bound `PORT` (useful when it was 0).
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The bound `METRICS_PORT`; the main port when both are the same.
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port())
+            .unwrap_or_else(|| self.port())
+    }
+
+    /// Runs until `shutdown` is cancelled (or a task fails, which is an error).
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Application {
+            shared,
+            nats,
+            listener,
+            metrics_listener,
+        } = self;
+        let config = shared.config.clone();
+        let http_stop = CancellationToken::new();
+        let state = HttpState {
+            health: shared.health.clone(),
+            metrics: shared.metrics.clone(),
+            pool: shared.pool.clone(),
+            nats: nats.clone(),
+        };
+        let mut servers = JoinSet::new();
+        {
+            let stop = http_stop.clone();
+            let app = http::router(state.clone());
+            servers.spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+                    .context("HTTP server on PORT")
+            });
+        }
+        if let Some(l) = metrics_listener {
+            let stop = http_stop.clone();
+            let app = http::metrics_router(state.clone());
+            servers.spawn(async move {
+                axum::serve(l, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+                    .context("HTTP server on METRICS_PORT")
+            });
+        }
+
+        let mut background = JoinSet::new();
+        background.spawn(prepare_database(config.clone(), shared.health.clone(), shutdown.clone()));
+        background.spawn(watchdog(shared.clone(), nats.clone(), shutdown.clone()));
+        let mut workers = JoinSet::new();
+        for cc in &config.consumers {
+            let worker = Worker::new(shared.clone(), cc.clone());
+            let token = shutdown.clone();
+            let kind = cc.kind;
+            workers.spawn(async move {
+                worker.run(token).await;
+                kind
+            });
+        }
+
+        // Any task ending before shutdown was asked for ends the process with an error.
+        let failure: Option<anyhow::Error> = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
+            Some(r) = workers.join_next() => match r {
+                // A loop returns by itself only when asked to stop.
+                Ok(_) if shutdown.is_cancelled() => None,
+                Ok(kind) => Some(anyhow::anyhow!("consumer loop {kind} ended unexpectedly")),
+                Err(e) => Some(anyhow::anyhow!("consumer loop panicked: {e}")),
+            },
+            Some(r) = servers.join_next() => Some(match r {
+                Ok(Ok(())) => anyhow::anyhow!("HTTP server ended unexpectedly"),
+                Ok(Err(e)) => e,
+                Err(e) => anyhow::anyhow!("HTTP server panicked: {e}"),
+            }),
+        };
+        shared.health.set_shutting_down();
+        shutdown.cancel();
+        let deadline = Instant::now() + config.shutdown_timeout;
+        tracing::info!(timeout_ms = config.shutdown_timeout.as_millis() as u64, "stopping intake; finishing in-flight messages");
+        let drained = tokio::time::timeout_at(deadline.into(), async {
+            while workers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("shutdown timeout reached with consumers still busy; unsettled messages will be redelivered");
+            workers.abort_all();
+        }
+        // Acks are fire-and-forget publishes: flush them before the connection goes.
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(remaining, nats.flush()).await.is_err() {
+            tracing::warn!("flushing NATS timed out");
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let _ = tokio::time::timeout(remaining, nats.drain()).await;
+        background.abort_all();
+        http_stop.cancel();
+        while servers.join_next().await.is_some() {}
+        shared.pool.close().await;
+        match failure {
+            Some(e) => Err(e),
+            None => {
+                tracing::info!("stopped");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Creates and migrates the database, retrying with backoff until it works; consumers bind
+/// only after this, so a missing table can never dead-letter messages.
+async fn prepare_database(config: Arc<Config>, health: Arc<Health>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match store::connect(&config).await {
+            Ok(pool) => {
+                pool.close().await;
+                health.set_database_ready();
+                tracing::info!(migrations = config.run_migrations, "database ready");
+                shutdown.cancelled().await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "database not ready; retrying");
+                if !sleep_or_cancel(backoff, &shutdown).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Marks consumers stalled when their loop has made no progress for 3 × expires, and keeps
+/// the connection gauges fresh between scrapes.
+async fn watchdog(shared: Shared, nats: async_nats::Client, shutdown: CancellationToken) {
+    let mut was_stalled = std::collections::HashMap::new();
+    let mut tick: u64 = 0;
+    loop {
+        for (kind, stalled) in shared.health.check_stalls(Instant::now()) {
+            shared
+                .metrics
+                .consumer_stalled
+                .with_label_values(&[kind.as_str()])
+                .set(i64::from(stalled));
+            let before = was_stalled.insert(kind, stalled).unwrap_or(false);
+            if stalled && !before {
+                tracing::error!(consumer = %kind, "consumer loop stalled: no pull completed for 3 x expires");
+            } else if !stalled && before {
+                tracing::info!(consumer = %kind, "consumer loop recovered");
+            }
+        }
+        let up = nats.connection_state() == async_nats::connection::State::Connected;
+        shared.metrics.nats_connected.set(i64::from(up));
+        tick += 1;
+        if tick % 5 == 0 {
+            let db = store::ping(&shared.pool, Duration::from_secs(1)).await;
+            shared.metrics.database_up.set(i64::from(db));
+        }
+        if !sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
+            return;
+        }
+    }
+}

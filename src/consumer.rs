@@ -1,0 +1,568 @@
+//! The pull loop: bind, fetch, dispatch each message through the pipeline, settle it as
+//! [`outcome::decide`] says, and never die on a pull error.
+//!
+//! Only intake listens to the shutdown token: a message being processed is finished and settled;
+//! messages already delivered but not yet started are NAKed so another instance takes them now.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, AckKind};
+use chrono::Utc;
+use futures::{FutureExt, StreamExt};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConsumerConfig, PullMode};
+use crate::dlq::{self, Origin, Reason};
+use crate::health::Health;
+use crate::metrics::{Metrics, MessageResult};
+use crate::outcome::{decide, Action, Failure};
+use crate::pipeline::{self, Envelope};
+use crate::store::{self, Source};
+use crate::topology::{self, Binding};
+
+/// Everything a consumer loop shares with the rest of the process.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub js: jetstream::Context,
+    pub pool: PgPool,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
+pub struct Worker {
+    shared: Shared,
+    cc: ConsumerConfig,
+}
+
+/// Why a consume loop returned.
+enum LoopEnd {
+    Shutdown,
+    /// The durable or its stream is gone: bind again.
+    Lost,
+}
+
+/// Sleeps unless cancelled first; returns false when cancelled.
+pub async fn sleep_or_cancel(d: Duration, token: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = token.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+impl Worker {
+    pub fn new(shared: Shared, cc: ConsumerConfig) -> Worker {
+        Worker { shared, cc }
+    }
+
+    /// Runs until `shutdown` is cancelled: binds (retrying with backoff while nothing can be
+    /// bound), consumes, and binds again if the binding disappears.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let kind = self.cc.kind;
+        // Never bind before migrations have run: a missing table would dead-letter everything.
+        while !self.shared.health.database_ready() {
+            if !sleep_or_cancel(Duration::from_millis(200), &shutdown).await {
+                return;
+            }
+        }
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let binding = match topology::bind(&self.shared.js, &self.shared.config, &self.cc).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(consumer = %kind, error = %e, retry_in_ms = backoff.as_millis() as u64, "consumer not bound; retrying");
+                    self.shared.health.update(kind, |s| {
+                        s.stream = None;
+                        s.bind_error = Some(e.to_string());
+                    });
+                    if !sleep_or_cancel(backoff, &shutdown).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(15));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(250);
+            self.on_bound(&binding);
+            let info_stop = shutdown.child_token();
+            let refresher = tokio::spawn(refresh_info(
+                self.shared.clone(),
+                self.cc.clone(),
+                binding.clone(),
+                info_stop.clone(),
+            ));
+            let end = self.consume(&binding, &shutdown).await;
+            info_stop.cancel();
+            let _ = refresher.await;
+            self.shared
+                .metrics
+                .consumer_bound
+                .with_label_values(&[kind.as_str(), &binding.stream, &binding.durable])
+                .set(0);
+            match end {
+                LoopEnd::Shutdown => {
+                    tracing::info!(consumer = %kind, stream = %binding.stream, "consumer stopped");
+                    return;
+                }
+                LoopEnd::Lost => {
+                    tracing::warn!(consumer = %kind, stream = %binding.stream, durable = %binding.durable, "binding lost; binding again");
+                    self.shared.health.update(kind, |s| s.stream = None);
+                }
+            }
+        }
+    }
+
+    fn on_bound(&self, b: &Binding) {
+        let kind = self.cc.kind;
+        let m = &self.shared.metrics;
+        if b.fallback {
+            let primary = self.shared.config.streams.primary(self.cc.primary).to_string();
+            tracing::warn!(consumer = %kind, from = %primary, to = %b.stream, durable = %b.durable, "primary stream or durable absent; bound to the fallback stream");
+            m.stream_fallback
+                .with_label_values(&[kind.as_str(), &primary, &b.stream])
+                .inc();
+        } else {
+            tracing::info!(consumer = %kind, stream = %b.stream, durable = %b.durable, "consumer bound");
+        }
+        m.consumer_bound
+            .with_label_values(&[kind.as_str(), &b.stream, &b.durable])
+            .set(1);
+        m.touch_binding(kind, &self.cc.filter_subject, &b.stream, &b.durable);
+        self.shared.health.update(kind, |s| {
+            s.stream = Some(b.stream.clone());
+            s.durable = b.durable.clone();
+            s.fallback = b.fallback;
+            s.bind_error = None;
+            s.last_progress = Some(Instant::now());
+            s.stalled = false;
+        });
+    }
+
+    fn progress(&self, pulled: bool, messages: bool) {
+        let now = Utc::now();
+        self.shared.health.update(self.cc.kind, |s| {
+            s.last_progress = Some(Instant::now());
+            if pulled {
+                s.last_pull_at = Some(now);
+            }
+            if messages {
+                s.last_message_at = Some(now);
+            }
+        });
+    }
+
+    fn count_pull_error(&self, b: &Binding, error: &dyn std::fmt::Display) {
+        tracing::warn!(consumer = %self.cc.kind, stream = %b.stream, error = %error, "pull ended with an error; issuing a fresh request");
+        self.shared
+            .metrics
+            .pull_errors
+            .with_label_values(&[self.cc.kind.as_str(), &b.stream, &b.durable])
+            .inc();
+    }
+
+    async fn consume(&self, b: &Binding, shutdown: &CancellationToken) -> LoopEnd {
+        match self.cc.pull_mode {
+            PullMode::Fetch => self.consume_fetch(b, shutdown).await,
+            PullMode::Stream => self.consume_stream(b, shutdown).await,
+        }
+    }
+
+    /// Batch requests bounded by `expires`; each message is processed as it arrives, so a
+    /// partial batch never waits for the rest, and an empty or failed pull just starts another.
+    async fn consume_fetch(&self, b: &Binding, shutdown: &CancellationToken) -> LoopEnd {
+        let mut consecutive_errors: u32 = 0;
+        loop {
+            let request = b
+                .consumer
+                .batch()
+                .max_messages(self.cc.batch_size)
+                .expires(self.cc.expires)
+                .messages();
+            let batch = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return LoopEnd::Shutdown,
+                r = request => r,
+            };
+            let mut batch = match batch {
+                Ok(batch) => batch,
+                Err(e) => {
+                    self.count_pull_error(b, &e);
+                    self.progress(true, false);
+                    if let Some(end) = self.after_error(b, &mut consecutive_errors, shutdown).await {
+                        return end;
+                    }
+                    continue;
+                }
+            };
+            let mut received = 0usize;
+            let mut db_down = false;
+            let mut failed = false;
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        release_buffered(&mut batch).await;
+                        return LoopEnd::Shutdown;
+                    }
+                    n = batch.next() => n,
+                };
+                match next {
+                    None => break,
+                    Some(Ok(msg)) => {
+                        received += 1;
+                        self.handle(msg, b, &mut db_down, shutdown).await;
+                        self.progress(false, true);
+                    }
+                    Some(Err(e)) => {
+                        self.count_pull_error(b, &e);
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            self.progress(true, false);
+            self.shared
+                .metrics
+                .batch_size
+                .with_label_values(&[self.cc.kind.as_str()])
+                .observe(received as f64);
+            if failed {
+                if let Some(end) = self.after_error(b, &mut consecutive_errors, shutdown).await {
+                    return end;
+                }
+                continue;
+            }
+            consecutive_errors = 0;
+            if received == 0 && !sleep_or_cancel(self.cc.idle_backoff, shutdown).await {
+                return LoopEnd::Shutdown;
+            }
+        }
+    }
+
+    /// A continuous `messages()` stream; the library keeps pull requests outstanding and
+    /// reports missed heartbeats, which are logged and counted, never fatal.
+    async fn consume_stream(&self, b: &Binding, shutdown: &CancellationToken) -> LoopEnd {
+        let mut consecutive_errors: u32 = 0;
+        'outer: loop {
+            let heartbeat = (self.cc.expires / 2).max(Duration::from_millis(50));
+            let opened = b
+                .consumer
+                .stream()
+                .max_messages_per_batch(self.cc.batch_size)
+                .expires(self.cc.expires)
+                .heartbeat(heartbeat)
+                .messages();
+            let stream = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return LoopEnd::Shutdown,
+                r = opened => r,
+            };
+            let mut stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    self.count_pull_error(b, &e);
+                    if let Some(end) = self.after_error(b, &mut consecutive_errors, shutdown).await {
+                        return end;
+                    }
+                    continue;
+                }
+            };
+            let mut db_down = false;
+            let mut last_db_reset = Instant::now();
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        release_stream_buffered(&mut stream).await;
+                        return LoopEnd::Shutdown;
+                    }
+                    n = tokio::time::timeout(self.cc.expires, stream.next()) => n,
+                };
+                // The "batch" of stream mode is one expiry period: the database short-circuit
+                // is reset after it, so the database is tried again.
+                if last_db_reset.elapsed() >= self.cc.expires {
+                    db_down = false;
+                    last_db_reset = Instant::now();
+                }
+                match next {
+                    Err(_idle) => self.progress(true, false),
+                    Ok(None) => continue 'outer,
+                    Ok(Some(Ok(msg))) => {
+                        consecutive_errors = 0;
+                        self.handle(msg, b, &mut db_down, shutdown).await;
+                        self.progress(true, true);
+                    }
+                    Ok(Some(Err(e))) => {
+                        use jetstream::consumer::pull::MessagesErrorKind as K;
+                        self.count_pull_error(b, &e);
+                        self.progress(true, false);
+                        match e.kind() {
+                            K::MissingHeartbeat => continue,
+                            _ => {
+                                if let Some(end) = self.after_error(b, &mut consecutive_errors, shutdown).await {
+                                    return end;
+                                }
+                                continue 'outer;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a pull error: find out whether the binding is gone, then back off.
+    async fn after_error(&self, b: &Binding, consecutive: &mut u32, shutdown: &CancellationToken) -> Option<LoopEnd> {
+        *consecutive += 1;
+        if topology::binding_gone(b).await {
+            return Some(LoopEnd::Lost);
+        }
+        let delay = Duration::from_millis(100 * u64::from((*consecutive).min(50)));
+        if !sleep_or_cancel(delay, shutdown).await {
+            return Some(LoopEnd::Shutdown);
+        }
+        None
+    }
+
+    /// Processes and settles one message. `db_down` short-circuits the rest of a batch once the
+    /// database is found unreachable, so a batch is NAKed in milliseconds, not pool timeouts.
+    async fn handle(&self, msg: jetstream::Message, b: &Binding, db_down: &mut bool, shutdown: &CancellationToken) {
+        let started = Instant::now();
+        let kind = self.cc.kind;
+        let (stream, seq, delivered) = match msg.info() {
+            Ok(i) => (i.stream.to_string(), i.stream_sequence, i.delivered),
+            Err(e) => {
+                tracing::warn!(consumer = %kind, error = %e, "message without JetStream metadata; ignored");
+                return;
+            }
+        };
+        let subject = msg.subject.to_string();
+        let result = if *db_down {
+            Err(Failure::DatabaseSkipped)
+        } else {
+            self.process(&msg, &stream, seq).await
+        };
+        if let Err(f) = &result {
+            if f.database_unreachable() {
+                *db_down = true;
+            }
+        }
+        let action = decide(
+            result.as_ref().map(|_| ()).map_err(Failure::class),
+            delivered,
+            self.cc.max_deliver,
+            &self.shared.config.retry_backoff,
+        );
+        let m = &self.shared.metrics;
+        let metric_subject = self.cc.filter_subject.as_str();
+        let settled: MessageResult = match action {
+            Action::Ack => {
+                if let Err(e) = msg.ack().await {
+                    tracing::warn!(consumer = %kind, stream = %stream, seq, error = %e, "ack failed; the message will be redelivered and stored idempotently");
+                }
+                MessageResult::Success
+            }
+            Action::Nak(delay) => {
+                if let Err(f) = &result {
+                    tracing::debug!(consumer = %kind, stream = %stream, seq, delivered, error = %f, "transient failure; NAK with delay");
+                }
+                nak(&msg, delay).await;
+                MessageResult::Retry
+            }
+            Action::DeadLetter(reason) => {
+                let error = match &result {
+                    Err(f) => f.to_string(),
+                    Ok(()) => String::new(),
+                };
+                let origin = Origin {
+                    subject: &subject,
+                    stream: &stream,
+                    seq,
+                    durable: &b.durable,
+                    delivered,
+                };
+                if self.dead_letter(&msg, &origin, reason, &error, b, shutdown).await {
+                    m.dlq_messages
+                        .with_label_values(&[kind.as_str(), reason.as_str(), metric_subject, &stream, &b.durable])
+                        .inc();
+                    if reason == Reason::SchemaInvalid {
+                        MessageResult::SchemaInvalid
+                    } else {
+                        MessageResult::Dlq
+                    }
+                } else {
+                    MessageResult::Retry
+                }
+            }
+        };
+        m.count_message(kind, settled, metric_subject, &stream, &b.durable);
+        m.processing_duration
+            .with_label_values(&[kind.as_str(), &stream, &b.durable])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Decode, store in one transaction, then publish the normalized events and await their acks.
+    async fn process(&self, msg: &jetstream::Message, stream: &str, seq: u64) -> Result<(), Failure> {
+        let msg_id = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str());
+        let envelope = Envelope {
+            msg_id,
+            now: Utc::now(),
+            max_payload_bytes: self.shared.config.max_payload_bytes,
+        };
+        let decoded = pipeline::decode(self.cc.kind, &msg.payload, envelope)?;
+        let normalized = store::write(
+            &self.shared.pool,
+            &self.shared.metrics,
+            &decoded,
+            &Source { stream, seq },
+        )
+        .await
+        .map_err(Failure::Store)?;
+        let mut acks = Vec::with_capacity(normalized.len());
+        for n in &normalized {
+            let mut id = format!("{}:{}:{}", self.cc.durable, stream, seq);
+            if let Some(suffix) = n.id_suffix {
+                id.push(':');
+                id.push_str(suffix);
+            }
+            let body = serde_json::to_vec(&n.body).unwrap_or_default();
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(body.into())
+                .message_id(id);
+            acks.push(
+                self.shared
+                    .js
+                    .send_publish(n.subject, publish)
+                    .await
+                    .map_err(Failure::Publish)?,
+            );
+        }
+        for ack in acks {
+            ack.await.map_err(Failure::Publish)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes the dead letter and TERMs the original once JetStream has stored it. When the
+    /// dead letter cannot be stored the original is NAKed (never acked or terminated); on a
+    /// durable with a finite server-side limit, the last delivery is held with progress acks
+    /// while the dead letter is retried. Returns true when the dead letter was stored.
+    async fn dead_letter(
+        &self,
+        msg: &jetstream::Message,
+        origin: &Origin<'_>,
+        reason: Reason,
+        error: &str,
+        b: &Binding,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let kind = self.cc.kind;
+        let mut attempt: i64 = 0;
+        loop {
+            match dlq::publish(&self.shared.js, &self.cc.dlq_prefix, &msg.message, origin, reason, error).await {
+                Ok(_) => {
+                    self.shared.health.update(kind, |s| s.dead_letter_ok = true);
+                    tracing::error!(
+                        consumer = %kind, reason = reason.as_str(), stream = %origin.stream, seq = origin.seq,
+                        delivered = origin.delivered, error = %error,
+                        "message dead-lettered"
+                    );
+                    if let Err(e) = msg.ack_with(AckKind::Term).await {
+                        tracing::warn!(consumer = %kind, error = %e, "term failed; the redelivery will be dead-lettered again and deduplicated");
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    self.shared.health.update(kind, |s| s.dead_letter_ok = false);
+                    self.shared
+                        .metrics
+                        .dlq_publish_failures
+                        .with_label_values(&[kind.as_str(), origin.stream, &b.durable])
+                        .inc();
+                    let delay = crate::config::retry_delay(&self.shared.config.retry_backoff, origin.delivered.max(attempt));
+                    let last_delivery = b.server_max_deliver.is_some_and(|m| origin.delivered >= m);
+                    tracing::error!(
+                        consumer = %kind, reason = reason.as_str(), stream = %origin.stream, seq = origin.seq,
+                        error = %e, holding = last_delivery,
+                        "dead letter could not be stored; the original is kept for retry"
+                    );
+                    if !last_delivery {
+                        nak(msg, delay).await;
+                        return false;
+                    }
+                    // The server will not redeliver this message: hold it and retry here.
+                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                        tracing::warn!(consumer = %kind, error = %e, "progress ack failed");
+                    }
+                    let hold = delay.min(b.consumer.cached_info().config.ack_wait / 3).max(Duration::from_millis(10));
+                    if !sleep_or_cancel(hold, shutdown).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn nak(msg: &jetstream::Message, delay: Duration) {
+    if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+        tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
+    }
+}
+
+/// NAKs (without delay) messages that were delivered to us but not started, so a restart or
+/// another instance gets them at once instead of after ack_wait.
+async fn release_buffered(batch: &mut pull::Batch) {
+    while let Some(Some(Ok(msg))) = batch.next().now_or_never() {
+        if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
+            tracing::debug!(error = %e, "releasing a buffered message failed");
+        }
+    }
+}
+
+async fn release_stream_buffered(stream: &mut pull::Stream) {
+    while let Some(Some(Ok(msg))) = stream.next().now_or_never() {
+        if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
+            tracing::debug!(error = %e, "releasing a buffered message failed");
+        }
+    }
+}
+
+/// Refreshes pending / ack-pending / redelivered from consumer info every
+/// `CONSUMER_INFO_INTERVAL_MS`, for the gauges and `/health`.
+async fn refresh_info(shared: Shared, cc: ConsumerConfig, b: Binding, stop: CancellationToken) {
+    let labels = [cc.kind.as_str(), b.stream.as_str(), b.durable.as_str()];
+    loop {
+        match b.consumer.get_info().await {
+            Ok(info) => {
+                let m = &shared.metrics;
+                m.consumer_pending.with_label_values(&labels).set(info.num_pending as i64);
+                m.consumer_ack_pending
+                    .with_label_values(&labels)
+                    .set(info.num_ack_pending as i64);
+                m.consumer_redelivered
+                    .with_label_values(&labels)
+                    .set(info.num_redelivered as i64);
+                shared.health.update(cc.kind, |s| {
+                    s.pending = info.num_pending;
+                    s.ack_pending = info.num_ack_pending as u64;
+                    s.redelivered = info.num_redelivered as u64;
+                });
+            }
+            Err(e) => tracing::debug!(consumer = %cc.kind, error = %e, "consumer info unavailable"),
+        }
+        if !sleep_or_cancel(shared.config.consumer_info_interval, &stop).await {
+            return;
+        }
+    }
+}

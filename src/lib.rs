@@ -1,0 +1,37 @@
+//! normalize-service: consumes raw health events from NATS JetStream with durable pull
+//! consumers, validates and normalizes them, upserts them into PostgreSQL, publishes a
+//! normalized-stored event, and dead-letters what it cannot process.
+//!
+//! Map of the modules:
+//!
+//! - [`config`]    env → validated typed `Config` (errors name the variable)
+//! - [`topology`]  stream/durable specs, provisioning, binding with fallback
+//! - [`consumer`]  the pull loop: fetch, dispatch, settle, watchdog progress
+//! - [`outcome`]   the one place that decides ack / nak with delay / dead-letter
+//! - [`pipeline`]  one file per event type: decode + validate + normalize (pure)
+//! - [`store`]     PostgreSQL: pool, migrations, one function per statement
+//! - [`dlq`]       dead-letter publishing
+//! - [`metrics`]   one `Metrics` struct owning the registry
+//! - [`health`]    shared consumer state and the `/health` JSON
+//! - [`http`]      axum router: /health, /health/live, /health/ready, /metrics
+//! - [`app`]       `Application::build` then `run_until_stopped`
+//! - [`cli`]       clap commands
+//! - [`shutdown`]  signals → cancellation token
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod consumer;
+pub mod dlq;
+pub mod health;
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod outcome;
+pub mod pipeline;
+pub mod redact;
+pub mod shutdown;
+pub mod store;
+pub mod topology;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

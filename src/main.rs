@@ -1,0 +1,73 @@
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use normalize_service::cli::{Cli, Command};
+use normalize_service::config::Config;
+use normalize_service::{app::Application, logging, shutdown};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run().await,
+        Command::Healthcheck { timeout } => healthcheck(timeout).await,
+    }
+}
+
+fn load_config() -> Result<Config, ExitCode> {
+    Config::from_env().map_err(|e| {
+        eprintln!("normalize-service: configuration error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+async fn run() -> ExitCode {
+    let config = match load_config() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    logging::init(config.log_format);
+    tracing::info!(
+        version = normalize_service::VERSION,
+        mode = config.mode.as_str(),
+        database = %normalize_service::redact::redact_url(&config.database_url),
+        "starting"
+    );
+    let app = match Application::build(config).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "start-up failed");
+            eprintln!("normalize-service: start-up failed: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let token = CancellationToken::new();
+    tokio::spawn(shutdown::on_signal(token.clone()));
+    match app.run_until_stopped(token).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "stopped on failure");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn healthcheck(timeout: u64) -> ExitCode {
+    let config = match load_config() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match normalize_service::http::http_get("127.0.0.1", config.port, "/health/ready", Duration::from_secs(timeout)).await {
+        Ok((200, _)) => ExitCode::SUCCESS,
+        Ok((status, body)) => {
+            eprintln!("not ready: HTTP {status} {}", body.trim());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("health endpoint unreachable on port {}: {e}", config.port);
+            ExitCode::FAILURE
+        }
+    }
+}

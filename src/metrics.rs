@@ -1,0 +1,266 @@
+//! Metrics: one struct owning one registry; every series is registered here, once.
+//!
+//! Naming follows `normalize_<noun>_<unit>[_total]`, except the per-consumer message counters
+//! and `dlq_messages_total`, whose names are kept from the previous service so dashboards
+//! survive. Label values come from bounded sets only (consumer kinds, configured subjects,
+//! stream and durable names, result and reason enums): never a user or event id.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::config::ConsumerKind;
+
+/// What happened to one message, as counted in `normalize_<consumer>_messages_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageResult {
+    Success,
+    SchemaInvalid,
+    Retry,
+    Dlq,
+}
+
+impl MessageResult {
+    pub const ALL: [MessageResult; 4] = [
+        MessageResult::Success,
+        MessageResult::SchemaInvalid,
+        MessageResult::Retry,
+        MessageResult::Dlq,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageResult::Success => "success",
+            MessageResult::SchemaInvalid => "schema_invalid",
+            MessageResult::Retry => "retry",
+            MessageResult::Dlq => "dlq",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Messages handled by the HRV consumer, by outcome.
+    hrv_messages: IntCounterVec,
+    /// Messages handled by the sleep consumer, by outcome.
+    sleep_messages: IntCounterVec,
+    /// Messages handled by the Oura consumer, by outcome.
+    oura_messages: IntCounterVec,
+    /// Dead letters whose PubAck was received (stored by JetStream).
+    pub dlq_messages: IntCounterVec,
+    /// Dead-letter publishes that failed; the original stays unacked and is retried.
+    pub dlq_publish_failures: IntCounterVec,
+    /// Time from receiving a message to its ack/nak/term.
+    pub processing_duration: HistogramVec,
+    /// Messages per completed pull.
+    pub batch_size: HistogramVec,
+    /// Time of one statement, by table.
+    pub db_write_duration: HistogramVec,
+    /// 1 for each active (consumer, stream, durable) binding.
+    pub consumer_bound: IntGaugeVec,
+    /// Bindings made on the legacy stream because the primary was not there.
+    pub stream_fallback: IntCounterVec,
+    /// Pull requests that ended with an error (status 408/409, disconnect, missed heartbeat).
+    pub pull_errors: IntCounterVec,
+    pub consumer_pending: IntGaugeVec,
+    pub consumer_ack_pending: IntGaugeVec,
+    pub consumer_redelivered: IntGaugeVec,
+    /// 1 when a consumer loop has not completed a pull for 3 × its expiry.
+    pub consumer_stalled: IntGaugeVec,
+    pub nats_connected: IntGauge,
+    pub database_up: IntGauge,
+    pub build_info: IntGaugeVec,
+}
+
+const MESSAGE_LABELS: &[&str] = &["result", "subject", "stream", "durable"];
+const BINDING_LABELS: &[&str] = &["consumer", "stream", "durable"];
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> prometheus::Result<HistogramVec> {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let seconds = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        let m = Metrics {
+            hrv_messages: counter(&registry, "normalize_hrv_messages_total", "HRV messages handled, by result", MESSAGE_LABELS)?,
+            sleep_messages: counter(&registry, "normalize_sleep_messages_total", "Sleep messages handled, by result", MESSAGE_LABELS)?,
+            oura_messages: counter(&registry, "normalize_oura_messages_total", "Oura webhook messages handled, by result", MESSAGE_LABELS)?,
+            dlq_messages: counter(
+                &registry,
+                "dlq_messages_total",
+                "Dead letters stored by JetStream (counted after the PubAck)",
+                &["consumer", "reason", "subject", "stream", "durable"],
+            )?,
+            dlq_publish_failures: counter(
+                &registry,
+                "normalize_dlq_publish_failures_total",
+                "Dead-letter publishes that failed; the original message was NAKed, not acked",
+                BINDING_LABELS,
+            )?,
+            processing_duration: histogram(
+                &registry,
+                "normalize_processing_duration_seconds",
+                "Time from receiving a message to settling it (ack, nak or term)",
+                BINDING_LABELS,
+                seconds.clone(),
+            )?,
+            batch_size: histogram(
+                &registry,
+                "normalize_batch_size",
+                "Messages received per completed pull",
+                &["consumer"],
+                vec![0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
+            )?,
+            db_write_duration: histogram(
+                &registry,
+                "normalize_db_write_duration_seconds",
+                "Time of one write statement, by table",
+                &["table"],
+                seconds,
+            )?,
+            consumer_bound: gauge(&registry, "normalize_consumer_bound", "1 for each active consumer binding", BINDING_LABELS)?,
+            stream_fallback: counter(
+                &registry,
+                "normalize_stream_fallback_total",
+                "Consumer bindings made on the fallback (legacy) stream",
+                &["consumer", "from", "to"],
+            )?,
+            pull_errors: counter(
+                &registry,
+                "normalize_pull_errors_total",
+                "Pull requests that ended with an error and were re-issued",
+                BINDING_LABELS,
+            )?,
+            consumer_pending: gauge(
+                &registry,
+                "normalize_consumer_pending_messages",
+                "Messages in the stream not yet delivered to the durable (consumer info num_pending)",
+                BINDING_LABELS,
+            )?,
+            consumer_ack_pending: gauge(
+                &registry,
+                "normalize_consumer_ack_pending_messages",
+                "Messages delivered and not yet acknowledged (consumer info num_ack_pending)",
+                BINDING_LABELS,
+            )?,
+            consumer_redelivered: gauge(
+                &registry,
+                "normalize_consumer_redelivered_messages",
+                "Messages redelivered and not yet acknowledged (consumer info num_redelivered)",
+                BINDING_LABELS,
+            )?,
+            consumer_stalled: gauge(
+                &registry,
+                "normalize_consumer_stalled",
+                "1 when the consumer loop has made no progress for 3 x its pull expiry",
+                &["consumer"],
+            )?,
+            nats_connected: {
+                let g = IntGauge::new("normalize_nats_connected", "1 while connected to NATS")?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            database_up: {
+                let g = IntGauge::new("normalize_database_up", "1 while PostgreSQL answers")?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            build_info: gauge(&registry, "normalize_build_info", "Build information; the value is always 1", &["version"])?,
+            registry,
+        };
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        m.build_info.with_label_values(&[crate::VERSION]).set(1);
+        for kind in ConsumerKind::ALL {
+            m.consumer_stalled.with_label_values(&[kind.as_str()]).set(0);
+        }
+        Ok(m)
+    }
+
+    fn messages(&self, kind: ConsumerKind) -> &IntCounterVec {
+        match kind {
+            ConsumerKind::Hrv => &self.hrv_messages,
+            ConsumerKind::Sleep => &self.sleep_messages,
+            ConsumerKind::Oura => &self.oura_messages,
+        }
+    }
+
+    pub fn count_message(&self, kind: ConsumerKind, result: MessageResult, subject: &str, stream: &str, durable: &str) {
+        self.messages(kind)
+            .with_label_values(&[result.as_str(), subject, stream, durable])
+            .inc();
+    }
+
+    /// Creates the zero-valued series of a new binding so dashboards and alerts see them at once.
+    pub fn touch_binding(&self, kind: ConsumerKind, subject: &str, stream: &str, durable: &str) {
+        for r in MessageResult::ALL {
+            self.messages(kind)
+                .with_label_values(&[r.as_str(), subject, stream, durable]);
+        }
+        let labels = [kind.as_str(), stream, durable];
+        self.pull_errors.with_label_values(&labels);
+        self.dlq_publish_failures.with_label_values(&labels);
+    }
+
+    pub fn observe_db_write(&self, table: &str, elapsed: Duration) {
+        self.db_write_duration
+            .with_label_values(&[table])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_once_and_renders_spec_names() {
+        let m = Metrics::new().unwrap();
+        m.touch_binding(ConsumerKind::Hrv, "athlete-ally.hrv.raw-received", "AA_CORE_HOT", "d");
+        m.count_message(ConsumerKind::Hrv, MessageResult::Success, "athlete-ally.hrv.raw-received", "AA_CORE_HOT", "d");
+        m.consumer_bound.with_label_values(&["hrv", "AA_CORE_HOT", "d"]).set(1);
+        let text = m.render();
+        for name in [
+            "normalize_hrv_messages_total{durable=\"d\",result=\"success\",stream=\"AA_CORE_HOT\",subject=\"athlete-ally.hrv.raw-received\"} 1",
+            "normalize_consumer_bound",
+            "normalize_consumer_stalled",
+            "normalize_build_info",
+        ] {
+            assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The one place that decides what happens to a message: ack, NAK with delay, or dead-letter.
+//!
+//! Pure: it sees a classified result, the delivery count and the limits, and nothing else.
+
+use std::time::Duration;
+
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+
+use crate::dlq::Reason;
+use crate::pipeline::SchemaError;
+
+/// Why processing a message failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("{0}")]
+    Schema(#[from] SchemaError),
+    #[error("database: {0}")]
+    Store(#[source] sqlx::Error),
+    #[error("publishing the normalized event: {0}")]
+    Publish(#[source] PublishError),
+    /// An earlier message of the same batch found the database unreachable; this one was not tried.
+    #[error("database unreachable (not attempted after an earlier failure in the batch)")]
+    DatabaseSkipped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Can never succeed: dead-letter at once as schema-invalid.
+    Invalid,
+    /// May succeed later: retry until the delivery limit.
+    Transient,
+    /// Will not succeed by retrying: dead-letter as non-retryable.
+    Permanent,
+}
+
+impl Failure {
+    pub fn class(&self) -> Class {
+        match self {
+            Failure::Schema(_) => Class::Invalid,
+            Failure::Store(e) => {
+                if crate::store::is_transient(e) {
+                    Class::Transient
+                } else {
+                    Class::Permanent
+                }
+            }
+            Failure::Publish(e) => publish_class(e.kind()),
+            Failure::DatabaseSkipped => Class::Transient,
+        }
+    }
+
+    /// True when the failure says the database itself is unreachable (not one bad row).
+    pub fn database_unreachable(&self) -> bool {
+        matches!(
+            self,
+            Failure::Store(
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
+            ) | Failure::DatabaseSkipped
+        )
+    }
+}
+
+/// Publish failures: a payload the server will never take, or a sequence expectation that was
+/// violated, are permanent; everything else (timeouts, no responders, disconnects, unknown) is
+/// retried, because dropping a message on an ambiguous error would be at-most-once.
+pub fn publish_class(kind: PublishErrorKind) -> Class {
+    match kind {
+        PublishErrorKind::MaxPayloadExceeded
+        | PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence => Class::Permanent,
+        _ => Class::Transient,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Ack,
+    Nak(Duration),
+    DeadLetter(Reason),
+}
+
+/// Decides the fate of a message on its `delivered`-th delivery (1-based).
+pub fn decide(result: Result<(), Class>, delivered: i64, max_deliver: i64, backoff: &[Duration]) -> Action {
+    match result {
+        Ok(()) => Action::Ack,
+        Err(Class::Invalid) => Action::DeadLetter(Reason::SchemaInvalid),
+        Err(Class::Permanent) => Action::DeadLetter(Reason::NonRetryable),
+        Err(Class::Transient) if delivered >= max_deliver => Action::DeadLetter(Reason::MaxDeliver),
+        Err(Class::Transient) => Action::Nak(crate::config::retry_delay(backoff, delivered)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: [Duration; 2] = [Duration::from_millis(10), Duration::from_millis(20)];
+
+    #[test]
+    fn outcome_table() {
+        assert_eq!(decide(Ok(()), 1, 5, &B), Action::Ack);
+        assert_eq!(decide(Ok(()), 9, 5, &B), Action::Ack);
+        assert_eq!(decide(Err(Class::Invalid), 1, 5, &B), Action::DeadLetter(Reason::SchemaInvalid));
+        assert_eq!(decide(Err(Class::Permanent), 1, 5, &B), Action::DeadLetter(Reason::NonRetryable));
+        assert_eq!(decide(Err(Class::Transient), 1, 5, &B), Action::Nak(B[0]));
+        assert_eq!(decide(Err(Class::Transient), 4, 5, &B), Action::Nak(B[1]));
+        assert_eq!(decide(Err(Class::Transient), 5, 5, &B), Action::DeadLetter(Reason::MaxDeliver));
+        assert_eq!(decide(Err(Class::Transient), 7, 5, &B), Action::DeadLetter(Reason::MaxDeliver));
+    }
+
+    #[test]
+    fn publish_errors_are_classified_by_kind() {
+        assert_eq!(publish_class(PublishErrorKind::TimedOut), Class::Transient);
+        assert_eq!(publish_class(PublishErrorKind::StreamNotFound), Class::Transient);
+        assert_eq!(publish_class(PublishErrorKind::BrokenPipe), Class::Transient);
+        assert_eq!(publish_class(PublishErrorKind::MaxPayloadExceeded), Class::Permanent);
+    }
+
+    #[test]
+    fn database_failures() {
+        let io = Failure::Store(sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)));
+        assert_eq!(io.class(), Class::Transient);
+        assert!(io.database_unreachable());
+        let bad = Failure::Store(sqlx::Error::RowNotFound);
+        assert_eq!(bad.class(), Class::Permanent);
+        assert!(!bad.database_unreachable());
+    }
+}

@@ -1,0 +1,108 @@
+//! Raw sleep records (`athlete-ally.sleep.raw-received`).
+
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use serde_json::{json, Value};
+
+use super::{
+    clamp_score, date, minutes, number, object, optional_object, parse_object, timestamp, user_id, vendor,
+    SchemaError, Vendor,
+};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SleepRecord {
+    pub user_id: String,
+    pub date: NaiveDate,
+    pub duration_minutes: i32,
+    /// `None` when absent: a stored score is then kept.
+    pub quality_score: Option<i32>,
+    pub vendor: Option<Vendor>,
+    pub captured_at: DateTime<Utc>,
+    /// True when the event had no `capturedAt` and processing time was used (stored in the row).
+    pub captured_at_defaulted: bool,
+}
+
+pub fn decode(body: &[u8], now: DateTime<Utc>) -> Result<SleepRecord, SchemaError> {
+    let root = parse_object(body)?;
+    let p = object(&root, "payload", "payload")?;
+    let user_id = user_id(p, "userId", "payload.userId")?;
+    let date = date(p, "date", "payload.date")?;
+    let duration = number(p.get("durationMinutes"), "payload.durationMinutes")?
+        .ok_or(SchemaError::Missing("payload.durationMinutes"))?;
+    let duration_minutes = minutes(duration, "payload.durationMinutes")?;
+    let captured = timestamp(p.get("capturedAt"), "payload.capturedAt")?;
+    let raw = optional_object(p, "raw", "payload.raw")?;
+    let quality_score = number(raw.and_then(|r| r.get("qualityScore")), "payload.raw.qualityScore")?.map(clamp_score);
+    Ok(SleepRecord {
+        user_id,
+        date,
+        duration_minutes,
+        quality_score,
+        vendor: vendor(raw),
+        captured_at: captured.unwrap_or(now),
+        captured_at_defaulted: captured.is_none(),
+    })
+}
+
+/// The `athlete-ally.sleep.normalized-stored` body for a stored row (values as stored).
+pub fn normalized(r: &SleepRecord, stored_vendor: &str, stored_quality: Option<i32>) -> Value {
+    let mut record = json!({
+        "userId": r.user_id,
+        "date": r.date.format("%Y-%m-%d").to_string(),
+        "durationMinutes": r.duration_minutes,
+        "vendor": stored_vendor,
+        "capturedAt": r.captured_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+    });
+    if let (Some(q), Some(obj)) = (stored_quality, record.as_object_mut()) {
+        obj.insert("qualityScore".into(), json!(q));
+    }
+    json!({ "record": record })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2025-03-02T12:00:00Z").unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn valid_sleep_is_normalized() {
+        let r = decode(
+            br#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":420.5,"capturedAt":"2025-03-01T08:00:00Z","raw":{"source":"Oura","qualityScore":104.2}}}"#,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(r.duration_minutes, 421);
+        assert_eq!(r.quality_score, Some(100));
+        assert_eq!(r.vendor, Some(Vendor::Oura));
+        assert!(!r.captured_at_defaulted);
+        let n = normalized(&r, "oura", Some(100));
+        assert_eq!(n["record"]["vendor"], "oura");
+        assert_eq!(n["record"]["durationMinutes"], 421);
+    }
+
+    #[test]
+    fn missing_captured_at_defaults_to_now_and_says_so() {
+        let r = decode(br#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":0}}"#, now()).unwrap();
+        assert_eq!(r.captured_at, now());
+        assert!(r.captured_at_defaulted);
+        assert_eq!(r.quality_score, None);
+        assert_eq!(r.vendor, None);
+        assert!(normalized(&r, "unknown", None)["record"].get("qualityScore").is_none());
+    }
+
+    #[test]
+    fn invalid_sleep_is_refused() {
+        for (body, needle) in [
+            (r#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":1441}}"#, "durationMinutes"),
+            (r#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":-1}}"#, "durationMinutes"),
+            (r#"{"payload":{"userId":"u","date":"2025-03-01"}}"#, "durationMinutes"),
+            (r#"{"payload":{"userId":"u","date":"2025-04-31","durationMinutes":3}}"#, "payload.date"),
+            (r#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":3,"raw":{"qualityScore":"high"}}}"#, "qualityScore"),
+        ] {
+            let e = decode(body.as_bytes(), now()).unwrap_err().to_string();
+            assert!(e.contains(needle), "{body}: {e}");
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! Stream and durable specifications, provisioning, and binding with primary-first fallback.
+//!
+//! JetStream refuses two streams with overlapping subjects (10065) and, on 2.9, a consumer filter
+//! not covered by its stream's subjects (10093). Provisioning therefore never creates a stream
+//! whose subjects another stream already holds, and binding only creates a durable on a stream
+//! whose subjects cover the filter.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use futures::TryStreamExt;
+
+use crate::config::{Config, ConsumerConfig, StreamMode, StreamNames};
+
+pub const HOUR: Duration = Duration::from_secs(3600);
+
+/// One stream of the topology tables in SPEC §1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamSpec {
+    pub name: String,
+    pub subjects: Vec<String>,
+    pub max_age: Duration,
+    pub replicas: usize,
+}
+
+impl StreamSpec {
+    pub fn to_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.name.clone(),
+            subjects: self.subjects.clone(),
+            max_age: self.max_age,
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            duplicate_window: Duration::from_secs(120),
+            num_replicas: self.replicas,
+            ..Default::default()
+        }
+    }
+}
+
+/// The legacy single stream.
+pub fn legacy_spec(names: &StreamNames, replicas: usize) -> StreamSpec {
+    StreamSpec {
+        name: names.legacy.clone(),
+        subjects: vec!["athlete-ally.>".into(), "vendor.>".into(), "sleep.*".into()],
+        max_age: 24 * HOUR,
+        replicas,
+    }
+}
+
+pub fn core_spec(names: &StreamNames, replicas: usize) -> StreamSpec {
+    StreamSpec {
+        name: names.core.clone(),
+        subjects: vec!["athlete-ally.>".into(), "sleep.*".into()],
+        max_age: 48 * HOUR,
+        replicas,
+    }
+}
+
+pub fn vendor_spec(names: &StreamNames, replicas: usize) -> StreamSpec {
+    StreamSpec {
+        name: names.vendor.clone(),
+        subjects: vec!["vendor.>".into()],
+        max_age: 48 * HOUR,
+        replicas,
+    }
+}
+
+/// The dead-letter stream; it overlaps nothing, so it exists in both modes.
+pub fn dlq_spec(names: &StreamNames, replicas: usize) -> StreamSpec {
+    StreamSpec {
+        name: names.dlq.clone(),
+        subjects: vec!["dlq.>".into()],
+        max_age: 14 * 24 * HOUR,
+        replicas,
+    }
+}
+
+/// The streams a mode wants.
+pub fn stream_specs(mode: StreamMode, names: &StreamNames, replicas: usize) -> Vec<StreamSpec> {
+    match mode {
+        StreamMode::Single => vec![legacy_spec(names, replicas), dlq_spec(names, replicas)],
+        StreamMode::Multi => vec![
+            core_spec(names, replicas),
+            vendor_spec(names, replicas),
+            dlq_spec(names, replicas),
+        ],
+    }
+}
+
+/// The durable pull consumer for a consumer config: explicit ack, deliver all, one
+/// `filter_subject` (never the plural field, which 2.9 ignores), and no server-side delivery
+/// limit: the daemon applies its own, so a message whose dead letter cannot be stored yet is
+/// retried until it can be.
+pub fn durable_config(cc: &ConsumerConfig) -> pull::Config {
+    pull::Config {
+        durable_name: Some(cc.durable.clone()),
+        description: Some(format!("normalize-service {} consumer", cc.kind)),
+        deliver_policy: jetstream::consumer::DeliverPolicy::All,
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: cc.ack_wait,
+        max_deliver: -1,
+        filter_subject: cc.filter_subject.clone(),
+        max_ack_pending: cc.max_ack_pending,
+        ..Default::default()
+    }
+}
+
+/// Whether a subject pattern (possibly with `*`/`>`) matches a literal subject.
+pub fn pattern_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether two subject patterns can match a common subject (JetStream's overlap rule).
+pub fn patterns_overlap(a: &str, b: &str) -> bool {
+    let ta: Vec<&str> = a.split('.').collect();
+    let tb: Vec<&str> = b.split('.').collect();
+    let mut i = 0;
+    loop {
+        match (ta.get(i), tb.get(i)) {
+            (Some(&">"), Some(_)) | (Some(_), Some(&">")) => return true,
+            (Some(x), Some(y)) if *x == "*" || *y == "*" || x == y => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+        i += 1;
+    }
+}
+
+/// An existing stream's name and subjects.
+#[derive(Debug, Clone)]
+pub struct ExistingStream {
+    pub name: String,
+    pub subjects: Vec<String>,
+}
+
+/// Lists the streams on the server.
+pub async fn existing_streams(js: &jetstream::Context) -> Result<Vec<ExistingStream>, async_nats::Error> {
+    let infos: Vec<stream::Info> = js.streams().try_collect().await?;
+    Ok(infos
+        .into_iter()
+        .map(|i| ExistingStream {
+            name: i.config.name,
+            subjects: i.config.subjects,
+        })
+        .collect())
+}
+
+/// The first existing stream (other than `except`) holding a subject that overlaps `subject`.
+pub fn holder_of<'a>(existing: &'a [ExistingStream], subject: &str, except: &str) -> Option<&'a ExistingStream> {
+    existing
+        .iter()
+        .filter(|e| e.name != except)
+        .find(|e| e.subjects.iter().any(|s| patterns_overlap(s, subject)))
+}
+
+/// `TOPOLOGY_PROVISION=missing`: creates the mode's absent streams whose subjects collide with
+/// no existing stream. Never changes or deletes anything. Returns the names created.
+pub async fn provision_streams(js: &jetstream::Context, config: &Config) -> Result<Vec<String>, async_nats::Error> {
+    // The three consumer loops bind concurrently; one provisioning pass at a time.
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _guard = LOCK.lock().await;
+    let existing = existing_streams(js).await?;
+    let mut created = Vec::new();
+    for spec in stream_specs(config.mode, &config.streams, config.replicas) {
+        if existing.iter().any(|e| e.name == spec.name) {
+            continue;
+        }
+        if let Some((subject, holder)) = spec
+            .subjects
+            .iter()
+            .find_map(|s| holder_of(&existing, s, &spec.name).map(|h| (s, h)))
+        {
+            tracing::info!(
+                stream = %spec.name,
+                subject = %subject,
+                held_by = %holder.name,
+                "not creating stream: its subjects are held by another stream (see `normalize-service migrate plan`)"
+            );
+            continue;
+        }
+        match js.create_stream(spec.to_config()).await {
+            Ok(_) => {
+                tracing::info!(stream = %spec.name, subjects = ?spec.subjects, "created stream");
+                created.push(spec.name.clone());
+            }
+            Err(e) => tracing::warn!(stream = %spec.name, error = %e, "could not create stream"),
+        }
+    }
+    Ok(created)
+}
+
+/// A durable this daemon consumes from.
+#[derive(Clone)]
+pub struct Binding {
+    pub stream: String,
+    pub durable: String,
+    pub consumer: jetstream::consumer::Consumer<pull::Config>,
+    /// True when bound to the legacy stream in multi mode.
+    pub fallback: bool,
+    /// The durable's own `max_deliver` when finite (set by someone else): the last delivery is
+    /// then held with progress acks while its dead letter is retried.
+    pub server_max_deliver: Option<i64>,
+}
+
+impl std::fmt::Debug for Binding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Binding")
+            .field("stream", &self.stream)
+            .field("durable", &self.durable)
+            .field("fallback", &self.fallback)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("no stream to bind to: {0}")]
+    NothingBound(String),
+    #[error("NATS request failed: {0}")]
+    Nats(#[source] async_nats::Error),
+}
+
+/// The streams a consumer may bind to, in order.
+pub fn candidates(config: &Config, cc: &ConsumerConfig) -> Vec<String> {
+    match config.mode {
+        StreamMode::Single => vec![config.streams.legacy.clone()],
+        StreamMode::Multi => vec![config.streams.primary(cc.primary).to_string(), config.streams.legacy.clone()],
+    }
+}
+
+fn is_not_found(code: Option<jetstream::ErrorCode>) -> bool {
+    matches!(
+        code,
+        Some(jetstream::ErrorCode::STREAM_NOT_FOUND) | Some(jetstream::ErrorCode::CONSUMER_NOT_FOUND)
+    )
+}
+
+/// Binds the durable on one stream, creating the durable when provisioning allows and the
+/// stream's subjects cover the filter. `Ok(None)` when the stream or durable is not there.
+pub async fn bind_on(
+    js: &jetstream::Context,
+    config: &Config,
+    cc: &ConsumerConfig,
+    stream_name: &str,
+) -> Result<Option<Binding>, BindError> {
+    let stream = match js.get_stream(stream_name).await {
+        Ok(s) => s,
+        Err(e) => {
+            let code = match e.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(je) => Some(je.error_code()),
+                _ => None,
+            };
+            if is_not_found(code) {
+                return Ok(None);
+            }
+            return Err(BindError::Nats(Box::new(e)));
+        }
+    };
+    let consumer = match js.get_consumer_from_stream::<pull::Config, _, _>(&cc.durable, stream_name).await {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match e.kind() {
+                jetstream::stream::ConsumerErrorKind::JetStream(je) => Some(je.error_code()),
+                _ => None,
+            };
+            if !is_not_found(code) {
+                return Err(BindError::Nats(Box::new(e)));
+            }
+            if config.provision == crate::config::Provision::Off {
+                return Ok(None);
+            }
+            let covered = stream
+                .cached_info()
+                .config
+                .subjects
+                .iter()
+                .any(|p| pattern_matches(p, &cc.filter_subject));
+            if !covered {
+                tracing::warn!(
+                    consumer = %cc.kind, stream = %stream_name, filter = %cc.filter_subject,
+                    "not creating durable: the stream's subjects do not cover its filter subject"
+                );
+                return Ok(None);
+            }
+            let created = stream
+                .create_consumer(durable_config(cc))
+                .await
+                .map_err(|e| BindError::Nats(Box::new(e)))?;
+            tracing::info!(consumer = %cc.kind, stream = %stream_name, durable = %cc.durable, "created durable");
+            created
+        }
+    };
+    let info = consumer.cached_info();
+    if info.config.filter_subject != cc.filter_subject {
+        tracing::warn!(
+            consumer = %cc.kind, stream = %stream_name, durable = %cc.durable,
+            existing = %info.config.filter_subject, configured = %cc.filter_subject,
+            "existing durable has a different filter subject; consuming it as it is"
+        );
+    }
+    let server_max_deliver = (info.config.max_deliver > 0).then_some(info.config.max_deliver);
+    if let Some(m) = server_max_deliver {
+        tracing::warn!(
+            consumer = %cc.kind, stream = %stream_name, durable = %cc.durable,
+            server_max_deliver = m, daemon_max_deliver = cc.max_deliver,
+            "durable has a finite server-side max_deliver; its last delivery will be held with progress acks while a dead letter is retried"
+        );
+    }
+    Ok(Some(Binding {
+        stream: stream_name.to_string(),
+        durable: cc.durable.clone(),
+        consumer,
+        fallback: false,
+        server_max_deliver,
+    }))
+}
+
+/// Binds a consumer: primary first, then the legacy stream (multi); legacy only (single).
+pub async fn bind(js: &jetstream::Context, config: &Config, cc: &ConsumerConfig) -> Result<Binding, BindError> {
+    if config.provision == crate::config::Provision::Missing {
+        if let Err(e) = provision_streams(js, config).await {
+            tracing::warn!(error = %e, "listing streams for provisioning failed");
+        }
+    }
+    let streams = candidates(config, cc);
+    let mut tried = Vec::new();
+    for (i, name) in streams.iter().enumerate() {
+        match bind_on(js, config, cc, name).await {
+            Ok(Some(mut b)) => {
+                b.fallback = config.mode == StreamMode::Multi && i > 0;
+                return Ok(b);
+            }
+            Ok(None) => tried.push(format!("{name}: stream or durable {} absent", cc.durable)),
+            Err(e) => tried.push(format!("{name}: {e}")),
+        }
+    }
+    Err(BindError::NothingBound(tried.join("; ")))
+}
+
+/// True when the error code says the durable or its stream no longer exists.
+pub async fn binding_gone(binding: &Binding) -> bool {
+    match binding.consumer.get_info().await {
+        Ok(_) => false,
+        Err(e) => {
+            use jetstream::context::ConsumerInfoErrorKind as K;
+            match e.kind() {
+                K::NotFound | K::StreamNotFound => true,
+                K::JetStream(je) => is_not_found(Some(je.error_code())),
+                _ => false,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlap_follows_jetstream_rules() {
+        assert!(patterns_overlap("athlete-ally.>", "athlete-ally.hrv.raw-received"));
+        assert!(patterns_overlap("athlete-ally.>", "athlete-ally.>"));
+        assert!(patterns_overlap("sleep.*", "sleep.x"));
+        assert!(patterns_overlap("*.hrv", "athlete-ally.*"));
+        assert!(!patterns_overlap("sleep.*", "sleep.a.b"));
+        assert!(!patterns_overlap("dlq.>", "athlete-ally.>"));
+        assert!(!patterns_overlap("vendor.>", "vendor"));
+        assert!(!patterns_overlap("a.b", "a.c"));
+    }
+
+    #[test]
+    fn filter_coverage() {
+        assert!(pattern_matches("athlete-ally.>", "athlete-ally.hrv.raw-received"));
+        assert!(pattern_matches("vendor.>", "vendor.oura.webhook.received"));
+        assert!(!pattern_matches("sleep.*", "athlete-ally.sleep.raw-received"));
+        assert!(!pattern_matches("athlete-ally.>", "athlete-ally"));
+    }
+
+    #[test]
+    fn specs_match_the_spec_table() {
+        let n = StreamNames::default();
+        let multi = stream_specs(StreamMode::Multi, &n, 1);
+        assert_eq!(
+            multi.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            ["AA_CORE_HOT", "AA_VENDOR_HOT", "AA_DLQ"]
+        );
+        assert_eq!(multi[0].max_age, 48 * HOUR);
+        assert_eq!(multi[2].max_age, 14 * 24 * HOUR);
+        let single = stream_specs(StreamMode::Single, &n, 3);
+        assert_eq!(single[0].subjects, ["athlete-ally.>", "vendor.>", "sleep.*"]);
+        assert_eq!(single[0].max_age, 24 * HOUR);
+        assert_eq!(single[1].name, "AA_DLQ");
+        let c = single[0].to_config();
+        assert_eq!(c.num_replicas, 3);
+        assert_eq!(c.duplicate_window, Duration::from_secs(120));
+        // No two streams of one mode overlap.
+        for specs in [&multi, &single] {
+            for (i, a) in specs.iter().enumerate() {
+                for b in &specs[i + 1..] {
+                    for sa in &a.subjects {
+                        assert!(b.subjects.iter().all(|sb| !patterns_overlap(sa, sb)));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Integration tests: real nats-server processes and a real PostgreSQL, one isolated stack per
+//! test (see `support`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod consumers;
+mod daemon;
+mod hrv;
+mod support;
