@@ -112,7 +112,12 @@ impl Application {
             Some(
                 tokio::net::TcpListener::bind((config.host.as_str(), config.metrics_port))
                     .await
-                    .with_context(|| format!("METRICS_PORT: cannot listen on {}:{}", config.host, config.metrics_port))?,
+                    .with_context(|| {
+                        format!(
+                            "METRICS_PORT: cannot listen on {}:{}",
+                            config.host, config.metrics_port
+                        )
+                    })?,
             )
         } else {
             None
@@ -184,7 +189,11 @@ impl Application {
         }
 
         let mut background = JoinSet::new();
-        background.spawn(prepare_database(config.clone(), shared.health.clone(), shutdown.clone()));
+        background.spawn(prepare_database(
+            config.clone(),
+            shared.health.clone(),
+            shutdown.clone(),
+        ));
         background.spawn(watchdog(shared.clone(), nats.clone(), shutdown.clone()));
         let mut workers = JoinSet::new();
         for cc in &config.consumers {
@@ -216,13 +225,18 @@ impl Application {
         shared.health.set_shutting_down();
         shutdown.cancel();
         let deadline = Instant::now() + config.shutdown_timeout;
-        tracing::info!(timeout_ms = config.shutdown_timeout.as_millis() as u64, "stopping intake; finishing in-flight messages");
+        tracing::info!(
+            timeout_ms = config.shutdown_timeout.as_millis() as u64,
+            "stopping intake; finishing in-flight messages"
+        );
         let drained = tokio::time::timeout_at(deadline.into(), async {
             while workers.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
-            tracing::warn!("shutdown timeout reached with consumers still busy; unsettled messages will be redelivered");
+            tracing::warn!(
+                "shutdown timeout reached with consumers still busy; unsettled messages will be redelivered"
+            );
             workers.abort_all();
         }
         // Acks are fire-and-forget publishes: flush them before the connection goes.

@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "normalize-service", version, about = "Normalizes raw health events from NATS JetStream into PostgreSQL")]
+#[command(
+    name = "normalize-service",
+    version,
+    about = "Normalizes raw health events from NATS JetStream into PostgreSQL"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -323,16 +323,14 @@ pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 impl Config {
     /// Reads and validates the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
-        Config::from_iter(std::env::vars())
+        Config::from_vars(std::env::vars())
     }
 
     /// Reads and validates the given variables (tests pass their own).
-    pub fn from_iter<I: IntoIterator<Item = (String, String)>>(vars: I) -> Result<Config, ConfigError> {
+    pub fn from_vars<I: IntoIterator<Item = (String, String)>>(vars: I) -> Result<Config, ConfigError> {
         // Only our own variables are handed to envy, so unrelated variables (PATH, …) can never
         // fail deserialization.
-        let ours = vars
-            .into_iter()
-            .filter(|(k, _)| VARIABLES.contains(&k.as_str()));
+        let ours = vars.into_iter().filter(|(k, _)| VARIABLES.contains(&k.as_str()));
         let raw: RawEnv = envy::from_iter(ours).map_err(|e| ConfigError {
             var: "environment",
             shown: String::new(),
@@ -384,7 +382,11 @@ impl Config {
             core: stream_name("STREAM_CORE_NAME", raw.stream_core_name, "AA_CORE_HOT")?,
             vendor: stream_name("STREAM_VENDOR_NAME", raw.stream_vendor_name, "AA_VENDOR_HOT")?,
             dlq: stream_name("STREAM_DLQ_NAME", raw.stream_dlq_name, "AA_DLQ")?,
-            legacy: stream_name("STREAM_LEGACY_NAME", raw.stream_legacy_name, "ATHLETE_ALLY_EVENTS")?,
+            legacy: stream_name(
+                "STREAM_LEGACY_NAME",
+                raw.stream_legacy_name,
+                "ATHLETE_ALLY_EVENTS",
+            )?,
         };
 
         let hrv = consumer(
@@ -396,7 +398,11 @@ impl Config {
                     ("NORMALIZE_HRV_DURABLE", raw.normalize_hrv_durable),
                 ]),
                 durable_default: "normalize-hrv-durable",
-                subject: ("NORMALIZE_HRV_SUBJECT", raw.normalize_hrv_subject, "athlete-ally.hrv.raw-received"),
+                subject: (
+                    "NORMALIZE_HRV_SUBJECT",
+                    raw.normalize_hrv_subject,
+                    "athlete-ally.hrv.raw-received",
+                ),
                 dlq: first_of(&[("NORMALIZE_HRV_DLQ_SUBJECT", raw.normalize_hrv_dlq_subject)]),
                 dlq_default: "dlq.normalize.hrv.raw-received",
                 ack_wait_default_ms: 60_000,
@@ -498,7 +504,13 @@ impl Config {
         Ok(Config {
             nats,
             database_url,
-            database_max_connections: parse_num("DATABASE_MAX_CONNECTIONS", raw.database_max_connections.as_deref(), 10, 1, 1000)?,
+            database_max_connections: parse_num(
+                "DATABASE_MAX_CONNECTIONS",
+                raw.database_max_connections.as_deref(),
+                10,
+                1,
+                1000,
+            )?,
             database_acquire_timeout: ms(
                 "DATABASE_ACQUIRE_TIMEOUT_MS",
                 raw.database_acquire_timeout_ms.as_deref(),
@@ -513,11 +525,23 @@ impl Config {
             streams,
             consumers,
             retry_backoff: parse_backoff(raw.normalize_retry_backoff_ms.as_deref())?,
-            max_payload_bytes: parse_num("MAX_PAYLOAD_BYTES", raw.max_payload_bytes.as_deref(), 1024 * 1024, 1, 64 * 1024 * 1024)?,
+            max_payload_bytes: parse_num(
+                "MAX_PAYLOAD_BYTES",
+                raw.max_payload_bytes.as_deref(),
+                1024 * 1024,
+                1,
+                64 * 1024 * 1024,
+            )?,
             host: non_empty(raw.host).unwrap_or_else(|| "0.0.0.0".into()),
             port,
             metrics_port,
-            rebind_interval: ms("REBIND_INTERVAL_MS", raw.rebind_interval_ms.as_deref(), 15_000, 10, 86_400_000)?,
+            rebind_interval: ms(
+                "REBIND_INTERVAL_MS",
+                raw.rebind_interval_ms.as_deref(),
+                15_000,
+                10,
+                86_400_000,
+            )?,
             consumer_info_interval: ms(
                 "CONSUMER_INFO_INTERVAL_MS",
                 raw.consumer_info_interval_ms.as_deref(),
@@ -525,7 +549,13 @@ impl Config {
                 10,
                 86_400_000,
             )?,
-            shutdown_timeout: ms("SHUTDOWN_TIMEOUT_MS", raw.shutdown_timeout_ms.as_deref(), 25_000, 100, 3_600_000)?,
+            shutdown_timeout: ms(
+                "SHUTDOWN_TIMEOUT_MS",
+                raw.shutdown_timeout_ms.as_deref(),
+                25_000,
+                100,
+                3_600_000,
+            )?,
             log_format,
         })
     }
@@ -585,7 +615,12 @@ fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
-fn consumer(kind: ConsumerKind, primary: StreamRole, n: Names, k: Knobs) -> Result<ConsumerConfig, ConfigError> {
+fn consumer(
+    kind: ConsumerKind,
+    primary: StreamRole,
+    n: Names,
+    k: Knobs,
+) -> Result<ConsumerConfig, ConfigError> {
     let durable = match n.durable {
         Some((var, v)) => durable_name(var, v)?,
         None => n.durable_default.to_string(),
@@ -625,11 +660,29 @@ fn consumer(kind: ConsumerKind, primary: StreamRole, n: Names, k: Knobs) -> Resu
         primary,
         batch_size: parse_num(var("BATCH_SIZE"), k.batch_size.as_deref(), 10, 1, 10_000)?,
         expires: ms(var("EXPIRES_MS"), k.expires_ms.as_deref(), 5000, 100, 300_000)?,
-        idle_backoff: ms(var("IDLE_BACKOFF_MS"), k.idle_backoff_ms.as_deref(), 50, 0, 60_000)?,
+        idle_backoff: ms(
+            var("IDLE_BACKOFF_MS"),
+            k.idle_backoff_ms.as_deref(),
+            50,
+            0,
+            60_000,
+        )?,
         pull_mode,
         max_deliver: parse_num(nvar("MAX_DELIVER"), k.max_deliver.as_deref(), 5, 1, 1_000_000)?,
-        ack_wait: ms(nvar("ACK_WAIT_MS"), k.ack_wait_ms.as_deref(), n.ack_wait_default_ms, 100, 3_600_000)?,
-        max_ack_pending: parse_num(var("MAX_ACK_PENDING"), k.max_ack_pending.as_deref(), 1000, 1, 1_000_000)?,
+        ack_wait: ms(
+            nvar("ACK_WAIT_MS"),
+            k.ack_wait_ms.as_deref(),
+            n.ack_wait_default_ms,
+            100,
+            3_600_000,
+        )?,
+        max_ack_pending: parse_num(
+            var("MAX_ACK_PENDING"),
+            k.max_ack_pending.as_deref(),
+            1000,
+            1,
+            1_000_000,
+        )?,
     })
 }
 
@@ -646,8 +699,7 @@ fn non_empty(v: Option<String>) -> Option<String> {
 fn durable_name(var: &'static str, v: String) -> Result<String, ConfigError> {
     let ok = !v.is_empty()
         && v.len() <= 200
-        && v
-            .chars()
+        && v.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if ok {
         Ok(v)
@@ -674,9 +726,7 @@ fn stream_name(var: &'static str, v: Option<String>, default: &str) -> Result<St
 fn subject_value(var: &'static str, v: String, wildcards: bool) -> Result<String, ConfigError> {
     let valid = !v.is_empty()
         && v.split('.').all(|t| {
-            !t.is_empty()
-                && !t.chars().any(char::is_whitespace)
-                && (wildcards || (t != "*" && t != ">"))
+            !t.is_empty() && !t.chars().any(char::is_whitespace) && (wildcards || (t != "*" && t != ">"))
         });
     if valid {
         Ok(v)
@@ -689,7 +739,12 @@ fn subject_value(var: &'static str, v: String, wildcards: bool) -> Result<String
     }
 }
 
-fn parse_enum<T: Copy>(var: &'static str, v: Option<&str>, default: T, accepted: &[(&str, T)]) -> Result<T, ConfigError> {
+fn parse_enum<T: Copy>(
+    var: &'static str,
+    v: Option<&str>,
+    default: T,
+    accepted: &[(&str, T)],
+) -> Result<T, ConfigError> {
     let Some(raw) = v.map(str::trim).filter(|s| !s.is_empty()) else {
         return Ok(default);
     };
@@ -768,7 +823,10 @@ fn parse_backoff(v: Option<&str>) -> Result<Vec<Duration>, ConfigError> {
 }
 
 fn parse_nats_urls(v: Option<&str>) -> Result<Vec<String>, ConfigError> {
-    let raw = v.map(str::trim).filter(|s| !s.is_empty()).unwrap_or(DEFAULT_NATS_URL);
+    let raw = v
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or(DEFAULT_NATS_URL);
     let mut urls = Vec::new();
     for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let with_scheme = if part.contains("://") {
@@ -804,7 +862,7 @@ mod tests {
     use super::*;
 
     fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        Config::from_iter(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
     }
 
     #[test]
@@ -849,10 +907,18 @@ mod tests {
         assert_eq!(c.consumer(ConsumerKind::Hrv).unwrap().durable, "b");
         let c = cfg(&[("NORMALIZE_OURA_DURABLE", "x"), ("NORMALIZE_DURABLE_NAME", "y")]).unwrap();
         assert_eq!(c.consumer(ConsumerKind::Oura).unwrap().durable, "x");
-        let c = cfg(&[("NORMALIZE_DURABLE_NAME", "y"), ("NORMALIZE_DLQ_SUBJECT", "dlq.o")]).unwrap();
+        let c = cfg(&[
+            ("NORMALIZE_DURABLE_NAME", "y"),
+            ("NORMALIZE_DLQ_SUBJECT", "dlq.o"),
+        ])
+        .unwrap();
         assert_eq!(c.consumer(ConsumerKind::Oura).unwrap().durable, "y");
         assert_eq!(c.consumer(ConsumerKind::Oura).unwrap().dlq_prefix, "dlq.o");
-        let c = cfg(&[("NORMALIZE_OURA_DLQ_SUBJECT", "dlq.a"), ("NORMALIZE_DLQ_SUBJECT", "dlq.b")]).unwrap();
+        let c = cfg(&[
+            ("NORMALIZE_OURA_DLQ_SUBJECT", "dlq.a"),
+            ("NORMALIZE_DLQ_SUBJECT", "dlq.b"),
+        ])
+        .unwrap();
         assert_eq!(c.consumer(ConsumerKind::Oura).unwrap().dlq_prefix, "dlq.a");
     }
 
@@ -915,7 +981,8 @@ mod tests {
     fn variables_list_matches_raw_env() {
         // Every listed variable must deserialize into RawEnv (envy ignores unknown keys, so a
         // typo in VARIABLES would otherwise silently never be read).
-        let raw: RawEnv = envy::from_iter(VARIABLES.iter().map(|v| (v.to_string(), "x".to_string()))).unwrap();
+        let raw: RawEnv =
+            envy::from_iter(VARIABLES.iter().map(|v| (v.to_string(), "x".to_string()))).unwrap();
         let debug = format!("{raw:?}");
         assert_eq!(debug.matches("Some(\"x\")").count(), VARIABLES.len());
         assert_eq!(debug.matches("None").count(), 0);

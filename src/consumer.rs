@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConsumerConfig, PullMode};
 use crate::dlq::{self, Origin, Reason};
 use crate::health::Health;
-use crate::metrics::{Metrics, MessageResult};
+use crate::metrics::{MessageResult, Metrics};
 use crate::outcome::{decide, Action, Failure};
 use crate::pipeline::{self, Envelope};
 use crate::store::{self, Source};
@@ -202,6 +202,10 @@ impl Worker {
             let mut received = 0usize;
             let mut db_down = false;
             let mut failed = false;
+            // The server ends the request at `expires`; a request lost in a reconnect is
+            // abandoned shortly after, instead of at the library's expires + 5 s, so the
+            // watchdog never mistakes a reconnect for a wedged loop.
+            let deadline = tokio::time::Instant::now() + self.cc.expires + Duration::from_millis(500);
             loop {
                 let next = tokio::select! {
                     biased;
@@ -209,7 +213,14 @@ impl Worker {
                         release_buffered(&mut batch).await;
                         return LoopEnd::Shutdown;
                     }
-                    n = batch.next() => n,
+                    n = tokio::time::timeout_at(deadline, batch.next()) => n,
+                };
+                let next = match next {
+                    Ok(n) => n,
+                    Err(_) => {
+                        tracing::debug!(consumer = %self.cc.kind, "pull request outlived its expiry; issuing a fresh one");
+                        break;
+                    }
                 };
                 match next {
                     None => break,
@@ -304,7 +315,9 @@ impl Worker {
                         match e.kind() {
                             K::MissingHeartbeat => continue,
                             _ => {
-                                if let Some(end) = self.after_error(b, &mut consecutive_errors, shutdown).await {
+                                if let Some(end) =
+                                    self.after_error(b, &mut consecutive_errors, shutdown).await
+                                {
                                     return end;
                                 }
                                 continue 'outer;
@@ -317,7 +330,12 @@ impl Worker {
     }
 
     /// After a pull error: find out whether the binding is gone, then back off.
-    async fn after_error(&self, b: &Binding, consecutive: &mut u32, shutdown: &CancellationToken) -> Option<LoopEnd> {
+    async fn after_error(
+        &self,
+        b: &Binding,
+        consecutive: &mut u32,
+        shutdown: &CancellationToken,
+    ) -> Option<LoopEnd> {
         *consecutive += 1;
         if topology::binding_gone(b).await {
             return Some(LoopEnd::Lost);
@@ -331,7 +349,13 @@ impl Worker {
 
     /// Processes and settles one message. `db_down` short-circuits the rest of a batch once the
     /// database is found unreachable, so a batch is NAKed in milliseconds, not pool timeouts.
-    async fn handle(&self, msg: jetstream::Message, b: &Binding, db_down: &mut bool, shutdown: &CancellationToken) {
+    async fn handle(
+        &self,
+        msg: jetstream::Message,
+        b: &Binding,
+        db_down: &mut bool,
+        shutdown: &CancellationToken,
+    ) {
         let started = Instant::now();
         let kind = self.cc.kind;
         let (stream, seq, delivered) = match msg.info() {
@@ -388,7 +412,13 @@ impl Worker {
                 };
                 if self.dead_letter(&msg, &origin, reason, &error, b, shutdown).await {
                     m.dlq_messages
-                        .with_label_values(&[kind.as_str(), reason.as_str(), metric_subject, &stream, &b.durable])
+                        .with_label_values(&[
+                            kind.as_str(),
+                            reason.as_str(),
+                            metric_subject,
+                            &stream,
+                            &b.durable,
+                        ])
                         .inc();
                     if reason == Reason::SchemaInvalid {
                         MessageResult::SchemaInvalid
@@ -468,7 +498,16 @@ impl Worker {
         let kind = self.cc.kind;
         let mut attempt: i64 = 0;
         loop {
-            match dlq::publish(&self.shared.js, &self.cc.dlq_prefix, &msg.message, origin, reason, error).await {
+            match dlq::publish(
+                &self.shared.js,
+                &self.cc.dlq_prefix,
+                &msg.message,
+                origin,
+                reason,
+                error,
+            )
+            .await
+            {
                 Ok(_) => {
                     self.shared.health.update(kind, |s| s.dead_letter_ok = true);
                     tracing::error!(
@@ -489,7 +528,10 @@ impl Worker {
                         .dlq_publish_failures
                         .with_label_values(&[kind.as_str(), origin.stream, &b.durable])
                         .inc();
-                    let delay = crate::config::retry_delay(&self.shared.config.retry_backoff, origin.delivered.max(attempt));
+                    let delay = crate::config::retry_delay(
+                        &self.shared.config.retry_backoff,
+                        origin.delivered.max(attempt),
+                    );
                     let last_delivery = b.server_max_deliver.is_some_and(|m| origin.delivered >= m);
                     tracing::error!(
                         consumer = %kind, reason = reason.as_str(), stream = %origin.stream, seq = origin.seq,
@@ -504,7 +546,9 @@ impl Worker {
                     if let Err(e) = msg.ack_with(AckKind::Progress).await {
                         tracing::warn!(consumer = %kind, error = %e, "progress ack failed");
                     }
-                    let hold = delay.min(b.consumer.cached_info().config.ack_wait / 3).max(Duration::from_millis(10));
+                    let hold = delay
+                        .min(b.consumer.cached_info().config.ack_wait / 3)
+                        .max(Duration::from_millis(10));
                     if !sleep_or_cancel(hold, shutdown).await {
                         return false;
                     }
@@ -546,7 +590,9 @@ async fn refresh_info(shared: Shared, cc: ConsumerConfig, b: Binding, stop: Canc
         match b.consumer.get_info().await {
             Ok(info) => {
                 let m = &shared.metrics;
-                m.consumer_pending.with_label_values(&labels).set(info.num_pending as i64);
+                m.consumer_pending
+                    .with_label_values(&labels)
+                    .set(info.num_pending as i64);
                 m.consumer_ack_pending
                     .with_label_values(&labels)
                     .set(info.num_ack_pending as i64);

@@ -40,12 +40,18 @@ pub struct Origin<'a> {
 /// would make the DLQ stream refuse it.
 fn inheritable(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    !(lower.starts_with("nats-expected-") || lower == "nats-rollup" || lower == "nats-ttl" || lower == "nats-msg-id")
+    !(lower.starts_with("nats-expected-")
+        || lower == "nats-rollup"
+        || lower == "nats-ttl"
+        || lower == "nats-msg-id")
 }
 
 /// Header values are single-line; the error text is capped at 1 KiB on a char boundary.
 pub fn header_safe(text: &str, max: usize) -> String {
-    let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if flat.len() <= max {
         return flat;
     }
@@ -56,7 +62,12 @@ pub fn header_safe(text: &str, max: usize) -> String {
     flat[..end].to_string()
 }
 
-pub fn dead_letter_headers(original: Option<&HeaderMap>, origin: &Origin<'_>, reason: Reason, error: &str) -> HeaderMap {
+pub fn dead_letter_headers(
+    original: Option<&HeaderMap>,
+    origin: &Origin<'_>,
+    reason: Reason,
+    error: &str,
+) -> HeaderMap {
     let mut headers = HeaderMap::new();
     if let Some(orig) = original {
         for (name, values) in orig.iter() {
@@ -71,7 +82,10 @@ pub fn dead_letter_headers(original: Option<&HeaderMap>, origin: &Origin<'_>, re
             headers.insert("Dlq-Original-Msg-Id", id.as_str());
         }
     }
-    headers.insert("Nats-Msg-Id", format!("dlq:{}:{}", origin.stream, origin.seq).as_str());
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("dlq:{}:{}", origin.stream, origin.seq).as_str(),
+    );
     headers.insert("Dlq-Reason", reason.as_str());
     headers.insert("Dlq-Error", header_safe(error, 1024).as_str());
     headers.insert("Dlq-Original-Subject", origin.subject);

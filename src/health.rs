@@ -143,8 +143,9 @@ impl Health {
             .collect()
     }
 
+    /// Evaluated now, not at the watchdog's last tick.
     pub fn any_stalled(&self) -> bool {
-        self.snapshot().values().any(|s| s.stalled)
+        self.check_stalls(Instant::now()).iter().any(|(_, stalled)| *stalled)
     }
 
     pub fn all_bound(&self) -> bool {
@@ -196,7 +197,11 @@ impl Health {
             mode: self.mode.as_str(),
             stream,
             consumers,
-            nats: if nats_connected { "connected" } else { "disconnected" },
+            nats: if nats_connected {
+                "connected"
+            } else {
+                "disconnected"
+            },
             database: if database_up { "connected" } else { "unavailable" },
             version: crate::VERSION,
         }
@@ -239,8 +244,14 @@ mod tests {
             s.stream = Some("S".into());
             s.last_progress = Some(t0);
         });
-        assert_eq!(h.check_stalls(t0 + Duration::from_secs(2)), vec![(ConsumerKind::Hrv, false)]);
-        assert_eq!(h.check_stalls(t0 + Duration::from_secs(4)), vec![(ConsumerKind::Hrv, true)]);
+        assert_eq!(
+            h.check_stalls(t0 + Duration::from_secs(2)),
+            vec![(ConsumerKind::Hrv, false)]
+        );
+        assert_eq!(
+            h.check_stalls(t0 + Duration::from_secs(4)),
+            vec![(ConsumerKind::Hrv, true)]
+        );
         assert!(h.any_stalled());
     }
 }

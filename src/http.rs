@@ -109,7 +109,10 @@ pub async fn http_get(host: &str, port: u16, path: &str, within: Duration) -> st
             .nth(1)
             .and_then(|c| c.parse::<u16>().ok())
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no HTTP status line"))?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         Ok((status, body))
     };
     tokio::time::timeout(within, fut)

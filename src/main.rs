@@ -59,7 +59,14 @@ async fn healthcheck(timeout: u64) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match normalize_service::http::http_get("127.0.0.1", config.port, "/health/ready", Duration::from_secs(timeout)).await {
+    match normalize_service::http::http_get(
+        "127.0.0.1",
+        config.port,
+        "/health/ready",
+        Duration::from_secs(timeout),
+    )
+    .await
+    {
         Ok((200, _)) => ExitCode::SUCCESS,
         Ok((status, body)) => {
             eprintln!("not ready: HTTP {status} {}", body.trim());

@@ -77,7 +77,12 @@ pub struct Metrics {
 const MESSAGE_LABELS: &[&str] = &["result", "subject", "stream", "durable"];
 const BINDING_LABELS: &[&str] = &["consumer", "stream", "durable"];
 
-fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(c.clone()))?;
     Ok(c)
@@ -104,11 +109,28 @@ fn histogram(
 impl Metrics {
     pub fn new() -> prometheus::Result<Metrics> {
         let registry = Registry::new();
-        let seconds = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        let seconds = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
         let m = Metrics {
-            hrv_messages: counter(&registry, "normalize_hrv_messages_total", "HRV messages handled, by result", MESSAGE_LABELS)?,
-            sleep_messages: counter(&registry, "normalize_sleep_messages_total", "Sleep messages handled, by result", MESSAGE_LABELS)?,
-            oura_messages: counter(&registry, "normalize_oura_messages_total", "Oura webhook messages handled, by result", MESSAGE_LABELS)?,
+            hrv_messages: counter(
+                &registry,
+                "normalize_hrv_messages_total",
+                "HRV messages handled, by result",
+                MESSAGE_LABELS,
+            )?,
+            sleep_messages: counter(
+                &registry,
+                "normalize_sleep_messages_total",
+                "Sleep messages handled, by result",
+                MESSAGE_LABELS,
+            )?,
+            oura_messages: counter(
+                &registry,
+                "normalize_oura_messages_total",
+                "Oura webhook messages handled, by result",
+                MESSAGE_LABELS,
+            )?,
             dlq_messages: counter(
                 &registry,
                 "dlq_messages_total",
@@ -142,7 +164,12 @@ impl Metrics {
                 &["table"],
                 seconds,
             )?,
-            consumer_bound: gauge(&registry, "normalize_consumer_bound", "1 for each active consumer binding", BINDING_LABELS)?,
+            consumer_bound: gauge(
+                &registry,
+                "normalize_consumer_bound",
+                "1 for each active consumer binding",
+                BINDING_LABELS,
+            )?,
             stream_fallback: counter(
                 &registry,
                 "normalize_stream_fallback_total",
@@ -189,12 +216,18 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
-            build_info: gauge(&registry, "normalize_build_info", "Build information; the value is always 1", &["version"])?,
+            build_info: gauge(
+                &registry,
+                "normalize_build_info",
+                "Build information; the value is always 1",
+                &["version"],
+            )?,
             registry,
         };
         #[cfg(target_os = "linux")]
-        m.registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        m.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         m.build_info.with_label_values(&[crate::VERSION]).set(1);
         for kind in ConsumerKind::ALL {
             m.consumer_stalled.with_label_values(&[kind.as_str()]).set(0);
@@ -210,7 +243,14 @@ impl Metrics {
         }
     }
 
-    pub fn count_message(&self, kind: ConsumerKind, result: MessageResult, subject: &str, stream: &str, durable: &str) {
+    pub fn count_message(
+        &self,
+        kind: ConsumerKind,
+        result: MessageResult,
+        subject: &str,
+        stream: &str,
+        durable: &str,
+    ) {
         self.messages(kind)
             .with_label_values(&[result.as_str(), subject, stream, durable])
             .inc();
@@ -250,9 +290,22 @@ mod tests {
     #[test]
     fn registers_once_and_renders_spec_names() {
         let m = Metrics::new().unwrap();
-        m.touch_binding(ConsumerKind::Hrv, "athlete-ally.hrv.raw-received", "AA_CORE_HOT", "d");
-        m.count_message(ConsumerKind::Hrv, MessageResult::Success, "athlete-ally.hrv.raw-received", "AA_CORE_HOT", "d");
-        m.consumer_bound.with_label_values(&["hrv", "AA_CORE_HOT", "d"]).set(1);
+        m.touch_binding(
+            ConsumerKind::Hrv,
+            "athlete-ally.hrv.raw-received",
+            "AA_CORE_HOT",
+            "d",
+        );
+        m.count_message(
+            ConsumerKind::Hrv,
+            MessageResult::Success,
+            "athlete-ally.hrv.raw-received",
+            "AA_CORE_HOT",
+            "d",
+        );
+        m.consumer_bound
+            .with_label_values(&["hrv", "AA_CORE_HOT", "d"])
+            .set(1);
         let text = m.render();
         for name in [
             "normalize_hrv_messages_total{durable=\"d\",result=\"success\",stream=\"AA_CORE_HOT\",subject=\"athlete-ally.hrv.raw-received\"} 1",

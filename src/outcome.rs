@@ -54,7 +54,10 @@ impl Failure {
         matches!(
             self,
             Failure::Store(
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Tls(_)
             ) | Failure::DatabaseSkipped
         )
     }
@@ -100,12 +103,24 @@ mod tests {
     fn outcome_table() {
         assert_eq!(decide(Ok(()), 1, 5, &B), Action::Ack);
         assert_eq!(decide(Ok(()), 9, 5, &B), Action::Ack);
-        assert_eq!(decide(Err(Class::Invalid), 1, 5, &B), Action::DeadLetter(Reason::SchemaInvalid));
-        assert_eq!(decide(Err(Class::Permanent), 1, 5, &B), Action::DeadLetter(Reason::NonRetryable));
+        assert_eq!(
+            decide(Err(Class::Invalid), 1, 5, &B),
+            Action::DeadLetter(Reason::SchemaInvalid)
+        );
+        assert_eq!(
+            decide(Err(Class::Permanent), 1, 5, &B),
+            Action::DeadLetter(Reason::NonRetryable)
+        );
         assert_eq!(decide(Err(Class::Transient), 1, 5, &B), Action::Nak(B[0]));
         assert_eq!(decide(Err(Class::Transient), 4, 5, &B), Action::Nak(B[1]));
-        assert_eq!(decide(Err(Class::Transient), 5, 5, &B), Action::DeadLetter(Reason::MaxDeliver));
-        assert_eq!(decide(Err(Class::Transient), 7, 5, &B), Action::DeadLetter(Reason::MaxDeliver));
+        assert_eq!(
+            decide(Err(Class::Transient), 5, 5, &B),
+            Action::DeadLetter(Reason::MaxDeliver)
+        );
+        assert_eq!(
+            decide(Err(Class::Transient), 7, 5, &B),
+            Action::DeadLetter(Reason::MaxDeliver)
+        );
     }
 
     #[test]
@@ -113,12 +128,17 @@ mod tests {
         assert_eq!(publish_class(PublishErrorKind::TimedOut), Class::Transient);
         assert_eq!(publish_class(PublishErrorKind::StreamNotFound), Class::Transient);
         assert_eq!(publish_class(PublishErrorKind::BrokenPipe), Class::Transient);
-        assert_eq!(publish_class(PublishErrorKind::MaxPayloadExceeded), Class::Permanent);
+        assert_eq!(
+            publish_class(PublishErrorKind::MaxPayloadExceeded),
+            Class::Permanent
+        );
     }
 
     #[test]
     fn database_failures() {
-        let io = Failure::Store(sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)));
+        let io = Failure::Store(sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
         assert_eq!(io.class(), Class::Transient);
         assert!(io.database_unreachable());
         let bad = Failure::Store(sqlx::Error::RowNotFound);

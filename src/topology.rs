@@ -158,7 +158,11 @@ pub async fn existing_streams(js: &jetstream::Context) -> Result<Vec<ExistingStr
 }
 
 /// The first existing stream (other than `except`) holding a subject that overlaps `subject`.
-pub fn holder_of<'a>(existing: &'a [ExistingStream], subject: &str, except: &str) -> Option<&'a ExistingStream> {
+pub fn holder_of<'a>(
+    existing: &'a [ExistingStream],
+    subject: &str,
+    except: &str,
+) -> Option<&'a ExistingStream> {
     existing
         .iter()
         .filter(|e| e.name != except)
@@ -167,7 +171,10 @@ pub fn holder_of<'a>(existing: &'a [ExistingStream], subject: &str, except: &str
 
 /// `TOPOLOGY_PROVISION=missing`: creates the mode's absent streams whose subjects collide with
 /// no existing stream. Never changes or deletes anything. Returns the names created.
-pub async fn provision_streams(js: &jetstream::Context, config: &Config) -> Result<Vec<String>, async_nats::Error> {
+pub async fn provision_streams(
+    js: &jetstream::Context,
+    config: &Config,
+) -> Result<Vec<String>, async_nats::Error> {
     // The three consumer loops bind concurrently; one provisioning pass at a time.
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _guard = LOCK.lock().await;
@@ -236,7 +243,10 @@ pub enum BindError {
 pub fn candidates(config: &Config, cc: &ConsumerConfig) -> Vec<String> {
     match config.mode {
         StreamMode::Single => vec![config.streams.legacy.clone()],
-        StreamMode::Multi => vec![config.streams.primary(cc.primary).to_string(), config.streams.legacy.clone()],
+        StreamMode::Multi => vec![
+            config.streams.primary(cc.primary).to_string(),
+            config.streams.legacy.clone(),
+        ],
     }
 }
 
@@ -268,7 +278,10 @@ pub async fn bind_on(
             return Err(BindError::Nats(Box::new(e)));
         }
     };
-    let consumer = match js.get_consumer_from_stream::<pull::Config, _, _>(&cc.durable, stream_name).await {
+    let consumer = match js
+        .get_consumer_from_stream::<pull::Config, _, _>(&cc.durable, stream_name)
+        .await
+    {
         Ok(c) => c,
         Err(e) => {
             let code = match e.kind() {
@@ -328,7 +341,11 @@ pub async fn bind_on(
 }
 
 /// Binds a consumer: primary first, then the legacy stream (multi); legacy only (single).
-pub async fn bind(js: &jetstream::Context, config: &Config, cc: &ConsumerConfig) -> Result<Binding, BindError> {
+pub async fn bind(
+    js: &jetstream::Context,
+    config: &Config,
+    cc: &ConsumerConfig,
+) -> Result<Binding, BindError> {
     if config.provision == crate::config::Provision::Missing {
         if let Err(e) = provision_streams(js, config).await {
             tracing::warn!(error = %e, "listing streams for provisioning failed");
@@ -370,7 +387,10 @@ mod tests {
 
     #[test]
     fn overlap_follows_jetstream_rules() {
-        assert!(patterns_overlap("athlete-ally.>", "athlete-ally.hrv.raw-received"));
+        assert!(patterns_overlap(
+            "athlete-ally.>",
+            "athlete-ally.hrv.raw-received"
+        ));
         assert!(patterns_overlap("athlete-ally.>", "athlete-ally.>"));
         assert!(patterns_overlap("sleep.*", "sleep.x"));
         assert!(patterns_overlap("*.hrv", "athlete-ally.*"));

@@ -3,7 +3,9 @@
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 use serde_json::{json, Map, Value};
 
-use super::{date, number, object, optional_object, parse_object, timestamp, user_id, vendor, SchemaError, Vendor};
+use super::{
+    date, number, object, optional_object, parse_object, timestamp, user_id, vendor, SchemaError, Vendor,
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct HrvRecord {
@@ -107,8 +109,10 @@ mod tests {
 
     #[test]
     fn valid_event_is_normalized() {
-        let r = ok(r#"{"eventId":"e1","payload":{"userId":"u1","date":"2025-03-01","rMSSD":42.5,
-            "capturedAt":"2025-03-01T07:30:00+02:00","raw":{"source":"Oura","readinessScore":77}}}"#);
+        let r = ok(
+            r#"{"eventId":"e1","payload":{"userId":"u1","date":"2025-03-01","rMSSD":42.5,
+            "capturedAt":"2025-03-01T07:30:00+02:00","raw":{"source":"Oura","readinessScore":77}}}"#,
+        );
         assert_eq!(r.user_id, "u1");
         assert_eq!(r.date, NaiveDate::from_ymd_opt(2025, 3, 1).unwrap());
         assert_eq!(r.rmssd, 42.5);
@@ -123,7 +127,9 @@ mod tests {
 
     #[test]
     fn legacy_keys_and_given_ln_are_accepted() {
-        let r = ok(r#"{"payload":{"userId":"u","date":"2025-03-01","rmssd":10,"lnRmssd":2.5,"capturedAt":"2025-03-01T00:00:00Z"}}"#);
+        let r = ok(
+            r#"{"payload":{"userId":"u","date":"2025-03-01","rmssd":10,"lnRmssd":2.5,"capturedAt":"2025-03-01T00:00:00Z"}}"#,
+        );
         assert_eq!(r.rmssd, 10.0);
         assert_eq!(r.ln_rmssd, 2.5);
         assert_eq!(r.vendor, None);
@@ -137,16 +143,52 @@ mod tests {
             ("not json", "not valid JSON"),
             ("[1,2]", "body is not a JSON object"),
             (r#"{"payload":3}"#, "payload is not a JSON object"),
-            (&base(r#""date":"2025-03-01","rMSSD":4,"capturedAt":"2025-03-01T00:00:00Z""#), "payload.userId"),
-            (&base(r#""userId":"","date":"2025-03-01","rMSSD":4,"capturedAt":"2025-03-01T00:00:00Z""#), "payload.userId"),
-            (&base(r#""userId":"u","date":"2025-02-30","rMSSD":4,"capturedAt":"2025-03-01T00:00:00Z""#), "payload.date"),
-            (&base(r#""userId":"u","date":"2025-03-01","rMSSD":0,"capturedAt":"2025-03-01T00:00:00Z""#), "payload.rMSSD"),
-            (&base(r#""userId":"u","date":"2025-03-01","rMSSD":-5,"capturedAt":"2025-03-01T00:00:00Z""#), "payload.rMSSD"),
-            (&base(r#""userId":"u","date":"2025-03-01","rMSSD":"NaN","capturedAt":"2025-03-01T00:00:00Z""#), "payload.rMSSD"),
-            (&base(r#""userId":"u","date":"2025-03-01","rMSSD":1e999,"capturedAt":"2025-03-01T00:00:00Z""#), "not valid JSON"),
-            (&base(r#""userId":"u","date":"2025-03-01","rMSSD":4,"capturedAt":"2025-03-01T00:00:00""#), "payload.capturedAt"),
-            (&base(r#""userId":"u","date":"2025-03-01","rMSSD":4"#), "payload.capturedAt"),
-            (&base(r#""userId":"u","date":"2025-03-01","rMSSD":4,"lnRMSSD":"x","capturedAt":"2025-03-01T00:00:00Z""#), "payload.lnRMSSD"),
+            (
+                &base(r#""date":"2025-03-01","rMSSD":4,"capturedAt":"2025-03-01T00:00:00Z""#),
+                "payload.userId",
+            ),
+            (
+                &base(r#""userId":"","date":"2025-03-01","rMSSD":4,"capturedAt":"2025-03-01T00:00:00Z""#),
+                "payload.userId",
+            ),
+            (
+                &base(r#""userId":"u","date":"2025-02-30","rMSSD":4,"capturedAt":"2025-03-01T00:00:00Z""#),
+                "payload.date",
+            ),
+            (
+                &base(r#""userId":"u","date":"2025-03-01","rMSSD":0,"capturedAt":"2025-03-01T00:00:00Z""#),
+                "payload.rMSSD",
+            ),
+            (
+                &base(r#""userId":"u","date":"2025-03-01","rMSSD":-5,"capturedAt":"2025-03-01T00:00:00Z""#),
+                "payload.rMSSD",
+            ),
+            (
+                &base(
+                    r#""userId":"u","date":"2025-03-01","rMSSD":"NaN","capturedAt":"2025-03-01T00:00:00Z""#,
+                ),
+                "payload.rMSSD",
+            ),
+            (
+                &base(
+                    r#""userId":"u","date":"2025-03-01","rMSSD":1e999,"capturedAt":"2025-03-01T00:00:00Z""#,
+                ),
+                "not valid JSON",
+            ),
+            (
+                &base(r#""userId":"u","date":"2025-03-01","rMSSD":4,"capturedAt":"2025-03-01T00:00:00""#),
+                "payload.capturedAt",
+            ),
+            (
+                &base(r#""userId":"u","date":"2025-03-01","rMSSD":4"#),
+                "payload.capturedAt",
+            ),
+            (
+                &base(
+                    r#""userId":"u","date":"2025-03-01","rMSSD":4,"lnRMSSD":"x","capturedAt":"2025-03-01T00:00:00Z""#,
+                ),
+                "payload.lnRMSSD",
+            ),
         ];
         for (body, needle) in cases {
             let e = err(body).to_string();
@@ -157,7 +199,9 @@ mod tests {
     #[test]
     fn long_user_ids_are_refused() {
         let long = "x".repeat(129);
-        let body = format!(r#"{{"payload":{{"userId":"{long}","date":"2025-03-01","rMSSD":4,"capturedAt":"2025-03-01T00:00:00Z"}}}}"#);
+        let body = format!(
+            r#"{{"payload":{{"userId":"{long}","date":"2025-03-01","rMSSD":4,"capturedAt":"2025-03-01T00:00:00Z"}}}}"#
+        );
         assert!(err(&body).to_string().contains("128"));
     }
 }

@@ -29,7 +29,10 @@ pub enum SchemaError {
     #[error("missing field {0}")]
     Missing(&'static str),
     #[error("invalid field {field}: {reason}")]
-    Invalid { field: &'static str, reason: &'static str },
+    Invalid {
+        field: &'static str,
+        reason: &'static str,
+    },
 }
 
 /// A decoded, validated, normalized event, ready for the store.
@@ -124,7 +127,11 @@ pub(crate) fn optional_object<'a>(
 }
 
 /// A user id: a string of 1..=128 characters, not blank.
-pub(crate) fn user_id(map: &Map<String, Value>, key: &str, field: &'static str) -> Result<String, SchemaError> {
+pub(crate) fn user_id(
+    map: &Map<String, Value>,
+    key: &str,
+    field: &'static str,
+) -> Result<String, SchemaError> {
     match map.get(key) {
         None | Some(Value::Null) => Err(SchemaError::Missing(field)),
         Some(Value::String(s)) => {
@@ -150,7 +157,11 @@ pub(crate) fn user_id(map: &Map<String, Value>, key: &str, field: &'static str) 
 }
 
 /// A calendar date written exactly as `YYYY-MM-DD`.
-pub(crate) fn date(map: &Map<String, Value>, key: &str, field: &'static str) -> Result<NaiveDate, SchemaError> {
+pub(crate) fn date(
+    map: &Map<String, Value>,
+    key: &str,
+    field: &'static str,
+) -> Result<NaiveDate, SchemaError> {
     let s = match map.get(key) {
         None | Some(Value::Null) => return Err(SchemaError::Missing(field)),
         Some(Value::String(s)) => s,
@@ -182,7 +193,10 @@ pub fn parse_date(s: &str) -> Option<NaiveDate> {
 }
 
 /// An RFC 3339 timestamp with an explicit offset, normalized to UTC.
-pub(crate) fn timestamp(value: Option<&Value>, field: &'static str) -> Result<Option<DateTime<Utc>>, SchemaError> {
+pub(crate) fn timestamp(
+    value: Option<&Value>,
+    field: &'static str,
+) -> Result<Option<DateTime<Utc>>, SchemaError> {
     match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => DateTime::parse_from_rfc3339(s.trim())
@@ -250,7 +264,15 @@ mod tests {
     fn dates_must_be_real_and_well_formed() {
         assert!(parse_date("2025-02-28").is_some());
         assert!(parse_date("2024-02-29").is_some());
-        for bad in ["2025-02-30", "2025-2-03", "2025-13-01", "20250101", "2025-02-3 ", "", "२०२५-०१-०१"] {
+        for bad in [
+            "2025-02-30",
+            "2025-2-03",
+            "2025-13-01",
+            "20250101",
+            "2025-02-3 ",
+            "",
+            "२०२५-०१-०१",
+        ] {
             assert!(parse_date(bad).is_none(), "{bad}");
         }
     }

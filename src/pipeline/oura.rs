@@ -8,7 +8,9 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::hrv::rmssd;
-use super::{clamp_score, minutes, number, optional_object, parse_object, timestamp, user_id, SchemaError, Vendor};
+use super::{
+    clamp_score, minutes, number, optional_object, parse_object, timestamp, user_id, SchemaError, Vendor,
+};
 use super::{HrvRecord, SleepRecord};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -28,11 +30,19 @@ pub fn decode(body: &[u8], msg_id: Option<&str>) -> Result<OuraWebhook, SchemaEr
     let user_id = user_id(&root, "user_id", "user_id")?;
     let ts = timestamp(root.get("timestamp"), "timestamp")?;
     let data = optional_object(&root, "data", "data")?;
-    let hrv = match data.map(|d| optional_object(d, "hrv", "data.hrv")).transpose()?.flatten() {
+    let hrv = match data
+        .map(|d| optional_object(d, "hrv", "data.hrv"))
+        .transpose()?
+        .flatten()
+    {
         Some(h) => Some(derive_hrv(&user_id, h, ts)?),
         None => None,
     };
-    let sleep = match data.map(|d| optional_object(d, "sleep", "data.sleep")).transpose()?.flatten() {
+    let sleep = match data
+        .map(|d| optional_object(d, "sleep", "data.sleep"))
+        .transpose()?
+        .flatten()
+    {
         Some(s) => Some(derive_sleep(&user_id, s, ts)?),
         None => None,
     };
@@ -54,7 +64,11 @@ fn require_ts(ts: Option<DateTime<Utc>>) -> Result<DateTime<Utc>, SchemaError> {
     ts.ok_or(SchemaError::Missing("timestamp"))
 }
 
-fn derive_hrv(user_id: &str, h: &Map<String, Value>, ts: Option<DateTime<Utc>>) -> Result<HrvRecord, SchemaError> {
+fn derive_hrv(
+    user_id: &str,
+    h: &Map<String, Value>,
+    ts: Option<DateTime<Utc>>,
+) -> Result<HrvRecord, SchemaError> {
     let captured_at = require_ts(ts)?;
     let rmssd = rmssd(h.get("rmssd"), "data.hrv.rmssd")?;
     Ok(HrvRecord {
@@ -68,9 +82,14 @@ fn derive_hrv(user_id: &str, h: &Map<String, Value>, ts: Option<DateTime<Utc>>) 
     })
 }
 
-fn derive_sleep(user_id: &str, s: &Map<String, Value>, ts: Option<DateTime<Utc>>) -> Result<SleepRecord, SchemaError> {
+fn derive_sleep(
+    user_id: &str,
+    s: &Map<String, Value>,
+    ts: Option<DateTime<Utc>>,
+) -> Result<SleepRecord, SchemaError> {
     let captured_at = require_ts(ts)?;
-    let hours = number(s.get("duration"), "data.sleep.duration")?.ok_or(SchemaError::Missing("data.sleep.duration"))?;
+    let hours = number(s.get("duration"), "data.sleep.duration")?
+        .ok_or(SchemaError::Missing("data.sleep.duration"))?;
     let duration_minutes = minutes(hours * 60.0, "data.sleep.duration")?;
     let quality_score = number(s.get("score"), "data.sleep.score")?.map(clamp_score);
     Ok(SleepRecord {
@@ -117,7 +136,11 @@ mod tests {
 
     #[test]
     fn sleep_only_webhook() {
-        let w = decode(br#"{"user_id":"u","timestamp":"2025-03-01T00:00:00Z","data":{"sleep":{"duration":7.00833}}}"#, None).unwrap();
+        let w = decode(
+            br#"{"user_id":"u","timestamp":"2025-03-01T00:00:00Z","data":{"sleep":{"duration":7.00833}}}"#,
+            None,
+        )
+        .unwrap();
         assert!(w.hrv.is_none());
         assert_eq!(w.sleep.unwrap().duration_minutes, 420);
     }
@@ -128,9 +151,15 @@ mod tests {
             (&b"[]"[..], "body is not a JSON object"),
             (br#""text""#, "body is not a JSON object"),
             (br#"{"timestamp":"2025-03-01T00:00:00Z"}"#, "user_id"),
-            (br#"{"user_id":"u","data":{"hrv":{"rmssd":0}},"timestamp":"2025-03-01T00:00:00Z"}"#, "data.hrv.rmssd"),
+            (
+                br#"{"user_id":"u","data":{"hrv":{"rmssd":0}},"timestamp":"2025-03-01T00:00:00Z"}"#,
+                "data.hrv.rmssd",
+            ),
             (br#"{"user_id":"u","data":{"hrv":{"rmssd":4}}}"#, "timestamp"),
-            (br#"{"user_id":"u","timestamp":"2025-03-01T00:00:00Z","data":{"sleep":{"duration":25}}}"#, "data.sleep.duration"),
+            (
+                br#"{"user_id":"u","timestamp":"2025-03-01T00:00:00Z","data":{"sleep":{"duration":25}}}"#,
+                "data.sleep.duration",
+            ),
         ] {
             let e = decode(body, None).unwrap_err().to_string();
             assert!(e.contains(needle), "{}: {e}", String::from_utf8_lossy(body));

@@ -31,7 +31,11 @@ pub fn decode(body: &[u8], now: DateTime<Utc>) -> Result<SleepRecord, SchemaErro
     let duration_minutes = minutes(duration, "payload.durationMinutes")?;
     let captured = timestamp(p.get("capturedAt"), "payload.capturedAt")?;
     let raw = optional_object(p, "raw", "payload.raw")?;
-    let quality_score = number(raw.and_then(|r| r.get("qualityScore")), "payload.raw.qualityScore")?.map(clamp_score);
+    let quality_score = number(
+        raw.and_then(|r| r.get("qualityScore")),
+        "payload.raw.qualityScore",
+    )?
+    .map(clamp_score);
     Ok(SleepRecord {
         user_id,
         date,
@@ -63,7 +67,9 @@ mod tests {
     use super::*;
 
     fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2025-03-02T12:00:00Z").unwrap().with_timezone(&Utc)
+        DateTime::parse_from_rfc3339("2025-03-02T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
     }
 
     #[test]
@@ -84,22 +90,43 @@ mod tests {
 
     #[test]
     fn missing_captured_at_defaults_to_now_and_says_so() {
-        let r = decode(br#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":0}}"#, now()).unwrap();
+        let r = decode(
+            br#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":0}}"#,
+            now(),
+        )
+        .unwrap();
         assert_eq!(r.captured_at, now());
         assert!(r.captured_at_defaulted);
         assert_eq!(r.quality_score, None);
         assert_eq!(r.vendor, None);
-        assert!(normalized(&r, "unknown", None)["record"].get("qualityScore").is_none());
+        assert!(normalized(&r, "unknown", None)["record"]
+            .get("qualityScore")
+            .is_none());
     }
 
     #[test]
     fn invalid_sleep_is_refused() {
         for (body, needle) in [
-            (r#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":1441}}"#, "durationMinutes"),
-            (r#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":-1}}"#, "durationMinutes"),
-            (r#"{"payload":{"userId":"u","date":"2025-03-01"}}"#, "durationMinutes"),
-            (r#"{"payload":{"userId":"u","date":"2025-04-31","durationMinutes":3}}"#, "payload.date"),
-            (r#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":3,"raw":{"qualityScore":"high"}}}"#, "qualityScore"),
+            (
+                r#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":1441}}"#,
+                "durationMinutes",
+            ),
+            (
+                r#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":-1}}"#,
+                "durationMinutes",
+            ),
+            (
+                r#"{"payload":{"userId":"u","date":"2025-03-01"}}"#,
+                "durationMinutes",
+            ),
+            (
+                r#"{"payload":{"userId":"u","date":"2025-04-31","durationMinutes":3}}"#,
+                "payload.date",
+            ),
+            (
+                r#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":3,"raw":{"qualityScore":"high"}}}"#,
+                "qualityScore",
+            ),
         ] {
             let e = decode(body.as_bytes(), now()).unwrap_err().to_string();
             assert!(e.contains(needle), "{body}: {e}");

@@ -45,30 +45,50 @@ async fn sleep_valid_invalid_and_rounding() {
         let js = nats.js().await;
         let (core, _) = streams(mode);
         publish(&js, SLEEP_SUBJECT, sleep_event("s1", "2025-03-01", 420.5, "Oura")).await;
-        publish(&js, SLEEP_SUBJECT, r#"{"payload":{"userId":"s2","date":"2025-03-01","durationMinutes":2000}}"#).await;
+        publish(
+            &js,
+            SLEEP_SUBJECT,
+            r#"{"payload":{"userId":"s2","date":"2025-03-01","durationMinutes":2000}}"#,
+        )
+        .await;
         let pool = db.pool().await;
         wait_for("sleep row", Duration::from_secs(15), || async {
             count(&pool, "SELECT count(*) FROM sleep_data").await == 1
         })
         .await;
         wait_drained(&js, core, "normalize-sleep-durable").await;
-        let row = sqlx::query("SELECT duration_minutes, quality_score, vendor, captured_at_defaulted FROM sleep_data")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert_eq!(row.get::<i32, _>("duration_minutes"), 421, "420.5 rounds half away from zero");
+        let row = sqlx::query(
+            "SELECT duration_minutes, quality_score, vendor, captured_at_defaulted FROM sleep_data",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            row.get::<i32, _>("duration_minutes"),
+            421,
+            "420.5 rounds half away from zero"
+        );
         assert_eq!(row.get::<Option<i32>, _>("quality_score"), Some(83));
         assert_eq!(row.get::<String, _>("vendor"), "oura");
         assert!(!row.get::<bool, _>("captured_at_defaulted"));
         let s = js.get_stream(core).await.unwrap();
-        let n = s.get_last_raw_message_by_subject("athlete-ally.sleep.normalized-stored").await.unwrap();
+        let n = s
+            .get_last_raw_message_by_subject("athlete-ally.sleep.normalized-stored")
+            .await
+            .unwrap();
         let v: Value = serde_json::from_slice(&n.payload).unwrap();
-        assert_eq!(v["record"]["vendor"], "oura", "same mapping in the row and the event");
+        assert_eq!(
+            v["record"]["vendor"], "oura",
+            "same mapping in the row and the event"
+        );
         assert_eq!(v["record"]["durationMinutes"], 421);
         assert_eq!(v["record"]["qualityScore"], 83);
         let letters = stream_contents(&js, "AA_DLQ").await;
         assert_eq!(letters.len(), 1);
-        assert_eq!(letters[0].subject.as_str(), "dlq.normalize.sleep.raw-received.schema-invalid");
+        assert_eq!(
+            letters[0].subject.as_str(),
+            "dlq.normalize.sleep.raw-received.schema-invalid"
+        );
 
         // A later event without the optional quality score does not erase the stored one.
         let later = json!({"payload": {"userId": "s1", "date": "2025-03-01", "durationMinutes": 400,
@@ -76,18 +96,38 @@ async fn sleep_valid_invalid_and_rounding() {
         .to_string();
         publish(&js, SLEEP_SUBJECT, later).await;
         wait_for("sleep update", Duration::from_secs(15), || async {
-            count(&pool, "SELECT count(*) FROM sleep_data WHERE duration_minutes = 400").await == 1
+            count(
+                &pool,
+                "SELECT count(*) FROM sleep_data WHERE duration_minutes = 400",
+            )
+            .await
+                == 1
         })
         .await;
-        let (q, vendor): (Option<i32>, String) = sqlx::query_as("SELECT quality_score, vendor FROM sleep_data")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let (q, vendor): (Option<i32>, String) =
+            sqlx::query_as("SELECT quality_score, vendor FROM sleep_data")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
         assert_eq!(q, Some(83));
         assert_eq!(vendor, "oura");
         let m = app.metrics().await;
-        assert_eq!(metric_value(&m, "normalize_sleep_messages_total", &[("result", "success"), ("stream", core)]), Some(2.0));
-        assert_eq!(metric_value(&m, "normalize_sleep_messages_total", &[("result", "schema_invalid")]), Some(1.0));
+        assert_eq!(
+            metric_value(
+                &m,
+                "normalize_sleep_messages_total",
+                &[("result", "success"), ("stream", core)]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            metric_value(
+                &m,
+                "normalize_sleep_messages_total",
+                &[("result", "schema_invalid")]
+            ),
+            Some(1.0)
+        );
         app.stop().await.unwrap();
     }
 }
@@ -117,32 +157,84 @@ async fn oura_webhook_is_stored_once_and_derives_rows() {
         })
         .await;
         assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 1);
-        assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data WHERE user_id='o1' AND vendor='oura' AND date='2025-03-01'").await, 1);
-        assert_eq!(count(&pool, "SELECT count(*) FROM sleep_data").await, 1, "sleep-only webhook: only a sleep row");
-        assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data WHERE user_id='o2'").await, 0);
-        assert_eq!(count(&pool, "SELECT count(*) FROM sleep_data WHERE user_id='o2' AND duration_minutes=421").await, 1);
-        assert_eq!(count(&pool, "SELECT count(*) FROM vendor_webhook_events WHERE idempotency_key='hook-2'").await, 1);
+        assert_eq!(
+            count(
+                &pool,
+                "SELECT count(*) FROM hrv_data WHERE user_id='o1' AND vendor='oura' AND date='2025-03-01'"
+            )
+            .await,
+            1
+        );
+        assert_eq!(
+            count(&pool, "SELECT count(*) FROM sleep_data").await,
+            1,
+            "sleep-only webhook: only a sleep row"
+        );
+        assert_eq!(
+            count(&pool, "SELECT count(*) FROM hrv_data WHERE user_id='o2'").await,
+            0
+        );
+        assert_eq!(
+            count(
+                &pool,
+                "SELECT count(*) FROM sleep_data WHERE user_id='o2' AND duration_minutes=421"
+            )
+            .await,
+            1
+        );
+        assert_eq!(
+            count(
+                &pool,
+                "SELECT count(*) FROM vendor_webhook_events WHERE idempotency_key='hook-2'"
+            )
+            .await,
+            1
+        );
         let payload: serde_json::Value =
             sqlx::query_scalar("SELECT payload FROM vendor_webhook_events WHERE user_id='o1'")
                 .fetch_one(&pool)
                 .await
                 .unwrap();
-        assert_eq!(payload, serde_json::from_str::<Value>(&body).unwrap(), "stored raw");
+        assert_eq!(
+            payload,
+            serde_json::from_str::<Value>(&body).unwrap(),
+            "stored raw"
+        );
         let letters = stream_contents(&js, "AA_DLQ").await;
         assert_eq!(letters.len(), 2);
-        assert!(letters.iter().all(|l| l.subject.as_str() == "dlq.vendor.oura.webhook.schema-invalid"));
+        assert!(letters
+            .iter()
+            .all(|l| l.subject.as_str() == "dlq.vendor.oura.webhook.schema-invalid"));
         // Derived events are published as normalized events too, vendor `oura`.
         let s = js.get_stream(core).await.unwrap();
-        let n = s.get_last_raw_message_by_subject("athlete-ally.hrv.normalized-stored").await.unwrap();
+        let n = s
+            .get_last_raw_message_by_subject("athlete-ally.hrv.normalized-stored")
+            .await
+            .unwrap();
         let v: Value = serde_json::from_slice(&n.payload).unwrap();
         assert_eq!(v["record"]["vendor"], "oura");
         assert!(n.headers.get("Nats-Msg-Id").unwrap().as_str().ends_with(":hrv"));
         let m = app.metrics().await;
         assert_eq!(
-            metric_value(&m, "normalize_oura_messages_total", &[("result", "success"), ("stream", vendor_stream), ("durable", "normalize-oura")]),
+            metric_value(
+                &m,
+                "normalize_oura_messages_total",
+                &[
+                    ("result", "success"),
+                    ("stream", vendor_stream),
+                    ("durable", "normalize-oura")
+                ]
+            ),
             Some(3.0)
         );
-        assert_eq!(metric_value(&m, "normalize_oura_messages_total", &[("result", "schema_invalid")]), Some(2.0));
+        assert_eq!(
+            metric_value(
+                &m,
+                "normalize_oura_messages_total",
+                &[("result", "schema_invalid")]
+            ),
+            Some(2.0)
+        );
         app.stop().await.unwrap();
     }
 }
@@ -165,14 +257,23 @@ async fn every_consumer_retries_through_a_database_outage() {
     app.wait_ready().await;
     proxy.cut();
     let js = nats.js().await;
-    publish(&js, HRV_SUBJECT, hrv_event("r", "2025-03-01", 40.0, "2025-03-01T06:00:00Z")).await;
+    publish(
+        &js,
+        HRV_SUBJECT,
+        hrv_event("r", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
     publish(&js, SLEEP_SUBJECT, sleep_event("r", "2025-03-01", 400.0, "whoop")).await;
     publish(&js, OURA_SUBJECT, webhook("r2", Some(30.0), Some(6.0))).await;
     wait_for("retries on every consumer", Duration::from_secs(20), || async {
         let m = app.metrics().await;
-        ["normalize_hrv_messages_total", "normalize_sleep_messages_total", "normalize_oura_messages_total"]
-            .iter()
-            .all(|name| metric_value(&m, name, &[("result", "retry")]).unwrap_or(0.0) >= 2.0)
+        [
+            "normalize_hrv_messages_total",
+            "normalize_sleep_messages_total",
+            "normalize_oura_messages_total",
+        ]
+        .iter()
+        .all(|name| metric_value(&m, name, &[("result", "retry")]).unwrap_or(0.0) >= 2.0)
     })
     .await;
     assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
@@ -184,7 +285,10 @@ async fn every_consumer_retries_through_a_database_outage() {
             && count(&pool, "SELECT count(*) FROM vendor_webhook_events").await == 1
     })
     .await;
-    assert_eq!(count(&pool, "SELECT count(*) FROM sleep_data WHERE vendor='whoop'").await, 1);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM sleep_data WHERE vendor='whoop'").await,
+        1
+    );
     assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
     app.stop().await.unwrap();
 }
@@ -204,9 +308,12 @@ async fn a_poisoned_consumer_does_not_slow_the_others() {
     }
     let vars = with(
         base_vars(&nats, &db.url),
-        &[("TOPOLOGY_PROVISION", "off"), ("NORMALIZE_RETRY_BACKOFF_MS", "50")],
+        &[
+            ("TOPOLOGY_PROVISION", "off"),
+            ("NORMALIZE_RETRY_BACKOFF_MS", "50"),
+        ],
     );
-    let config = normalize_service::config::Config::from_iter(vars.clone()).unwrap();
+    let config = normalize_service::config::Config::from_vars(vars.clone()).unwrap();
     for cc in &config.consumers {
         js.get_stream(config.streams.primary(cc.primary))
             .await
@@ -221,7 +328,12 @@ async fn a_poisoned_consumer_does_not_slow_the_others() {
     let app = TestApp::spawn(vars).await;
     app.wait_ready().await;
     for i in 0..20 {
-        publish(&js, HRV_SUBJECT, hrv_event(&format!("h{i}"), "2025-03-01", 40.0, "2025-03-01T06:00:00Z")).await;
+        publish(
+            &js,
+            HRV_SUBJECT,
+            hrv_event(&format!("h{i}"), "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
+        )
+        .await;
         publish(&js, OURA_SUBJECT, webhook(&format!("o{i}"), None, Some(7.0))).await;
     }
     let pool = db.pool().await;
@@ -238,8 +350,19 @@ async fn a_poisoned_consumer_does_not_slow_the_others() {
     assert_eq!(h["consumers"]["sleep"]["deadLetter"], "unavailable", "{h}");
     assert_eq!(h["consumers"]["hrv"]["deadLetter"], "ok");
     assert_eq!(h["consumers"]["oura"]["deadLetter"], "ok");
-    let (pending, ack_pending) = consumer_backlog(&js, "AA_CORE_HOT", "normalize-sleep-durable").await.unwrap();
-    assert_eq!(pending + ack_pending as u64, 50, "poison kept, never acked without a dead letter");
-    assert_eq!(count(&pool, "SELECT count(*) FROM sleep_data").await, 0);
+    let (pending, ack_pending) = consumer_backlog(&js, "AA_CORE_HOT", "normalize-sleep-durable")
+        .await
+        .unwrap();
+    assert_eq!(
+        pending + ack_pending as u64,
+        50,
+        "poison kept, never acked without a dead letter"
+    );
+    // The only sleep rows are those derived from the Oura webhooks.
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM sleep_data WHERE vendor = 'oura'").await,
+        20
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM sleep_data").await, 20);
     app.stop().await.unwrap();
 }

@@ -53,7 +53,11 @@ async fn valid_event_is_stored_published_and_acked() {
             assert!((row.get::<f64, _>("ln_rmssd") - 42.5f64.ln()).abs() < 1e-9);
             assert_eq!(row.get::<String, _>("vendor"), "oura");
             let captured: chrono::DateTime<chrono::Utc> = row.get("captured_at");
-            assert_eq!(captured.to_rfc3339(), "2025-03-01T05:30:00+00:00", "the event's capturedAt, not processing time");
+            assert_eq!(
+                captured.to_rfc3339(),
+                "2025-03-01T05:30:00+00:00",
+                "the event's capturedAt, not processing time"
+            );
             assert_eq!(row.get::<String, _>("source_stream"), stream);
             assert_eq!(row.get::<i64, _>("source_seq"), seq as i64);
 
@@ -76,7 +80,12 @@ async fn valid_event_is_stored_published_and_acked() {
             assert_eq!(v["record"]["vendor"], "oura");
             assert_eq!(v["record"]["readinessScore"], 0);
             assert_eq!(v["record"]["capturedAt"], "2025-03-01T05:30:00.000Z");
-            let id = normalized.headers.get("Nats-Msg-Id").unwrap().as_str().to_string();
+            let id = normalized
+                .headers
+                .get("Nats-Msg-Id")
+                .unwrap()
+                .as_str()
+                .to_string();
             assert_eq!(id, format!("normalize-hrv-durable:{stream}:{seq}"));
 
             wait_drained(&js, stream, "normalize-hrv-durable").await;
@@ -126,11 +135,28 @@ async fn invalid_events_are_dead_lettered_once_with_headers() {
         for (i, (body, needle)) in cases.iter().enumerate() {
             let l = letters
                 .iter()
-                .find(|l| l.headers.get("Dlq-Original-Sequence").map(|v| v.as_str().to_string()) == Some(seqs[i].to_string()))
+                .find(|l| {
+                    l.headers
+                        .get("Dlq-Original-Sequence")
+                        .map(|v| v.as_str().to_string())
+                        == Some(seqs[i].to_string())
+                })
                 .unwrap_or_else(|| panic!("no dead letter for case {i}"));
-            assert_eq!(l.subject.as_str(), "dlq.normalize.hrv.raw-received.schema-invalid");
-            assert_eq!(&l.payload[..], body.as_bytes(), "original bytes intact (case {i})");
-            let h = |n: &str| l.headers.get(n).map(|v| v.as_str().to_string()).unwrap_or_default();
+            assert_eq!(
+                l.subject.as_str(),
+                "dlq.normalize.hrv.raw-received.schema-invalid"
+            );
+            assert_eq!(
+                &l.payload[..],
+                body.as_bytes(),
+                "original bytes intact (case {i})"
+            );
+            let h = |n: &str| {
+                l.headers
+                    .get(n)
+                    .map(|v| v.as_str().to_string())
+                    .unwrap_or_default()
+            };
             assert_eq!(h("Dlq-Reason"), "schema-invalid");
             assert!(h("Dlq-Error").contains(needle), "case {i}: {}", h("Dlq-Error"));
             assert!(h("Dlq-Error").len() <= 1024);
@@ -143,15 +169,26 @@ async fn invalid_events_are_dead_lettered_once_with_headers() {
             assert!(chrono::DateTime::parse_from_rfc3339(&h("Dlq-Failed-At")).is_ok());
         }
         // Terminated: the durable has nothing pending or unacked, and no row was written.
-        assert_eq!(consumer_backlog(&js, stream, "normalize-hrv-durable").await, Some((0, 0)));
+        assert_eq!(
+            consumer_backlog(&js, stream, "normalize-hrv-durable").await,
+            Some((0, 0))
+        );
         assert_eq!(count(&db.pool().await, "SELECT count(*) FROM hrv_data").await, 0);
         let metrics = app.metrics().await;
         assert_eq!(
-            metric_value(&metrics, "normalize_hrv_messages_total", &[("result", "schema_invalid"), ("stream", stream)]),
+            metric_value(
+                &metrics,
+                "normalize_hrv_messages_total",
+                &[("result", "schema_invalid"), ("stream", stream)]
+            ),
             Some(cases.len() as f64)
         );
         assert_eq!(
-            metric_value(&metrics, "dlq_messages_total", &[("reason", "schema-invalid"), ("consumer", "hrv")]),
+            metric_value(
+                &metrics,
+                "dlq_messages_total",
+                &[("reason", "schema-invalid"), ("consumer", "hrv")]
+            ),
             Some(cases.len() as f64)
         );
         app.stop().await.unwrap();
@@ -177,11 +214,22 @@ async fn database_outage_retries_without_dead_lettering() {
         proxy.cut();
         let js = nats.js().await;
         for i in 0..5 {
-            publish(&js, HRV_SUBJECT, hrv_event(&format!("u{i}"), "2025-03-01", 40.0, "2025-03-01T06:00:00Z")).await;
+            publish(
+                &js,
+                HRV_SUBJECT,
+                hrv_event(&format!("u{i}"), "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
+            )
+            .await;
         }
         // Retried (NAKed with delay), never dead-lettered, while the database is away.
         wait_for("retries during the outage", Duration::from_secs(20), || async {
-            metric_value(&app.metrics().await, "normalize_hrv_messages_total", &[("result", "retry")]).unwrap_or(0.0) >= 10.0
+            metric_value(
+                &app.metrics().await,
+                "normalize_hrv_messages_total",
+                &[("result", "retry")],
+            )
+            .unwrap_or(0.0)
+                >= 10.0
         })
         .await;
         let (code, health) = app.health().await;
@@ -208,7 +256,10 @@ async fn retryable_failure_on_last_delivery_is_dead_lettered_as_max_deliver() {
     let mut proxy = DbProxy::start().await;
     let app = TestApp::spawn(with(
         base_vars(&nats, &db.url_via(proxy.port)),
-        &[("NORMALIZE_HRV_MAX_DELIVER", "3"), ("DATABASE_ACQUIRE_TIMEOUT_MS", "300")],
+        &[
+            ("NORMALIZE_HRV_MAX_DELIVER", "3"),
+            ("DATABASE_ACQUIRE_TIMEOUT_MS", "300"),
+        ],
     ))
     .await;
     app.wait_ready().await;
@@ -224,7 +275,10 @@ async fn retryable_failure_on_last_delivery_is_dead_lettered_as_max_deliver() {
     let l = &letters[0];
     assert_eq!(l.subject.as_str(), "dlq.normalize.hrv.raw-received.max-deliver");
     assert_eq!(l.headers.get("Dlq-Delivery-Count").unwrap().as_str(), "3");
-    assert_eq!(l.headers.get("Dlq-Original-Sequence").unwrap().as_str(), seq.to_string());
+    assert_eq!(
+        l.headers.get("Dlq-Original-Sequence").unwrap().as_str(),
+        seq.to_string()
+    );
     assert_eq!(&l.payload[..], body.as_bytes());
     wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
     proxy.restore().await;
@@ -257,7 +311,7 @@ async fn dead_letter_unavailable_keeps_the_original_until_dlq_exists() {
             base_vars(&nats, &db.url),
             &[("EVENT_STREAM_MODE", mode), ("TOPOLOGY_PROVISION", "off")],
         );
-        let config = Config::from_iter(vars.clone()).unwrap();
+        let config = Config::from_vars(vars.clone()).unwrap();
         for cc in &config.consumers {
             let target = topology::candidates(&config, cc)[0].clone();
             js.get_stream(&target)
@@ -271,30 +325,52 @@ async fn dead_letter_unavailable_keeps_the_original_until_dlq_exists() {
         app.wait_ready().await;
         let body = "{broken";
         let seq = publish(&js, HRV_SUBJECT, body).await;
-        wait_for("dead letter failure reported", Duration::from_secs(15), || async {
-            let (_, h) = app.health().await;
-            h["status"] == "degraded" && h["consumers"]["hrv"]["deadLetter"] == "unavailable"
-        })
+        wait_for(
+            "dead letter failure reported",
+            Duration::from_secs(15),
+            || async {
+                let (_, h) = app.health().await;
+                h["status"] == "degraded" && h["consumers"]["hrv"]["deadLetter"] == "unavailable"
+            },
+        )
         .await;
         // Neither acked nor terminated: still owed to the durable.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (pending, ack_pending) = consumer_backlog(&js, stream, "normalize-hrv-durable").await.unwrap();
+        let (pending, ack_pending) = consumer_backlog(&js, stream, "normalize-hrv-durable")
+            .await
+            .unwrap();
         assert_eq!(pending + ack_pending as u64, 1, "the original is kept");
         let s = js.get_stream(stream).await.unwrap();
         let info = s.consumer_info("normalize-hrv-durable").await.unwrap();
         assert_eq!(info.ack_floor.stream_sequence, seq - 1, "not acked or terminated");
-        assert!(metric_value(&app.metrics().await, "normalize_hrv_messages_total", &[("result", "retry")]).unwrap() >= 1.0);
+        assert!(
+            metric_value(
+                &app.metrics().await,
+                "normalize_hrv_messages_total",
+                &[("result", "retry")]
+            )
+            .unwrap()
+                >= 1.0
+        );
 
         create_streams(&js, &[topology::dlq_spec(&names, 1)]).await;
-        wait_for("dead letter stored once AA_DLQ exists", Duration::from_secs(20), || async {
-            stream_messages(&js, "AA_DLQ").await == 1
-        })
+        wait_for(
+            "dead letter stored once AA_DLQ exists",
+            Duration::from_secs(20),
+            || async { stream_messages(&js, "AA_DLQ").await == 1 },
+        )
         .await;
         wait_drained(&js, stream, "normalize-hrv-durable").await;
         let letters = stream_contents(&js, "AA_DLQ").await;
         assert_eq!(&letters[0].payload[..], body.as_bytes());
-        assert_eq!(letters[0].headers.get("Dlq-Reason").unwrap().as_str(), "schema-invalid");
-        wait_for("health ok again", Duration::from_secs(10), || async { app.health().await.1["status"] == "ok" }).await;
+        assert_eq!(
+            letters[0].headers.get("Dlq-Reason").unwrap().as_str(),
+            "schema-invalid"
+        );
+        wait_for("health ok again", Duration::from_secs(10), || async {
+            app.health().await.1["status"] == "ok"
+        })
+        .await;
         app.stop().await.unwrap();
     }
 }
@@ -320,7 +396,11 @@ async fn multi_mode_falls_back_to_the_legacy_stream() {
         metric_value(
             &m,
             "normalize_stream_fallback_total",
-            &[("consumer", "hrv"), ("from", "AA_CORE_HOT"), ("to", "ATHLETE_ALLY_EVENTS")]
+            &[
+                ("consumer", "hrv"),
+                ("from", "AA_CORE_HOT"),
+                ("to", "ATHLETE_ALLY_EVENTS")
+            ]
         ),
         Some(1.0)
     );
@@ -328,14 +408,28 @@ async fn multi_mode_falls_back_to_the_legacy_stream() {
         metric_value(
             &m,
             "normalize_consumer_bound",
-            &[("consumer", "hrv"), ("stream", "ATHLETE_ALLY_EVENTS"), ("durable", "normalize-hrv-durable")]
+            &[
+                ("consumer", "hrv"),
+                ("stream", "ATHLETE_ALLY_EVENTS"),
+                ("durable", "normalize-hrv-durable")
+            ]
         ),
         Some(1.0)
     );
-    publish(&js, HRV_SUBJECT, hrv_event("u", "2025-03-01", 30.0, "2025-03-01T06:00:00Z")).await;
+    publish(
+        &js,
+        HRV_SUBJECT,
+        hrv_event("u", "2025-03-01", 30.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
     let pool = db.pool().await;
     wait_for("row via legacy", Duration::from_secs(15), || async {
-        count(&pool, "SELECT count(*) FROM hrv_data WHERE source_stream = 'ATHLETE_ALLY_EVENTS'").await == 1
+        count(
+            &pool,
+            "SELECT count(*) FROM hrv_data WHERE source_stream = 'ATHLETE_ALLY_EVENTS'",
+        )
+        .await
+            == 1
     })
     .await;
     app.stop().await.unwrap();
@@ -351,13 +445,23 @@ async fn older_events_never_overwrite_newer_rows() {
         let app = TestApp::spawn(with(base_vars(&nats, &db.url), &[("EVENT_STREAM_MODE", mode)])).await;
         app.wait_ready().await;
         let pool = db.pool().await;
-        publish(&js, HRV_SUBJECT, hrv_event("u", "2025-03-01", 50.0, "2025-03-01T08:00:00Z")).await;
+        publish(
+            &js,
+            HRV_SUBJECT,
+            hrv_event("u", "2025-03-01", 50.0, "2025-03-01T08:00:00Z"),
+        )
+        .await;
         wait_for("newer row", Duration::from_secs(15), || async {
             count(&pool, "SELECT count(*) FROM hrv_data").await == 1
         })
         .await;
         // A stale redelivery / replay of an older reading for the same user and day.
-        publish(&js, HRV_SUBJECT, hrv_event("u", "2025-03-01", 10.0, "2025-03-01T06:00:00Z")).await;
+        publish(
+            &js,
+            HRV_SUBJECT,
+            hrv_event("u", "2025-03-01", 10.0, "2025-03-01T06:00:00Z"),
+        )
+        .await;
         wait_drained(&js, stream, "normalize-hrv-durable").await;
         let rmssd: f64 = sqlx::query_scalar("SELECT rmssd FROM hrv_data WHERE user_id = 'u'")
             .fetch_one(&pool)
@@ -367,10 +471,30 @@ async fn older_events_never_overwrite_newer_rows() {
         app.stop().await.unwrap();
 
         // Two events for the same user and date in one batch: both handled, newest wins.
-        publish(&js, HRV_SUBJECT, hrv_event("v", "2025-03-02", 70.0, "2025-03-02T09:00:00Z")).await;
-        publish(&js, HRV_SUBJECT, hrv_event("v", "2025-03-02", 20.0, "2025-03-02T05:00:00Z")).await;
-        publish(&js, HRV_SUBJECT, hrv_event("w", "2025-03-02", 20.0, "2025-03-02T05:00:00Z")).await;
-        publish(&js, HRV_SUBJECT, hrv_event("w", "2025-03-02", 80.0, "2025-03-02T09:00:00Z")).await;
+        publish(
+            &js,
+            HRV_SUBJECT,
+            hrv_event("v", "2025-03-02", 70.0, "2025-03-02T09:00:00Z"),
+        )
+        .await;
+        publish(
+            &js,
+            HRV_SUBJECT,
+            hrv_event("v", "2025-03-02", 20.0, "2025-03-02T05:00:00Z"),
+        )
+        .await;
+        publish(
+            &js,
+            HRV_SUBJECT,
+            hrv_event("w", "2025-03-02", 20.0, "2025-03-02T05:00:00Z"),
+        )
+        .await;
+        publish(
+            &js,
+            HRV_SUBJECT,
+            hrv_event("w", "2025-03-02", 80.0, "2025-03-02T09:00:00Z"),
+        )
+        .await;
         let app = TestApp::spawn(with(base_vars(&nats, &db.url), &[("EVENT_STREAM_MODE", mode)])).await;
         wait_drained(&js, stream, "normalize-hrv-durable").await;
         let rows: Vec<(String, f64)> =
@@ -391,8 +515,18 @@ async fn metrics_carry_stream_and_durable_labels_with_correct_counts() {
     let app = TestApp::spawn(with(base_vars(&nats, &db.url), &[("HRV_DURABLE", "custom-hrv")])).await;
     app.wait_ready().await;
     let js = nats.js().await;
-    publish(&js, HRV_SUBJECT, hrv_event("a", "2025-03-01", 30.0, "2025-03-01T06:00:00Z")).await;
-    publish(&js, HRV_SUBJECT, hrv_event("b", "2025-03-01", 31.0, "2025-03-01T06:00:00Z")).await;
+    publish(
+        &js,
+        HRV_SUBJECT,
+        hrv_event("a", "2025-03-01", 30.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
+    publish(
+        &js,
+        HRV_SUBJECT,
+        hrv_event("b", "2025-03-01", 31.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
     publish(&js, HRV_SUBJECT, "[]").await;
     wait_drained(&js, "AA_CORE_HOT", "custom-hrv").await;
     for text in [app.metrics().await, {
@@ -409,15 +543,32 @@ async fn metrics_carry_stream_and_durable_labels_with_correct_counts() {
                 ("durable", "custom-hrv"),
             ]
         };
-        assert_eq!(metric_value(&text, "normalize_hrv_messages_total", &labels("success")), Some(2.0), "{text}");
-        assert_eq!(metric_value(&text, "normalize_hrv_messages_total", &labels("schema_invalid")), Some(1.0));
-        assert_eq!(metric_value(&text, "normalize_hrv_messages_total", &labels("retry")), Some(0.0));
-        assert_eq!(metric_value(&text, "normalize_hrv_messages_total", &labels("dlq")), Some(0.0));
+        assert_eq!(
+            metric_value(&text, "normalize_hrv_messages_total", &labels("success")),
+            Some(2.0),
+            "{text}"
+        );
+        assert_eq!(
+            metric_value(&text, "normalize_hrv_messages_total", &labels("schema_invalid")),
+            Some(1.0)
+        );
+        assert_eq!(
+            metric_value(&text, "normalize_hrv_messages_total", &labels("retry")),
+            Some(0.0)
+        );
+        assert_eq!(
+            metric_value(&text, "normalize_hrv_messages_total", &labels("dlq")),
+            Some(0.0)
+        );
         assert_eq!(
             metric_value(
                 &text,
                 "normalize_processing_duration_seconds_count",
-                &[("consumer", "hrv"), ("stream", "AA_CORE_HOT"), ("durable", "custom-hrv")]
+                &[
+                    ("consumer", "hrv"),
+                    ("stream", "AA_CORE_HOT"),
+                    ("durable", "custom-hrv")
+                ]
             ),
             Some(3.0)
         );

@@ -17,7 +17,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn unique(prefix: &str) -> String {
@@ -26,7 +30,12 @@ fn unique(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
-    format!("{prefix}_{}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst), nanos)
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst),
+        nanos
+    )
 }
 
 pub fn nats_server_bin() -> String {
@@ -114,7 +123,8 @@ impl Drop for NatsServer {
 }
 
 pub fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A fresh database on the shared PostgreSQL server, dropped when the test ends.
@@ -128,7 +138,10 @@ impl TestDb {
         let name = unique("nstest");
         let admin = admin_url();
         let mut conn = PgConnection::connect(&admin).await.unwrap();
-        sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .unwrap();
         let base = admin.rsplit_once('/').unwrap().0.to_string();
         TestDb {
             url: format!("{base}/{name}"),
@@ -151,7 +164,10 @@ impl Drop for TestDb {
         let name = self.name.clone();
         let admin = admin_url();
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 if let Ok(mut conn) = PgConnection::connect(&admin).await {
                     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
@@ -205,7 +221,7 @@ pub struct TestApp {
 impl TestApp {
     pub async fn spawn(vars: HashMap<String, String>) -> TestApp {
         normalize_service::logging::init(normalize_service::config::LogFormat::Pretty);
-        let config = Config::from_iter(vars).unwrap();
+        let config = Config::from_vars(vars).unwrap();
         let app = Application::build(config).await.unwrap();
         let port = app.port();
         let metrics_port = app.metrics_port();
@@ -227,7 +243,10 @@ impl TestApp {
 
     pub async fn health(&self) -> (u16, serde_json::Value) {
         let (code, body) = self.get("/health").await;
-        (code, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+        (
+            code,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     pub async fn metrics(&self) -> String {
@@ -235,8 +254,10 @@ impl TestApp {
     }
 
     pub async fn wait_ready(&self) {
-        wait_for("daemon ready", Duration::from_secs(20), || async { self.get("/health/ready").await.0 == 200 })
-            .await;
+        wait_for("daemon ready", Duration::from_secs(20), || async {
+            self.get("/health/ready").await.0 == 200
+        })
+        .await;
     }
 
     /// Stops like SIGTERM does and returns the daemon's result.
@@ -270,12 +291,29 @@ where
 
 /// Publishes with JetStream and waits for the PubAck.
 pub async fn publish(js: &jetstream::Context, subject: &str, body: impl Into<bytes::Bytes>) -> u64 {
-    js.publish(subject.to_string(), body.into()).await.unwrap().await.unwrap().sequence
+    js.publish(subject.to_string(), body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence
 }
 
-pub async fn publish_with_id(js: &jetstream::Context, subject: &str, id: &str, body: impl Into<bytes::Bytes>) -> u64 {
-    let msg = jetstream::message::PublishMessage::build().payload(body.into()).message_id(id);
-    js.send_publish(subject.to_string(), msg).await.unwrap().await.unwrap().sequence
+pub async fn publish_with_id(
+    js: &jetstream::Context,
+    subject: &str,
+    id: &str,
+    body: impl Into<bytes::Bytes>,
+) -> u64 {
+    let msg = jetstream::message::PublishMessage::build()
+        .payload(body.into())
+        .message_id(id);
+    js.send_publish(subject.to_string(), msg)
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence
 }
 
 pub fn hrv_event(user: &str, date: &str, rmssd: f64, captured_at: &str) -> String {
@@ -291,7 +329,10 @@ pub const SLEEP_SUBJECT: &str = "athlete-ally.sleep.raw-received";
 pub const OURA_SUBJECT: &str = "vendor.oura.webhook.received";
 
 pub async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await.unwrap_or(-1)
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(pool)
+        .await
+        .unwrap_or(-1)
 }
 
 /// Messages stored in a stream (0 when it does not exist).
@@ -310,9 +351,11 @@ pub async fn consumer_backlog(js: &jetstream::Context, stream: &str, durable: &s
 }
 
 pub async fn wait_drained(js: &jetstream::Context, stream: &str, durable: &str) {
-    wait_for(&format!("{stream}/{durable} drained"), Duration::from_secs(30), || async {
-        consumer_backlog(js, stream, durable).await == Some((0, 0))
-    })
+    wait_for(
+        &format!("{stream}/{durable} drained"),
+        Duration::from_secs(30),
+        || async { consumer_backlog(js, stream, durable).await == Some((0, 0)) },
+    )
     .await;
 }
 
@@ -369,7 +412,9 @@ impl DbProxy {
 
     pub async fn restore(&mut self) {
         let token = CancellationToken::new();
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
         let t = token.clone();
         tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
