@@ -23,4 +23,19 @@ pub enum Command {
         #[arg(long, default_value_t = 3)]
         timeout: u64,
     },
+    /// Create, update or inspect the streams and durables (never deletes).
+    Topology {
+        #[command(subcommand)]
+        command: crate::ops::TopologyCommand,
+    },
+    /// Walk the 1 → 3 stream migration safely, phase by phase.
+    Migrate {
+        #[command(subcommand)]
+        command: crate::ops::MigrateCommand,
+    },
+    /// Inspect, replay and purge dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: crate::dlq_cli::DlqCommand,
+    },
 }

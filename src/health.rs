@@ -145,7 +145,9 @@ impl Health {
 
     /// Evaluated now, not at the watchdog's last tick.
     pub fn any_stalled(&self) -> bool {
-        self.check_stalls(Instant::now()).iter().any(|(_, stalled)| *stalled)
+        self.check_stalls(Instant::now())
+            .iter()
+            .any(|(_, stalled)| *stalled)
     }
 
     pub fn all_bound(&self) -> bool {

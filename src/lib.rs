@@ -16,6 +16,8 @@
 //! - [`http`]      axum router: /health, /health/live, /health/ready, /metrics
 //! - [`app`]       `Application::build` then `run_until_stopped`
 //! - [`cli`]       clap commands
+//! - [`ops`]       `topology` and `migrate` operator commands
+//! - [`dlq_cli`]   `dlq` operator commands
 //! - [`shutdown`]  signals → cancellation token
 
 pub mod app;
@@ -23,10 +25,12 @@ pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod dlq;
+pub mod dlq_cli;
 pub mod health;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod ops;
 pub mod outcome;
 pub mod pipeline;
 pub mod redact;

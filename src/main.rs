@@ -13,6 +13,9 @@ async fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run().await,
         Command::Healthcheck { timeout } => healthcheck(timeout).await,
+        Command::Topology { command } => normalize_service::ops::topology(command).await,
+        Command::Migrate { command } => normalize_service::ops::migrate(command).await,
+        Command::Dlq { command } => normalize_service::dlq_cli::run(command).await,
     }
 }
 

@@ -4,5 +4,8 @@
 
 mod consumers;
 mod daemon;
+mod deploy;
+mod dlq_cli;
 mod hrv;
+mod migration;
 mod support;
