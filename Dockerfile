@@ -1,13 +1,18 @@
 # syntax=docker/dockerfile:1
-# Multi-stage build: dependencies are compiled in their own layer (from a stub crate), so a
-# source change rebuilds only this crate.
+# Multi-stage build. The dependency layer is compiled from a stub crate with only Cargo.toml and
+# Cargo.lock copied, so it is cached until those change; a source change rebuilds only this crate.
+# scripts/mirror-docker-build.sh runs this stage's COPY/RUN steps on a machine without a
+# container engine (it reads them from this file) and checks the binary is the real one.
 ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
 WORKDIR /app
 COPY Cargo.toml Cargo.lock ./
+# The stub's fingerprints are removed afterwards: COPY keeps the sources' (older) mtimes, and
+# cargo would otherwise consider the stub binary up to date and ship it.
 RUN mkdir -p src && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src target/release/.fingerprint/normalize-service-*
+# migrations/ is embedded at compile time (sqlx::migrate!).
 COPY migrations ./migrations
 COPY src ./src
 RUN cargo build --release --locked && strip target/release/normalize-service
@@ -22,7 +27,7 @@ USER 10001:10001
 ENV LOG_FORMAT=json PORT=4102 METRICS_PORT=9464 HOST=0.0.0.0
 EXPOSE 4102 9464
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["/usr/local/bin/normalize-service", "healthcheck"]
 ENTRYPOINT ["/usr/local/bin/normalize-service"]
 CMD ["run"]
