@@ -98,8 +98,16 @@ fn deploy_env_reference_lists_exactly_the_variables_the_config_reads() {
         "config::VARIABLES has duplicates"
     );
 
-    let env_names = env_file_names(&repo_file(".env.example"));
+    let env_example = repo_file(".env.example");
+    let env_names = env_file_names(&env_example);
     let mut problems = Vec::new();
+    // Each variable has its one-line comment right above it.
+    let lines: Vec<&str> = env_example.lines().map(str::trim).collect();
+    for (i, line) in lines.iter().enumerate() {
+        if !line.is_empty() && !line.starts_with('#') && (i == 0 || !lines[i - 1].starts_with('#')) {
+            problems.push(format!(".env.example: {line} has no comment line above it"));
+        }
+    }
     let mut seen = BTreeSet::new();
     for n in &env_names {
         if !is_env_name(n) {
@@ -508,6 +516,8 @@ async fn deploy_alerts_and_dashboard_use_metrics_and_labels_the_service_exports(
         ["hrv", "sleep", "oura"].iter().all(|c| {
             metric_value(&text, &format!("normalize_{c}_messages_total"), &[("result", "success")]) == Some(1.0)
                 && metric_value(&text, "dlq_messages_total", &[("consumer", c)]) == Some(1.0)
+                // observed when a pull completes (after the messages of its batch are settled)
+                && metric_value(&text, "normalize_batch_size_count", &[("consumer", c)]).is_some()
         })
     })
     .await;
@@ -587,6 +597,11 @@ impl Daemon {
         }
     }
 
+    async fn kill_and_collect(mut self) -> (Option<i32>, String) {
+        let _ = self.child.kill();
+        self.wait(Duration::from_secs(10)).await
+    }
+
     /// Waits for the exit (killing it after `within`) and returns the code and all of stderr.
     async fn wait(mut self, within: Duration) -> (Option<i32>, String) {
         let deadline = Instant::now() + within;
@@ -662,13 +677,17 @@ async fn deploy_logs_are_json_lines_and_never_show_passwords() {
     let db = TestDb::new().await;
     let port = free_port();
     let daemon = Daemon::spawn(&secret_vars(&nats, &db, port));
-    wait_for("daemon ready (NATS auth from the URL)", Duration::from_secs(30), || async {
-        matches!(
-            normalize_service::http::http_get("127.0.0.1", port, "/health/ready", Duration::from_secs(2)).await,
-            Ok((200, _))
-        )
-    })
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(
+        normalize_service::http::http_get("127.0.0.1", port, "/health/ready", Duration::from_secs(2)).await,
+        Ok((200, _))
+    ) {
+        if Instant::now() > deadline {
+            let (_, stderr) = daemon.kill_and_collect().await;
+            panic!("daemon not ready within 30 s (NATS auth from the URL); stderr:\n{stderr}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for path in ["/health", "/metrics"] {
         let (code, body) =
             normalize_service::http::http_get("127.0.0.1", port, path, Duration::from_secs(5))
