@@ -190,8 +190,11 @@ fn finish<T: Serialize>(result: Result<Report<T>, OpsError>, json: bool) -> Exit
     match result {
         Ok(report) => {
             if json {
+                use std::io::Write;
                 match serde_json::to_string_pretty(&report) {
-                    Ok(s) => println!("{s}"),
+                    Ok(s) => {
+                        let _ = writeln!(std::io::stdout().lock(), "{s}");
+                    }
                     Err(e) => eprintln!("cannot encode report: {e}"),
                 }
             } else {
@@ -486,27 +489,31 @@ impl<T: Serialize> Report<T> {
         });
     }
 
+    /// Human-readable output. Write errors (a closed pipe such as `| head`) are ignored
+    /// rather than panicking.
     fn print(&self) {
-        println!("{}: {}", self.command, if self.ok { "ok" } else { "NOT OK" });
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}: {}", self.command, if self.ok { "ok" } else { "NOT OK" });
         if let Some(p) = &self.phase_before {
-            println!("  phase before: {}", p.describe());
+            let _ = writeln!(out, "  phase before: {}", p.describe());
         }
         for a in &self.actions {
-            println!("  action  {} — {}", a.what, a.status);
+            let _ = writeln!(out, "  action  {} — {}", a.what, a.status);
         }
         for c in &self.checks {
-            println!("  check   {} — {}", c.what, c.status);
+            let _ = writeln!(out, "  check   {} — {}", c.what, c.status);
         }
         if let Some(p) = &self.phase_after {
-            println!("  phase after:  {}", p.describe());
+            let _ = writeln!(out, "  phase after:  {}", p.describe());
         }
         if let Some(d) = &self.data {
             if let Ok(s) = serde_json::to_string_pretty(d) {
-                println!("{s}");
+                let _ = writeln!(out, "{s}");
             }
         }
         if let Some(n) = &self.next {
-            println!("  next: {n}");
+            let _ = writeln!(out, "  next: {n}");
         }
     }
 }
@@ -553,9 +560,9 @@ pub struct StreamStatus {
     pub messages: u64,
     pub bytes: u64,
     pub first_seq: u64,
-    pub first_time: String,
+    pub first_time: Option<String>,
     pub last_seq: u64,
-    pub last_time: String,
+    pub last_time: Option<String>,
     pub replicas: usize,
     pub consumers: Vec<ConsumerStatus>,
 }
@@ -601,9 +608,9 @@ async fn status() -> Result<Report<Vec<StreamStatus>>, OpsError> {
             messages: info.state.messages,
             bytes: info.state.bytes,
             first_seq: info.state.first_sequence,
-            first_time: fmt_time(info.state.first_timestamp),
+            first_time: (info.state.messages > 0).then(|| fmt_time(info.state.first_timestamp)),
             last_seq: info.state.last_sequence,
-            last_time: fmt_time(info.state.last_timestamp),
+            last_time: (info.state.messages > 0).then(|| fmt_time(info.state.last_timestamp)),
             replicas: info.config.num_replicas,
             consumers,
         });
