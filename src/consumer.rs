@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, AckKind};
 use chrono::Utc;
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +38,14 @@ pub struct Worker {
     cc: ConsumerConfig,
 }
 
+/// A binding with its running loop's stop token.
+struct Running {
+    binding: Binding,
+    token: CancellationToken,
+}
+
+type LoopFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = (String, LoopEnd)> + Send + 'a>>;
+
 /// Why a consume loop returned.
 enum LoopEnd {
     Shutdown,
@@ -58,7 +67,9 @@ impl Worker {
     }
 
     /// Runs until `shutdown` is cancelled: binds (retrying with backoff while nothing can be
-    /// bound), consumes, and binds again if the binding disappears.
+    /// bound), consumes, binds again if the binding disappears, and — in multi mode — moves to
+    /// whichever of primary and legacy stream captures the filter subject, draining the old
+    /// durable until it has nothing pending or unacked. No restart is needed at any migration step.
     pub async fn run(self, shutdown: CancellationToken) {
         let kind = self.cc.kind;
         // Never bind before migrations have run: a missing table would dead-letter everything.
@@ -67,67 +78,181 @@ impl Worker {
                 return;
             }
         }
+        let mut loops: FuturesUnordered<LoopFuture<'_>> = FuturesUnordered::new();
+        let mut active: Option<Running> = None;
+        let mut draining: Vec<Running> = Vec::new();
         let mut backoff = Duration::from_millis(250);
         loop {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            let binding = match topology::bind(&self.shared.js, &self.shared.config, &self.cc).await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(consumer = %kind, error = %e, retry_in_ms = backoff.as_millis() as u64, "consumer not bound; retrying");
-                    self.shared.health.update(kind, |s| {
-                        s.stream = None;
-                        s.bind_error = Some(e.to_string());
-                    });
-                    if !sleep_or_cancel(backoff, &shutdown).await {
-                        return;
+            if active.is_none() && !shutdown.is_cancelled() {
+                match topology::bind(&self.shared.js, &self.shared.config, &self.cc).await {
+                    Ok(b) => {
+                        backoff = Duration::from_millis(250);
+                        let previous = draining.iter().position(|r| r.binding.stream == b.stream);
+                        match previous {
+                            // Bound again where we were draining: that loop becomes the active one.
+                            Some(i) => active = Some(draining.remove(i)),
+                            None => {
+                                self.on_bound(&b, None);
+                                let token = shutdown.child_token();
+                                loops.push(Box::pin(self.run_binding(b.clone(), token.clone())));
+                                active = Some(Running { binding: b, token });
+                            }
+                        }
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(15));
-                    continue;
+                    Err(e) => {
+                        tracing::warn!(consumer = %kind, error = %e, retry_in_ms = backoff.as_millis() as u64, "consumer not bound; retrying");
+                        self.shared.health.update(kind, |s| {
+                            s.stream = None;
+                            s.bind_error = Some(e.to_string());
+                        });
+                    }
                 }
+            }
+            self.report_bindings(active.as_ref(), &draining);
+            let wait = if active.is_some() {
+                self.shared.config.rebind_interval
+            } else {
+                let w = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(15));
+                w
             };
-            backoff = Duration::from_millis(250);
-            self.on_bound(&binding);
-            let info_stop = shutdown.child_token();
-            let refresher = tokio::spawn(refresh_info(
-                self.shared.clone(),
-                self.cc.clone(),
-                binding.clone(),
-                info_stop.clone(),
-            ));
-            let end = self.consume(&binding, &shutdown).await;
-            info_stop.cancel();
-            let _ = refresher.await;
-            self.shared
-                .metrics
-                .consumer_bound
-                .with_label_values(&[kind.as_str(), &binding.stream, &binding.durable])
-                .set(0);
-            match end {
-                LoopEnd::Shutdown => {
-                    tracing::info!(consumer = %kind, stream = %binding.stream, "consumer stopped");
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    while loops.next().await.is_some() {}
+                    tracing::info!(consumer = %kind, "consumer stopped");
                     return;
                 }
-                LoopEnd::Lost => {
-                    tracing::warn!(consumer = %kind, stream = %binding.stream, durable = %binding.durable, "binding lost; binding again");
-                    self.shared.health.update(kind, |s| s.stream = None);
+                Some((stream, end)) = loops.next(), if !loops.is_empty() => {
+                    if active.as_ref().is_some_and(|r| r.binding.stream == stream) {
+                        if let LoopEnd::Lost = end {
+                            tracing::warn!(consumer = %kind, stream = %stream, "binding lost; binding again");
+                            active = None;
+                            self.shared.health.update(kind, |s| s.stream = None);
+                        }
+                    } else {
+                        draining.retain(|r| r.binding.stream != stream);
+                        tracing::info!(consumer = %kind, stream = %stream, "finished draining the previous durable");
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {
+                    if let Some(current) = active.take() {
+                        active = Some(self.rebalance(current, &mut draining, &mut loops, &shutdown).await);
+                    }
+                    self.stop_drained(&draining).await;
                 }
             }
         }
     }
 
-    fn on_bound(&self, b: &Binding) {
+    /// Consumes one binding until it ends; keeps its gauges and info refresher for that time.
+    async fn run_binding(&self, binding: Binding, token: CancellationToken) -> (String, LoopEnd) {
+        let kind = self.cc.kind;
+        let info_stop = token.child_token();
+        let refresher = tokio::spawn(refresh_info(
+            self.shared.clone(),
+            self.cc.clone(),
+            binding.clone(),
+            info_stop.clone(),
+        ));
+        let end = self.consume(&binding, &token).await;
+        info_stop.cancel();
+        let _ = refresher.await;
+        self.shared
+            .metrics
+            .consumer_bound
+            .with_label_values(&[kind.as_str(), &binding.stream, &binding.durable])
+            .set(0);
+        (binding.stream, end)
+    }
+
+    /// Multi mode: if the stream that captures the filter subject is no longer the active one,
+    /// make it active and keep the old binding running as a draining one.
+    async fn rebalance<'a>(
+        &'a self,
+        current: Running,
+        draining: &mut Vec<Running>,
+        loops: &mut FuturesUnordered<LoopFuture<'a>>,
+        shutdown: &CancellationToken,
+    ) -> Running {
+        if self.shared.config.mode != crate::config::StreamMode::Multi {
+            return current;
+        }
+        let Some(target) = topology::capturing_stream(&self.shared.js, &self.shared.config, &self.cc).await
+        else {
+            return current;
+        };
+        if target == current.binding.stream {
+            return current;
+        }
+        let primary = self.shared.config.streams.primary(self.cc.primary).to_string();
+        let next = if let Some(i) = draining.iter().position(|r| r.binding.stream == target) {
+            draining.remove(i)
+        } else {
+            match topology::bind_on(&self.shared.js, &self.shared.config, &self.cc, &target).await {
+                Ok(Some(mut b)) => {
+                    b.fallback = b.stream != primary;
+                    let token = shutdown.child_token();
+                    loops.push(Box::pin(self.run_binding(b.clone(), token.clone())));
+                    Running { binding: b, token }
+                }
+                Ok(None) => return current,
+                Err(e) => {
+                    tracing::warn!(consumer = %self.cc.kind, stream = %target, error = %e, "cannot bind the capturing stream yet");
+                    return current;
+                }
+            }
+        };
+        tracing::info!(
+            consumer = %self.cc.kind, from = %current.binding.stream, to = %next.binding.stream,
+            "subjects moved: consuming the new stream and draining the old durable"
+        );
+        self.on_bound(&next.binding, Some(&current.binding.stream));
+        draining.push(current);
+        next
+    }
+
+    /// Stops draining loops whose durable has nothing pending or unacked.
+    async fn stop_drained(&self, draining: &[Running]) {
+        for r in draining {
+            if r.token.is_cancelled() {
+                continue;
+            }
+            if let Ok(info) = r.binding.consumer.get_info().await {
+                if info.num_pending == 0 && info.num_ack_pending == 0 {
+                    r.token.cancel();
+                }
+            }
+        }
+    }
+
+    fn report_bindings(&self, active: Option<&Running>, draining: &[Running]) {
+        let names: Vec<String> = draining.iter().map(|r| r.binding.stream.clone()).collect();
+        self.shared.health.update(self.cc.kind, |s| {
+            if let Some(a) = active {
+                s.stream = Some(a.binding.stream.clone());
+                s.fallback = a.binding.fallback;
+                s.bind_error = None;
+            }
+            s.draining = names;
+        });
+    }
+
+    /// A new active binding; `from` is the stream it replaces (live rebinding).
+    fn on_bound(&self, b: &Binding, from: Option<&str>) {
         let kind = self.cc.kind;
         let m = &self.shared.metrics;
-        if b.fallback {
-            let primary = self.shared.config.streams.primary(self.cc.primary).to_string();
+        let primary = self.shared.config.streams.primary(self.cc.primary).to_string();
+        if b.fallback && from.is_none() {
             tracing::warn!(consumer = %kind, from = %primary, to = %b.stream, durable = %b.durable, "primary stream or durable absent; bound to the fallback stream");
-            m.stream_fallback
-                .with_label_values(&[kind.as_str(), &primary, &b.stream])
-                .inc();
         } else {
             tracing::info!(consumer = %kind, stream = %b.stream, durable = %b.durable, "consumer bound");
+        }
+        // Count every move between primary and fallback: the initial fallback and each switch.
+        if b.fallback || from.is_some() {
+            let from = from.unwrap_or(&primary);
+            m.stream_fallback
+                .with_label_values(&[kind.as_str(), from, &b.stream])
+                .inc();
         }
         m.consumer_bound
             .with_label_values(&[kind.as_str(), &b.stream, &b.durable])

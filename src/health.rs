@@ -254,6 +254,12 @@ mod tests {
             h.check_stalls(t0 + Duration::from_secs(4)),
             vec![(ConsumerKind::Hrv, true)]
         );
+        // any_stalled looks at the clock now: a loop that last progressed 5 s ago is stalled.
+        h.update(ConsumerKind::Hrv, |s| {
+            s.last_progress = Instant::now().checked_sub(Duration::from_secs(5))
+        });
         assert!(h.any_stalled());
+        h.update(ConsumerKind::Hrv, |s| s.last_progress = Some(Instant::now()));
+        assert!(!h.any_stalled());
     }
 }

@@ -341,6 +341,8 @@ pub async fn bind_on(
 }
 
 /// Binds a consumer: primary first, then the legacy stream (multi); legacy only (single).
+/// A candidate whose subjects capture the filter subject goes before one that does not, so
+/// after a rollback the daemon binds where messages actually arrive.
 pub async fn bind(
     js: &jetstream::Context,
     config: &Config,
@@ -351,12 +353,18 @@ pub async fn bind(
             tracing::warn!(error = %e, "listing streams for provisioning failed");
         }
     }
-    let streams = candidates(config, cc);
+    let mut streams = candidates(config, cc);
+    let capturing = capturing_stream(js, config, cc).await;
+    if let Some(c) = capturing {
+        streams.retain(|s| *s != c);
+        streams.insert(0, c);
+    }
+    let primary = config.streams.primary(cc.primary).to_string();
     let mut tried = Vec::new();
-    for (i, name) in streams.iter().enumerate() {
+    for name in &streams {
         match bind_on(js, config, cc, name).await {
             Ok(Some(mut b)) => {
-                b.fallback = config.mode == StreamMode::Multi && i > 0;
+                b.fallback = config.mode == StreamMode::Multi && *name != primary;
                 return Ok(b);
             }
             Ok(None) => tried.push(format!("{name}: stream or durable {} absent", cc.durable)),
@@ -364,6 +372,29 @@ pub async fn bind(
         }
     }
     Err(BindError::NothingBound(tried.join("; ")))
+}
+
+/// The first candidate stream whose subjects capture the consumer's filter subject.
+pub async fn capturing_stream(
+    js: &jetstream::Context,
+    config: &Config,
+    cc: &ConsumerConfig,
+) -> Option<String> {
+    for name in candidates(config, cc) {
+        if let Ok(mut stream) = js.get_stream(&name).await {
+            if let Ok(info) = stream.info().await {
+                if info
+                    .config
+                    .subjects
+                    .iter()
+                    .any(|p| pattern_matches(p, &cc.filter_subject))
+                {
+                    return Some(name);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// True when the error code says the durable or its stream no longer exists.

@@ -1,1 +1,441 @@
-//! (tests land with their issue)
+//! The 1 → 3 stream migration (issue #4): the daemon follows every step without a restart,
+//! publishers that retry with the same Nats-Msg-Id lose nothing, and the CLI refuses what
+//! JetStream would refuse.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use normalize_service::config::StreamNames;
+use normalize_service::topology;
+use serde_json::Value;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_normalize-service");
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn cli(vars: &HashMap<String, String>, args: &[&str]) -> Out {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .envs(vars)
+        .output()
+        .unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+    }
+}
+
+fn ok(vars: &HashMap<String, String>, args: &[&str]) -> Value {
+    let mut full: Vec<&str> = args.to_vec();
+    full.push("--json");
+    let out = cli(vars, &full);
+    assert_eq!(out.code, 0, "{args:?} failed:\n{}\n{}", out.stdout, out.stderr);
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}):\n{}", out.stdout))
+}
+
+/// Publishes HRV events and Oura webhooks until stopped, retrying each failed publish with the
+/// same Nats-Msg-Id (what publishers must do across the subject-move gap).
+struct Publisher {
+    stop: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<(usize, usize, usize)>,
+}
+
+impl Publisher {
+    fn start(js: jetstream::Context, prefix: &'static str) -> Publisher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = tokio::spawn(async move {
+            let (mut hrv, mut hooks, mut retries) = (0usize, 0usize, 0usize);
+            let mut i = 0usize;
+            while !s.load(Ordering::SeqCst) {
+                let (subject, id, body) = if i % 2 == 0 {
+                    hrv += 1;
+                    (
+                        HRV_SUBJECT,
+                        format!("{prefix}-hrv-{i}"),
+                        hrv_event(
+                            &format!("{prefix}-user-{i}"),
+                            "2025-03-01",
+                            40.0,
+                            "2025-03-01T06:00:00Z",
+                        ),
+                    )
+                } else {
+                    hooks += 1;
+                    (
+                        OURA_SUBJECT,
+                        format!("{prefix}-hook-{i}"),
+                        serde_json::json!({"user_id": format!("{prefix}-o-{i}"), "timestamp": "2025-03-01T06:00:00Z", "data": {}})
+                            .to_string(),
+                    )
+                };
+                let mut attempts = 0;
+                loop {
+                    let msg = jetstream::message::PublishMessage::build()
+                        .payload(body.clone().into())
+                        .message_id(&id);
+                    let acked = match js.send_publish(subject.to_string(), msg).await {
+                        Ok(f) => f.await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if acked {
+                        break;
+                    }
+                    attempts += 1;
+                    retries += 1;
+                    assert!(attempts < 2000, "publish of {id} never succeeded");
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(4)).await;
+            }
+            (hrv, hooks, retries)
+        });
+        Publisher { stop, handle }
+    }
+
+    async fn finish(self) -> (usize, usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.await.unwrap()
+    }
+}
+
+async fn legacy_topology(js: &jetstream::Context) {
+    js.create_stream(topology::legacy_spec(&StreamNames::default(), 1).to_config())
+        .await
+        .unwrap();
+}
+
+async fn stream_names(js: &jetstream::Context) -> Vec<String> {
+    let mut names: Vec<String> = topology::existing_streams(js)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    names.sort();
+    names
+}
+
+async fn wait_rows(db: &TestDb, prefix: &str, hrv: usize, hooks: usize) {
+    let pool = db.pool().await;
+    let hrv_sql = format!("SELECT count(*) FROM hrv_data WHERE user_id LIKE '{prefix}-user-%'");
+    let hook_sql = format!("SELECT count(*) FROM vendor_webhook_events WHERE user_id LIKE '{prefix}-o-%'");
+    wait_for(
+        "every published event stored",
+        Duration::from_secs(60),
+        || async {
+            count(&pool, &hrv_sql).await == hrv as i64 && count(&pool, &hook_sql).await == hooks as i64
+        },
+    )
+    .await;
+    // Exactly one row per event (the unique keys make more impossible; fewer is loss).
+    assert_eq!(count(&pool, &hrv_sql).await, hrv as i64);
+    assert_eq!(count(&pool, &hook_sql).await, hooks as i64);
+}
+
+fn daemon_vars(nats: &NatsServer, db: &TestDb, mode: &str) -> HashMap<String, String> {
+    with(
+        base_vars(nats, &db.url),
+        &[("EVENT_STREAM_MODE", mode), ("REBIND_INTERVAL_MS", "300")],
+    )
+}
+
+fn cli_vars(nats: &NatsServer, db: &TestDb) -> HashMap<String, String> {
+    let mut v = HashMap::new();
+    v.insert("NATS_URL".to_string(), nats.url());
+    v.insert("DATABASE_URL".to_string(), db.url.clone());
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_migration_without_restart_loses_nothing() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let js = nats.js().await;
+    legacy_topology(&js).await;
+    let app = TestApp::spawn(daemon_vars(&nats, &db, "multi")).await;
+    app.wait_ready().await;
+    assert_eq!(app.health().await.1["stream"], "ATHLETE_ALLY_EVENTS");
+    let cli_env = cli_vars(&nats, &db);
+    let publisher = Publisher::start(js.clone(), "fwd");
+
+    let plan = ok(&cli_env, &["migrate", "plan"]);
+    assert_eq!(plan["phase_after"], "legacy");
+    ok(&cli_env, &["migrate", "phase0"]);
+    let r = ok(&cli_env, &["migrate", "phase1", "--yes"]);
+    assert_eq!(r["phase_after"], "vendor-moved", "{r}");
+    wait_for(
+        "oura consumer on the vendor stream",
+        Duration::from_secs(10),
+        || async { app.health().await.1["consumers"]["oura"]["stream"] == "AA_VENDOR_HOT" },
+    )
+    .await;
+    let r = ok(&cli_env, &["migrate", "phase2", "--yes"]);
+    assert_eq!(r["phase_after"], "core-moved", "{r}");
+    wait_for(
+        "hrv consumer on the core stream",
+        Duration::from_secs(10),
+        || async {
+            let h = app.health().await.1;
+            h["stream"] == "AA_CORE_HOT" && h["consumers"]["hrv"]["fallback"] == false
+        },
+    )
+    .await;
+    // Running a step twice is harmless.
+    ok(&cli_env, &["migrate", "phase1", "--yes", "--no-probe"]);
+    ok(&cli_env, &["migrate", "phase0"]);
+
+    let (hrv, hooks, retries) = publisher.finish().await;
+    assert!(
+        hrv > 20 && hooks > 20,
+        "the publisher ran through the steps ({hrv}, {hooks}, {retries} retries)"
+    );
+    wait_rows(&db, "fwd", hrv, hooks).await;
+    for durable in [
+        "normalize-hrv-durable",
+        "normalize-sleep-durable",
+        "normalize-oura",
+    ] {
+        wait_drained(&js, "ATHLETE_ALLY_EVENTS", durable).await;
+    }
+    wait_for("draining finished", Duration::from_secs(10), || async {
+        app.health().await.1["consumers"]["hrv"]["draining"]
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+    })
+    .await;
+    let r = ok(&cli_env, &["migrate", "phase3", "--yes", "--quiet-period", "0s"]);
+    assert_eq!(r["phase_after"], "migrated", "{r}");
+    assert_eq!(
+        stream_names(&js).await,
+        ["AA_CORE_HOT", "AA_DLQ", "AA_VENDOR_HOT"]
+    );
+    for (stream, durable) in [
+        ("AA_CORE_HOT", "normalize-hrv-durable"),
+        ("AA_CORE_HOT", "normalize-sleep-durable"),
+        ("AA_VENDOR_HOT", "normalize-oura"),
+    ] {
+        assert!(
+            consumer_backlog(&js, stream, durable).await.is_some(),
+            "{durable} on {stream}"
+        );
+    }
+    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0, "nothing dead-lettered");
+    let m = app.metrics().await;
+    assert!(
+        metric_value(
+            &m,
+            "normalize_stream_fallback_total",
+            &[
+                ("consumer", "hrv"),
+                ("from", "ATHLETE_ALLY_EVENTS"),
+                ("to", "AA_CORE_HOT")
+            ]
+        ) == Some(1.0),
+        "{m}"
+    );
+    // Phase 3 done twice is harmless too.
+    ok(&cli_env, &["migrate", "phase3", "--yes", "--quiet-period", "0s"]);
+    app.wait_ready().await;
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_returns_the_daemon_to_legacy_without_restart() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let js = nats.js().await;
+    legacy_topology(&js).await;
+    let app = TestApp::spawn(daemon_vars(&nats, &db, "multi")).await;
+    app.wait_ready().await;
+    let cli_env = cli_vars(&nats, &db);
+    let publisher = Publisher::start(js.clone(), "rb");
+    ok(&cli_env, &["migrate", "phase0"]);
+    ok(&cli_env, &["migrate", "phase1", "--yes"]);
+    ok(&cli_env, &["migrate", "phase2", "--yes"]);
+    wait_for("on the core stream", Duration::from_secs(10), || async {
+        app.health().await.1["stream"] == "AA_CORE_HOT"
+    })
+    .await;
+    // Out of order: rolling back phase1 while the core subjects are moved is refused.
+    let out = cli(&cli_env, &["migrate", "rollback", "phase1", "--yes"]);
+    assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
+    let r = ok(&cli_env, &["migrate", "rollback", "phase2", "--yes"]);
+    assert_eq!(r["phase_after"], "vendor-moved", "{r}");
+    let r = ok(&cli_env, &["migrate", "rollback", "phase1", "--yes"]);
+    assert_eq!(r["phase_after"], "prepared", "{r}");
+    wait_for("back on the legacy stream", Duration::from_secs(10), || async {
+        let h = app.health().await.1;
+        h["stream"] == "ATHLETE_ALLY_EVENTS" && h["consumers"]["oura"]["stream"] == "ATHLETE_ALLY_EVENTS"
+    })
+    .await;
+    let (hrv, hooks, _) = publisher.finish().await;
+    wait_rows(&db, "rb", hrv, hooks).await;
+    // The new durables were kept, and drained by the daemon.
+    wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
+    wait_drained(&js, "AA_VENDOR_HOT", "normalize-oura").await;
+    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
+    let plan = ok(&cli_env, &["migrate", "plan"]);
+    assert_eq!(plan["phase_after"], "prepared");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_refuses_overlaps_and_dry_runs_change_nothing() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let js = nats.js().await;
+    let cli_env = cli_vars(&nats, &db);
+
+    // Empty server: a dry run changes nothing; a real apply creates; a second apply is a no-op.
+    let r = ok(&cli_env, &["topology", "apply", "--mode", "multi", "--dry-run"]);
+    assert!(
+        r["actions"].to_string().contains("create stream AA_CORE_HOT"),
+        "{r}"
+    );
+    assert!(stream_names(&js).await.is_empty());
+    ok(&cli_env, &["topology", "apply", "--mode", "multi"]);
+    assert_eq!(
+        stream_names(&js).await,
+        ["AA_CORE_HOT", "AA_DLQ", "AA_VENDOR_HOT"]
+    );
+    assert!(consumer_backlog(&js, "AA_CORE_HOT", "normalize-hrv-durable")
+        .await
+        .is_some());
+    let again = ok(&cli_env, &["topology", "apply", "--mode", "multi"]);
+    assert!(!again["actions"].to_string().contains("create stream"), "{again}");
+    let status = ok(&cli_env, &["topology", "status"]);
+    assert_eq!(status["phase_after"], "migrated");
+    assert_eq!(status["data"].as_array().unwrap().len(), 3);
+
+    // Legacy topology: apply --mode multi refuses with the explanation and changes nothing.
+    let nats2 = NatsServer::start().await;
+    let js2 = nats2.js().await;
+    legacy_topology(&js2).await;
+    let env2 = cli_vars(&nats2, &db);
+    let before = stream_names(&js2).await;
+    let out = cli(&env2, &["topology", "apply", "--mode", "multi"]);
+    assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("held by stream ATHLETE_ALLY_EVENTS"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("migrate phase2"), "{}", out.stdout);
+    assert!(out.stdout.contains("migrate phase1"), "{}", out.stdout);
+    assert_eq!(stream_names(&js2).await, before, "nothing changed");
+    // Dry runs of migration steps change nothing either.
+    ok(&env2, &["migrate", "phase0", "--dry-run"]);
+    assert_eq!(stream_names(&js2).await, before);
+    // A subject move without --yes is refused, not performed.
+    ok(&env2, &["migrate", "phase0"]);
+    let out = cli(&env2, &["migrate", "phase1"]);
+    assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
+    let legacy = js2.get_stream("ATHLETE_ALLY_EVENTS").await.unwrap();
+    assert!(legacy
+        .cached_info()
+        .config
+        .subjects
+        .contains(&"vendor.>".to_string()));
+    // Phase 3 refuses while the legacy stream holds subjects.
+    let out = cli(&env2, &["migrate", "phase3", "--yes", "--quiet-period", "0s"]);
+    assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
+    assert!(js2.get_stream("ATHLETE_ALLY_EVENTS").await.is_ok());
+    // A bad variable stops the CLI with the variable named.
+    let mut bad = env2.clone();
+    bad.insert("EVENT_STREAM_MODE".into(), "dual".into());
+    let out = cli(&bad, &["migrate", "plan"]);
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("EVENT_STREAM_MODE"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phase3_refuses_while_legacy_has_recent_messages() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let js = nats.js().await;
+    legacy_topology(&js).await;
+    let app = TestApp::spawn(daemon_vars(&nats, &db, "multi")).await;
+    app.wait_ready().await;
+    let cli_env = cli_vars(&nats, &db);
+    publish(
+        &js,
+        HRV_SUBJECT,
+        hrv_event("q", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
+    ok(&cli_env, &["migrate", "phase0"]);
+    ok(&cli_env, &["migrate", "phase1", "--yes"]);
+    ok(&cli_env, &["migrate", "phase2", "--yes"]);
+    let out = cli(&cli_env, &["migrate", "phase3", "--yes"]);
+    assert_eq!(out.code, 3, "default quiet period of 14d refuses: {}", out.stdout);
+    assert!(out.stdout.contains("quiet-period"), "{}", out.stdout);
+    assert!(js.get_stream("ATHLETE_ALLY_EVENTS").await.is_ok());
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_pair_through_the_migration() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let js = nats.js().await;
+    legacy_topology(&js).await;
+    let blue = TestApp::spawn(daemon_vars(&nats, &db, "single")).await;
+    let green = TestApp::spawn(daemon_vars(&nats, &db, "multi")).await;
+    blue.wait_ready().await;
+    green.wait_ready().await;
+    let cli_env = cli_vars(&nats, &db);
+    let publisher = Publisher::start(js.clone(), "bg");
+    ok(&cli_env, &["migrate", "phase0"]);
+    ok(&cli_env, &["migrate", "phase1", "--yes"]);
+    ok(&cli_env, &["migrate", "phase2", "--yes"]);
+    let (hrv, hooks, _) = publisher.finish().await;
+    wait_rows(&db, "bg", hrv, hooks).await;
+    for durable in ["normalize-hrv-durable", "normalize-oura"] {
+        wait_drained(&js, "ATHLETE_ALLY_EVENTS", durable).await;
+    }
+    wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
+    wait_drained(&js, "AA_VENDOR_HOT", "normalize-oura").await;
+    // One normalized event per HRV event across both streams (Nats-Msg-Id dedupes retries).
+    let mut normalized = 0;
+    for s in ["ATHLETE_ALLY_EVENTS", "AA_CORE_HOT"] {
+        normalized += stream_contents(&js, s)
+            .await
+            .iter()
+            .filter(|m| m.subject.as_str() == "athlete-ally.hrv.normalized-stored")
+            .filter(|m| {
+                serde_json::from_slice::<Value>(&m.payload).ok().is_some_and(|v| {
+                    v["record"]["userId"]
+                        .as_str()
+                        .is_some_and(|u| u.starts_with("bg-user-"))
+                })
+            })
+            .count();
+    }
+    assert_eq!(normalized, hrv, "no event stored twice");
+    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
+    ok(&cli_env, &["migrate", "phase3", "--yes", "--quiet-period", "0s"]);
+    // Blue (single) has lost its stream and says so; green carries on.
+    wait_for(
+        "blue not ready without its stream",
+        Duration::from_secs(20),
+        || async { blue.get("/health/ready").await.0 == 503 },
+    )
+    .await;
+    green.wait_ready().await;
+    blue.stop().await.unwrap();
+    green.stop().await.unwrap();
+}
