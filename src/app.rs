@@ -48,6 +48,15 @@ pub async fn connect_nats(cfg: &NatsConfig) -> anyhow::Result<async_nats::Client
         if let Some(token) = &cfg.token {
             o = o.token(token.clone());
         }
+        // async-nats ignores credentials embedded in the URLs; honour them (as the previous
+        // service did) unless the explicit variables are set.
+        if cfg.user.is_none() && cfg.token.is_none() && cfg.creds_file.is_none() {
+            match url_credentials(&cfg.urls) {
+                Some((user, Some(password))) => o = o.user_and_password(user, password),
+                Some((token, None)) => o = o.token(token),
+                None => {}
+            }
+        }
         if let Some(ca) = &cfg.tls_ca_file {
             if !std::path::Path::new(ca).is_file() {
                 anyhow::bail!("NATS_TLS_CA_FILE: {ca} is not a readable file");
@@ -56,10 +65,12 @@ pub async fn connect_nats(cfg: &NatsConfig) -> anyhow::Result<async_nats::Client
         }
         anyhow::Ok(o)
     };
+    // The credentials were taken from the URLs above; async-nats gets the URLs without them
+    // because it logs server addresses verbatim at debug level.
     let urls: Vec<async_nats::ServerAddr> = cfg
         .urls
         .iter()
-        .map(|u| u.parse::<async_nats::ServerAddr>())
+        .map(|u| without_credentials(u).parse::<async_nats::ServerAddr>())
         .collect::<Result<_, _>>()
         .context("NATS_URL: cannot parse server address")?;
     let shown = cfg
@@ -86,6 +97,34 @@ pub async fn connect_nats(cfg: &NatsConfig) -> anyhow::Result<async_nats::Client
             )),
             ConnectErrorKind::ServerParse => Err(anyhow::anyhow!("NATS_URL: {e}")),
         },
+    }
+}
+
+/// `user:password` (or a lone token) from the first URL of `NATS_URL` that carries any,
+/// percent-decoded.
+fn url_credentials(urls: &[String]) -> Option<(String, Option<String>)> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    urls.iter().find_map(|u| {
+        let u = url::Url::parse(u).ok()?;
+        if u.username().is_empty() {
+            return None;
+        }
+        Some((decode(u.username()), u.password().map(decode)))
+    })
+}
+
+fn without_credentials(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if !u.username().is_empty() => {
+            let _ = u.set_password(None);
+            let _ = u.set_username("");
+            u.to_string()
+        }
+        _ => raw.to_string(),
     }
 }
 
