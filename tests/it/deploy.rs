@@ -405,8 +405,13 @@ fn check_expression(
     problems
 }
 
+/// (where it comes from, PromQL expression)
+type Expressions = Vec<(String, String)>;
+/// (variable name, selector, label) of `label_values(selector, label)` variable queries.
+type LabelValuesQueries = Vec<(String, String, String)>;
+
 /// Expressions of the alert rules, as (alert name, expr).
-fn alert_expressions() -> Vec<(String, String)> {
+fn alert_expressions() -> Expressions {
     let doc: serde_yaml::Value = serde_yaml::from_str(&repo_file("monitoring/alerts.yml")).unwrap();
     let mut out = Vec::new();
     for group in doc["groups"].as_sequence().expect("groups") {
@@ -424,7 +429,7 @@ fn alert_expressions() -> Vec<(String, String)> {
 
 /// Every `expr` in the dashboard, and the metric selector of each `label_values(...)` variable
 /// query with the label it lists.
-fn dashboard_expressions() -> (Vec<(String, String)>, Vec<(String, String, String)>) {
+fn dashboard_expressions() -> (Expressions, LabelValuesQueries) {
     let doc: serde_json::Value =
         serde_json::from_str(&repo_file("monitoring/grafana/normalize-service.json")).unwrap();
     let mut exprs = Vec::new();
