@@ -220,7 +220,14 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn(vars: HashMap<String, String>) -> TestApp {
-        normalize_service::logging::init(normalize_service::config::LogFormat::Pretty);
+        // Through the test writer, so logs show only for failing tests.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,async_nats=warn")),
+            )
+            .with_test_writer()
+            .try_init();
         let config = Config::from_vars(vars).unwrap();
         let app = Application::build(config).await.unwrap();
         let port = app.port();
