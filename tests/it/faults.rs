@@ -440,3 +440,153 @@ async fn storm_of_invalid_messages() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A three-node JetStream cluster on loopback, each node a process the test can kill.
+struct Cluster {
+    nodes: Vec<Option<Child>>,
+    ports: Vec<u16>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        let mut dirs = Vec::new();
+        for i in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let route_list: Vec<String> = (0..3)
+                .filter(|j| *j != i)
+                .map(|j| format!("nats-route://127.0.0.1:{}", routes[j]))
+                .collect();
+            let conf = format!(
+                "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{\n  store_dir: \"{}\"\n}}\ncluster {{\n  name: c1\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                ports[i],
+                dir.path().join("js").display(),
+                routes[i],
+                route_list.join(", ")
+            );
+            let path = dir.path().join("nats.conf");
+            std::fs::write(&path, conf).unwrap();
+            let child = Command::new(nats_server_bin())
+                .arg("-c")
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            nodes.push(Some(child));
+            dirs.push(dir);
+        }
+        Cluster {
+            nodes,
+            ports,
+            _dirs: dirs,
+        }
+    }
+
+    fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn kill(&mut self, name: &str) {
+        let i: usize = name.trim_start_matches('n').parse().unwrap();
+        if let Some(mut c) = self.nodes[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.nodes.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// 5. R3 streams on a three-node cluster; the stream leader is killed mid-flow and
+/// processing continues after the election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_leader_killed_in_a_three_node_cluster() {
+    const N: usize = 3_000;
+    let mut cluster = Cluster::start().await;
+    let db = TestDb::new().await;
+    let url = cluster.url();
+    // `topology apply --replicas 3` once the cluster has elected its meta leader.
+    let mut applied = false;
+    for _ in 0..60 {
+        let out = Command::new(BIN)
+            .args(["topology", "apply", "--mode", "multi", "--replicas", "3"])
+            .env_clear()
+            .env("NATS_URL", &url)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            applied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(applied, "topology apply --replicas 3 on the cluster");
+    let client = async_nats::ConnectOptions::new()
+        .connect(url.split(',').collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let js = jetstream::new(client);
+    let mut core = js.get_stream("AA_CORE_HOT").await.unwrap();
+    assert_eq!(core.info().await.unwrap().config.num_replicas, 3);
+    let mut vars = base_vars(&NatsServer::placeholder(), &db.url);
+    vars.insert("NATS_URL".into(), url.clone());
+    vars.insert("TOPOLOGY_PROVISION".into(), "off".into());
+    vars.insert("HRV_BATCH_SIZE".into(), "50".into());
+    let app = TestApp::spawn(vars).await;
+    app.wait_ready().await;
+    let (publisher, published) = publish_events(js.clone(), "cl", N, None);
+    wait_for("a third published", Duration::from_secs(60), || async {
+        published.load(Ordering::SeqCst) >= N / 3
+    })
+    .await;
+    let leader = core
+        .info()
+        .await
+        .unwrap()
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .unwrap();
+    cluster.kill(&leader);
+    let killed = Instant::now();
+    publisher.await.unwrap();
+    wait_for(
+        "every event stored after the election",
+        Duration::from_secs(120),
+        || async { rows(&db.url, "cl").await == N as i64 },
+    )
+    .await;
+    let new_leader = core
+        .info()
+        .await
+        .unwrap()
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone());
+    assert!(
+        new_leader.is_some() && new_leader.as_deref() != Some(leader.as_str()),
+        "a new leader was elected"
+    );
+    wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
+    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
+    eprintln!(
+        "scenario 5: {N} events, killed stream leader {leader}, new leader {new_leader:?}, all stored {:?} after the kill",
+        killed.elapsed()
+    );
+    app.stop().await.unwrap();
+}

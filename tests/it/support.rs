@@ -71,6 +71,16 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// A server value that was never started, for building variables around another NATS_URL.
+    pub fn placeholder() -> NatsServer {
+        NatsServer {
+            port: 0,
+            store: tempfile::tempdir().unwrap(),
+            child: None,
+            extra_conf: String::new(),
+        }
+    }
+
     async fn spawn(&mut self) {
         let conf_path: PathBuf = self.store.path().join("nats.conf");
         let conf = format!(
