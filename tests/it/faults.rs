@@ -590,3 +590,58 @@ async fn stream_leader_killed_in_a_three_node_cluster() {
     );
     app.stop().await.unwrap();
 }
+
+/// 6. Slow writes: a lock held on the table for longer than ack_wait. Progress acks keep the
+/// messages from being redelivered while they are being worked on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs progress acks for in-flight batches (the batched write path)"]
+async fn progress_acks_cover_writes_slower_than_ack_wait() {
+    const N: usize = 5;
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(with(
+        base_vars(&nats, &db.url),
+        &[("NORMALIZE_HRV_ACK_WAIT_MS", "1500"), ("HRV_EXPIRES_MS", "1000")],
+    ))
+    .await;
+    app.wait_ready().await;
+    let mut locker = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE hrv_data IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let js = nats.js().await;
+    for i in 0..N {
+        publish(
+            &js,
+            HRV_SUBJECT,
+            hrv_event(&format!("slow-{i}"), "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
+        )
+        .await;
+    }
+    // Hold the lock for more than three ack waits.
+    tokio::time::sleep(Duration::from_millis(5000)).await;
+    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+    wait_for(
+        "rows once the lock is released",
+        Duration::from_secs(30),
+        || async { rows(&db.url, "slow").await == N as i64 },
+    )
+    .await;
+    wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
+    let info = js
+        .get_stream("AA_CORE_HOT")
+        .await
+        .unwrap()
+        .consumer_info("normalize-hrv-durable")
+        .await
+        .unwrap();
+    assert_eq!(info.num_redelivered, 0);
+    assert_eq!(
+        info.delivered.consumer_sequence, N as u64,
+        "each message delivered exactly once: progress acks kept them from redelivery"
+    );
+    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
+    app.stop().await.unwrap();
+}
