@@ -1,7 +1,6 @@
 //! Fault tolerance (issue #7, scenarios 1–7): real servers started and stopped by PID, and
 //! every scenario ends with exactly one row or one dead letter per published event.
 
-use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,7 +11,6 @@ use sqlx::{Connection, PgConnection};
 
 use crate::support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_normalize-service");
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// A private PostgreSQL cluster (initdb + pg_ctl as the postgres user) that a test can stop
@@ -106,18 +104,6 @@ impl Drop for PgCluster {
     fn drop(&mut self) {
         self.down();
     }
-}
-
-fn spawn_daemon(vars: &HashMap<String, String>) -> Child {
-    Command::new(BIN)
-        .arg("run")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(vars)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
 }
 
 /// Publishes `n` HRV events (unique users) with ids `<prefix>-<i>`, retrying each failed

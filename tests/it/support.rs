@@ -458,3 +458,42 @@ impl Drop for DbProxy {
         self.cut();
     }
 }
+
+/// The daemon binary, for tests that run it as a process.
+pub const BIN: &str = env!("CARGO_BIN_EXE_normalize-service");
+
+/// Starts `normalize-service run` with exactly these variables (plus PATH).
+pub fn spawn_daemon(vars: &HashMap<String, String>) -> Child {
+    Command::new(BIN)
+        .arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(vars)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// What an operator's `topology apply` would leave, minus what a test leaves out: the given
+/// streams, and each consumer's durable on the first of its candidate streams (the primary in
+/// multi mode, the legacy stream in single mode) as the daemon configured by `vars` sees them.
+pub async fn create_topology(
+    js: &jetstream::Context,
+    vars: &HashMap<String, String>,
+    specs: &[normalize_service::topology::StreamSpec],
+) {
+    for s in specs {
+        js.create_stream(s.to_config()).await.unwrap();
+    }
+    let config = Config::from_vars(vars.clone()).unwrap();
+    for cc in &config.consumers {
+        let target = normalize_service::topology::candidates(&config, cc)[0].clone();
+        js.get_stream(&target)
+            .await
+            .unwrap()
+            .create_consumer(normalize_service::topology::durable_config(cc))
+            .await
+            .unwrap();
+    }
+}
