@@ -319,7 +319,13 @@ async fn replayed_stale_event_does_not_overwrite_a_newer_row() {
     })
     .await;
     wait_processed(&js, "AA_CORE_HOT", old_seq).await;
+    // The outage is over. The daemon restarts with the default delivery limit: with only two
+    // deliveries, a message caught while the pool reconnects could be dead-lettered again.
     proxy.restore().await;
+    app.stop().await.unwrap();
+    let vars = base_vars(&nats, &db.url_via(proxy.port));
+    let app = TestApp::spawn(vars.clone()).await;
+    app.wait_ready().await;
 
     let new_seq = publish(
         &js,
@@ -543,6 +549,10 @@ async fn replayed_webhooks_keep_their_idempotency_key() {
     .await;
     wait_settled(&js, "AA_VENDOR_HOT", "normalize-oura", without_id.max(with_id)).await;
     proxy.restore().await;
+    app.stop().await.unwrap();
+    let vars = base_vars(&nats, &db.url_via(proxy.port));
+    let app = TestApp::spawn(vars.clone()).await;
+    app.wait_ready().await;
 
     let replay = cli_json(&vars, &["replay", "--consumer", "oura"], 0).await;
     assert_eq!(replay["counts"]["replayed"], 2, "{replay}");
