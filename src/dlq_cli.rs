@@ -38,7 +38,7 @@ pub enum DlqCommand {
         /// Show at most N dead letters (the oldest matching first).
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
-        /// Print one JSON document instead of text.
+        /// Print one JSON document on stdout instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -47,6 +47,7 @@ pub enum DlqCommand {
     Show {
         /// Sequence of the dead letter in the dead-letter stream.
         seq: u64,
+        /// Print one JSON document on stdout instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -66,6 +67,7 @@ pub enum DlqCommand {
         /// Delete each dead letter once its replay was acknowledged by JetStream.
         #[arg(long)]
         purge_replayed: bool,
+        /// Print one JSON document on stdout instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -77,6 +79,7 @@ pub enum DlqCommand {
         /// Really delete (otherwise nothing is removed).
         #[arg(long)]
         yes: bool,
+        /// Print one JSON document on stdout instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -85,6 +88,7 @@ pub enum DlqCommand {
     Stats {
         #[command(flatten)]
         filter: FilterArgs,
+        /// Print one JSON document on stdout instead of text.
         #[arg(long)]
         json: bool,
     },
