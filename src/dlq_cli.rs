@@ -767,7 +767,7 @@ fn print_list(stream: &str, letters: &[DeadLetter], json: bool) {
         return;
     }
     println!(
-        "{:>8}  {:<24}  {:<7}  {:<14}  {:<45}  {:>5}  ERROR",
+        "{:>8}  {:<24}  {:<8}  {:<14}  {:<45}  {:>5}  ERROR",
         "SEQ", "TIME", "CONSUMER", "REASON", "ORIGINAL (subject stream:seq)", "DELIV"
     );
     for l in letters {
@@ -781,7 +781,7 @@ fn print_list(stream: &str, letters: &[DeadLetter], json: bool) {
                 .unwrap_or_else(|| "?".into())
         );
         println!(
-            "{:>8}  {:<24}  {:<7}  {:<14}  {:<45}  {:>5}  {}",
+            "{:>8}  {:<24}  {:<8}  {:<14}  {:<45}  {:>5}  {}",
             s.sequence,
             s.time,
             s.consumer,
