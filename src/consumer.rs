@@ -563,11 +563,8 @@ impl Worker {
 
     /// Decode, store in one transaction, then publish the normalized events and await their acks.
     async fn process(&self, msg: &jetstream::Message, stream: &str, seq: u64) -> Result<(), Failure> {
-        let msg_id = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.as_str());
+        // A DLQ replay carries the first publisher's id separately (see dlq_cli).
+        let msg_id = crate::dlq_cli::idempotency_msg_id(msg.headers.as_ref());
         let envelope = Envelope {
             msg_id,
             now: Utc::now(),

@@ -300,12 +300,6 @@ async fn a_poisoned_consumer_does_not_slow_the_others() {
     let js = nats.js().await;
     // No dead-letter stream: every invalid sleep message keeps coming back.
     let names = normalize_service::config::StreamNames::default();
-    for s in [
-        normalize_service::topology::core_spec(&names, 1),
-        normalize_service::topology::vendor_spec(&names, 1),
-    ] {
-        js.create_stream(s.to_config()).await.unwrap();
-    }
     let vars = with(
         base_vars(&nats, &db.url),
         &[
@@ -313,15 +307,15 @@ async fn a_poisoned_consumer_does_not_slow_the_others() {
             ("NORMALIZE_RETRY_BACKOFF_MS", "50"),
         ],
     );
-    let config = normalize_service::config::Config::from_vars(vars.clone()).unwrap();
-    for cc in &config.consumers {
-        js.get_stream(config.streams.primary(cc.primary))
-            .await
-            .unwrap()
-            .create_consumer(normalize_service::topology::durable_config(cc))
-            .await
-            .unwrap();
-    }
+    create_topology(
+        &js,
+        &vars,
+        &[
+            normalize_service::topology::core_spec(&names, 1),
+            normalize_service::topology::vendor_spec(&names, 1),
+        ],
+    )
+    .await;
     for i in 0..50 {
         publish(&js, SLEEP_SUBJECT, format!("poison-{i}")).await;
     }

@@ -1,24 +1,9 @@
 //! The daemon as a process: signals, start-up errors, the healthcheck subcommand.
 
-use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use crate::support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_normalize-service");
-
-fn spawn_daemon(vars: &HashMap<String, String>) -> Child {
-    Command::new(BIN)
-        .arg("run")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(vars)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
 
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
@@ -213,21 +198,9 @@ async fn stays_up_not_ready_until_something_can_be_bound() {
     // An operator applies the topology; the daemon binds without a restart.
     let js = nats.js().await;
     let names = normalize_service::config::StreamNames::default();
-    for s in
-        normalize_service::topology::stream_specs(normalize_service::config::StreamMode::Multi, &names, 1)
-    {
-        js.create_stream(s.to_config()).await.unwrap();
-    }
-    let config = normalize_service::config::Config::from_vars(base_vars(&nats, &db.url)).unwrap();
-    for cc in &config.consumers {
-        let stream = config.streams.primary(cc.primary).to_string();
-        js.get_stream(&stream)
-            .await
-            .unwrap()
-            .create_consumer(normalize_service::topology::durable_config(cc))
-            .await
-            .unwrap();
-    }
+    let specs =
+        normalize_service::topology::stream_specs(normalize_service::config::StreamMode::Multi, &names, 1);
+    create_topology(&js, &base_vars(&nats, &db.url), &specs).await;
     app.wait_ready().await;
     assert_eq!(app.health().await.1["stream"], "AA_CORE_HOT");
     app.stop().await.unwrap();

@@ -1,1 +1,588 @@
-//! (tests land with their issue)
+//! `normalize-service dlq …` (issue #8) as an operator runs it: the binary as a child process
+//! against a private nats-server, with the daemon in-process producing real dead letters.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use serde_json::Value;
+use sqlx::Row;
+
+use crate::support::*;
+
+const DURABLE: &str = "normalize-hrv-durable";
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {}\nstderr: {}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// Runs the CLI with exactly `vars` as its environment.
+async fn cli(vars: &HashMap<String, String>, args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_normalize-service"))
+        .env_clear()
+        .envs(vars)
+        .arg("dlq")
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs the CLI, expects `code`, and returns its parsed `--json` output.
+async fn cli_json(vars: &HashMap<String, String>, args: &[&str], code: i32) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let r = cli(vars, &all).await;
+    assert_eq!(
+        r.code, code,
+        "dlq {args:?}\nstdout: {}\nstderr: {}",
+        r.stdout, r.stderr
+    );
+    r.json()
+}
+
+fn seqs_of(list: &Value) -> Vec<u64> {
+    list["deadLetters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["sequence"].as_u64().unwrap())
+        .collect()
+}
+
+/// Waits until the durable has acked (or terminated) everything up to `seq` of its stream.
+async fn wait_processed(js: &jetstream::Context, stream: &str, seq: u64) {
+    wait_settled(js, stream, DURABLE, seq).await
+}
+
+async fn wait_settled(js: &jetstream::Context, stream: &str, durable: &str, seq: u64) {
+    wait_for(
+        &format!("{stream}:{seq} settled"),
+        Duration::from_secs(30),
+        || async {
+            let Ok(s) = js.get_stream(stream).await else {
+                return false;
+            };
+            match s.consumer_info(durable).await {
+                Ok(i) => i.ack_floor.stream_sequence >= seq && i.num_ack_pending == 0,
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+}
+
+fn outage_vars(nats: &NatsServer, db_url: &str) -> HashMap<String, String> {
+    with(
+        base_vars(nats, db_url),
+        &[
+            ("NORMALIZE_HRV_MAX_DELIVER", "2"),
+            ("DATABASE_ACQUIRE_TIMEOUT_MS", "300"),
+            ("NORMALIZE_RETRY_BACKOFF_MS", "100"),
+        ],
+    )
+}
+
+async fn hrv_row(pool: &sqlx::PgPool, user: &str) -> Option<(f64, String, i64)> {
+    sqlx::query("SELECT rmssd, captured_at, source_seq FROM hrv_data WHERE user_id = $1")
+        .bind(user)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .map(|r| {
+            let at: chrono::DateTime<chrono::Utc> = r.get("captured_at");
+            (r.get("rmssd"), at.to_rfc3339(), r.get("source_seq"))
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_replay_stores_them_once_the_cause_is_fixed() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let mut proxy = DbProxy::start().await;
+    // The first daemon accepts at most 1 KiB: a bigger event is schema-invalid.
+    let vars = with(
+        outage_vars(&nats, &db.url_via(proxy.port)),
+        &[("MAX_PAYLOAD_BYTES", "1024")],
+    );
+    let app = TestApp::spawn(vars.clone()).await;
+    app.wait_ready().await;
+    let js = nats.js().await;
+
+    let big = serde_json::json!({
+        "payload": {"userId": "big", "date": "2025-03-01", "rMSSD": 41.0,
+                    "capturedAt": "2025-03-01T06:00:00Z", "raw": {"pad": "x".repeat(2000)}}
+    })
+    .to_string();
+    let big_seq = publish_with_id(&js, HRV_SUBJECT, "ingest-big", big.clone()).await;
+    let broken_seq = publish(&js, HRV_SUBJECT, "{still broken").await;
+    wait_for(
+        "two schema-invalid dead letters",
+        Duration::from_secs(20),
+        || async { stream_messages(&js, "AA_DLQ").await == 2 },
+    )
+    .await;
+
+    // A database outage long enough to exhaust the daemon's two deliveries.
+    proxy.cut();
+    let outage = hrv_event("outage", "2025-03-01", 55.0, "2025-03-01T07:00:00Z");
+    let outage_seq = publish(&js, HRV_SUBJECT, outage.clone()).await;
+    wait_for("max-deliver dead letter", Duration::from_secs(30), || async {
+        stream_messages(&js, "AA_DLQ").await == 3
+    })
+    .await;
+    wait_processed(&js, "AA_CORE_HOT", outage_seq).await;
+
+    // list: one entry per dead letter, with origin, reason, deliveries and error.
+    let list = cli_json(&vars, &["list"], 0).await;
+    assert_eq!(list["stream"], "AA_DLQ");
+    assert_eq!(list["count"], 3);
+    let items = list["deadLetters"].as_array().unwrap();
+    let by_orig = |seq: u64| {
+        items
+            .iter()
+            .find(|d| d["originalSequence"] == seq)
+            .unwrap_or_else(|| panic!("no dead letter for {seq}: {list}"))
+            .clone()
+    };
+    let big_dl = by_orig(big_seq);
+    assert_eq!(big_dl["reason"], "schema-invalid");
+    assert_eq!(big_dl["consumer"], "hrv");
+    assert_eq!(big_dl["originalSubject"], HRV_SUBJECT);
+    assert_eq!(big_dl["originalStream"], "AA_CORE_HOT");
+    assert_eq!(big_dl["deliveryCount"], 1);
+    assert!(
+        big_dl["error"].as_str().unwrap().contains("MAX_PAYLOAD_BYTES"),
+        "{big_dl}"
+    );
+    let outage_dl = by_orig(outage_seq);
+    assert_eq!(outage_dl["reason"], "max-deliver");
+    assert_eq!(outage_dl["deliveryCount"], 2);
+    assert_eq!(by_orig(broken_seq)["reason"], "schema-invalid");
+    assert!(chrono::DateTime::parse_from_rfc3339(outage_dl["time"].as_str().unwrap()).is_ok());
+
+    // Filters and limit.
+    let only = cli_json(&vars, &["list", "--reason", "max-deliver"], 0).await;
+    assert_eq!(seqs_of(&only), vec![outage_dl["sequence"].as_u64().unwrap()]);
+    assert_eq!(
+        cli_json(&vars, &["list", "--consumer", "sleep"], 0).await["count"],
+        0
+    );
+    assert_eq!(
+        cli_json(&vars, &["list", "--since", "1h", "--limit", "2"], 0).await["count"],
+        2
+    );
+    assert_eq!(
+        cli_json(&vars, &["list", "--since", "2999-01-01T00:00:00Z"], 0).await["count"],
+        0
+    );
+    let stats = cli_json(&vars, &["stats"], 0).await;
+    assert_eq!(stats["total"], 3);
+    assert_eq!(stats["byConsumer"]["hrv"]["schema-invalid"], 2);
+    assert_eq!(stats["byConsumer"]["hrv"]["max-deliver"], 1);
+    let text = cli(&vars, &["list"]).await;
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    assert_eq!(
+        text.stdout.lines().count(),
+        4,
+        "a header and one line each:\n{}",
+        text.stdout
+    );
+
+    // show: headers and the pretty-printed body.
+    let big_dlq_seq = big_dl["sequence"].as_u64().unwrap();
+    let shown = cli_json(&vars, &["show", &big_dlq_seq.to_string()], 0).await;
+    assert_eq!(shown["bodyEncoding"], "json");
+    assert_eq!(shown["body"]["payload"]["userId"], "big");
+    assert_eq!(shown["headers"]["Dlq-Reason"][0], "schema-invalid");
+    let shown_text = cli(&vars, &["show", &big_dlq_seq.to_string()]).await;
+    assert!(shown_text
+        .stdout
+        .contains("Dlq-Original-Subject: athlete-ally.hrv.raw-received"));
+    assert!(shown_text.stdout.contains("\"userId\": \"big\""), "pretty JSON");
+
+    // A dry run publishes nothing.
+    let core_before = stream_messages(&js, "AA_CORE_HOT").await;
+    let dry = cli_json(&vars, &["replay", "--all", "--dry-run"], 0).await;
+    assert_eq!(dry["counts"]["would-replay"], 3);
+    assert_eq!(stream_messages(&js, "AA_CORE_HOT").await, core_before);
+
+    // Fix both causes: the database is back, and the daemon accepts bigger payloads.
+    proxy.restore().await;
+    app.stop().await.unwrap();
+    let fixed_vars = with(vars.clone(), &[("MAX_PAYLOAD_BYTES", "1048576")]);
+    let app = TestApp::spawn(fixed_vars.clone()).await;
+    app.wait_ready().await;
+
+    let replay = cli_json(&fixed_vars, &["replay", "--all"], 0).await;
+    assert_eq!(replay["counts"]["replayed"], 3, "{replay}");
+    let results = replay["results"].as_array().unwrap();
+    let last_replayed = results
+        .iter()
+        .map(|r| r["replayedTo"]["sequence"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    for r in results {
+        assert_eq!(r["replayedTo"]["stream"], "AA_CORE_HOT");
+        assert_eq!(r["purged"], false);
+    }
+    wait_processed(&js, "AA_CORE_HOT", last_replayed).await;
+    let pool = db.pool().await;
+    let (rmssd, at, _) = hrv_row(&pool, "big")
+        .await
+        .expect("the oversized event is stored");
+    assert_eq!((rmssd, at.as_str()), (41.0, "2025-03-01T06:00:00+00:00"));
+    let (rmssd, at, _) = hrv_row(&pool, "outage")
+        .await
+        .expect("the outage event is stored");
+    assert_eq!((rmssd, at.as_str()), (55.0, "2025-03-01T07:00:00+00:00"));
+    assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 2);
+
+    // The replayed message: original bytes, a replay id, its provenance, the original headers.
+    let core = stream_contents(&js, "AA_CORE_HOT").await;
+    let replayed_big = core
+        .iter()
+        .find(|m| m.sequence > core_before && m.payload[..] == *big.as_bytes())
+        .expect("replayed bytes in the core stream");
+    let h = |n: &str| replayed_big.headers.get(n).map(|v| v.as_str().to_string());
+    assert_eq!(h("Nats-Msg-Id"), Some(format!("replay:AA_DLQ:{big_dlq_seq}")));
+    assert_eq!(h("Dlq-Replayed-From"), Some(format!("AA_DLQ:{big_dlq_seq}")));
+    assert_eq!(h("Replay-Original-Msg-Id").as_deref(), Some("ingest-big"));
+    assert_eq!(h("Dlq-Reason"), None);
+
+    // The still-broken event is dead-lettered again, marked as a replay; the replayed dead letters
+    // are kept (no --purge-replayed).
+    wait_for(
+        "the broken replay is dead-lettered again",
+        Duration::from_secs(20),
+        || async { stream_messages(&js, "AA_DLQ").await == 4 },
+    )
+    .await;
+    let again = cli_json(&fixed_vars, &["list"], 0).await;
+    let newest = again["deadLetters"].as_array().unwrap().last().unwrap().clone();
+    let shown = cli_json(&fixed_vars, &["show", &newest["sequence"].to_string()], 0).await;
+    assert_eq!(shown["body"], "{still broken");
+    assert_eq!(shown["bodyEncoding"], "text");
+    assert!(shown["headers"]["Dlq-Replayed-From"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("AA_DLQ:"));
+
+    // Replaying again inside the duplicate window is deduplicated by JetStream: no new message,
+    // and the rows stay one per event either way.
+    let seq_list: Vec<String> = seqs_of(&list).iter().map(u64::to_string).collect();
+    let mut args = vec!["replay"];
+    args.extend(seq_list.iter().map(String::as_str));
+    let twice = cli_json(&fixed_vars, &args, 0).await;
+    assert_eq!(twice["counts"]["duplicate"], 3, "{twice}");
+    assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 2);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_stale_event_does_not_overwrite_a_newer_row() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let mut proxy = DbProxy::start().await;
+    let vars = outage_vars(&nats, &db.url_via(proxy.port));
+    let app = TestApp::spawn(vars.clone()).await;
+    app.wait_ready().await;
+    let js = nats.js().await;
+
+    proxy.cut();
+    let old_seq = publish(
+        &js,
+        HRV_SUBJECT,
+        hrv_event("stale", "2025-03-01", 30.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
+    wait_for("max-deliver dead letter", Duration::from_secs(30), || async {
+        stream_messages(&js, "AA_DLQ").await == 1
+    })
+    .await;
+    wait_processed(&js, "AA_CORE_HOT", old_seq).await;
+    // The outage is over. The daemon restarts with the default delivery limit: with only two
+    // deliveries, a message caught while the pool reconnects could be dead-lettered again.
+    proxy.restore().await;
+    app.stop().await.unwrap();
+    let vars = base_vars(&nats, &db.url_via(proxy.port));
+    let app = TestApp::spawn(vars.clone()).await;
+    app.wait_ready().await;
+
+    let new_seq = publish(
+        &js,
+        HRV_SUBJECT,
+        hrv_event("stale", "2025-03-01", 50.0, "2025-03-01T08:00:00Z"),
+    )
+    .await;
+    let pool = db.pool().await;
+    wait_for("the newer row", Duration::from_secs(30), || async {
+        hrv_row(&pool, "stale").await.is_some()
+    })
+    .await;
+    let newer = hrv_row(&pool, "stale").await.unwrap();
+    assert_eq!(newer, (50.0, "2025-03-01T08:00:00+00:00".into(), new_seq as i64));
+
+    let replay = cli_json(
+        &vars,
+        &["replay", "--consumer", "hrv", "--reason", "max-deliver"],
+        0,
+    )
+    .await;
+    assert_eq!(replay["counts"]["replayed"], 1, "{replay}");
+    let replayed_seq = replay["results"][0]["replayedTo"]["sequence"].as_u64().unwrap();
+    assert!(replayed_seq > new_seq);
+    wait_processed(&js, "AA_CORE_HOT", replayed_seq).await;
+
+    assert_eq!(
+        hrv_row(&pool, "stale").await.unwrap(),
+        newer,
+        "the older capturedAt lost"
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 1);
+    assert_eq!(
+        stream_messages(&js, "AA_DLQ").await,
+        1,
+        "the replay was not dead-lettered"
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_removes_exactly_what_the_selection_selects() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let vars = base_vars(&nats, &db.url);
+    let app = TestApp::spawn(vars.clone()).await;
+    app.wait_ready().await;
+    let js = nats.js().await;
+    for i in 0..3 {
+        publish(&js, HRV_SUBJECT, format!("{{hrv broken {i}")).await;
+    }
+    for i in 0..2 {
+        publish(&js, SLEEP_SUBJECT, format!("{{sleep broken {i}")).await;
+    }
+    wait_for("five dead letters", Duration::from_secs(20), || async {
+        stream_messages(&js, "AA_DLQ").await == 5
+    })
+    .await;
+    let all = cli_json(&vars, &["list"], 0).await;
+    let consumer_of = |seq: u64| {
+        all["deadLetters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["sequence"] == seq)
+            .unwrap()["consumer"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (hrv, sleep): (Vec<u64>, Vec<u64>) =
+        seqs_of(&all).into_iter().partition(|&s| consumer_of(s) == "hrv");
+    assert_eq!((hrv.len(), sleep.len()), (3, 2), "{all}");
+
+    // Without --yes nothing is removed.
+    let plan = cli_json(&vars, &["purge", "--consumer", "sleep"], 0).await;
+    assert_eq!(plan["counts"]["would-purge"], 2);
+    let planned: Vec<u64> = plan["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["dlqSequence"].as_u64().unwrap())
+        .collect();
+    assert_eq!(planned, sleep);
+    assert_eq!(stream_messages(&js, "AA_DLQ").await, 5);
+    let text = cli(&vars, &["purge", "--consumer", "sleep"]).await;
+    assert!(text.stderr.contains("--yes"), "{}", text.stderr);
+
+    let done = cli_json(&vars, &["purge", "--consumer", "sleep", "--yes"], 0).await;
+    assert_eq!(done["counts"]["purged"], 2);
+    assert_eq!(seqs_of(&cli_json(&vars, &["list"], 0).await), hrv);
+
+    // By sequence, leaving a gap in the middle that list must step over.
+    let middle = hrv[1].to_string();
+    let one = cli_json(&vars, &["purge", &middle, "--yes"], 0).await;
+    assert_eq!(one["counts"]["purged"], 1);
+    assert_eq!(
+        seqs_of(&cli_json(&vars, &["list"], 0).await),
+        vec![hrv[0], hrv[2]]
+    );
+
+    // The same sequence again is not found (exit 3) and removes nothing else.
+    let again = cli_json(&vars, &["purge", &middle, "--yes"], 3).await;
+    assert_eq!(again["results"][0]["result"], "not-found");
+    // A filter that matches nothing removes nothing.
+    let none = cli_json(&vars, &["purge", "--since", "2999-01-01T00:00:00Z", "--yes"], 0).await;
+    assert_eq!(none["results"].as_array().unwrap().len(), 0);
+    // No selection at all is a usage error, not "everything".
+    let bare = cli(&vars, &["purge", "--yes"]).await;
+    assert_eq!(bare.code, 2, "{}", bare.stderr);
+    let mixed = cli(&vars, &["purge", &hrv[0].to_string(), "--consumer", "hrv"]).await;
+    assert_eq!(mixed.code, 2, "{}", mixed.stderr);
+    assert_eq!(stream_messages(&js, "AA_DLQ").await, 2);
+
+    let stats = cli_json(&vars, &["stats"], 0).await;
+    assert_eq!(stats["total"], 2);
+    assert_eq!(stats["byConsumer"]["hrv"]["schema-invalid"], 2);
+    assert!(stats["byConsumer"].get("sleep").is_none());
+
+    let gone = cli(&vars, &["show", &middle]).await;
+    assert_eq!(gone.code, 3, "{}", gone.stderr);
+    assert!(
+        gone.stderr
+            .contains(&format!("no dead letter with sequence {middle}")),
+        "{}",
+        gone.stderr
+    );
+
+    let everything = cli_json(&vars, &["purge", "--all", "--yes"], 0).await;
+    assert_eq!(everything["counts"]["purged"], 2);
+    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
+    assert_eq!(cli_json(&vars, &["list"], 0).await["count"], 0);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_have_exit_codes_scripts_can_rely_on() {
+    let nats = NatsServer::start().await;
+    let vars = base_vars(&nats, "postgres://postgres@127.0.0.1:5432/unused");
+
+    // No dead-letter stream (nothing provisioned it): not found.
+    let r = cli(&vars, &["list"]).await;
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("AA_DLQ") && r.stderr.contains("STREAM_DLQ_NAME"),
+        "{}",
+        r.stderr
+    );
+    let r = cli(&vars, &["replay", "1"]).await;
+    assert_eq!(r.code, 3, "{}", r.stderr);
+
+    // The stream exists but the sequence does not.
+    let js = nats.js().await;
+    js.create_stream(jetstream::stream::Config {
+        name: "MY_DLQ".into(),
+        subjects: vec!["dlq.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let renamed = with(vars.clone(), &[("STREAM_DLQ_NAME", "MY_DLQ")]);
+    let r = cli(&renamed, &["show", "7"]).await;
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(cli_json(&renamed, &["stats"], 0).await["total"], 0);
+
+    // Configuration and usage errors.
+    let r = cli(
+        &with(vars.clone(), &[("STREAM_DLQ_NAME", "has space")]),
+        &["list"],
+    )
+    .await;
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("STREAM_DLQ_NAME"), "{}", r.stderr);
+    let r = cli(&vars, &["list", "--since", "yesterday"]).await;
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("--since"), "{}", r.stderr);
+    let r = cli(&vars, &["list", "--reason", "bored"]).await;
+    assert_eq!(r.code, 2);
+
+    // NATS unreachable: an operational failure, quickly.
+    let closed = with(
+        vars.clone(),
+        &[("NATS_URL", &format!("nats://127.0.0.1:{}", free_port()))],
+    );
+    let r = cli(&closed, &["list"]).await;
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("cannot connect to NATS"), "{}", r.stderr);
+
+    // The help text documents the exit codes.
+    let r = cli(&vars, &["purge", "--help"]).await;
+    assert_eq!(r.code, 0);
+    assert!(r.stdout.contains("Exit codes"), "{}", r.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_webhooks_keep_their_idempotency_key() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let mut proxy = DbProxy::start().await;
+    let vars = with(
+        outage_vars(&nats, &db.url_via(proxy.port)),
+        &[("NORMALIZE_OURA_MAX_DELIVER", "2")],
+    );
+    let app = TestApp::spawn(vars.clone()).await;
+    app.wait_ready().await;
+    let js = nats.js().await;
+
+    proxy.cut();
+    let hook = |user: &str| {
+        serde_json::json!({"user_id": user, "timestamp": "2025-03-01T06:00:00Z",
+                           "data": {"hrv": {"rmssd": 45.2}}})
+        .to_string()
+    };
+    let with_id = publish_with_id(&js, OURA_SUBJECT, "hook-1", hook("with-id")).await;
+    let without_id = publish(&js, OURA_SUBJECT, hook("without-id")).await;
+    wait_for(
+        "two max-deliver dead letters",
+        Duration::from_secs(30),
+        || async { stream_messages(&js, "AA_DLQ").await == 2 },
+    )
+    .await;
+    wait_settled(&js, "AA_VENDOR_HOT", "normalize-oura", without_id.max(with_id)).await;
+    proxy.restore().await;
+    app.stop().await.unwrap();
+    let vars = base_vars(&nats, &db.url_via(proxy.port));
+    let app = TestApp::spawn(vars.clone()).await;
+    app.wait_ready().await;
+
+    let replay = cli_json(&vars, &["replay", "--consumer", "oura"], 0).await;
+    assert_eq!(replay["counts"]["replayed"], 2, "{replay}");
+    let last = replay["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["replayedTo"]["sequence"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    wait_settled(&js, "AA_VENDOR_HOT", "normalize-oura", last).await;
+    let pool = db.pool().await;
+    let keys: Vec<(String, String)> =
+        sqlx::query_as("SELECT user_id, idempotency_key FROM vendor_webhook_events ORDER BY user_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let body_hash = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(hook("without-id").as_bytes());
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    assert_eq!(
+        keys,
+        vec![
+            ("with-id".to_string(), "hook-1".to_string()),
+            ("without-id".to_string(), body_hash)
+        ],
+        "the same keys a first delivery would have used, not the replay's Nats-Msg-Id"
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 2);
+    app.stop().await.unwrap();
+}

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use normalize_service::config::{Config, StreamNames};
+use normalize_service::config::StreamNames;
 use normalize_service::topology;
 use serde_json::Value;
 use sqlx::Row;
@@ -306,21 +306,11 @@ async fn dead_letter_unavailable_keeps_the_original_until_dlq_exists() {
         } else {
             vec![topology::core_spec(&names, 1), topology::vendor_spec(&names, 1)]
         };
-        create_streams(&js, &specs).await;
         let vars = with(
             base_vars(&nats, &db.url),
             &[("EVENT_STREAM_MODE", mode), ("TOPOLOGY_PROVISION", "off")],
         );
-        let config = Config::from_vars(vars.clone()).unwrap();
-        for cc in &config.consumers {
-            let target = topology::candidates(&config, cc)[0].clone();
-            js.get_stream(&target)
-                .await
-                .unwrap()
-                .create_consumer(topology::durable_config(cc))
-                .await
-                .unwrap();
-        }
+        create_topology(&js, &vars, &specs).await;
         let app = TestApp::spawn(vars).await;
         app.wait_ready().await;
         let body = "{broken";

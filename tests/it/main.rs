@@ -6,6 +6,7 @@ mod consumers;
 mod daemon;
 mod deploy;
 mod dlq_cli;
+mod faults;
 mod hrv;
 mod migration;
 mod support;

@@ -15,8 +15,6 @@ use serde_json::Value;
 
 use crate::support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_normalize-service");
-
 struct Out {
     code: i32,
     stdout: String,

@@ -71,6 +71,16 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// A server value that was never started, for building variables around another NATS_URL.
+    pub fn placeholder() -> NatsServer {
+        NatsServer {
+            port: 0,
+            store: tempfile::tempdir().unwrap(),
+            child: None,
+            extra_conf: String::new(),
+        }
+    }
+
     async fn spawn(&mut self) {
         let conf_path: PathBuf = self.store.path().join("nats.conf");
         let conf = format!(
@@ -220,7 +230,14 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn(vars: HashMap<String, String>) -> TestApp {
-        normalize_service::logging::init(normalize_service::config::LogFormat::Pretty);
+        // Through the test writer, so logs show only for failing tests.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,async_nats=warn")),
+            )
+            .with_test_writer()
+            .try_init();
         let config = Config::from_vars(vars).unwrap();
         let app = Application::build(config).await.unwrap();
         let port = app.port();
@@ -439,5 +456,44 @@ impl DbProxy {
 impl Drop for DbProxy {
     fn drop(&mut self) {
         self.cut();
+    }
+}
+
+/// The daemon binary, for tests that run it as a process.
+pub const BIN: &str = env!("CARGO_BIN_EXE_normalize-service");
+
+/// Starts `normalize-service run` with exactly these variables (plus PATH).
+pub fn spawn_daemon(vars: &HashMap<String, String>) -> Child {
+    Command::new(BIN)
+        .arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(vars)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// What an operator's `topology apply` would leave, minus what a test leaves out: the given
+/// streams, and each consumer's durable on the first of its candidate streams (the primary in
+/// multi mode, the legacy stream in single mode) as the daemon configured by `vars` sees them.
+pub async fn create_topology(
+    js: &jetstream::Context,
+    vars: &HashMap<String, String>,
+    specs: &[normalize_service::topology::StreamSpec],
+) {
+    for s in specs {
+        js.create_stream(s.to_config()).await.unwrap();
+    }
+    let config = Config::from_vars(vars.clone()).unwrap();
+    for cc in &config.consumers {
+        let target = normalize_service::topology::candidates(&config, cc)[0].clone();
+        js.get_stream(&target)
+            .await
+            .unwrap()
+            .create_consumer(normalize_service::topology::durable_config(cc))
+            .await
+            .unwrap();
     }
 }
