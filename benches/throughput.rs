@@ -20,6 +20,7 @@
 //! `NATS_SERVER_BIN`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::future::IntoFuture;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -155,7 +156,7 @@ async fn preload(js: &jetstream::Context, n: u64) -> Duration {
     let started = Instant::now();
     let mut acks = futures::stream::FuturesUnordered::new();
     for i in 0..n {
-        acks.push(js.send_publish(SUBJECT, event(i).into()).await.unwrap());
+        acks.push(js.publish(SUBJECT, event(i).into()).await.unwrap().into_future());
         while acks.len() >= 4096 {
             acks.next().await.unwrap().unwrap();
         }
@@ -220,6 +221,33 @@ async fn time_drain(js: &jetstream::Context, pool: &PgPool, durable: &str, n: u6
         }
         assert!(Instant::now() < deadline, "{durable} did not drain");
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of /proc/pid/stat: indexes 11 and 12 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Mean of a Prometheus histogram (`_sum / _count`), in milliseconds, over matching series.
+fn histogram_mean_ms(text: &str, name: &str, label: &str) -> f64 {
+    let sum_of = |suffix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}_{suffix}")) && l.contains(label))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    };
+    let count = sum_of("count");
+    if count == 0.0 {
+        f64::NAN
+    } else {
+        sum_of("sum") / count * 1000.0
     }
 }
 
@@ -342,8 +370,22 @@ async fn setup(n: u64) -> (Nats, Db, jetstream::Context, PgPool) {
 async fn run_daemon(n: u64, batch: usize) -> Figures {
     let (nats, db, js, pool) = setup(n).await;
     let daemon = Daemon::start(&nats, &db, batch);
+    let (nats_cpu0, pid) = (cpu_secs(nats.child.id()), daemon.child.id());
+    let daemon_cpu0 = cpu_secs(pid);
     let took = time_drain(&js, &pool, DURABLE, n).await;
     let text = daemon.metrics().await;
+    eprintln!(
+        "  breakdown: batches {:.0}, mean batch {:.2} ms, mean hrv_data statement {:.2} ms; CPU during the run: daemon {:.2} s, nats-server {:.2} s (wall {:.2} s)",
+        text.lines()
+            .find(|l| l.starts_with("normalize_batch_duration_seconds_count") && l.contains("consumer=\"hrv\""))
+            .and_then(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .unwrap_or(f64::NAN),
+        histogram_mean_ms(&text, "normalize_batch_duration_seconds", "consumer=\"hrv\""),
+        histogram_mean_ms(&text, "normalize_db_write_duration_seconds", "table=\"hrv_data\""),
+        cpu_secs(pid) - daemon_cpu0,
+        cpu_secs(nats.child.id()) - nats_cpu0,
+        took.as_secs_f64()
+    );
     let name = "normalize_batch_duration_seconds";
     let f = Figures {
         label: format!("daemon HRV_BATCH_SIZE={batch}"),
@@ -365,7 +407,7 @@ async fn run_daemon(n: u64, batch: usize) -> Figures {
 /// Messages of `subject` in the stream (an ephemeral consumer's pending count).
 async fn topology_count(js: &jetstream::Context, subject: &str) -> u64 {
     let s = js.get_stream(STREAM).await.unwrap();
-    let mut c: pull::PullConsumer = s
+    let mut c: jetstream::consumer::PullConsumer = s
         .create_consumer(pull::Config {
             filter_subject: subject.to_string(),
             ..Default::default()
@@ -380,7 +422,7 @@ async fn bare_child(nats_url: &str, db_url: &str, batch: usize, n: u64) {
     let client = async_nats::connect(nats_url).await.unwrap();
     let js = jetstream::new(client.clone());
     let stream = js.get_stream(STREAM).await.unwrap();
-    let consumer: pull::PullConsumer = stream
+    let consumer: jetstream::consumer::PullConsumer = stream
         .get_or_create_consumer(
             "bare",
             pull::Config {
@@ -551,7 +593,7 @@ async fn run_steady(batch: usize, rate: u64, secs: u64) -> (f64, f64, f64, u64) 
                         "capturedAt": now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true), "raw": {"source": "oura"}}
         })
         .to_string();
-        acks.push(js.send_publish(SUBJECT, body.into()).await.unwrap());
+        acks.push(js.publish(SUBJECT, body.into()).await.unwrap().into_future());
         while let Some(Some(a)) = futures::FutureExt::now_or_never(acks.next()) {
             a.unwrap();
         }
