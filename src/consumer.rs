@@ -1,8 +1,10 @@
-//! The pull loop: bind, fetch, dispatch each message through the pipeline, settle it as
-//! [`outcome::decide`] says, and never die on a pull error.
+//! The pull loop: bind, fetch, hand what arrived to the batch pipeline ([`batch`]), which
+//! settles each message as [`outcome::decide`] says; never die on a pull error.
 //!
-//! Only intake listens to the shutdown token: a message being processed is finished and settled;
+//! Only intake listens to the shutdown token: a batch being processed is finished and settled;
 //! messages already delivered but not yet started are NAKed so another instance takes them now.
+
+mod batch;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,10 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConsumerConfig, PullMode};
 use crate::dlq::{self, Origin, Reason};
 use crate::health::Health;
-use crate::metrics::{MessageResult, Metrics};
-use crate::outcome::{decide, Action, Failure};
-use crate::pipeline::{self, Envelope};
-use crate::store::{self, Source};
+use crate::metrics::Metrics;
 use crate::topology::{self, Binding};
 
 /// Everything a consumer loop shares with the rest of the process.
@@ -297,21 +296,27 @@ impl Worker {
         }
     }
 
-    /// Batch requests bounded by `expires`; each message is processed as it arrives, so a
-    /// partial batch never waits for the rest, and an empty or failed pull just starts another.
+    /// Batch requests bounded by `expires`. A pull's messages are processed in sub-batches of
+    /// what has arrived so far (see [`batch::gather`]), so a partial batch never waits for the
+    /// rest or for `expires`. When a pull came back full (a backlog), the next pull is issued
+    /// before the current batch is written, so the server delivers it while we write; this is
+    /// done only while two batches fit in the durable's `max_ack_pending`.
     async fn consume_fetch(&self, b: &Binding, shutdown: &CancellationToken) -> LoopEnd {
         let mut consecutive_errors: u32 = 0;
+        let mut prefetched: Option<pull::Batch> = None;
+        let max_ack_pending = b.consumer.cached_info().config.max_ack_pending;
+        let overlap = max_ack_pending <= 0
+            || i64::try_from(self.cc.batch_size.saturating_mul(2)).is_ok_and(|two| two <= max_ack_pending);
         loop {
-            let request = b
-                .consumer
-                .batch()
-                .max_messages(self.cc.batch_size)
-                .expires(self.cc.expires)
-                .messages();
-            let batch = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return LoopEnd::Shutdown,
-                r = request => r,
+            let batch = match prefetched.take() {
+                Some(batch) => Ok(batch),
+                None => {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return LoopEnd::Shutdown,
+                        r = self.pull(b) => r,
+                    }
+                }
             };
             let mut batch = match batch {
                 Ok(batch) => batch,
@@ -336,6 +341,9 @@ impl Worker {
                     biased;
                     _ = shutdown.cancelled() => {
                         release_buffered(&mut batch).await;
+                        if let Some(mut p) = prefetched.take() {
+                            release_buffered(&mut p).await;
+                        }
                         return LoopEnd::Shutdown;
                     }
                     n = tokio::time::timeout_at(deadline, batch.next()) => n,
@@ -347,14 +355,37 @@ impl Worker {
                         break;
                     }
                 };
-                match next {
+                let first = match next {
                     None => break,
-                    Some(Ok(msg)) => {
-                        received += 1;
-                        self.handle(msg, b, &mut db_down, shutdown).await;
-                        self.progress(false, true);
-                    }
+                    Some(Ok(msg)) => msg,
                     Some(Err(e)) => {
+                        self.count_pull_error(b, &e);
+                        failed = true;
+                        break;
+                    }
+                };
+                let mut msgs = vec![batch::Received {
+                    msg: first,
+                    at: Instant::now(),
+                }];
+                let gathered = batch::gather(&mut batch, &mut msgs, self.cc.batch_size - received).await;
+                received += msgs.len();
+                if overlap
+                    && received >= self.cc.batch_size
+                    && prefetched.is_none()
+                    && !shutdown.is_cancelled()
+                {
+                    match self.pull(b).await {
+                        Ok(p) => prefetched = Some(p),
+                        Err(e) => self.count_pull_error(b, &e),
+                    }
+                }
+                self.handle_batch(msgs, b, &mut db_down, shutdown).await;
+                self.progress(false, true);
+                match gathered {
+                    batch::Gathered::Open => {}
+                    batch::Gathered::Ended => break,
+                    batch::Gathered::Failed(e) => {
                         self.count_pull_error(b, &e);
                         failed = true;
                         break;
@@ -368,6 +399,9 @@ impl Worker {
                 .with_label_values(&[self.cc.kind.as_str()])
                 .observe(received as f64);
             if failed {
+                if let Some(mut p) = prefetched.take() {
+                    release_buffered(&mut p).await;
+                }
                 if let Some(end) = self.after_error(b, &mut consecutive_errors, shutdown).await {
                     return end;
                 }
@@ -380,8 +414,19 @@ impl Worker {
         }
     }
 
+    /// Issues one pull request for `batch_size` messages bounded by `expires`.
+    async fn pull(&self, b: &Binding) -> Result<pull::Batch, pull::BatchError> {
+        b.consumer
+            .batch()
+            .max_messages(self.cc.batch_size)
+            .expires(self.cc.expires)
+            .messages()
+            .await
+    }
+
     /// A continuous `messages()` stream; the library keeps pull requests outstanding and
-    /// reports missed heartbeats, which are logged and counted, never fatal.
+    /// reports missed heartbeats, which are logged and counted, never fatal. What is already
+    /// buffered when a message arrives (up to `batch_size`) is processed with it as one batch.
     async fn consume_stream(&self, b: &Binding, shutdown: &CancellationToken) -> LoopEnd {
         let mut consecutive_errors: u32 = 0;
         'outer: loop {
@@ -430,8 +475,29 @@ impl Worker {
                     Ok(None) => continue 'outer,
                     Ok(Some(Ok(msg))) => {
                         consecutive_errors = 0;
-                        self.handle(msg, b, &mut db_down, shutdown).await;
+                        let mut msgs = vec![batch::Received {
+                            msg,
+                            at: Instant::now(),
+                        }];
+                        let gathered = batch::gather(&mut stream, &mut msgs, self.cc.batch_size).await;
+                        self.handle_batch(msgs, b, &mut db_down, shutdown).await;
                         self.progress(true, true);
+                        match gathered {
+                            batch::Gathered::Open => {}
+                            batch::Gathered::Ended => continue 'outer,
+                            batch::Gathered::Failed(e) => {
+                                use jetstream::consumer::pull::MessagesErrorKind as K;
+                                self.count_pull_error(b, &e);
+                                if e.kind() != K::MissingHeartbeat {
+                                    if let Some(end) =
+                                        self.after_error(b, &mut consecutive_errors, shutdown).await
+                                    {
+                                        return end;
+                                    }
+                                    continue 'outer;
+                                }
+                            }
+                        }
                     }
                     Ok(Some(Err(e))) => {
                         use jetstream::consumer::pull::MessagesErrorKind as K;
@@ -470,138 +536,6 @@ impl Worker {
             return Some(LoopEnd::Shutdown);
         }
         None
-    }
-
-    /// Processes and settles one message. `db_down` short-circuits the rest of a batch once the
-    /// database is found unreachable, so a batch is NAKed in milliseconds, not pool timeouts.
-    async fn handle(
-        &self,
-        msg: jetstream::Message,
-        b: &Binding,
-        db_down: &mut bool,
-        shutdown: &CancellationToken,
-    ) {
-        let started = Instant::now();
-        let kind = self.cc.kind;
-        let (stream, seq, delivered) = match msg.info() {
-            Ok(i) => (i.stream.to_string(), i.stream_sequence, i.delivered),
-            Err(e) => {
-                tracing::warn!(consumer = %kind, error = %e, "message without JetStream metadata; ignored");
-                return;
-            }
-        };
-        let subject = msg.subject.to_string();
-        let result = if *db_down {
-            Err(Failure::DatabaseSkipped)
-        } else {
-            self.process(&msg, &stream, seq).await
-        };
-        if let Err(f) = &result {
-            if f.database_unreachable() {
-                *db_down = true;
-            }
-        }
-        let action = decide(
-            result.as_ref().map(|_| ()).map_err(Failure::class),
-            delivered,
-            self.cc.max_deliver,
-            &self.shared.config.retry_backoff,
-        );
-        let m = &self.shared.metrics;
-        let metric_subject = self.cc.filter_subject.as_str();
-        let settled: MessageResult = match action {
-            Action::Ack => {
-                if let Err(e) = msg.ack().await {
-                    tracing::warn!(consumer = %kind, stream = %stream, seq, error = %e, "ack failed; the message will be redelivered and stored idempotently");
-                }
-                MessageResult::Success
-            }
-            Action::Nak(delay) => {
-                if let Err(f) = &result {
-                    tracing::debug!(consumer = %kind, stream = %stream, seq, delivered, error = %f, "transient failure; NAK with delay");
-                }
-                nak(&msg, delay).await;
-                MessageResult::Retry
-            }
-            Action::DeadLetter(reason) => {
-                let error = match &result {
-                    Err(f) => f.to_string(),
-                    Ok(()) => String::new(),
-                };
-                let origin = Origin {
-                    subject: &subject,
-                    stream: &stream,
-                    seq,
-                    durable: &b.durable,
-                    delivered,
-                };
-                if self.dead_letter(&msg, &origin, reason, &error, b, shutdown).await {
-                    m.dlq_messages
-                        .with_label_values(&[
-                            kind.as_str(),
-                            reason.as_str(),
-                            metric_subject,
-                            &stream,
-                            &b.durable,
-                        ])
-                        .inc();
-                    if reason == Reason::SchemaInvalid {
-                        MessageResult::SchemaInvalid
-                    } else {
-                        MessageResult::Dlq
-                    }
-                } else {
-                    MessageResult::Retry
-                }
-            }
-        };
-        m.count_message(kind, settled, metric_subject, &stream, &b.durable);
-        m.processing_duration
-            .with_label_values(&[kind.as_str(), &stream, &b.durable])
-            .observe(started.elapsed().as_secs_f64());
-    }
-
-    /// Decode, store in one transaction, then publish the normalized events and await their acks.
-    async fn process(&self, msg: &jetstream::Message, stream: &str, seq: u64) -> Result<(), Failure> {
-        // A DLQ replay carries the first publisher's id separately (see dlq_cli).
-        let msg_id = crate::dlq_cli::idempotency_msg_id(msg.headers.as_ref());
-        let envelope = Envelope {
-            msg_id,
-            now: Utc::now(),
-            max_payload_bytes: self.shared.config.max_payload_bytes,
-        };
-        let decoded = pipeline::decode(self.cc.kind, &msg.payload, envelope)?;
-        let normalized = store::write(
-            &self.shared.pool,
-            &self.shared.metrics,
-            &decoded,
-            &Source { stream, seq },
-        )
-        .await
-        .map_err(Failure::Store)?;
-        let mut acks = Vec::with_capacity(normalized.len());
-        for n in &normalized {
-            let mut id = format!("{}:{}:{}", self.cc.durable, stream, seq);
-            if let Some(suffix) = n.id_suffix {
-                id.push(':');
-                id.push_str(suffix);
-            }
-            let body = serde_json::to_vec(&n.body).unwrap_or_default();
-            let publish = jetstream::message::PublishMessage::build()
-                .payload(body.into())
-                .message_id(id);
-            acks.push(
-                self.shared
-                    .js
-                    .send_publish(n.subject, publish)
-                    .await
-                    .map_err(Failure::Publish)?,
-            );
-        }
-        for ack in acks {
-            ack.await.map_err(Failure::Publish)?;
-        }
-        Ok(())
     }
 
     /// Publishes the dead letter and TERMs the original once JetStream has stored it. When the

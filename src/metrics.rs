@@ -58,6 +58,13 @@ pub struct Metrics {
     pub batch_size: HistogramVec,
     /// Time of one statement, by table.
     pub db_write_duration: HistogramVec,
+    /// Time from receiving the first message of a processed batch to settling its last one.
+    pub batch_duration: HistogramVec,
+    /// Batches whose multi-row statement failed for a non-transient reason and were retried
+    /// message by message, so that only the bad records are dead-lettered.
+    pub batch_unrolled: IntCounterVec,
+    /// Messages acked without a write because a newer record of the same key was in the batch.
+    pub batch_superseded: IntCounterVec,
     /// 1 for each active (consumer, stream, durable) binding.
     pub consumer_bound: IntGaugeVec,
     /// Bindings made on the legacy stream because the primary was not there.
@@ -164,6 +171,28 @@ impl Metrics {
                 &["table"],
                 seconds,
             )?,
+            batch_duration: histogram(
+                &registry,
+                "normalize_batch_duration_seconds",
+                "Time from receiving the first message of a processed batch to settling the whole batch",
+                &["consumer"],
+                vec![
+                    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+                    0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ],
+            )?,
+            batch_unrolled: counter(
+                &registry,
+                "normalize_batch_unrolled_total",
+                "Batches whose multi-row write failed non-transiently and were retried one message at a time",
+                &["consumer"],
+            )?,
+            batch_superseded: counter(
+                &registry,
+                "normalize_batch_superseded_messages_total",
+                "Messages acked without a write because a newer record with the same key was in the same batch",
+                &["consumer"],
+            )?,
             consumer_bound: gauge(
                 &registry,
                 "normalize_consumer_bound",
@@ -231,6 +260,8 @@ impl Metrics {
         m.build_info.with_label_values(&[crate::VERSION]).set(1);
         for kind in ConsumerKind::ALL {
             m.consumer_stalled.with_label_values(&[kind.as_str()]).set(0);
+            m.batch_unrolled.with_label_values(&[kind.as_str()]);
+            m.batch_superseded.with_label_values(&[kind.as_str()]);
         }
         Ok(m)
     }

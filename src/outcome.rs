@@ -2,6 +2,7 @@
 //!
 //! Pure: it sees a classified result, the delivery count and the limits, and nothing else.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
@@ -18,6 +19,10 @@ pub enum Failure {
     Store(#[source] sqlx::Error),
     #[error("publishing the normalized event: {0}")]
     Publish(#[source] PublishError),
+    /// The multi-row statement of the batch this message was part of failed with a transient
+    /// error; every message of the batch shares it (the batch is retried as a whole).
+    #[error("database (batch write): {0}")]
+    Batch(#[source] Arc<sqlx::Error>),
     /// An earlier message of the same batch found the database unreachable; this one was not tried.
     #[error("database unreachable (not attempted after an earlier failure in the batch)")]
     DatabaseSkipped,
@@ -44,6 +49,13 @@ impl Failure {
                     Class::Permanent
                 }
             }
+            Failure::Batch(e) => {
+                if crate::store::is_transient(e) {
+                    Class::Transient
+                } else {
+                    Class::Permanent
+                }
+            }
             Failure::Publish(e) => publish_class(e.kind()),
             Failure::DatabaseSkipped => Class::Transient,
         }
@@ -51,16 +63,21 @@ impl Failure {
 
     /// True when the failure says the database itself is unreachable (not one bad row).
     pub fn database_unreachable(&self) -> bool {
-        matches!(
-            self,
-            Failure::Store(
-                sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Tls(_)
-            ) | Failure::DatabaseSkipped
-        )
+        match self {
+            Failure::Store(e) => unreachable_error(e),
+            Failure::Batch(e) => unreachable_error(e),
+            Failure::DatabaseSkipped => true,
+            Failure::Schema(_) | Failure::Publish(_) => false,
+        }
     }
+}
+
+/// The database (not one statement) is unreachable: the rest of a batch need not be tried.
+pub fn unreachable_error(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
+    )
 }
 
 /// Publish failures: a payload the server will never take, or a sequence expectation that was
@@ -144,5 +161,11 @@ mod tests {
         let bad = Failure::Store(sqlx::Error::RowNotFound);
         assert_eq!(bad.class(), Class::Permanent);
         assert!(!bad.database_unreachable());
+        let batch = Failure::Batch(Arc::new(sqlx::Error::PoolTimedOut));
+        assert_eq!(batch.class(), Class::Transient);
+        assert!(batch.database_unreachable());
+        let batch_bad = Failure::Batch(Arc::new(sqlx::Error::RowNotFound));
+        assert_eq!(batch_bad.class(), Class::Permanent);
+        assert!(!batch_bad.database_unreachable());
     }
 }

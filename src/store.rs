@@ -1,10 +1,17 @@
 //! PostgreSQL: the pool, migrations, and one function per statement.
 //!
-//! Every write of one message happens in one transaction, so a message is acked only when all
-//! its rows are committed. Upserts never let an older `captured_at` replace a newer row, and a
-//! missing optional field never erases a stored value.
+//! The batch path ([`write_batch`]) writes a whole fetched batch in one transaction with one
+//! multi-row `INSERT … SELECT FROM UNNEST(…) ON CONFLICT …` per table; [`write`] writes one
+//! message in one transaction (the unroll-and-retry path, when a batch statement fails for a
+//! non-transient reason). Either way a message is acked only when all its rows are committed.
+//! Upserts never let an older `captured_at` replace a newer row, and a missing optional field
+//! never erases a stored value.
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::time::{Duration, Instant};
+
+use chrono::{DateTime, NaiveDate, Utc};
 
 use serde_json::Value;
 use sqlx::migrate::MigrateDatabase;
@@ -126,6 +133,386 @@ pub async fn write(
     }
     tx.commit().await?;
     Ok(out)
+}
+
+/// One message of a batch, decoded.
+#[derive(Debug, Clone)]
+pub struct BatchEntry<'a> {
+    pub decoded: &'a Decoded,
+    pub source: Source<'a>,
+}
+
+/// What the batch write did for one entry.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EntryOutcome {
+    /// Normalized events to publish for rows this entry wrote.
+    pub normalized: Vec<Normalized>,
+    /// A newer record with the same key in the same batch replaced this entry's record(s).
+    pub superseded: bool,
+}
+
+/// Marks, for each candidate, whether it wins its key: the newest `captured_at`, then the
+/// highest stream sequence (the order a one-at-a-time writer would have left in the table).
+/// Pure, so the rule is unit-tested.
+pub fn winners<K: Eq + Hash>(candidates: &[(K, DateTime<Utc>, u64)]) -> Vec<bool> {
+    let mut best: HashMap<&K, usize> = HashMap::with_capacity(candidates.len());
+    for (i, (key, at, seq)) in candidates.iter().enumerate() {
+        match best.get(key) {
+            Some(&j) if (candidates[j].1, candidates[j].2) >= (*at, *seq) => {}
+            _ => {
+                best.insert(key, i);
+            }
+        }
+    }
+    let mut out = vec![false; candidates.len()];
+    for i in best.into_values() {
+        out[i] = true;
+    }
+    out
+}
+
+/// A record to upsert, with the entry it came from.
+struct Cand<'a, R> {
+    entry: usize,
+    record: &'a R,
+    id_suffix: Option<&'static str>,
+}
+
+/// Writes a whole batch in one transaction: the Oura raw rows with one statement, then each
+/// table with one (or, when some records name no vendor, two) multi-row upserts. Records with
+/// the same key are collapsed first (see [`winners`]); the losers are reported `superseded`
+/// and get no normalized event, since nothing of theirs was stored. Returns one outcome per
+/// entry, in order.
+pub async fn write_batch(
+    pool: &PgPool,
+    metrics: &Metrics,
+    entries: &[BatchEntry<'_>],
+) -> Result<Vec<EntryOutcome>, sqlx::Error> {
+    let mut out = vec![EntryOutcome::default(); entries.len()];
+    let mut hooks: Vec<(usize, &OuraWebhook)> = Vec::new();
+    let mut hrvs: Vec<Cand<'_, HrvRecord>> = Vec::new();
+    let mut sleeps: Vec<Cand<'_, SleepRecord>> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        match e.decoded {
+            Decoded::Hrv(r) => hrvs.push(Cand {
+                entry: i,
+                record: r,
+                id_suffix: None,
+            }),
+            Decoded::Sleep(r) => sleeps.push(Cand {
+                entry: i,
+                record: r,
+                id_suffix: None,
+            }),
+            Decoded::Oura(w) => {
+                hooks.push((i, w));
+                if let Some(r) = &w.hrv {
+                    hrvs.push(Cand {
+                        entry: i,
+                        record: r,
+                        id_suffix: Some("hrv"),
+                    });
+                }
+                if let Some(r) = &w.sleep {
+                    sleeps.push(Cand {
+                        entry: i,
+                        record: r,
+                        id_suffix: Some("sleep"),
+                    });
+                }
+            }
+        }
+    }
+    let hrvs = collapse(hrvs, entries, &mut out, |r| {
+        ((r.user_id.as_str(), r.date), r.captured_at)
+    });
+    let sleeps = collapse(sleeps, entries, &mut out, |r| {
+        ((r.user_id.as_str(), r.date), r.captured_at)
+    });
+
+    let mut tx = pool.begin().await?;
+    if !hooks.is_empty() {
+        insert_webhooks(&mut tx, metrics, &hooks, entries).await?;
+    }
+    for vendor_given in [true, false] {
+        let part: Vec<&Cand<'_, HrvRecord>> = hrvs
+            .iter()
+            .filter(|c| c.record.vendor.is_some() == vendor_given)
+            .collect();
+        if !part.is_empty() {
+            upsert_hrv_batch(&mut tx, metrics, &part, vendor_given, entries, &mut out).await?;
+        }
+        let part: Vec<&Cand<'_, SleepRecord>> = sleeps
+            .iter()
+            .filter(|c| c.record.vendor.is_some() == vendor_given)
+            .collect();
+        if !part.is_empty() {
+            upsert_sleep_batch(&mut tx, metrics, &part, vendor_given, entries, &mut out).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Keeps the winner of each key and marks the losers' entries superseded.
+fn collapse<'a, R>(
+    cands: Vec<Cand<'a, R>>,
+    entries: &[BatchEntry<'_>],
+    out: &mut [EntryOutcome],
+    key: impl Fn(&'a R) -> ((&'a str, NaiveDate), DateTime<Utc>),
+) -> Vec<Cand<'a, R>> {
+    let keyed: Vec<_> = cands
+        .iter()
+        .map(|c| {
+            let (k, at) = key(c.record);
+            (k, at, entries[c.entry].source.seq)
+        })
+        .collect();
+    let win = winners(&keyed);
+    cands
+        .into_iter()
+        .zip(win)
+        .filter_map(|(c, w)| {
+            if !w {
+                out[c.entry].superseded = true;
+            }
+            w.then_some(c)
+        })
+        .collect()
+}
+
+const HRV_BATCH_VENDOR: &str = "INSERT INTO hrv_data (user_id, date, rmssd, ln_rmssd, vendor, captured_at, source_stream, source_seq)
+     SELECT * FROM UNNEST($1::text[], $2::date[], $3::float8[], $4::float8[], $5::text[], $6::timestamptz[], $7::text[], $8::int8[])
+     ON CONFLICT (user_id, date) DO UPDATE SET
+         rmssd = EXCLUDED.rmssd,
+         ln_rmssd = EXCLUDED.ln_rmssd,
+         vendor = EXCLUDED.vendor,
+         captured_at = EXCLUDED.captured_at,
+         source_stream = EXCLUDED.source_stream,
+         source_seq = EXCLUDED.source_seq,
+         updated_at = now()
+     WHERE hrv_data.captured_at <= EXCLUDED.captured_at
+     RETURNING user_id, date, vendor";
+
+/// Records that name no vendor insert `unknown` but keep a stored vendor on update.
+const HRV_BATCH_NO_VENDOR: &str = "INSERT INTO hrv_data (user_id, date, rmssd, ln_rmssd, vendor, captured_at, source_stream, source_seq)
+     SELECT * FROM UNNEST($1::text[], $2::date[], $3::float8[], $4::float8[], $5::text[], $6::timestamptz[], $7::text[], $8::int8[])
+     ON CONFLICT (user_id, date) DO UPDATE SET
+         rmssd = EXCLUDED.rmssd,
+         ln_rmssd = EXCLUDED.ln_rmssd,
+         captured_at = EXCLUDED.captured_at,
+         source_stream = EXCLUDED.source_stream,
+         source_seq = EXCLUDED.source_seq,
+         updated_at = now()
+     WHERE hrv_data.captured_at <= EXCLUDED.captured_at
+     RETURNING user_id, date, vendor";
+
+async fn upsert_hrv_batch(
+    tx: &mut Transaction<'_, Postgres>,
+    metrics: &Metrics,
+    part: &[&Cand<'_, HrvRecord>],
+    vendor_given: bool,
+    entries: &[BatchEntry<'_>],
+    out: &mut [EntryOutcome],
+) -> Result<(), sqlx::Error> {
+    let started = Instant::now();
+    let n = part.len();
+    let (mut users, mut dates, mut rmssd, mut ln, mut vendors, mut at, mut streams, mut seqs) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for c in part {
+        let r = c.record;
+        let src = &entries[c.entry].source;
+        users.push(r.user_id.as_str());
+        dates.push(r.date);
+        rmssd.push(r.rmssd);
+        ln.push(r.ln_rmssd);
+        vendors.push(r.vendor.map_or("unknown", |v| v.as_str()));
+        at.push(r.captured_at);
+        streams.push(src.stream);
+        seqs.push(seq(src));
+    }
+    let sql = if vendor_given {
+        HRV_BATCH_VENDOR
+    } else {
+        HRV_BATCH_NO_VENDOR
+    };
+    let rows = sqlx::query(sql)
+        .bind(&users)
+        .bind(&dates)
+        .bind(&rmssd)
+        .bind(&ln)
+        .bind(&vendors)
+        .bind(&at)
+        .bind(&streams)
+        .bind(&seqs)
+        .fetch_all(&mut **tx)
+        .await?;
+    metrics.observe_db_write("hrv_data", started.elapsed());
+    // Keys are unique after collapsing, so a returned row names exactly one candidate.
+    let mut written: HashMap<(String, NaiveDate), String> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        written.insert(
+            (row.try_get("user_id")?, row.try_get("date")?),
+            row.try_get("vendor")?,
+        );
+    }
+    for c in part {
+        let r = c.record;
+        if let Some(vendor) = written.get(&(r.user_id.clone(), r.date)) {
+            out[c.entry].normalized.push(Normalized {
+                subject: HRV_NORMALIZED_SUBJECT,
+                id_suffix: c.id_suffix,
+                body: hrv::normalized(r, vendor),
+            });
+        }
+    }
+    Ok(())
+}
+
+const SLEEP_BATCH_VENDOR: &str = "INSERT INTO sleep_data (user_id, date, duration_minutes, quality_score, vendor, captured_at,
+                             captured_at_defaulted, source_stream, source_seq)
+     SELECT * FROM UNNEST($1::text[], $2::date[], $3::int4[], $4::int4[], $5::text[], $6::timestamptz[], $7::bool[], $8::text[], $9::int8[])
+     ON CONFLICT (user_id, date) DO UPDATE SET
+         duration_minutes = EXCLUDED.duration_minutes,
+         quality_score = COALESCE(EXCLUDED.quality_score, sleep_data.quality_score),
+         vendor = EXCLUDED.vendor,
+         captured_at = EXCLUDED.captured_at,
+         captured_at_defaulted = EXCLUDED.captured_at_defaulted,
+         source_stream = EXCLUDED.source_stream,
+         source_seq = EXCLUDED.source_seq,
+         updated_at = now()
+     WHERE sleep_data.captured_at <= EXCLUDED.captured_at
+     RETURNING user_id, date, vendor, quality_score";
+
+const SLEEP_BATCH_NO_VENDOR: &str = "INSERT INTO sleep_data (user_id, date, duration_minutes, quality_score, vendor, captured_at,
+                             captured_at_defaulted, source_stream, source_seq)
+     SELECT * FROM UNNEST($1::text[], $2::date[], $3::int4[], $4::int4[], $5::text[], $6::timestamptz[], $7::bool[], $8::text[], $9::int8[])
+     ON CONFLICT (user_id, date) DO UPDATE SET
+         duration_minutes = EXCLUDED.duration_minutes,
+         quality_score = COALESCE(EXCLUDED.quality_score, sleep_data.quality_score),
+         captured_at = EXCLUDED.captured_at,
+         captured_at_defaulted = EXCLUDED.captured_at_defaulted,
+         source_stream = EXCLUDED.source_stream,
+         source_seq = EXCLUDED.source_seq,
+         updated_at = now()
+     WHERE sleep_data.captured_at <= EXCLUDED.captured_at
+     RETURNING user_id, date, vendor, quality_score";
+
+async fn upsert_sleep_batch(
+    tx: &mut Transaction<'_, Postgres>,
+    metrics: &Metrics,
+    part: &[&Cand<'_, SleepRecord>],
+    vendor_given: bool,
+    entries: &[BatchEntry<'_>],
+    out: &mut [EntryOutcome],
+) -> Result<(), sqlx::Error> {
+    let started = Instant::now();
+    let n = part.len();
+    let mut users = Vec::with_capacity(n);
+    let mut dates = Vec::with_capacity(n);
+    let mut durations = Vec::with_capacity(n);
+    let mut quality: Vec<Option<i32>> = Vec::with_capacity(n);
+    let mut vendors = Vec::with_capacity(n);
+    let mut at = Vec::with_capacity(n);
+    let mut defaulted = Vec::with_capacity(n);
+    let mut streams = Vec::with_capacity(n);
+    let mut seqs = Vec::with_capacity(n);
+    for c in part {
+        let r = c.record;
+        let src = &entries[c.entry].source;
+        users.push(r.user_id.as_str());
+        dates.push(r.date);
+        durations.push(r.duration_minutes);
+        quality.push(r.quality_score);
+        vendors.push(r.vendor.map_or("unknown", |v| v.as_str()));
+        at.push(r.captured_at);
+        defaulted.push(r.captured_at_defaulted);
+        streams.push(src.stream);
+        seqs.push(seq(src));
+    }
+    let sql = if vendor_given {
+        SLEEP_BATCH_VENDOR
+    } else {
+        SLEEP_BATCH_NO_VENDOR
+    };
+    let rows = sqlx::query(sql)
+        .bind(&users)
+        .bind(&dates)
+        .bind(&durations)
+        .bind(&quality)
+        .bind(&vendors)
+        .bind(&at)
+        .bind(&defaulted)
+        .bind(&streams)
+        .bind(&seqs)
+        .fetch_all(&mut **tx)
+        .await?;
+    metrics.observe_db_write("sleep_data", started.elapsed());
+    let mut written: HashMap<(String, NaiveDate), (String, Option<i32>)> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        written.insert(
+            (row.try_get("user_id")?, row.try_get("date")?),
+            (row.try_get("vendor")?, row.try_get("quality_score")?),
+        );
+    }
+    for c in part {
+        let r = c.record;
+        if let Some((vendor, q)) = written.get(&(r.user_id.clone(), r.date)) {
+            out[c.entry].normalized.push(Normalized {
+                subject: SLEEP_NORMALIZED_SUBJECT,
+                id_suffix: c.id_suffix,
+                body: sleep::normalized(r, vendor, *q),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Stores the raw webhooks, each once per idempotency key (a repeat, even within the same
+/// statement, is a no-op).
+async fn insert_webhooks(
+    tx: &mut Transaction<'_, Postgres>,
+    metrics: &Metrics,
+    hooks: &[(usize, &OuraWebhook)],
+    entries: &[BatchEntry<'_>],
+) -> Result<(), sqlx::Error> {
+    let started = Instant::now();
+    let mut keys = Vec::with_capacity(hooks.len());
+    let mut users = Vec::with_capacity(hooks.len());
+    let mut payloads = Vec::with_capacity(hooks.len());
+    let mut streams = Vec::with_capacity(hooks.len());
+    let mut seqs = Vec::with_capacity(hooks.len());
+    for (i, w) in hooks {
+        let src = &entries[*i].source;
+        keys.push(w.idempotency_key.as_str());
+        users.push(w.user_id.as_str());
+        payloads.push(w.payload.to_string());
+        streams.push(src.stream);
+        seqs.push(seq(src));
+    }
+    sqlx::query(
+        "INSERT INTO vendor_webhook_events (vendor, idempotency_key, user_id, payload, source_stream, source_seq)
+         SELECT 'oura', k, u, p::jsonb, s, q
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[]) AS t(k, u, p, s, q)
+         ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(&keys)
+    .bind(&users)
+    .bind(&payloads)
+    .bind(&streams)
+    .bind(&seqs)
+    .execute(&mut **tx)
+    .await?;
+    metrics.observe_db_write("vendor_webhook_events", started.elapsed());
+    Ok(())
 }
 
 fn seq(source: &Source<'_>) -> i64 {
@@ -291,6 +678,25 @@ mod tests {
         for c in ["23505", "22001", "22P02", "42P01", "23514"] {
             assert!(!is_transient_sqlstate(c), "{c}");
         }
+    }
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn newest_captured_at_then_highest_seq_wins() {
+        let c = [
+            ("a", t("2025-03-01T06:00:00Z"), 1),
+            ("a", t("2025-03-01T08:00:00Z"), 2),
+            ("b", t("2025-03-01T05:00:00Z"), 3),
+            ("a", t("2025-03-01T07:00:00Z"), 4),
+            ("c", t("2025-03-01T05:00:00Z"), 9),
+            ("c", t("2025-03-01T05:00:00Z"), 5),
+            ("c", t("2025-03-01T05:00:00Z"), 7),
+        ];
+        assert_eq!(winners(&c), vec![false, true, true, false, true, false, false]);
+        assert!(winners::<&str>(&[]).is_empty());
     }
 
     #[test]

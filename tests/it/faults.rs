@@ -580,7 +580,6 @@ async fn stream_leader_killed_in_a_three_node_cluster() {
 /// 6. Slow writes: a lock held on the table for longer than ack_wait. Progress acks keep the
 /// messages from being redelivered while they are being worked on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs progress acks for in-flight batches (the batched write path)"]
 async fn progress_acks_cover_writes_slower_than_ack_wait() {
     const N: usize = 5;
     let nats = NatsServer::start().await;

@@ -2,6 +2,7 @@
 //! test (see `support`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod batch;
 mod consumers;
 mod daemon;
 mod deploy;

@@ -1,0 +1,723 @@
+//! Throughput benchmark (not a test): `cargo bench --bench throughput`.
+//!
+//! Every scenario gets its own nats-server (free port, temp store) and a fresh database, is
+//! preloaded with N HRV events (pipelined publishes), then drained by
+//! - the daemon binary (`normalize-service run`, a child process) at several `HRV_BATCH_SIZE`s,
+//!   normalized-event publishing on, and
+//! - a bare fetch → one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO UPDATE` → ack loop (this
+//!   binary re-executed as a child, so its RSS is its own),
+//!
+//! measured the same way from outside: events/s from the first delivery to "every row committed
+//! and nothing pending or unacked", per-batch latency p50/p99, peak RSS (VmHWM) of the process
+//! that consumed. Then a steady 1,000 events/s run measures publish → stored-and-announced
+//! latency (p50/p99) through the daemon. Every figure of one invocation is measured side by
+//! side on the same machine, so the ratios are what to compare.
+//!
+//! Options (environment): `BENCH_EVENTS` (200000), `BENCH_SINGLE_EVENTS` (events for the
+//! one-message-at-a-time mode, default min(BENCH_EVENTS, 20000): the rate is what is compared),
+//! `BENCH_BATCH_SIZES` (`500,10`), `BENCH_STEADY_SECS` (10), `BENCH_STEADY_RATE` (1000),
+//! `BENCH_SKIP` (comma list of `bare,daemon,single,steady`), `TEST_DATABASE_URL`,
+//! `NATS_SERVER_BIN`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::IntoFuture;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, AckKind};
+use chrono::{DateTime, NaiveDate, Utc};
+use futures::StreamExt;
+use normalize_service::config::StreamNames;
+use normalize_service::topology;
+use sqlx::{Connection, PgConnection, PgPool};
+
+const SUBJECT: &str = "athlete-ally.hrv.raw-received";
+const STREAM: &str = "AA_CORE_HOT";
+const DURABLE: &str = "normalize-hrv-durable";
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Nats {
+    port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    fn start() -> Nats {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n}}\n",
+                dir.path().join("js").display()
+            ),
+        )
+        .unwrap();
+        let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "/usr/sbin/nats-server".into());
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nats {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+struct Db {
+    name: String,
+    url: String,
+}
+
+impl Db {
+    async fn create() -> Db {
+        let name = format!(
+            "nsbench_{}_{}",
+            std::process::id(),
+            Utc::now().timestamp_nanos_opt().unwrap_or(0)
+        );
+        let mut conn = PgConnection::connect(&admin_url()).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let base = admin_url().rsplit_once('/').unwrap().0.to_string();
+        Db {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+
+    async fn drop_db(self) {
+        if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))
+                .execute(&mut conn)
+                .await;
+        }
+    }
+}
+
+fn event(i: u64) -> String {
+    let base = NaiveDate::from_ymd_opt(2024, 1, 1).unwrap();
+    let date = base + chrono::Days::new(i / 5000);
+    let captured = format!("{date}T07:30:00Z");
+    serde_json::json!({
+        "payload": {"userId": format!("user-{:05}", i % 5000), "date": date.to_string(), "rMSSD": 40.0 + (i % 50) as f64,
+                    "capturedAt": captured, "raw": {"source": "oura"}}
+    })
+    .to_string()
+}
+
+async fn preload(js: &jetstream::Context, n: u64) -> Duration {
+    let started = Instant::now();
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for i in 0..n {
+        acks.push(js.publish(SUBJECT, event(i).into()).await.unwrap().into_future());
+        while acks.len() >= 4096 {
+            acks.next().await.unwrap().unwrap();
+        }
+    }
+    while let Some(a) = acks.next().await {
+        a.unwrap();
+    }
+    started.elapsed()
+}
+
+#[derive(Debug, Default, Clone)]
+struct Figures {
+    label: String,
+    events: u64,
+    secs: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    rss_mib: f64,
+}
+
+impl Figures {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.secs
+    }
+}
+
+fn vm_hwm_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Waits for the first delivery to `durable`, then for all `n` rows committed with nothing
+/// pending or unacked; returns the elapsed time between the two (polled every 2 ms / 5 ms).
+async fn time_drain(js: &jetstream::Context, pool: &PgPool, durable: &str, n: u64) -> Duration {
+    let stream = js.get_stream(STREAM).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let t0 = loop {
+        if let Ok(info) = stream.consumer_info(durable).await {
+            if info.delivered.consumer_sequence > 0 {
+                break Instant::now();
+            }
+        }
+        assert!(Instant::now() < deadline, "no delivery to {durable}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    loop {
+        if let Ok(info) = stream.consumer_info(durable).await {
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM hrv_data")
+                    .fetch_one(pool)
+                    .await
+                    .unwrap_or(0);
+                if rows as u64 >= n {
+                    return t0.elapsed();
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "{durable} did not drain");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of /proc/pid/stat: indexes 11 and 12 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Mean of a Prometheus histogram (`_sum / _count`), in milliseconds, over matching series.
+fn histogram_mean_ms(text: &str, name: &str, label: &str) -> f64 {
+    let sum_of = |suffix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}_{suffix}")) && l.contains(label))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    };
+    let count = sum_of("count");
+    if count == 0.0 {
+        f64::NAN
+    } else {
+        sum_of("sum") / count * 1000.0
+    }
+}
+
+fn daemon_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_normalize-service"))
+}
+
+struct Daemon {
+    child: Child,
+    metrics_port: u16,
+}
+
+impl Daemon {
+    fn start(nats: &Nats, db: &Db, batch: usize) -> Daemon {
+        let port = free_port();
+        let metrics_port = free_port();
+        let child = Command::new(daemon_bin())
+            .arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("NATS_URL", nats.url())
+            .env("DATABASE_URL", &db.url)
+            .env("HOST", "127.0.0.1")
+            .env("PORT", port.to_string())
+            .env("METRICS_PORT", metrics_port.to_string())
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "warn")
+            .env("HRV_BATCH_SIZE", batch.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("daemon starts");
+        Daemon { child, metrics_port }
+    }
+
+    async fn metrics(&self) -> String {
+        normalize_service::http::http_get("127.0.0.1", self.metrics_port, "/metrics", Duration::from_secs(5))
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Quantile from a Prometheus histogram (cumulative buckets), interpolated linearly inside the
+/// bucket as `histogram_quantile` does.
+fn histogram_quantile(text: &str, name: &str, q: f64) -> f64 {
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let v: f64 = l.rsplit_once(' ')?.1.parse().ok()?;
+            Some((le, v))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    if total == 0.0 {
+        return f64::NAN;
+    }
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for (le, c) in buckets {
+        if c >= rank {
+            if le.is_infinite() {
+                return prev.0 * 1000.0;
+            }
+            let frac = if c > prev.1 {
+                (rank - prev.1) / (c - prev.1)
+            } else {
+                1.0
+            };
+            return (prev.0 + (le - prev.0) * frac) * 1000.0;
+        }
+        prev = (le, c);
+    }
+    f64::NAN
+}
+
+async fn setup(n: u64) -> (Nats, Db, jetstream::Context, PgPool) {
+    let nats = Nats::start();
+    let db = Db::create().await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client);
+    js.create_stream(topology::core_spec(&StreamNames::default(), 1).to_config())
+        .await
+        .unwrap();
+    let pool = PgPool::connect(&db.url).await.unwrap();
+    normalize_service::store::MIGRATOR.run(&pool).await.unwrap();
+    let took = preload(&js, n).await;
+    eprintln!(
+        "  preloaded {n} events in {:.2} s ({:.0}/s)",
+        took.as_secs_f64(),
+        n as f64 / took.as_secs_f64()
+    );
+    (nats, db, js, pool)
+}
+
+async fn run_daemon(n: u64, batch: usize) -> Figures {
+    let (nats, db, js, pool) = setup(n).await;
+    let daemon = Daemon::start(&nats, &db, batch);
+    let (nats_cpu0, pid) = (cpu_secs(nats.child.id()), daemon.child.id());
+    let daemon_cpu0 = cpu_secs(pid);
+    let took = time_drain(&js, &pool, DURABLE, n).await;
+    let text = daemon.metrics().await;
+    eprintln!(
+        "  breakdown: batches {:.0}, mean batch {:.2} ms, mean hrv_data statement {:.2} ms; CPU during the run: daemon {:.2} s, nats-server {:.2} s (wall {:.2} s)",
+        text.lines()
+            .find(|l| l.starts_with("normalize_batch_duration_seconds_count") && l.contains("consumer=\"hrv\""))
+            .and_then(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .unwrap_or(f64::NAN),
+        histogram_mean_ms(&text, "normalize_batch_duration_seconds", "consumer=\"hrv\""),
+        histogram_mean_ms(&text, "normalize_db_write_duration_seconds", "table=\"hrv_data\""),
+        cpu_secs(pid) - daemon_cpu0,
+        cpu_secs(nats.child.id()) - nats_cpu0,
+        took.as_secs_f64()
+    );
+    let name = "normalize_batch_duration_seconds";
+    let f = Figures {
+        label: format!("daemon HRV_BATCH_SIZE={batch}"),
+        events: n,
+        secs: took.as_secs_f64(),
+        p50_ms: histogram_quantile(&text, name, 0.5),
+        p99_ms: histogram_quantile(&text, name, 0.99),
+        rss_mib: vm_hwm_mib(daemon.child.id()),
+    };
+    let normalized = topology_count(&js, "athlete-ally.hrv.normalized-stored").await;
+    assert_eq!(normalized, n, "one normalized event per event");
+    daemon.stop();
+    pool.close().await;
+    db.drop_db().await;
+    drop(nats);
+    f
+}
+
+/// Messages of `subject` in the stream (an ephemeral consumer's pending count).
+async fn topology_count(js: &jetstream::Context, subject: &str) -> u64 {
+    let s = js.get_stream(STREAM).await.unwrap();
+    let mut c: jetstream::consumer::PullConsumer = s
+        .create_consumer(pull::Config {
+            filter_subject: subject.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    c.info().await.map(|i| i.num_pending).unwrap_or(0)
+}
+
+/// The bare loop, run in a child process (`throughput --bare <nats> <db> <batch> <n>`).
+async fn bare_child(nats_url: &str, db_url: &str, batch: usize, n: u64) {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let stream = js.get_stream(STREAM).await.unwrap();
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            "bare",
+            pull::Config {
+                durable_name: Some("bare".into()),
+                filter_subject: SUBJECT.into(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                max_ack_pending: 1000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let pool = PgPool::connect(db_url).await.unwrap();
+    let mut done = 0u64;
+    let mut lat = Vec::new();
+    while done < n {
+        let mut msgs = consumer
+            .fetch()
+            .max_messages(batch)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .unwrap();
+        let mut batch_msgs = Vec::with_capacity(batch);
+        let mut first_at = None;
+        while let Some(m) = msgs.next().await {
+            first_at.get_or_insert_with(Instant::now);
+            batch_msgs.push(m.unwrap());
+        }
+        if batch_msgs.is_empty() {
+            continue;
+        }
+        let (mut users, mut dates, mut rmssd, mut ln, mut at, mut seqs) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for m in &batch_msgs {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            let p = &v["payload"];
+            let r = p["rMSSD"].as_f64().unwrap();
+            users.push(p["userId"].as_str().unwrap().to_string());
+            dates.push(NaiveDate::parse_from_str(p["date"].as_str().unwrap(), "%Y-%m-%d").unwrap());
+            rmssd.push(r);
+            ln.push(r.ln());
+            at.push(
+                DateTime::parse_from_rfc3339(p["capturedAt"].as_str().unwrap())
+                    .unwrap()
+                    .with_timezone(&Utc),
+            );
+            seqs.push(m.info().unwrap().stream_sequence as i64);
+        }
+        sqlx::query(
+            "INSERT INTO hrv_data (user_id, date, rmssd, ln_rmssd, vendor, captured_at, source_stream, source_seq)
+             SELECT u, d, r, l, 'oura', c, 'AA_CORE_HOT', s
+             FROM UNNEST($1::text[], $2::date[], $3::float8[], $4::float8[], $5::timestamptz[], $6::int8[]) AS t(u, d, r, l, c, s)
+             ON CONFLICT (user_id, date) DO UPDATE SET rmssd = EXCLUDED.rmssd, ln_rmssd = EXCLUDED.ln_rmssd,
+                 captured_at = EXCLUDED.captured_at, source_seq = EXCLUDED.source_seq, updated_at = now()
+             WHERE hrv_data.captured_at <= EXCLUDED.captured_at",
+        )
+        .bind(&users)
+        .bind(&dates)
+        .bind(&rmssd)
+        .bind(&ln)
+        .bind(&at)
+        .bind(&seqs)
+        .execute(&pool)
+        .await
+        .unwrap();
+        for m in &batch_msgs {
+            m.ack_with(AckKind::Ack).await.unwrap();
+        }
+        client.flush().await.unwrap();
+        done += batch_msgs.len() as u64;
+        if let Some(t) = first_at {
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    let q = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+    println!("BARE {} {} {}", q(0.5), q(0.99), vm_hwm_mib(std::process::id()));
+}
+
+async fn run_bare(n: u64, batch: usize) -> Figures {
+    let (nats, db, js, pool) = setup(n).await;
+    let exe = std::env::current_exe().unwrap();
+    let child = Command::new(exe)
+        .arg("--bare")
+        .arg(nats.url())
+        .arg(&db.url)
+        .arg(batch.to_string())
+        .arg(n.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let took = time_drain(&js, &pool, "bare", n).await;
+    let out = child.wait_with_output().unwrap();
+    let line = String::from_utf8_lossy(&out.stdout).to_string();
+    let parts: Vec<f64> = line
+        .lines()
+        .find(|l| l.starts_with("BARE "))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    pool.close().await;
+    db.drop_db().await;
+    drop(nats);
+    Figures {
+        label: format!("bare loop batch={batch}"),
+        events: n,
+        secs: took.as_secs_f64(),
+        p50_ms: parts.first().copied().unwrap_or(f64::NAN),
+        p99_ms: parts.get(1).copied().unwrap_or(f64::NAN),
+        rss_mib: parts.get(2).copied().unwrap_or(f64::NAN),
+    }
+}
+
+/// A steady `rate` events/s for `secs` through the daemon: publish → normalized event received
+/// (published by the daemon after the commit), so an upper bound of publish → committed row.
+async fn run_steady(batch: usize, rate: u64, secs: u64) -> (f64, f64, f64, u64) {
+    let (nats, db, js, pool) = setup(0).await;
+    let daemon = Daemon::start(&nats, &db, batch);
+    // Ready when the durable exists.
+    let stream = js.get_stream(STREAM).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stream.consumer_info(DURABLE).await.is_err() {
+        assert!(Instant::now() < deadline, "daemon did not bind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut sub = client
+        .subscribe("athlete-ally.hrv.normalized-stored")
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let total = rate * secs;
+    let collector = tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(total as usize);
+        while lat.len() < total as usize {
+            match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
+                Ok(Some(m)) => {
+                    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+                    if let Some(at) = v["record"]["capturedAt"]
+                        .as_str()
+                        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+                    {
+                        let ms = (Utc::now() - at.with_timezone(&Utc))
+                            .num_microseconds()
+                            .unwrap_or(0) as f64
+                            / 1000.0;
+                        lat.push(ms);
+                    }
+                }
+                _ => break,
+            }
+        }
+        lat
+    });
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for i in 0..total {
+        tick.tick().await;
+        let now = Utc::now();
+        let body = serde_json::json!({
+            "payload": {"userId": format!("steady-{i}"), "date": "2025-03-01", "rMSSD": 42.0,
+                        "capturedAt": now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true), "raw": {"source": "oura"}}
+        })
+        .to_string();
+        acks.push(js.publish(SUBJECT, body.into()).await.unwrap().into_future());
+        while let Some(Some(a)) = futures::FutureExt::now_or_never(acks.next()) {
+            a.unwrap();
+        }
+    }
+    while let Some(a) = acks.next().await {
+        a.unwrap();
+    }
+    let mut lat = collector.await.unwrap();
+    let received = lat.len() as u64;
+    lat.sort_by(f64::total_cmp);
+    let q = |p: f64| {
+        if lat.is_empty() {
+            f64::NAN
+        } else {
+            lat[((lat.len() as f64 - 1.0) * p).round() as usize]
+        }
+    };
+    let rss = vm_hwm_mib(daemon.child.id());
+    let out = (q(0.5), q(0.99), rss, received);
+    daemon.stop();
+    pool.close().await;
+    db.drop_db().await;
+    drop(nats);
+    out
+}
+
+fn print(f: &Figures, bare: Option<&Figures>, single: Option<&Figures>) {
+    let mut extra = String::new();
+    if let Some(b) = bare {
+        extra.push_str(&format!("  {:.2}x bare", f.rate() / b.rate()));
+    }
+    if let Some(s) = single {
+        extra.push_str(&format!("  {:.1}x one-at-a-time", f.rate() / s.rate()));
+    }
+    println!(
+        "{:<28} {:>8} ev {:>7.2} s {:>9.0} ev/s  batch p50 {:>7.2} ms  p99 {:>7.2} ms  peak RSS {:>6.1} MiB{extra}",
+        f.label,
+        f.events,
+        f.secs,
+        f.rate(),
+        f.p50_ms,
+        f.p99_ms,
+        f.rss_mib
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if let Some(i) = args.iter().position(|a| a == "--bare") {
+        let a = &args[i + 1..];
+        rt.block_on(bare_child(
+            &a[0],
+            &a[1],
+            a[2].parse().unwrap(),
+            a[3].parse().unwrap(),
+        ));
+        return;
+    }
+    let n: u64 = env_or("BENCH_EVENTS", 200_000);
+    let single_n: u64 = env_or("BENCH_SINGLE_EVENTS", n.min(20_000));
+    let sizes: Vec<usize> = std::env::var("BENCH_BATCH_SIZES")
+        .unwrap_or_else(|_| "500,10".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let skip = std::env::var("BENCH_SKIP").unwrap_or_default();
+    let steady_secs: u64 = env_or("BENCH_STEADY_SECS", 10);
+    let steady_rate: u64 = env_or("BENCH_STEADY_RATE", 1000);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "normalize-service throughput benchmark: {n} HRV events per run; load average at start: {}",
+        load.trim()
+    );
+    rt.block_on(async {
+        let mut results: Vec<(usize, Option<Figures>, Option<Figures>)> = Vec::new();
+        for &b in &sizes {
+            let bare = if skip.contains("bare") {
+                None
+            } else {
+                eprintln!("bare loop, batch {b}");
+                Some(run_bare(n, b).await)
+            };
+            let daemon = if skip.contains("daemon") {
+                None
+            } else {
+                eprintln!("daemon, HRV_BATCH_SIZE={b}");
+                Some(run_daemon(n, b).await)
+            };
+            results.push((b, bare, daemon));
+        }
+        let single = if skip.contains("single") {
+            None
+        } else {
+            eprintln!("daemon, HRV_BATCH_SIZE=1 ({single_n} events)");
+            Some(run_daemon(single_n, 1).await)
+        };
+        println!();
+        for (_, bare, daemon) in &results {
+            if let Some(b) = bare {
+                print(b, None, None);
+            }
+            if let Some(d) = daemon {
+                print(d, bare.as_ref(), single.as_ref());
+            }
+        }
+        if let Some(s) = &single {
+            print(s, None, None);
+        }
+        if !skip.contains("steady") {
+            eprintln!("steady {steady_rate} ev/s for {steady_secs} s");
+            for b in [10usize, 500] {
+                let (p50, p99, rss, got) = run_steady(b, steady_rate, steady_secs).await;
+                println!(
+                    "steady {steady_rate} ev/s, HRV_BATCH_SIZE={b:<4}: publish -> stored+announced p50 {p50:.2} ms  p99 {p99:.2} ms  ({got}/{} events)  peak RSS {rss:.1} MiB",
+                    steady_rate * steady_secs
+                );
+            }
+        }
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        println!("load average at end: {}", load.trim());
+    });
+}

@@ -1,0 +1,392 @@
+//! The batch pipeline: what the pull loop does with the messages it has in hand.
+//!
+//! Decode and validate every message → collapse records with the same key (newest
+//! `captured_at`, then highest stream sequence) → write each table with one multi-row statement
+//! in one transaction → publish every normalized event without awaiting each PubAck in turn,
+//! then await them all → settle each message as [`decide`] says → flush the acks once.
+//!
+//! A batch statement that fails for a non-transient reason is retried message by message (one
+//! transaction each), so only the bad records are dead-lettered. A transient failure is shared
+//! by the whole batch, which is NAKed. Nothing is acked before its rows are committed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use chrono::Utc;
+use futures::{FutureExt, Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use super::{nak, Worker};
+use crate::dlq::{Origin, Reason};
+use crate::metrics::MessageResult;
+use crate::outcome::{decide, Action, Failure};
+use crate::pipeline::{self, Decoded, Envelope};
+use crate::store::{self, BatchEntry, Normalized, Source};
+use crate::topology::Binding;
+
+/// How long to wait for the next message of a burst before processing what is in hand. A
+/// pull's messages arrive back to back; this only joins them into one write, it never holds
+/// a partial batch for longer than this.
+const GATHER_WINDOW: Duration = Duration::from_millis(1);
+
+/// A message received from a pull, with when it arrived (for the processing-time histogram).
+pub(super) struct Received {
+    pub msg: jetstream::Message,
+    pub at: Instant,
+}
+
+/// How gathering a sub-batch ended.
+pub(super) enum Gathered<E> {
+    /// The pull may deliver more.
+    Open,
+    /// The pull (or stream) ended.
+    Ended,
+    /// The pull ended with an error.
+    Failed(E),
+}
+
+/// Takes what has already arrived (and what arrives within [`GATHER_WINDOW`] of the previous
+/// message), up to `max` messages in total in `into`.
+pub(super) async fn gather<S, E>(source: &mut S, into: &mut Vec<Received>, max: usize) -> Gathered<E>
+where
+    S: Stream<Item = Result<jetstream::Message, E>> + Unpin,
+{
+    while into.len() < max {
+        let next = match source.next().now_or_never() {
+            Some(n) => n,
+            None => match tokio::time::timeout(GATHER_WINDOW, source.next()).await {
+                Ok(n) => n,
+                Err(_) => return Gathered::Open,
+            },
+        };
+        match next {
+            Some(Ok(msg)) => into.push(Received {
+                msg,
+                at: Instant::now(),
+            }),
+            Some(Err(e)) => return Gathered::Failed(e),
+            None => return Gathered::Ended,
+        }
+    }
+    Gathered::Open
+}
+
+/// One message of the batch being processed.
+struct Item {
+    msg: jetstream::Message,
+    at: Instant,
+    stream: String,
+    seq: u64,
+    delivered: i64,
+}
+
+impl Worker {
+    /// Processes and settles a batch. `db_down` short-circuits the rest of a pull once the
+    /// database is found unreachable, so a pull is NAKed in milliseconds, not pool timeouts.
+    pub(super) async fn handle_batch(
+        &self,
+        received: Vec<Received>,
+        b: &Binding,
+        db_down: &mut bool,
+        shutdown: &CancellationToken,
+    ) {
+        let started = received.first().map_or_else(Instant::now, |r| r.at);
+        let kind = self.cc.kind;
+        let mut items = Vec::with_capacity(received.len());
+        for r in received {
+            let meta = r
+                .msg
+                .info()
+                .map(|i| (i.stream.to_string(), i.stream_sequence, i.delivered));
+            match meta {
+                Ok((stream, seq, delivered)) => items.push(Item {
+                    msg: r.msg,
+                    at: r.at,
+                    stream,
+                    seq,
+                    delivered,
+                }),
+                Err(e) => {
+                    tracing::warn!(consumer = %kind, error = %e, "message without JetStream metadata; ignored")
+                }
+            }
+        }
+        if items.is_empty() {
+            return;
+        }
+
+        let results = {
+            let work = self.process(&items, *db_down);
+            tokio::pin!(work);
+            // A slow batch (a database lock, a slow disk) must not be redelivered under us:
+            // progress acks every ack_wait / 3 keep the whole batch ours until it is settled.
+            let ack_wait = b.consumer.cached_info().config.ack_wait;
+            let every = (ack_wait / 3).max(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    r = &mut work => break r,
+                    _ = tokio::time::sleep(every) => {
+                        for it in &items {
+                            if let Err(e) = it.msg.ack_with(AckKind::Progress).await {
+                                tracing::debug!(consumer = %kind, error = %e, "progress ack failed");
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(f) if f.database_unreachable()))
+        {
+            *db_down = true;
+        }
+
+        for (item, result) in items.iter().zip(results) {
+            self.settle(item, result, b, shutdown).await;
+        }
+        // Acks are fire-and-forget publishes: push them out together, once per batch.
+        if let Err(e) = self.shared.js.client().flush().await {
+            tracing::debug!(consumer = %kind, error = %e, "flushing acks failed; they will be sent on reconnect or redelivered");
+        }
+        self.shared
+            .metrics
+            .batch_duration
+            .with_label_values(&[kind.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Decode, write, publish: one result per item, in order.
+    async fn process(&self, items: &[Item], db_down: bool) -> Vec<Result<(), Failure>> {
+        let now = Utc::now();
+        let mut results: Vec<Result<(), Failure>> = Vec::with_capacity(items.len());
+        let mut decoded: Vec<Option<Decoded>> = Vec::with_capacity(items.len());
+        for it in items {
+            // A DLQ replay carries the first publisher's id separately (see dlq_cli).
+            let msg_id = crate::dlq_cli::idempotency_msg_id(it.msg.headers.as_ref());
+            let envelope = Envelope {
+                msg_id,
+                now,
+                max_payload_bytes: self.shared.config.max_payload_bytes,
+            };
+            match pipeline::decode(self.cc.kind, &it.msg.payload, envelope) {
+                Ok(d) => {
+                    decoded.push(Some(d));
+                    results.push(Ok(()));
+                }
+                Err(e) => {
+                    decoded.push(None);
+                    results.push(Err(Failure::Schema(e)));
+                }
+            }
+        }
+        let valid: Vec<usize> = (0..items.len()).filter(|&i| decoded[i].is_some()).collect();
+        if valid.is_empty() {
+            return results;
+        }
+        if db_down {
+            for &i in &valid {
+                results[i] = Err(Failure::DatabaseSkipped);
+            }
+            return results;
+        }
+
+        let entries: Vec<BatchEntry<'_>> = valid
+            .iter()
+            .filter_map(|&i| {
+                decoded[i].as_ref().map(|d| BatchEntry {
+                    decoded: d,
+                    source: Source {
+                        stream: &items[i].stream,
+                        seq: items[i].seq,
+                    },
+                })
+            })
+            .collect();
+        let m = &self.shared.metrics;
+        let kind = self.cc.kind.as_str();
+        // Per valid item: the events to publish, or why it failed.
+        let written: Vec<Result<Vec<Normalized>, Failure>> = match store::write_batch(
+            &self.shared.pool,
+            m,
+            &entries,
+        )
+        .await
+        {
+            Ok(outcomes) => {
+                let superseded = outcomes.iter().filter(|o| o.superseded).count();
+                if superseded > 0 {
+                    m.batch_superseded
+                        .with_label_values(&[kind])
+                        .inc_by(superseded as u64);
+                }
+                outcomes.into_iter().map(|o| Ok(o.normalized)).collect()
+            }
+            Err(e) if store::is_transient(&e) || entries.len() == 1 => {
+                let shared = Arc::new(e);
+                entries
+                    .iter()
+                    .map(|_| Err(Failure::Batch(shared.clone())))
+                    .collect()
+            }
+            Err(e) => {
+                tracing::warn!(consumer = %kind, error = %e, size = entries.len(), "batch write failed; retrying its messages one by one");
+                m.batch_unrolled.with_label_values(&[kind]).inc();
+                self.write_one_by_one(&entries).await
+            }
+        };
+
+        let published = self.publish_all(&entries, written).await;
+        for (&i, r) in valid.iter().zip(published) {
+            results[i] = r;
+        }
+        results
+    }
+
+    /// The unroll-and-retry path: each message in its own transaction, in stream order (so
+    /// same-key records end as the batch write would have left them).
+    async fn write_one_by_one(&self, entries: &[BatchEntry<'_>]) -> Vec<Result<Vec<Normalized>, Failure>> {
+        let mut out = Vec::with_capacity(entries.len());
+        let mut unreachable = false;
+        for e in entries {
+            if unreachable {
+                out.push(Err(Failure::DatabaseSkipped));
+                continue;
+            }
+            let r = store::write(&self.shared.pool, &self.shared.metrics, e.decoded, &e.source).await;
+            out.push(r.map_err(|err| {
+                if crate::outcome::unreachable_error(&err) {
+                    unreachable = true;
+                }
+                Failure::Store(err)
+            }));
+        }
+        out
+    }
+
+    /// Sends every normalized event of the batch, then awaits all PubAcks together. An item
+    /// succeeds when all its events are acknowledged by JetStream.
+    async fn publish_all(
+        &self,
+        entries: &[BatchEntry<'_>],
+        written: Vec<Result<Vec<Normalized>, Failure>>,
+    ) -> Vec<Result<(), Failure>> {
+        let mut results: Vec<Result<(), Failure>> = Vec::with_capacity(written.len());
+        let mut pending = Vec::new();
+        for (idx, (e, w)) in entries.iter().zip(written).enumerate() {
+            let normalized = match w {
+                Ok(n) => n,
+                Err(f) => {
+                    results.push(Err(f));
+                    continue;
+                }
+            };
+            results.push(Ok(()));
+            for n in normalized {
+                let mut id = format!("{}:{}:{}", self.cc.durable, e.source.stream, e.source.seq);
+                if let Some(suffix) = n.id_suffix {
+                    id.push(':');
+                    id.push_str(suffix);
+                }
+                let body = serde_json::to_vec(&n.body).unwrap_or_default();
+                let publish = jetstream::message::PublishMessage::build()
+                    .payload(body.into())
+                    .message_id(id);
+                match self.shared.js.send_publish(n.subject, publish).await {
+                    Ok(ack) => pending.push((idx, ack)),
+                    Err(err) => {
+                        results[idx] = Err(Failure::Publish(err));
+                        break;
+                    }
+                }
+            }
+        }
+        let acks = futures::future::join_all(
+            pending
+                .into_iter()
+                .map(|(idx, ack)| async move { (idx, ack.await) }),
+        )
+        .await;
+        for (idx, r) in acks {
+            if let Err(err) = r {
+                if results[idx].is_ok() {
+                    results[idx] = Err(Failure::Publish(err));
+                }
+            }
+        }
+        results
+    }
+
+    /// Settles one message as [`decide`] says and counts it.
+    async fn settle(
+        &self,
+        item: &Item,
+        result: Result<(), Failure>,
+        b: &Binding,
+        shutdown: &CancellationToken,
+    ) {
+        let kind = self.cc.kind;
+        let msg = &item.msg;
+        let (stream, seq, delivered) = (item.stream.as_str(), item.seq, item.delivered);
+        let action = decide(
+            result.as_ref().map(|_| ()).map_err(Failure::class),
+            delivered,
+            self.cc.max_deliver,
+            &self.shared.config.retry_backoff,
+        );
+        let m = &self.shared.metrics;
+        let metric_subject = self.cc.filter_subject.as_str();
+        let settled: MessageResult = match action {
+            Action::Ack => {
+                if let Err(e) = msg.ack().await {
+                    tracing::warn!(consumer = %kind, stream = %stream, seq, error = %e, "ack failed; the message will be redelivered and stored idempotently");
+                }
+                MessageResult::Success
+            }
+            Action::Nak(delay) => {
+                if let Err(f) = &result {
+                    tracing::debug!(consumer = %kind, stream = %stream, seq, delivered, error = %f, "transient failure; NAK with delay");
+                }
+                nak(msg, delay).await;
+                MessageResult::Retry
+            }
+            Action::DeadLetter(reason) => {
+                let error = match &result {
+                    Err(f) => f.to_string(),
+                    Ok(()) => String::new(),
+                };
+                let subject = msg.subject.to_string();
+                let origin = Origin {
+                    subject: &subject,
+                    stream,
+                    seq,
+                    durable: &b.durable,
+                    delivered,
+                };
+                if self.dead_letter(msg, &origin, reason, &error, b, shutdown).await {
+                    m.dlq_messages
+                        .with_label_values(&[
+                            kind.as_str(),
+                            reason.as_str(),
+                            metric_subject,
+                            stream,
+                            &b.durable,
+                        ])
+                        .inc();
+                    if reason == Reason::SchemaInvalid {
+                        MessageResult::SchemaInvalid
+                    } else {
+                        MessageResult::Dlq
+                    }
+                } else {
+                    MessageResult::Retry
+                }
+            }
+        };
+        m.count_message(kind, settled, metric_subject, stream, &b.durable);
+        m.processing_duration
+            .with_label_values(&[kind.as_str(), stream, &b.durable])
+            .observe(item.at.elapsed().as_secs_f64());
+    }
+}

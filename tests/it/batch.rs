@@ -1,0 +1,209 @@
+//! The batch pipeline (issue #5): same-key collapsing inside a batch, and unroll-and-retry
+//! when a batch statement fails for a non-transient reason.
+//!
+//! Events are published while no daemon runs, so the first pull delivers them together.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use normalize_service::config::StreamNames;
+use normalize_service::topology;
+use serde_json::Value;
+use sqlx::Row;
+
+use crate::support::*;
+
+const DURABLE: &str = "normalize-hrv-durable";
+const STREAM: &str = "AA_CORE_HOT";
+const NORMALIZED: &str = "athlete-ally.hrv.normalized-stored";
+
+async fn create_core_stream(js: &jetstream::Context) {
+    js.create_stream(topology::core_spec(&StreamNames::default(), 1).to_config())
+        .await
+        .unwrap();
+}
+
+fn hrv(user: &str, rmssd: f64, captured_at: &str) -> String {
+    hrv_event(user, "2025-03-01", rmssd, captured_at)
+}
+
+async fn normalized_events(js: &jetstream::Context) -> Vec<Value> {
+    stream_contents(js, STREAM)
+        .await
+        .into_iter()
+        .filter(|m| m.subject.as_str() == NORMALIZED)
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_key_in_a_batch_newest_wins_and_all_are_acked() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let js = nats.js().await;
+    create_core_stream(&js).await;
+    // Key "dup": the newest capturedAt (second message) wins. Key "tie": same capturedAt, the
+    // highest stream sequence wins. Written one at a time in stream order, both keys would
+    // have been written twice and announced twice.
+    let _dup1 = publish(&js, HRV_SUBJECT, hrv("dup", 10.0, "2025-03-01T06:00:00Z")).await;
+    let dup2 = publish(&js, HRV_SUBJECT, hrv("dup", 20.0, "2025-03-01T08:00:00Z")).await;
+    let _dup3 = publish(&js, HRV_SUBJECT, hrv("dup", 30.0, "2025-03-01T07:00:00Z")).await;
+    let _tie1 = publish(&js, HRV_SUBJECT, hrv("tie", 40.0, "2025-03-01T05:00:00Z")).await;
+    let tie2 = publish(&js, HRV_SUBJECT, hrv("tie", 50.0, "2025-03-01T05:00:00Z")).await;
+    let solo = publish(&js, HRV_SUBJECT, hrv("solo", 60.0, "2025-03-01T05:00:00Z")).await;
+
+    let app = TestApp::spawn(base_vars(&nats, &db.url)).await;
+    wait_for("durable bound", Duration::from_secs(20), || async {
+        consumer_backlog(&js, STREAM, DURABLE).await.is_some()
+    })
+    .await;
+    wait_drained(&js, STREAM, DURABLE).await;
+
+    let pool = db.pool().await;
+    let rows = sqlx::query("SELECT user_id, rmssd, source_seq FROM hrv_data ORDER BY user_id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let got: Vec<(String, f64, i64)> = rows
+        .iter()
+        .map(|r| (r.get("user_id"), r.get("rmssd"), r.get("source_seq")))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("dup".to_string(), 20.0, dup2 as i64),
+            ("solo".to_string(), 60.0, solo as i64),
+            ("tie".to_string(), 50.0, tie2 as i64),
+        ]
+    );
+
+    // One normalized event per stored row: the superseded records were acked unannounced.
+    wait_for("normalized events", Duration::from_secs(10), || async {
+        normalized_events(&js).await.len() >= 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = normalized_events(&js).await;
+    let mut announced: Vec<(String, f64)> = events
+        .iter()
+        .map(|v| {
+            (
+                v["record"]["userId"].as_str().unwrap().to_string(),
+                v["record"]["rMSSD"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    announced.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        announced,
+        vec![
+            ("dup".to_string(), 20.0),
+            ("solo".to_string(), 60.0),
+            ("tie".to_string(), 50.0)
+        ]
+    );
+
+    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0, "nothing dead-lettered");
+    let metrics = app.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "normalize_hrv_messages_total", &[("result", "success")]),
+        Some(6.0),
+        "every message acked as a success"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "normalize_batch_superseded_messages_total",
+            &[("consumer", "hrv")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "normalize_batch_unrolled_total", &[("consumer", "hrv")]),
+        Some(0.0),
+        "the batch statement itself succeeded"
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_constraint_violation_mid_batch_dead_letters_only_that_record() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    // First run: migrations and topology.
+    let app = TestApp::spawn(base_vars(&nats, &db.url)).await;
+    app.wait_ready().await;
+    app.stop().await.unwrap();
+    // A non-transient failure the decoder cannot foresee (SQLSTATE 23514), on this test's own
+    // database only.
+    let pool = db.pool().await;
+    sqlx::query("ALTER TABLE hrv_data ADD CONSTRAINT test_rmssd_cap CHECK (rmssd < 1000)")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let js = nats.js().await;
+    let mut seqs = Vec::new();
+    for (i, rmssd) in [41.0, 42.0, 5000.0, 44.0, 45.0].into_iter().enumerate() {
+        seqs.push(
+            publish(
+                &js,
+                HRV_SUBJECT,
+                hrv(&format!("u{i}"), rmssd, "2025-03-01T06:00:00Z"),
+            )
+            .await,
+        );
+    }
+    let bad = seqs[2];
+
+    let app = TestApp::spawn(base_vars(&nats, &db.url)).await;
+    wait_for("dead letter", Duration::from_secs(20), || async {
+        stream_messages(&js, "AA_DLQ").await >= 1
+    })
+    .await;
+    wait_drained(&js, STREAM, DURABLE).await;
+
+    let users: Vec<String> = sqlx::query_scalar("SELECT user_id FROM hrv_data ORDER BY user_id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        users,
+        vec!["u0", "u1", "u3", "u4"],
+        "the rest of the batch is stored"
+    );
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let letters = stream_contents(&js, "AA_DLQ").await;
+    assert_eq!(letters.len(), 1, "only the bad record is dead-lettered");
+    let l = &letters[0];
+    assert_eq!(l.subject.as_str(), "dlq.normalize.hrv.raw-received.non-retryable");
+    let h = |n: &str| {
+        l.headers
+            .get(n)
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(h("Dlq-Reason"), "non-retryable");
+    assert_eq!(h("Dlq-Original-Sequence"), bad.to_string());
+    assert_eq!(h("Dlq-Delivery-Count"), "1", "dead-lettered at once, not retried");
+
+    let events = normalized_events(&js).await;
+    assert_eq!(events.len(), 4, "one normalized event per stored row");
+
+    let metrics = app.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "normalize_batch_unrolled_total", &[("consumer", "hrv")]),
+        Some(1.0),
+        "the batch statement failed once and was retried message by message"
+    );
+    assert_eq!(
+        metric_value(&metrics, "normalize_hrv_messages_total", &[("result", "success")]),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "normalize_hrv_messages_total", &[("result", "dlq")]),
+        Some(1.0)
+    );
+    app.stop().await.unwrap();
+}
