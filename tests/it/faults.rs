@@ -513,6 +513,8 @@ async fn stream_leader_killed_in_a_three_node_cluster() {
             .args(["topology", "apply", "--mode", "multi", "--replicas", "3"])
             .env_clear()
             .env("NATS_URL", &url)
+            // Acks sent to a leader that dies are lost; a short ack wait redelivers them soon.
+            .env("NORMALIZE_HRV_ACK_WAIT_MS", "5000")
             .output()
             .unwrap();
         if out.status.success() {
