@@ -480,6 +480,12 @@ impl Worker {
                             at: Instant::now(),
                         }];
                         let gathered = batch::gather(&mut stream, &mut msgs, self.cc.batch_size).await;
+                        // In stream mode a "pull" is what arrived together.
+                        self.shared
+                            .metrics
+                            .batch_size
+                            .with_label_values(&[self.cc.kind.as_str()])
+                            .observe(msgs.len() as f64);
                         self.handle_batch(msgs, b, &mut db_down, shutdown).await;
                         self.progress(true, true);
                         match gathered {
