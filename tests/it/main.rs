@@ -8,4 +8,7 @@ mod deploy;
 mod dlq_cli;
 mod hrv;
 mod migration;
+mod properties;
+mod security;
 mod support;
+mod versions;
