@@ -189,11 +189,14 @@ async fn complete_flow_on_the_server_under_test() {
     }
 }
 
-/// The JetStream errors the topology code classifies by code keep their codes on this server:
-/// overlapping subjects (10065) and a filter outside the stream's subjects (10093).
+/// Overlapping subjects are refused with 10065 on every version (the migration order depends on
+/// it). A durable whose filter lies outside its stream's subjects is refused with 10093 on 2.9
+/// but ACCEPTED by 2.14 (observed with 2.14.0): the daemon must not rely on that error, which is
+/// why binding checks coverage itself (next test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_error_codes_the_daemon_relies_on() {
     use async_nats::jetstream::{consumer, stream};
+    let (version, (_, minor, _)) = binary_version();
     let nats = NatsServer::start().await;
     let js = nats.js().await;
     js.create_stream(stream::Config {
@@ -221,8 +224,70 @@ async fn jetstream_error_codes_the_daemon_relies_on() {
             filter_subject: "y.z".into(),
             ..Default::default()
         })
+        .await;
+    eprintln!(
+        "v{version}: a filter outside the stream's subjects is {}",
+        if outside.is_ok() { "accepted" } else { "refused" }
+    );
+    if minor <= 9 {
+        let text = format!("{:?}", outside.err());
+        assert!(text.contains("10093"), "v{version}: {text}");
+    }
+}
+
+/// The primary stream exists but does not hold the consumer's subject (a migration in between
+/// steps): on every server version the daemon binds the legacy stream and processes from it,
+/// even where the server would accept a durable with an uncovered filter (2.1x).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncovered_primary_falls_back_on_every_version() {
+    use async_nats::jetstream::stream;
+    let nats = NatsServer::start().await;
+    let js = nats.js().await;
+    js.create_stream(stream::Config {
+        name: "ATHLETE_ALLY_EVENTS".into(),
+        subjects: vec!["athlete-ally.>".into(), "vendor.>".into(), "sleep.*".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // The new streams exist, still without their subjects.
+    for name in ["AA_CORE_HOT", "AA_VENDOR_HOT"] {
+        js.create_stream(stream::Config {
+            name: name.into(),
+            subjects: vec![format!("placeholder.{name}")],
+            ..Default::default()
+        })
         .await
-        .unwrap_err();
-    let text = format!("{outside:?}");
-    assert!(text.contains("10093"), "filter error code changed: {text}");
+        .unwrap();
+    }
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(with(base_vars(&nats, &db.url), &[("EVENT_STREAM_MODE", "multi")])).await;
+    app.wait_ready().await;
+    publish(
+        &js,
+        HRV_SUBJECT,
+        hrv_event("fb", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
+    let pool = db.pool().await;
+    wait_for("row via the legacy stream", Duration::from_secs(30), || async {
+        count(&pool, "SELECT count(*) FROM hrv_data").await == 1
+    })
+    .await;
+    wait_drained(&js, "ATHLETE_ALLY_EVENTS", "normalize-hrv-durable").await;
+    let (_, health) = app.health().await;
+    assert_eq!(
+        health["consumers"]["hrv"]["stream"], "ATHLETE_ALLY_EVENTS",
+        "{health}"
+    );
+    assert_eq!(health["consumers"]["hrv"]["fallback"], true, "{health}");
+    assert!(
+        consumer_backlog(&js, "AA_CORE_HOT", "normalize-hrv-durable")
+            .await
+            .is_none(),
+        "no durable with an uncovered filter was created on the primary"
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 1);
+    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
+    app.stop().await.unwrap();
 }
