@@ -84,6 +84,9 @@ pub async fn connect_nats(cfg: &NatsConfig) -> anyhow::Result<async_nats::Client
             tracing::info!(servers = %shown, "connected to NATS");
             Ok(client)
         }
+        Err(e) if e.kind() == ConnectErrorKind::Tls || is_tls_failure(&e) => Err(anyhow::anyhow!(
+            "TLS to NATS failed (check NATS_TLS_CA_FILE and the tls:// URL in NATS_URL): {e}"
+        )),
         Err(e) => match e.kind() {
             ConnectErrorKind::Io | ConnectErrorKind::TimedOut | ConnectErrorKind::Dns | ConnectErrorKind::MaxReconnects => {
                 tracing::warn!(servers = %shown, error = %e, "NATS unreachable at start; retrying in the background");
@@ -92,9 +95,7 @@ pub async fn connect_nats(cfg: &NatsConfig) -> anyhow::Result<async_nats::Client
             ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => Err(anyhow::anyhow!(
                 "NATS refused the credentials (check NATS_USER/NATS_PASSWORD, NATS_TOKEN or NATS_CREDS_FILE): {e}"
             )),
-            ConnectErrorKind::Tls => Err(anyhow::anyhow!(
-                "TLS to NATS failed (check NATS_TLS_CA_FILE and the tls:// URL in NATS_URL): {e}"
-            )),
+            ConnectErrorKind::Tls => Err(anyhow::anyhow!("TLS to NATS failed: {e}")),
             ConnectErrorKind::ServerParse => Err(anyhow::anyhow!("NATS_URL: {e}")),
         },
     }
@@ -126,6 +127,27 @@ fn without_credentials(raw: &str) -> String {
         }
         _ => raw.to_string(),
     }
+}
+
+/// async-nats reports a failed TLS handshake (e.g. an untrusted certificate) as an I/O error;
+/// the rustls error inside says what it is. Retrying would never help, so it stops start-up.
+fn is_tls_failure(e: &async_nats::ConnectError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = source {
+        if err.is::<async_nats::rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+            {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
 }
 
 impl Application {

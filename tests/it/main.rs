@@ -10,4 +10,7 @@ mod dlq_cli;
 mod faults;
 mod hrv;
 mod migration;
+mod properties;
+mod security;
 mod support;
+mod versions;

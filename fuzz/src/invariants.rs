@@ -1,0 +1,331 @@
+//! Invariants of `normalize_service::pipeline::decode`, checked on every input the fuzz targets
+//! and the property tests produce. A violated invariant panics, which libFuzzer records as a
+//! crash and proptest as a failing case.
+//!
+//! Shared by `fuzz/` (as a library module) and `tests/it/properties.rs` (through `#[path]`), so
+//! it only uses `normalize_service`, `chrono` and `serde_json`, never `crate::`.
+
+use chrono::{DateTime, TimeZone, Utc};
+use normalize_service::config::ConsumerKind;
+use normalize_service::pipeline::{
+    self, hrv, oura, sleep, Decoded, Envelope, HrvRecord, SchemaError, SleepRecord, Vendor,
+};
+use serde_json::{Map, Value};
+
+/// The daemon's default `MAX_PAYLOAD_BYTES`.
+pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// The processing time handed to the decoders (fixed, so results are reproducible).
+pub fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2025, 3, 2, 12, 0, 0)
+        .single()
+        .unwrap_or_else(Utc::now)
+}
+
+pub fn envelope(msg_id: Option<&str>) -> Envelope<'_> {
+    Envelope {
+        msg_id,
+        now: now(),
+        max_payload_bytes: MAX_PAYLOAD_BYTES,
+    }
+}
+
+/// Decodes `body` as `kind`, checks every invariant, and returns the result.
+pub fn check(kind: ConsumerKind, body: &[u8], msg_id: Option<&str>) -> Result<Decoded, SchemaError> {
+    let result = pipeline::decode(kind, body, envelope(msg_id));
+
+    // Deterministic: the same bytes always give the same outcome (redeliveries agree).
+    let again = pipeline::decode(kind, body, envelope(msg_id));
+    match (&result, &again) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b, "decode is not deterministic"),
+        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "decode is not deterministic"),
+        _ => panic!("decode is not deterministic"),
+    }
+
+    // The size limit is checked before parsing: any body over the limit is refused as such.
+    if !body.is_empty() {
+        let small = Envelope {
+            max_payload_bytes: body.len() - 1,
+            ..envelope(msg_id)
+        };
+        assert!(
+            matches!(
+                pipeline::decode(kind, body, small),
+                Err(SchemaError::TooLarge { size, max }) if size == body.len() && max == body.len() - 1
+            ),
+            "a body over MAX_PAYLOAD_BYTES must be refused before parsing"
+        );
+    }
+
+    match &result {
+        Ok(Decoded::Hrv(r)) => {
+            assert_eq!(kind, ConsumerKind::Hrv, "wrong record type");
+            check_hrv_event(body, r);
+        }
+        Ok(Decoded::Sleep(r)) => {
+            assert_eq!(kind, ConsumerKind::Sleep, "wrong record type");
+            check_sleep_event(body, r);
+        }
+        Ok(Decoded::Oura(w)) => {
+            assert_eq!(kind, ConsumerKind::Oura, "wrong record type");
+            check_oura(body, msg_id, w);
+        }
+        Err(e) => {
+            // The error becomes the Dlq-Error header (≤ 1 KiB) and a log field: it names the
+            // field and the reason, and stays short whatever the input.
+            let text = e.to_string();
+            assert!(!text.is_empty());
+            assert!(text.len() <= 256, "error message of {} bytes", text.len());
+        }
+    }
+    result
+}
+
+/// Equal, or neighbouring finite floats of the same sign at most 2 ULP apart.
+pub fn ulps_close(a: f64, b: f64) -> bool {
+    a == b
+        || (a.is_finite()
+            && b.is_finite()
+            && a.is_sign_negative() == b.is_sign_negative()
+            && a.to_bits().abs_diff(b.to_bits()) <= 2)
+}
+
+/// JSON equality with floats compared by [`ulps_close`].
+pub fn json_close(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) => ulps_close(x, y),
+            _ => a == b,
+        },
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_close(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_close(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+fn root(body: &[u8]) -> Map<String, Value> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => m,
+        other => panic!("accepted a body that is not a JSON object: {other:?}"),
+    }
+}
+
+fn payload(body: &[u8]) -> Map<String, Value> {
+    match root(body).remove("payload") {
+        Some(Value::Object(p)) => p,
+        other => panic!("accepted an event without a payload object: {other:?}"),
+    }
+}
+
+/// A stored user id: the given string, 1..=128 characters, not blank.
+pub fn check_user_id(user_id: &str, given: Option<&Value>) {
+    assert_eq!(given.and_then(Value::as_str), Some(user_id), "user id changed");
+    assert!(!user_id.trim().is_empty(), "blank user id accepted");
+    assert!(user_id.chars().count() <= 128, "user id over 128 characters");
+}
+
+/// A stored date is a real calendar date that round-trips through `YYYY-MM-DD`.
+pub fn check_date(date: chrono::NaiveDate, given: Option<&Value>) {
+    let shown = date.format("%Y-%m-%d").to_string();
+    assert_eq!(
+        pipeline::parse_date(&shown),
+        Some(date),
+        "date does not round-trip"
+    );
+    if let Some(given) = given {
+        assert_eq!(given.as_str(), Some(shown.as_str()), "date changed");
+    }
+}
+
+pub fn check_hrv_record(r: &HrvRecord) {
+    assert!(r.rmssd.is_finite() && r.rmssd > 0.0, "rMSSD {} accepted", r.rmssd);
+    assert!(r.ln_rmssd.is_finite(), "lnRMSSD {} stored", r.ln_rmssd);
+    assert!(
+        r.readiness_score.is_finite() && (0.0..=100.0).contains(&r.readiness_score),
+        "readinessScore {}",
+        r.readiness_score
+    );
+    check_date(r.date, None);
+    let vendor = r.vendor.map(Vendor::as_str).unwrap_or("unknown");
+    let n = hrv::normalized(r, vendor);
+    let rec = &n["record"];
+    assert!(rec["rMSSD"].is_number(), "rMSSD not a JSON number: {rec}");
+    assert!(rec["lnRMSSD"].is_number(), "lnRMSSD not a JSON number: {rec}");
+    assert!(rec["readinessScore"].is_number());
+    assert!(matches!(
+        rec["vendor"].as_str(),
+        Some("oura" | "whoop" | "unknown")
+    ));
+    let text = serde_json::to_string(&n).unwrap_or_default();
+    let back: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    // Within 2 ULP, not exactly: serde_json's default float parser is not correctly rounded
+    // (no `float_roundtrip` feature), see docs/RELIABILITY.md, "Findings".
+    assert!(
+        json_close(&back, &n),
+        "normalized event does not round-trip: {n} vs {back}"
+    );
+    let at = rec["capturedAt"].as_str().unwrap_or_default();
+    assert_eq!(
+        DateTime::parse_from_rfc3339(at)
+            .map(|t| t.timestamp_millis())
+            .ok(),
+        Some(r.captured_at.timestamp_millis()),
+        "capturedAt does not round-trip"
+    );
+}
+
+fn check_hrv_event(body: &[u8], r: &HrvRecord) {
+    check_hrv_record(r);
+    let p = payload(body);
+    check_user_id(&r.user_id, p.get("userId"));
+    check_date(r.date, p.get("date"));
+    let given_rmssd = p.get("rMSSD").or_else(|| p.get("rmssd")).and_then(Value::as_f64);
+    assert_eq!(given_rmssd, Some(r.rmssd), "rMSSD changed");
+    // lnRMSSD: the given value when there is one, else ln(rMSSD) exactly.
+    let given_ln = [p.get("lnRMSSD"), p.get("lnRmssd")]
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_f64)
+        .collect::<Vec<_>>();
+    if given_ln.is_empty() {
+        assert_eq!(r.ln_rmssd, r.rmssd.ln(), "ln_rmssd != ln(rmssd)");
+    } else {
+        assert!(
+            given_ln.contains(&r.ln_rmssd) || r.ln_rmssd == r.rmssd.ln(),
+            "ln_rmssd {} is neither given nor ln(rmssd)",
+            r.ln_rmssd
+        );
+    }
+    let at = p.get("capturedAt").and_then(Value::as_str).unwrap_or_default();
+    assert_eq!(
+        DateTime::parse_from_rfc3339(at.trim())
+            .ok()
+            .map(|t| t.with_timezone(&Utc)),
+        Some(r.captured_at),
+        "capturedAt is not the event's"
+    );
+    let source = p.get("raw").and_then(|raw| raw.get("source"));
+    match source {
+        None | Some(Value::Null) => assert_eq!(r.vendor, None),
+        Some(Value::String(s)) => assert_eq!(r.vendor, Some(Vendor::from_source(s))),
+        Some(_) => assert_eq!(r.vendor, Some(Vendor::Unknown)),
+    }
+}
+
+pub fn check_sleep_record(r: &SleepRecord) {
+    assert!(
+        (0..=1440).contains(&r.duration_minutes),
+        "duration {}",
+        r.duration_minutes
+    );
+    if let Some(q) = r.quality_score {
+        assert!((0..=100).contains(&q), "qualityScore {q}");
+    }
+    check_date(r.date, None);
+    let vendor = r.vendor.map(Vendor::as_str).unwrap_or("unknown");
+    let n = sleep::normalized(r, vendor, r.quality_score);
+    let rec = &n["record"];
+    assert_eq!(
+        rec["durationMinutes"].as_i64(),
+        Some(i64::from(r.duration_minutes))
+    );
+    assert_eq!(
+        rec.get("qualityScore").and_then(Value::as_i64),
+        r.quality_score.map(i64::from)
+    );
+}
+
+fn check_sleep_event(body: &[u8], r: &SleepRecord) {
+    check_sleep_record(r);
+    let p = payload(body);
+    check_user_id(&r.user_id, p.get("userId"));
+    check_date(r.date, p.get("date"));
+    let given = p
+        .get("durationMinutes")
+        .and_then(Value::as_f64)
+        .unwrap_or(f64::NAN);
+    assert!((0.0..=1440.0).contains(&given), "duration {given} accepted");
+    assert!(
+        (f64::from(r.duration_minutes) - given).abs() <= 0.5,
+        "duration {given} rounded to {}",
+        r.duration_minutes
+    );
+    match p.get("capturedAt") {
+        None | Some(Value::Null) => {
+            assert!(r.captured_at_defaulted);
+            assert_eq!(r.captured_at, now());
+        }
+        Some(_) => assert!(!r.captured_at_defaulted),
+    }
+    let q = p
+        .get("raw")
+        .and_then(|raw| raw.get("qualityScore"))
+        .and_then(Value::as_f64);
+    if let (Some(given), Some(stored)) = (q, r.quality_score) {
+        let clamped = given.clamp(0.0, 100.0);
+        assert!(
+            (f64::from(stored) - clamped).abs() <= 0.5,
+            "score {given} → {stored}"
+        );
+    }
+}
+
+fn check_oura(body: &[u8], msg_id: Option<&str>, w: &oura::OuraWebhook) {
+    let root = root(body);
+    check_user_id(&w.user_id, root.get("user_id"));
+    assert_eq!(
+        w.payload,
+        Value::Object(root.clone()),
+        "stored payload differs from the body"
+    );
+    match msg_id.map(str::trim).filter(|s| !s.is_empty()) {
+        Some(id) => assert_eq!(w.idempotency_key, id),
+        None => {
+            assert_eq!(w.idempotency_key, oura::sha256_hex(body));
+            assert_eq!(w.idempotency_key.len(), 64);
+            assert!(w.idempotency_key.bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+    }
+    let data = root.get("data").and_then(Value::as_object);
+    let has = |k: &str| data.and_then(|d| d.get(k)).is_some_and(Value::is_object);
+    assert_eq!(
+        w.hrv.is_some(),
+        has("hrv"),
+        "data.hrv present iff an HRV record is derived"
+    );
+    assert_eq!(
+        w.sleep.is_some(),
+        has("sleep"),
+        "data.sleep present iff a sleep record is derived"
+    );
+    if let Some(h) = &w.hrv {
+        check_hrv_record(h);
+        assert_eq!(h.user_id, w.user_id);
+        assert_eq!(h.ln_rmssd, h.rmssd.ln(), "derived lnRMSSD != ln(rmssd)");
+        assert_eq!(h.vendor, Some(Vendor::Oura));
+        assert_eq!(Some(h.captured_at), w.timestamp);
+        assert_eq!(
+            h.date,
+            h.captured_at.date_naive(),
+            "date is not the UTC date of timestamp"
+        );
+    }
+    if let Some(s) = &w.sleep {
+        check_sleep_record(s);
+        assert_eq!(s.user_id, w.user_id);
+        assert_eq!(s.vendor, Some(Vendor::Oura));
+        assert_eq!(Some(s.captured_at), w.timestamp);
+        assert_eq!(s.date, s.captured_at.date_naive());
+        assert!(!s.captured_at_defaulted);
+        let hours = data
+            .and_then(|d| d.get("sleep"))
+            .and_then(|s| s.get("duration"))
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN);
+        assert!((f64::from(s.duration_minutes) - hours * 60.0).abs() <= 0.5);
+    }
+}
