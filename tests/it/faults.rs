@@ -183,7 +183,13 @@ async fn nats_killed_and_restarted_mid_flow() {
     const N: usize = 10_000;
     let mut nats = NatsServer::start().await;
     let db = TestDb::new().await;
-    let app = TestApp::spawn(with(base_vars(&nats, &db.url), &[("HRV_BATCH_SIZE", "100")])).await;
+    // Acks in flight when the server dies are lost; a short ack wait redelivers those messages
+    // (processed already, stored idempotently) soon after the restart.
+    let app = TestApp::spawn(with(
+        base_vars(&nats, &db.url),
+        &[("HRV_BATCH_SIZE", "100"), ("NORMALIZE_HRV_ACK_WAIT_MS", "5000")],
+    ))
+    .await;
     app.wait_ready().await;
     let js = nats.js().await;
     let (publisher, published) = publish_events(js.clone(), "nk", N, None);
