@@ -241,6 +241,12 @@ async fn oura_webhook_is_stored_once_and_derives_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_consumer_retries_through_a_database_outage() {
+    for mode in MODES {
+        outage_round(mode).await;
+    }
+}
+
+async fn outage_round(mode: &str) {
     let nats = NatsServer::start().await;
     let db = TestDb::new().await;
     let mut proxy = DbProxy::start().await;
@@ -251,6 +257,7 @@ async fn every_consumer_retries_through_a_database_outage() {
             ("NORMALIZE_SLEEP_MAX_DELIVER", "1000"),
             ("NORMALIZE_OURA_MAX_DELIVER", "1000"),
             ("DATABASE_ACQUIRE_TIMEOUT_MS", "500"),
+            ("EVENT_STREAM_MODE", mode),
         ],
     ))
     .await;
