@@ -168,17 +168,6 @@ impl StreamMode {
     }
 }
 
-impl std::str::FromStr for StreamMode {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "single" => Ok(StreamMode::Single),
-            "multi" => Ok(StreamMode::Multi),
-            _ => Err(()),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Provision {
     /// Create absent streams (when their subjects collide with no existing stream) and absent
@@ -563,13 +552,9 @@ impl Config {
     pub fn consumer(&self, kind: ConsumerKind) -> Option<&ConsumerConfig> {
         self.consumers.iter().find(|c| c.kind == kind)
     }
-
-    /// The NAK delay for a message on its `delivered`-th delivery (1-based).
-    pub fn retry_delay(&self, delivered: i64) -> Duration {
-        retry_delay(&self.retry_backoff, delivered)
-    }
 }
 
+/// The NAK delay for a message on its `delivered`-th delivery (1-based); the last one repeats.
 pub fn retry_delay(backoff: &[Duration], delivered: i64) -> Duration {
     let idx = usize::try_from(delivered.saturating_sub(1)).unwrap_or(0);
     backoff
