@@ -16,7 +16,8 @@
 //! Options (environment): `BENCH_EVENTS` (200000), `BENCH_SINGLE_EVENTS` (events for the
 //! one-message-at-a-time mode, default min(BENCH_EVENTS, 20000): the rate is what is compared),
 //! `BENCH_BATCH_SIZES` (`500,10`), `BENCH_STEADY_SECS` (10), `BENCH_STEADY_RATE` (1000),
-//! `BENCH_SKIP` (comma list of `bare,daemon,single,steady`), `TEST_DATABASE_URL`,
+//! `BENCH_SKIP` (comma list of `bare,daemon,single,steady`), `BENCH_PIPELINE_DEPTH` (the
+//! daemon's `HRV_PIPELINE_DEPTH` in the batch runs; its default when unset), `TEST_DATABASE_URL`,
 //! `NATS_SERVER_BIN`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -261,11 +262,12 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(nats: &Nats, db: &Db, batch: usize) -> Daemon {
+    /// `depth`: `HRV_PIPELINE_DEPTH`, or the daemon's default when `None`.
+    fn start(nats: &Nats, db: &Db, batch: usize, depth: Option<usize>) -> Daemon {
         let port = free_port();
         let metrics_port = free_port();
-        let child = Command::new(daemon_bin())
-            .arg("run")
+        let mut cmd = Command::new(daemon_bin());
+        cmd.arg("run")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("NATS_URL", nats.url())
@@ -277,9 +279,11 @@ impl Daemon {
             .env("RUST_LOG", "warn")
             .env("HRV_BATCH_SIZE", batch.to_string())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("daemon starts");
+            .stderr(Stdio::inherit());
+        if let Some(d) = depth {
+            cmd.env("HRV_PIPELINE_DEPTH", d.to_string());
+        }
+        let child = cmd.spawn().expect("daemon starts");
         Daemon { child, metrics_port }
     }
 
@@ -367,9 +371,9 @@ async fn setup(n: u64) -> (Nats, Db, jetstream::Context, PgPool) {
     (nats, db, js, pool)
 }
 
-async fn run_daemon(n: u64, batch: usize) -> Figures {
+async fn run_daemon(n: u64, batch: usize, depth: Option<usize>) -> Figures {
     let (nats, db, js, pool) = setup(n).await;
-    let daemon = Daemon::start(&nats, &db, batch);
+    let daemon = Daemon::start(&nats, &db, batch, depth);
     let (nats_cpu0, pid) = (cpu_secs(nats.child.id()), daemon.child.id());
     let daemon_cpu0 = cpu_secs(pid);
     let took = time_drain(&js, &pool, DURABLE, n).await;
@@ -388,7 +392,10 @@ async fn run_daemon(n: u64, batch: usize) -> Figures {
     );
     let name = "normalize_batch_duration_seconds";
     let f = Figures {
-        label: format!("daemon HRV_BATCH_SIZE={batch}"),
+        label: match depth {
+            Some(d) => format!("daemon HRV_BATCH_SIZE={batch} depth {d}"),
+            None => format!("daemon HRV_BATCH_SIZE={batch}"),
+        },
         events: n,
         secs: took.as_secs_f64(),
         p50_ms: histogram_quantile(&text, name, 0.5),
@@ -545,7 +552,7 @@ async fn run_bare(n: u64, batch: usize) -> Figures {
 /// (published by the daemon after the commit), so an upper bound of publish → committed row.
 async fn run_steady(batch: usize, rate: u64, secs: u64) -> (f64, f64, f64, u64) {
     let (nats, db, js, pool) = setup(0).await;
-    let daemon = Daemon::start(&nats, &db, batch);
+    let daemon = Daemon::start(&nats, &db, batch, None);
     // Ready when the durable exists.
     let stream = js.get_stream(STREAM).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -665,6 +672,9 @@ fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let skip = std::env::var("BENCH_SKIP").unwrap_or_default();
+    let depth: Option<usize> = std::env::var("BENCH_PIPELINE_DEPTH")
+        .ok()
+        .and_then(|d| d.trim().parse().ok());
     let steady_secs: u64 = env_or("BENCH_STEADY_SECS", 10);
     let steady_rate: u64 = env_or("BENCH_STEADY_RATE", 1000);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -685,15 +695,17 @@ fn main() {
                 None
             } else {
                 eprintln!("daemon, HRV_BATCH_SIZE={b}");
-                Some(run_daemon(n, b).await)
+                Some(run_daemon(n, b, depth).await)
             };
             results.push((b, bare, daemon));
         }
         let single = if skip.contains("single") {
             None
         } else {
-            eprintln!("daemon, HRV_BATCH_SIZE=1 ({single_n} events)");
-            Some(run_daemon(single_n, 1).await)
+            // The previous service's way: one message, written, announced and acked before the
+            // next one starts (batch 1, no pipelining).
+            eprintln!("daemon, HRV_BATCH_SIZE=1 HRV_PIPELINE_DEPTH=1 ({single_n} events)");
+            Some(run_daemon(single_n, 1, Some(1)).await)
         };
         println!();
         for (_, bare, daemon) in &results {

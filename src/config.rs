@@ -51,6 +51,7 @@ pub struct RawEnv {
     pub hrv_idle_backoff_ms: Option<String>,
     pub hrv_pull_mode: Option<String>,
     pub hrv_max_ack_pending: Option<String>,
+    pub hrv_pipeline_depth: Option<String>,
     // Sleep
     pub normalize_sleep_durable: Option<String>,
     pub normalize_sleep_subject: Option<String>,
@@ -62,6 +63,7 @@ pub struct RawEnv {
     pub sleep_idle_backoff_ms: Option<String>,
     pub sleep_pull_mode: Option<String>,
     pub sleep_max_ack_pending: Option<String>,
+    pub sleep_pipeline_depth: Option<String>,
     // Oura
     pub normalize_oura_durable: Option<String>,
     pub normalize_durable_name: Option<String>,
@@ -75,6 +77,7 @@ pub struct RawEnv {
     pub oura_idle_backoff_ms: Option<String>,
     pub oura_pull_mode: Option<String>,
     pub oura_max_ack_pending: Option<String>,
+    pub oura_pipeline_depth: Option<String>,
     // Behaviour
     pub normalize_retry_backoff_ms: Option<String>,
     pub max_payload_bytes: Option<String>,
@@ -119,6 +122,7 @@ pub const VARIABLES: &[&str] = &[
     "HRV_IDLE_BACKOFF_MS",
     "HRV_PULL_MODE",
     "HRV_MAX_ACK_PENDING",
+    "HRV_PIPELINE_DEPTH",
     "NORMALIZE_SLEEP_DURABLE",
     "NORMALIZE_SLEEP_SUBJECT",
     "NORMALIZE_SLEEP_DLQ_SUBJECT",
@@ -129,6 +133,7 @@ pub const VARIABLES: &[&str] = &[
     "SLEEP_IDLE_BACKOFF_MS",
     "SLEEP_PULL_MODE",
     "SLEEP_MAX_ACK_PENDING",
+    "SLEEP_PIPELINE_DEPTH",
     "NORMALIZE_OURA_DURABLE",
     "NORMALIZE_DURABLE_NAME",
     "NORMALIZE_OURA_SUBJECT",
@@ -141,6 +146,7 @@ pub const VARIABLES: &[&str] = &[
     "OURA_IDLE_BACKOFF_MS",
     "OURA_PULL_MODE",
     "OURA_MAX_ACK_PENDING",
+    "OURA_PIPELINE_DEPTH",
     "NORMALIZE_RETRY_BACKOFF_MS",
     "MAX_PAYLOAD_BYTES",
     "HOST",
@@ -270,6 +276,10 @@ pub struct ConsumerConfig {
     pub max_deliver: i64,
     pub ack_wait: Duration,
     pub max_ack_pending: i64,
+    /// How many batches may be between "received" and "settled" at once: batch N+1 is
+    /// decoded and written while batch N's write commits and its PubAcks and acks complete.
+    /// 1 processes strictly one batch after the other.
+    pub pipeline_depth: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -404,6 +414,7 @@ impl Config {
                 idle_backoff_ms: raw.hrv_idle_backoff_ms,
                 pull_mode: raw.hrv_pull_mode,
                 max_ack_pending: raw.hrv_max_ack_pending,
+                pipeline_depth: raw.hrv_pipeline_depth,
                 max_deliver: raw.normalize_hrv_max_deliver,
                 ack_wait_ms: raw.normalize_hrv_ack_wait_ms,
             },
@@ -431,6 +442,7 @@ impl Config {
                 idle_backoff_ms: raw.sleep_idle_backoff_ms,
                 pull_mode: raw.sleep_pull_mode,
                 max_ack_pending: raw.sleep_max_ack_pending,
+                pipeline_depth: raw.sleep_pipeline_depth,
                 max_deliver: raw.normalize_sleep_max_deliver,
                 ack_wait_ms: raw.normalize_sleep_ack_wait_ms,
             },
@@ -464,6 +476,7 @@ impl Config {
                 idle_backoff_ms: raw.oura_idle_backoff_ms,
                 pull_mode: raw.oura_pull_mode,
                 max_ack_pending: raw.oura_max_ack_pending,
+                pipeline_depth: raw.oura_pipeline_depth,
                 max_deliver: raw.normalize_oura_max_deliver,
                 ack_wait_ms: raw.normalize_oura_ack_wait_ms,
             },
@@ -590,6 +603,7 @@ struct Knobs {
     idle_backoff_ms: Option<String>,
     pull_mode: Option<String>,
     max_ack_pending: Option<String>,
+    pipeline_depth: Option<String>,
     max_deliver: Option<String>,
     ack_wait_ms: Option<String>,
 }
@@ -668,6 +682,7 @@ fn consumer(
             1,
             1_000_000,
         )?,
+        pipeline_depth: parse_num(var("PIPELINE_DEPTH"), k.pipeline_depth.as_deref(), 3, 1, 16)?,
     })
 }
 
@@ -868,6 +883,7 @@ mod tests {
         assert_eq!(hrv.idle_backoff, Duration::from_millis(50));
         assert_eq!(hrv.max_deliver, 5);
         assert_eq!(hrv.max_ack_pending, 1000);
+        assert_eq!(hrv.pipeline_depth, 3);
         assert_eq!(hrv.pull_mode, PullMode::Fetch);
         let oura = c.consumer(ConsumerKind::Oura).unwrap();
         assert_eq!(oura.durable, "normalize-oura");
@@ -914,6 +930,8 @@ mod tests {
             ("TOPOLOGY_PROVISION", "always"),
             ("HRV_BATCH_SIZE", "ten"),
             ("HRV_BATCH_SIZE", "0"),
+            ("HRV_PIPELINE_DEPTH", "0"),
+            ("OURA_PIPELINE_DEPTH", "17"),
             ("SLEEP_EXPIRES_MS", "-1"),
             ("OURA_PULL_MODE", "push"),
             ("NORMALIZE_HRV_MAX_DELIVER", "0"),

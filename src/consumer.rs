@@ -6,6 +6,7 @@
 
 mod batch;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,12 +33,40 @@ pub struct Shared {
     pub health: Arc<Health>,
 }
 
+#[derive(Clone)]
 pub struct Worker {
     shared: Shared,
     cc: ConsumerConfig,
 }
 
 /// A binding with its running loop's stop token.
+/// The batches of one binding's loop that are being processed.
+struct Flight {
+    worker: Arc<Worker>,
+    binding: Arc<Binding>,
+    batches: batch::InFlight,
+}
+
+impl Flight {
+    /// Starts a batch on its own task once the pipeline has room for it (see
+    /// [`batch::InFlight`]).
+    async fn start(
+        &mut self,
+        msgs: Vec<batch::Received>,
+        db_down: &Arc<AtomicBool>,
+        shutdown: &CancellationToken,
+    ) {
+        self.batches.room().await;
+        let task = tokio::spawn(self.worker.clone().run_batch(
+            msgs,
+            self.binding.clone(),
+            db_down.clone(),
+            shutdown.clone(),
+        ));
+        self.batches.push(task);
+    }
+}
+
 struct Running {
     binding: Binding,
     token: CancellationToken,
@@ -290,10 +319,19 @@ impl Worker {
     }
 
     async fn consume(&self, b: &Binding, shutdown: &CancellationToken) -> LoopEnd {
-        match self.cc.pull_mode {
-            PullMode::Fetch => self.consume_fetch(b, shutdown).await,
-            PullMode::Stream => self.consume_stream(b, shutdown).await,
-        }
+        let mut flight = Flight {
+            worker: Arc::new(self.clone()),
+            binding: Arc::new(b.clone()),
+            batches: batch::InFlight::new(self.cc.pipeline_depth),
+        };
+        let end = match self.cc.pull_mode {
+            PullMode::Fetch => self.consume_fetch(b, shutdown, &mut flight).await,
+            PullMode::Stream => self.consume_stream(b, shutdown, &mut flight).await,
+        };
+        // Whatever ended the loop, the batches already started have their rows committed or
+        // being committed: let them settle.
+        flight.batches.drain().await;
+        end
     }
 
     /// Batch requests bounded by `expires`. A pull's messages are processed in sub-batches of
@@ -301,7 +339,7 @@ impl Worker {
     /// rest or for `expires`. When a pull came back full (a backlog), the next pull is issued
     /// before the current batch is written, so the server delivers it while we write; this is
     /// done only while two batches fit in the durable's `max_ack_pending`.
-    async fn consume_fetch(&self, b: &Binding, shutdown: &CancellationToken) -> LoopEnd {
+    async fn consume_fetch(&self, b: &Binding, shutdown: &CancellationToken, flight: &mut Flight) -> LoopEnd {
         let mut consecutive_errors: u32 = 0;
         let mut prefetched: Option<pull::Batch> = None;
         let max_ack_pending = b.consumer.cached_info().config.max_ack_pending;
@@ -330,7 +368,7 @@ impl Worker {
                 }
             };
             let mut received = 0usize;
-            let mut db_down = false;
+            let db_down = Arc::new(AtomicBool::new(false));
             let mut failed = false;
             // The server ends the request at `expires`; a request lost in a reconnect is
             // abandoned shortly after, instead of at the library's expires + 5 s, so the
@@ -380,7 +418,7 @@ impl Worker {
                         Err(e) => self.count_pull_error(b, &e),
                     }
                 }
-                self.handle_batch(msgs, b, &mut db_down, shutdown).await;
+                flight.start(msgs, &db_down, shutdown).await;
                 self.progress(false, true);
                 match gathered {
                     batch::Gathered::Open => {}
@@ -427,7 +465,12 @@ impl Worker {
     /// A continuous `messages()` stream; the library keeps pull requests outstanding and
     /// reports missed heartbeats, which are logged and counted, never fatal. What is already
     /// buffered when a message arrives (up to `batch_size`) is processed with it as one batch.
-    async fn consume_stream(&self, b: &Binding, shutdown: &CancellationToken) -> LoopEnd {
+    async fn consume_stream(
+        &self,
+        b: &Binding,
+        shutdown: &CancellationToken,
+        flight: &mut Flight,
+    ) -> LoopEnd {
         let mut consecutive_errors: u32 = 0;
         'outer: loop {
             let heartbeat = (self.cc.expires / 2).max(Duration::from_millis(50));
@@ -453,7 +496,7 @@ impl Worker {
                     continue;
                 }
             };
-            let mut db_down = false;
+            let db_down = Arc::new(AtomicBool::new(false));
             let mut last_db_reset = Instant::now();
             loop {
                 let next = tokio::select! {
@@ -467,7 +510,7 @@ impl Worker {
                 // The "batch" of stream mode is one expiry period: the database short-circuit
                 // is reset after it, so the database is tried again.
                 if last_db_reset.elapsed() >= self.cc.expires {
-                    db_down = false;
+                    db_down.store(false, Ordering::Relaxed);
                     last_db_reset = Instant::now();
                 }
                 match next {
@@ -486,7 +529,7 @@ impl Worker {
                             .batch_size
                             .with_label_values(&[self.cc.kind.as_str()])
                             .observe(msgs.len() as f64);
-                        self.handle_batch(msgs, b, &mut db_down, shutdown).await;
+                        flight.start(msgs, &db_down, shutdown).await;
                         self.progress(true, true);
                         match gathered {
                             batch::Gathered::Open => {}

@@ -16,7 +16,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::Value;
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool, Postgres, Row, Transaction};
+use sqlx::{Acquire, ConnectOptions, PgConnection, PgPool, Postgres, Row, Transaction};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -223,16 +223,52 @@ pub async fn write_batch(
             }
         }
     }
-    let hrvs = collapse(hrvs, entries, &mut out, |r| {
+    let mut hrvs = collapse(hrvs, entries, &mut out, |r| {
         ((r.user_id.as_str(), r.date), r.captured_at)
     });
-    let sleeps = collapse(sleeps, entries, &mut out, |r| {
+    let mut sleeps = collapse(sleeps, entries, &mut out, |r| {
         ((r.user_id.as_str(), r.date), r.captured_at)
     });
+    // Batches in flight at once write concurrently (see consumer::batch::InFlight): rows in key
+    // order make every transaction take its row locks in the same order, so two batches that
+    // share keys wait for each other instead of deadlocking.
+    hooks.sort_by(|a, b| a.1.idempotency_key.cmp(&b.1.idempotency_key));
+    hrvs.sort_by(|a, b| (&a.record.user_id, a.record.date).cmp(&(&b.record.user_id, b.record.date)));
+    sleeps.sort_by(|a, b| (&a.record.user_id, a.record.date).cmp(&(&b.record.user_id, b.record.date)));
 
-    let mut tx = pool.begin().await?;
+    // One statement commits on its own; only several need an explicit transaction (BEGIN and
+    // COMMIT are two more round trips, a large share of a small batch's write).
+    let statements = usize::from(!hooks.is_empty())
+        + [true, false]
+            .iter()
+            .map(|&v| {
+                usize::from(hrvs.iter().any(|c| c.record.vendor.is_some() == v))
+                    + usize::from(sleeps.iter().any(|c| c.record.vendor.is_some() == v))
+            })
+            .sum::<usize>();
+    let mut conn = pool.acquire().await?;
+    if statements <= 1 {
+        write_tables(&mut conn, metrics, &hooks, &hrvs, &sleeps, entries, &mut out).await?;
+    } else {
+        let mut tx = conn.begin().await?;
+        write_tables(&mut tx, metrics, &hooks, &hrvs, &sleeps, entries, &mut out).await?;
+        tx.commit().await?;
+    }
+    Ok(out)
+}
+
+/// The statements of [`write_batch`], on a connection or in a transaction.
+async fn write_tables(
+    conn: &mut PgConnection,
+    metrics: &Metrics,
+    hooks: &[(usize, &OuraWebhook)],
+    hrvs: &[Cand<'_, HrvRecord>],
+    sleeps: &[Cand<'_, SleepRecord>],
+    entries: &[BatchEntry<'_>],
+    out: &mut [EntryOutcome],
+) -> Result<(), sqlx::Error> {
     if !hooks.is_empty() {
-        insert_webhooks(&mut tx, metrics, &hooks, entries).await?;
+        insert_webhooks(conn, metrics, hooks, entries).await?;
     }
     for vendor_given in [true, false] {
         let part: Vec<&Cand<'_, HrvRecord>> = hrvs
@@ -240,18 +276,17 @@ pub async fn write_batch(
             .filter(|c| c.record.vendor.is_some() == vendor_given)
             .collect();
         if !part.is_empty() {
-            upsert_hrv_batch(&mut tx, metrics, &part, vendor_given, entries, &mut out).await?;
+            upsert_hrv_batch(conn, metrics, &part, vendor_given, entries, out).await?;
         }
         let part: Vec<&Cand<'_, SleepRecord>> = sleeps
             .iter()
             .filter(|c| c.record.vendor.is_some() == vendor_given)
             .collect();
         if !part.is_empty() {
-            upsert_sleep_batch(&mut tx, metrics, &part, vendor_given, entries, &mut out).await?;
+            upsert_sleep_batch(conn, metrics, &part, vendor_given, entries, out).await?;
         }
     }
-    tx.commit().await?;
-    Ok(out)
+    Ok(())
 }
 
 /// Keeps the winner of each key and marks the losers' entries superseded.
@@ -308,7 +343,7 @@ const HRV_BATCH_NO_VENDOR: &str = "INSERT INTO hrv_data (user_id, date, rmssd, l
      RETURNING user_id, date, vendor";
 
 async fn upsert_hrv_batch(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     metrics: &Metrics,
     part: &[&Cand<'_, HrvRecord>],
     vendor_given: bool,
@@ -353,7 +388,7 @@ async fn upsert_hrv_batch(
         .bind(&at)
         .bind(&streams)
         .bind(&seqs)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *conn)
         .await?;
     metrics.observe_db_write("hrv_data", started.elapsed());
     // Keys are unique after collapsing, so a returned row names exactly one candidate.
@@ -407,7 +442,7 @@ const SLEEP_BATCH_NO_VENDOR: &str = "INSERT INTO sleep_data (user_id, date, dura
      RETURNING user_id, date, vendor, quality_score";
 
 async fn upsert_sleep_batch(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     metrics: &Metrics,
     part: &[&Cand<'_, SleepRecord>],
     vendor_given: bool,
@@ -453,7 +488,7 @@ async fn upsert_sleep_batch(
         .bind(&defaulted)
         .bind(&streams)
         .bind(&seqs)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *conn)
         .await?;
     metrics.observe_db_write("sleep_data", started.elapsed());
     let mut written: HashMap<(String, NaiveDate), (String, Option<i32>)> = HashMap::with_capacity(rows.len());
@@ -479,7 +514,7 @@ async fn upsert_sleep_batch(
 /// Stores the raw webhooks, each once per idempotency key (a repeat, even within the same
 /// statement, is a no-op).
 async fn insert_webhooks(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     metrics: &Metrics,
     hooks: &[(usize, &OuraWebhook)],
     entries: &[BatchEntry<'_>],
@@ -509,7 +544,7 @@ async fn insert_webhooks(
     .bind(&payloads)
     .bind(&streams)
     .bind(&seqs)
-    .execute(&mut **tx)
+    .execute(&mut *conn)
     .await?;
     metrics.observe_db_write("vendor_webhook_events", started.elapsed());
     Ok(())

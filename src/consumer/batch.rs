@@ -2,19 +2,27 @@
 //!
 //! Decode and validate every message → collapse records with the same key (newest
 //! `captured_at`, then highest stream sequence) → write each table with one multi-row statement
-//! in one transaction → publish every normalized event without awaiting each PubAck in turn,
-//! then await them all → settle each message as [`decide`] says → flush the acks once.
+//! (in one transaction when there are several) → send every normalized event without awaiting
+//! each PubAck in turn ([`Worker::stage`]) → await the PubAcks → settle each message as
+//! [`decide`] says → flush the acks once ([`Worker::settle_batch`]).
+//!
+//! Each batch runs on its own task, and up to `*_PIPELINE_DEPTH` batches are in flight at once
+//! ([`InFlight`]): batch N+1 is decoded and written while batch N commits and settles.
 //!
 //! A batch statement that fails for a non-transient reason is retried message by message (one
 //! transaction each), so only the bad records are dead-lettered. A transient failure is shared
 //! by the whole batch, which is NAKed. Nothing is acked before its rows are committed.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream::{self, context::PublishAckFuture, AckKind};
 use chrono::Utc;
 use futures::{FutureExt, Stream, StreamExt};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{nak, Worker};
@@ -81,16 +89,85 @@ struct Item {
     delivered: i64,
 }
 
+/// A batch whose rows are committed and whose normalized events are sent: what remains is
+/// awaiting their PubAcks, settling every message and flushing the acks ([`Worker::settle_batch`]).
+pub(super) struct Staged {
+    items: Vec<Item>,
+    results: Vec<Result<(), Failure>>,
+    /// PubAcks still to await, with the item they belong to.
+    pending: Vec<(usize, PublishAckFuture)>,
+    started: Instant,
+}
+
+/// The batches between "received" and "settled", each processed and settled on its own task,
+/// at most `depth` at once: batch N+1 is decoded and written while batch N's commit, PubAcks and
+/// acks complete. Each batch acks only its own messages after its own commit, so overlapping
+/// them changes nothing of the delivery guarantees; same-key writes in concurrent batches are
+/// ordered by PostgreSQL's row locks and the upserts' `captured_at` condition.
+pub(super) struct InFlight {
+    tasks: VecDeque<JoinHandle<()>>,
+    depth: usize,
+}
+
+impl InFlight {
+    pub(super) fn new(depth: usize) -> InFlight {
+        InFlight {
+            tasks: VecDeque::with_capacity(depth),
+            depth: depth.max(1),
+        }
+    }
+
+    /// Waits until another batch may start.
+    pub(super) async fn room(&mut self) {
+        while self.tasks.len() >= self.depth {
+            self.oldest().await;
+        }
+    }
+
+    pub(super) fn push(&mut self, task: JoinHandle<()>) {
+        self.tasks.push_back(task);
+    }
+
+    /// Waits for every batch in flight to be settled.
+    pub(super) async fn drain(&mut self) {
+        while !self.tasks.is_empty() {
+            self.oldest().await;
+        }
+    }
+
+    async fn oldest(&mut self) {
+        if let Some(task) = self.tasks.pop_front() {
+            if let Err(e) = task.await {
+                // Its messages were not acked: JetStream redelivers them after ack_wait.
+                tracing::error!(error = %e, "a batch task failed; its messages will be redelivered");
+            }
+        }
+    }
+}
+
 impl Worker {
-    /// Processes and settles a batch. `db_down` short-circuits the rest of a pull once the
+    /// One batch's task: stage it, then settle it.
+    pub(super) async fn run_batch(
+        self: Arc<Self>,
+        received: Vec<Received>,
+        b: Arc<Binding>,
+        db_down: Arc<AtomicBool>,
+        shutdown: CancellationToken,
+    ) {
+        if let Some(staged) = self.stage(received, &b, &db_down).await {
+            self.settle_batch(staged, &b, &shutdown).await;
+        }
+    }
+
+    /// Processes a batch up to the point where only settling remains: decode, write and commit,
+    /// send the normalized events. `db_down` short-circuits the rest of a pull once the
     /// database is found unreachable, so a pull is NAKed in milliseconds, not pool timeouts.
-    pub(super) async fn handle_batch(
+    pub(super) async fn stage(
         &self,
         received: Vec<Received>,
         b: &Binding,
-        db_down: &mut bool,
-        shutdown: &CancellationToken,
-    ) {
+        db_down: &AtomicBool,
+    ) -> Option<Staged> {
         let started = received.first().map_or_else(Instant::now, |r| r.at);
         let kind = self.cc.kind;
         let mut items = Vec::with_capacity(received.len());
@@ -113,52 +190,86 @@ impl Worker {
             }
         }
         if items.is_empty() {
-            return;
+            return None;
         }
-
-        let results = {
-            let work = self.process(&items, *db_down);
-            tokio::pin!(work);
-            // A slow batch (a database lock, a slow disk) must not be redelivered under us:
-            // progress acks every ack_wait / 3 keep the whole batch ours until it is settled.
-            let ack_wait = b.consumer.cached_info().config.ack_wait;
-            let every = (ack_wait / 3).max(Duration::from_millis(100));
-            loop {
-                tokio::select! {
-                    r = &mut work => break r,
-                    _ = tokio::time::sleep(every) => {
-                        for it in &items {
-                            if let Err(e) = it.msg.ack_with(AckKind::Progress).await {
-                                tracing::debug!(consumer = %kind, error = %e, "progress ack failed");
-                            }
-                        }
-                    }
-                }
-            }
-        };
+        let (results, pending) = self
+            .keep_ours(&items, b, self.process(&items, db_down.load(Ordering::Relaxed)))
+            .await;
         if results
             .iter()
             .any(|r| matches!(r, Err(f) if f.database_unreachable()))
         {
-            *db_down = true;
+            db_down.store(true, Ordering::Relaxed);
         }
+        Some(Staged {
+            items,
+            results,
+            pending,
+            started,
+        })
+    }
 
+    /// Awaits a staged batch's PubAcks, settles each message as [`decide`] says, and flushes
+    /// the acks once.
+    pub(super) async fn settle_batch(&self, staged: Staged, b: &Binding, shutdown: &CancellationToken) {
+        let Staged {
+            items,
+            mut results,
+            pending,
+            started,
+        } = staged;
+        let acks = futures::future::join_all(
+            pending
+                .into_iter()
+                .map(|(idx, ack)| async move { (idx, ack.await) }),
+        );
+        for (idx, r) in self.keep_ours(&items, b, acks).await {
+            if let Err(err) = r {
+                if results[idx].is_ok() {
+                    results[idx] = Err(Failure::Publish(err));
+                }
+            }
+        }
         for (item, result) in items.iter().zip(results) {
             self.settle(item, result, b, shutdown).await;
         }
         // Acks are fire-and-forget publishes: push them out together, once per batch.
         if let Err(e) = self.shared.js.client().flush().await {
-            tracing::debug!(consumer = %kind, error = %e, "flushing acks failed; they will be sent on reconnect or redelivered");
+            tracing::debug!(consumer = %self.cc.kind, error = %e, "flushing acks failed; they will be sent on reconnect or redelivered");
         }
         self.shared
             .metrics
             .batch_duration
-            .with_label_values(&[kind.as_str()])
+            .with_label_values(&[self.cc.kind.as_str()])
             .observe(started.elapsed().as_secs_f64());
     }
 
-    /// Decode, write, publish: one result per item, in order.
-    async fn process(&self, items: &[Item], db_down: bool) -> Vec<Result<(), Failure>> {
+    /// Awaits `work` while sending progress acks every ack_wait / 3 for the batch's messages:
+    /// a slow batch (a database lock, a slow disk) must not be redelivered under us.
+    async fn keep_ours<T>(&self, items: &[Item], b: &Binding, work: impl Future<Output = T>) -> T {
+        tokio::pin!(work);
+        let ack_wait = b.consumer.cached_info().config.ack_wait;
+        let every = (ack_wait / 3).max(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                r = &mut work => return r,
+                _ = tokio::time::sleep(every) => {
+                    for it in items {
+                        if let Err(e) = it.msg.ack_with(AckKind::Progress).await {
+                            tracing::debug!(consumer = %self.cc.kind, error = %e, "progress ack failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decode, write, send: one result per item, in order, and the PubAcks to await.
+    async fn process(
+        &self,
+        items: &[Item],
+        db_down: bool,
+    ) -> (Vec<Result<(), Failure>>, Vec<(usize, PublishAckFuture)>) {
         let now = Utc::now();
         let mut results: Vec<Result<(), Failure>> = Vec::with_capacity(items.len());
         let mut decoded: Vec<Option<Decoded>> = Vec::with_capacity(items.len());
@@ -183,13 +294,13 @@ impl Worker {
         }
         let valid: Vec<usize> = (0..items.len()).filter(|&i| decoded[i].is_some()).collect();
         if valid.is_empty() {
-            return results;
+            return (results, Vec::new());
         }
         if db_down {
             for &i in &valid {
                 results[i] = Err(Failure::DatabaseSkipped);
             }
-            return results;
+            return (results, Vec::new());
         }
 
         let entries: Vec<BatchEntry<'_>> = valid
@@ -237,11 +348,12 @@ impl Worker {
             }
         };
 
-        let published = self.publish_all(&entries, written).await;
-        for (&i, r) in valid.iter().zip(published) {
+        let (sent, pending) = self.send_all(&entries, written).await;
+        for (&i, r) in valid.iter().zip(sent) {
             results[i] = r;
         }
-        results
+        let pending = pending.into_iter().map(|(idx, ack)| (valid[idx], ack)).collect();
+        (results, pending)
     }
 
     /// The unroll-and-retry path: each message in its own transaction, in stream order (so
@@ -265,13 +377,14 @@ impl Worker {
         out
     }
 
-    /// Sends every normalized event of the batch, then awaits all PubAcks together. An item
-    /// succeeds when all its events are acknowledged by JetStream.
-    async fn publish_all(
+    /// Sends every normalized event of the batch without awaiting the PubAcks, which are
+    /// returned with the index of their entry. An entry succeeds when all its events are
+    /// acknowledged by JetStream ([`Worker::settle_batch`] awaits them).
+    async fn send_all(
         &self,
         entries: &[BatchEntry<'_>],
         written: Vec<Result<Vec<Normalized>, Failure>>,
-    ) -> Vec<Result<(), Failure>> {
+    ) -> (Vec<Result<(), Failure>>, Vec<(usize, PublishAckFuture)>) {
         let mut results: Vec<Result<(), Failure>> = Vec::with_capacity(written.len());
         let mut pending = Vec::new();
         for (idx, (e, w)) in entries.iter().zip(written).enumerate() {
@@ -302,20 +415,7 @@ impl Worker {
                 }
             }
         }
-        let acks = futures::future::join_all(
-            pending
-                .into_iter()
-                .map(|(idx, ack)| async move { (idx, ack.await) }),
-        )
-        .await;
-        for (idx, r) in acks {
-            if let Err(err) = r {
-                if results[idx].is_ok() {
-                    results[idx] = Err(Failure::Publish(err));
-                }
-            }
-        }
-        results
+        (results, pending)
     }
 
     /// Settles one message as [`decide`] says and counts it.

@@ -207,3 +207,114 @@ async fn a_constraint_violation_mid_batch_dead_letters_only_that_record() {
     );
     app.stop().await.unwrap();
 }
+
+/// Batches in flight at once (`HRV_PIPELINE_DEPTH`) write concurrently. Here every batch
+/// touches the same few keys in a shuffled order: without a common lock order two batches would
+/// deadlock (SQLSTATE 40P01, a NAK and a redelivery); with it they wait for each other. Either
+/// way the newest `captured_at` of every key must end in the table, and every message must be
+/// acked exactly once, first time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_sharing_keys_keep_the_newest_and_never_deadlock() {
+    const KEYS: usize = 12;
+    const PER_KEY: usize = 60;
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let js = nats.js().await;
+    create_core_stream(&js).await;
+
+    // Event j of key k is captured at minute perm(j): a different order per key, so the
+    // newest of a key is anywhere in the stream. Keys are interleaved in a shuffled order
+    // (a fixed LCG, so a failure reproduces).
+    let mut events: Vec<(usize, usize)> = (0..KEYS)
+        .flat_map(|k| (0..PER_KEY).map(move |j| (k, j)))
+        .collect();
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    for i in (1..events.len()).rev() {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        events.swap(i, (state >> 33) as usize % (i + 1));
+    }
+    let minute = |k: usize, j: usize| (j * 7 + k * 13) % PER_KEY; // a bijection of j for each k
+    let mut sends = Vec::with_capacity(events.len());
+    for &(k, j) in &events {
+        let m = minute(k, j);
+        let body = hrv(
+            &format!("k{k:02}"),
+            (1 + m) as f64,
+            &format!("2025-03-01T06:{m:02}:00Z"),
+        );
+        sends.push(js.publish(HRV_SUBJECT, body.into()).await.unwrap());
+    }
+    for ack in sends {
+        ack.await.unwrap();
+    }
+
+    let vars = with(
+        base_vars(&nats, &db.url),
+        &[("HRV_BATCH_SIZE", "6"), ("HRV_PIPELINE_DEPTH", "4")],
+    );
+    let app = TestApp::spawn(vars).await;
+    wait_for("durable bound", Duration::from_secs(20), || async {
+        consumer_backlog(&js, STREAM, DURABLE).await.is_some()
+    })
+    .await;
+    wait_drained(&js, STREAM, DURABLE).await;
+
+    let pool = db.pool().await;
+    let rows = sqlx::query("SELECT user_id, rmssd, to_char(captured_at AT TIME ZONE 'UTC', 'HH24:MI') AS at FROM hrv_data ORDER BY user_id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let got: Vec<(String, f64, String)> = rows
+        .iter()
+        .map(|r| (r.get("user_id"), r.get("rmssd"), r.get("at")))
+        .collect();
+    let want: Vec<(String, f64, String)> = (0..KEYS)
+        .map(|k| {
+            (
+                format!("k{k:02}"),
+                PER_KEY as f64,
+                format!("06:{:02}", PER_KEY - 1),
+            )
+        })
+        .collect();
+    assert_eq!(got, want, "the newest capturedAt of every key is stored");
+
+    let total = (KEYS * PER_KEY) as f64;
+    let metrics = app.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "normalize_hrv_messages_total", &[("result", "success")]),
+        Some(total),
+        "every message acked as a success"
+    );
+    for result in ["retry", "dlq", "schema_invalid"] {
+        assert!(
+            metric_value(&metrics, "normalize_hrv_messages_total", &[("result", result)]).unwrap_or(0.0)
+                == 0.0,
+            "no message ended as {result}"
+        );
+    }
+    let info = js
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .consumer_info(DURABLE)
+        .await
+        .unwrap();
+    assert_eq!(
+        info.num_redelivered, 0,
+        "nothing was redelivered (no deadlock, no NAK)"
+    );
+    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0, "nothing dead-lettered");
+    let batches = metric_value(
+        &metrics,
+        "normalize_batch_duration_seconds_count",
+        &[("consumer", "hrv")],
+    );
+    assert!(
+        batches.is_some_and(|b| b >= total / 6.0),
+        "processed in batches of at most 6: {batches:?}"
+    );
+    app.stop().await.unwrap();
+}
