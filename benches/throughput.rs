@@ -16,8 +16,10 @@
 //! Options (environment): `BENCH_EVENTS` (200000), `BENCH_SINGLE_EVENTS` (events for the
 //! one-message-at-a-time mode, default min(BENCH_EVENTS, 20000): the rate is what is compared),
 //! `BENCH_BATCH_SIZES` (`500,10`), `BENCH_STEADY_SECS` (10), `BENCH_STEADY_RATE` (1000),
-//! `BENCH_SKIP` (comma list of `bare,daemon,single,steady`), `BENCH_PIPELINE_DEPTH` (the
-//! daemon's `HRV_PIPELINE_DEPTH` in the batch runs; its default when unset), `TEST_DATABASE_URL`,
+//! `BENCH_INSTANCES` (`1,2,3`: daemon instances sharing the durable, issue #7's scale-out figure)
+//! and `BENCH_INSTANCES_BATCH` (10), `BENCH_SKIP` (comma list of
+//! `bare,daemon,single,instances,steady`), `BENCH_PIPELINE_DEPTH` (the
+//! daemon's `HRV_PIPELINE_DEPTH` in the batch and instance runs; its default when unset), `TEST_DATABASE_URL`,
 //! `NATS_SERVER_BIN`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -548,6 +550,43 @@ async fn run_bare(n: u64, batch: usize) -> Figures {
     }
 }
 
+/// `k` daemon instances on the same durable drain the preload together (issue #7's scale-out
+/// figure): events/s, and how many messages each instance settled.
+async fn run_instances(n: u64, batch: usize, depth: Option<usize>, k: usize) -> (Figures, Vec<f64>) {
+    let (nats, db, js, pool) = setup(n).await;
+    // Started back to back; each needs the same time to connect and bind, so the skew is a
+    // few milliseconds of a run of seconds.
+    let daemons: Vec<Daemon> = (0..k).map(|_| Daemon::start(&nats, &db, batch, depth)).collect();
+    let took = time_drain(&js, &pool, DURABLE, n).await;
+    let mut shares = Vec::with_capacity(k);
+    let mut rss: f64 = 0.0;
+    for d in &daemons {
+        let text = d.metrics().await;
+        shares.push(
+            text.lines()
+                .find(|l| l.starts_with("normalize_hrv_messages_total{") && l.contains("result=\"success\""))
+                .and_then(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+                .unwrap_or(0.0),
+        );
+        rss = rss.max(vm_hwm_mib(d.child.id()));
+    }
+    for d in daemons {
+        d.stop();
+    }
+    pool.close().await;
+    db.drop_db().await;
+    drop(nats);
+    let f = Figures {
+        label: format!("{k} instance(s), batch {batch}"),
+        events: n,
+        secs: took.as_secs_f64(),
+        p50_ms: f64::NAN,
+        p99_ms: f64::NAN,
+        rss_mib: rss,
+    };
+    (f, shares)
+}
+
 /// A steady `rate` events/s for `secs` through the daemon: publish → normalized event received
 /// (published by the daemon after the commit), so an upper bound of publish → committed row.
 async fn run_steady(batch: usize, rate: u64, secs: u64) -> (f64, f64, f64, u64) {
@@ -718,6 +757,31 @@ fn main() {
         }
         if let Some(s) = &single {
             print(s, None, None);
+        }
+        if !skip.contains("instances") {
+            let counts: Vec<usize> = std::env::var("BENCH_INSTANCES")
+                .unwrap_or_else(|_| "1,2,3".into())
+                .split(',')
+                .filter_map(|s| s.trim().parse().ok())
+                .collect();
+            let batch: usize = env_or("BENCH_INSTANCES_BATCH", 10);
+            let mut one: Option<f64> = None;
+            for k in counts {
+                eprintln!("{k} instance(s), HRV_BATCH_SIZE={batch}");
+                let (f, shares) = run_instances(n, batch, depth, k).await;
+                let base = *one.get_or_insert(f.rate());
+                let shares: Vec<String> = shares.iter().map(|s| format!("{s:.0}")).collect();
+                println!(
+                    "{:<28} {:>8} ev {:>7.2} s {:>9.0} ev/s  {:.2}x the first count  settled per instance {}  peak RSS {:.1} MiB",
+                    f.label,
+                    f.events,
+                    f.secs,
+                    f.rate(),
+                    f.rate() / base,
+                    shares.join("/"),
+                    f.rss_mib
+                );
+            }
         }
         if !skip.contains("steady") {
             eprintln!("steady {steady_rate} ev/s for {steady_secs} s");

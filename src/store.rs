@@ -1,7 +1,7 @@
 //! PostgreSQL: the pool, migrations, and one function per statement.
 //!
-//! The batch path ([`write_batch`]) writes a whole fetched batch in one transaction with one
-//! multi-row `INSERT … SELECT FROM UNNEST(…) ON CONFLICT …` per table; [`write`] writes one
+//! The batch path ([`write_batch`]) writes a whole fetched batch atomically with one multi-row
+//! `INSERT … SELECT FROM UNNEST(…) ON CONFLICT …` per table; [`write`] writes one
 //! message in one transaction (the unroll-and-retry path, when a batch statement fails for a
 //! non-transient reason). Either way a message is acked only when all its rows are committed.
 //! Upserts never let an older `captured_at` replace a newer row, and a missing optional field
@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
 
-use serde_json::Value;
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Acquire, ConnectOptions, PgConnection, PgPool, Postgres, Row, Transaction};
@@ -48,7 +47,8 @@ pub struct Normalized {
     pub subject: &'static str,
     /// Distinguishes several events derived from one message (the Oura webhook) in `Nats-Msg-Id`.
     pub id_suffix: Option<&'static str>,
-    pub body: Value,
+    /// The JSON body.
+    pub body: Vec<u8>,
 }
 
 /// Creates the database if needed, connects, and applies migrations when asked to.
@@ -178,7 +178,8 @@ struct Cand<'a, R> {
     id_suffix: Option<&'static str>,
 }
 
-/// Writes a whole batch in one transaction: the Oura raw rows with one statement, then each
+/// Writes a whole batch atomically (one transaction, or a single statement that commits on its
+/// own): the Oura raw rows with one statement, then each
 /// table with one (or, when some records name no vendor, two) multi-row upserts. Records with
 /// the same key are collapsed first (see [`winners`]); the losers are reported `superseded`
 /// and get no normalized event, since nothing of theirs was stored. Returns one outcome per

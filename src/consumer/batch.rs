@@ -402,9 +402,8 @@ impl Worker {
                     id.push(':');
                     id.push_str(suffix);
                 }
-                let body = serde_json::to_vec(&n.body).unwrap_or_default();
                 let publish = jetstream::message::PublishMessage::build()
-                    .payload(body.into())
+                    .payload(n.body.into())
                     .message_id(id);
                 match self.shared.js.send_publish(n.subject, publish).await {
                     Ok(ack) => pending.push((idx, ack)),

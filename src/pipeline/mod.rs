@@ -13,6 +13,27 @@ use serde_json::{Map, Value};
 
 use crate::config::ConsumerKind;
 
+/// Serializes anything `Display` as a JSON string, without an intermediate `String`.
+pub(crate) struct AsStr<T>(pub T);
+
+impl<T: std::fmt::Display> serde::Serialize for AsStr<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// `{"record": …}`, the shape of every normalized-stored event.
+#[derive(serde::Serialize)]
+pub(crate) struct Announcement<R> {
+    pub record: R,
+}
+
+/// Serializes a normalized-stored body. The bodies are plain structs of strings and finite
+/// numbers, which always serialize; the fallback is only there so no path can panic.
+pub(crate) fn to_json<R: serde::Serialize>(record: R) -> Vec<u8> {
+    serde_json::to_vec(&Announcement { record }).unwrap_or_else(|_| b"{}".to_vec())
+}
+
 pub use hrv::HrvRecord;
 pub use oura::OuraWebhook;
 pub use sleep::SleepRecord;

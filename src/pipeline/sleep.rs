@@ -1,11 +1,11 @@
 //! Raw sleep records (`athlete-ally.sleep.raw-received`).
 
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::{
-    clamp_score, date, minutes, number, object, optional_object, parse_object, timestamp, user_id, vendor,
-    SchemaError, Vendor,
+    clamp_score, date, minutes, number, object, optional_object, parse_object, timestamp, to_json, user_id,
+    vendor, AsStr, SchemaError, Vendor,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -47,19 +47,32 @@ pub fn decode(body: &[u8], now: DateTime<Utc>) -> Result<SleepRecord, SchemaErro
     })
 }
 
-/// The `athlete-ally.sleep.normalized-stored` body for a stored row (values as stored).
-pub fn normalized(r: &SleepRecord, stored_vendor: &str, stored_quality: Option<i32>) -> Value {
-    let mut record = json!({
-        "userId": r.user_id,
-        "date": r.date.format("%Y-%m-%d").to_string(),
-        "durationMinutes": r.duration_minutes,
-        "vendor": stored_vendor,
-        "capturedAt": r.captured_at.to_rfc3339_opts(SecondsFormat::Millis, true),
-    });
-    if let (Some(q), Some(obj)) = (stored_quality, record.as_object_mut()) {
-        obj.insert("qualityScore".into(), json!(q));
-    }
-    json!({ "record": record })
+/// The record of an `athlete-ally.sleep.normalized-stored` event (keys in alphabetical order,
+/// as they always were; `qualityScore` only when one is stored).
+#[derive(Serialize)]
+struct Stored<'a> {
+    #[serde(rename = "capturedAt")]
+    captured_at: String,
+    date: AsStr<NaiveDate>,
+    #[serde(rename = "durationMinutes")]
+    duration_minutes: i32,
+    #[serde(rename = "qualityScore", skip_serializing_if = "Option::is_none")]
+    quality_score: Option<i32>,
+    #[serde(rename = "userId")]
+    user_id: &'a str,
+    vendor: &'a str,
+}
+
+/// The `athlete-ally.sleep.normalized-stored` body (JSON) for a stored row (values as stored).
+pub fn normalized(r: &SleepRecord, stored_vendor: &str, stored_quality: Option<i32>) -> Vec<u8> {
+    to_json(Stored {
+        captured_at: r.captured_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+        date: AsStr(r.date),
+        duration_minutes: r.duration_minutes,
+        quality_score: stored_quality,
+        user_id: &r.user_id,
+        vendor: stored_vendor,
+    })
 }
 
 #[cfg(test)]
@@ -84,8 +97,10 @@ mod tests {
         assert_eq!(r.vendor, Some(Vendor::Oura));
         assert!(!r.captured_at_defaulted);
         let n = normalized(&r, "oura", Some(100));
-        assert_eq!(n["record"]["vendor"], "oura");
-        assert_eq!(n["record"]["durationMinutes"], 421);
+        assert_eq!(
+            String::from_utf8(n).unwrap(),
+            r#"{"record":{"capturedAt":"2025-03-01T08:00:00.000Z","date":"2025-03-01","durationMinutes":421,"qualityScore":100,"userId":"u","vendor":"oura"}}"#
+        );
     }
 
     #[test]
@@ -99,9 +114,8 @@ mod tests {
         assert!(r.captured_at_defaulted);
         assert_eq!(r.quality_score, None);
         assert_eq!(r.vendor, None);
-        assert!(normalized(&r, "unknown", None)["record"]
-            .get("qualityScore")
-            .is_none());
+        let n: serde_json::Value = serde_json::from_slice(&normalized(&r, "unknown", None)).unwrap();
+        assert!(n["record"].get("qualityScore").is_none());
     }
 
     #[test]
