@@ -380,8 +380,17 @@ async fn run_daemon(n: u64, batch: usize, depth: Option<usize>) -> Figures {
     let daemon_cpu0 = cpu_secs(pid);
     let took = time_drain(&js, &pool, DURABLE, n).await;
     let text = daemon.metrics().await;
+    // The PostgreSQL backends serving the daemon's pool (connected when it started; what they
+    // used before the run, migrations, is a few milliseconds).
+    let backends: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'normalize-service' AND datname = current_database()",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_default();
+    let pg_cpu: f64 = backends.iter().map(|&p| cpu_secs(p.unsigned_abs())).sum();
     eprintln!(
-        "  breakdown: batches {:.0}, mean batch {:.2} ms, mean hrv_data statement {:.2} ms; CPU during the run: daemon {:.2} s, nats-server {:.2} s (wall {:.2} s)",
+        "  breakdown: batches {:.0}, mean batch {:.2} ms, mean hrv_data statement {:.2} ms; CPU during the run: daemon {:.2} s, nats-server {:.2} s, PostgreSQL backends {:.2} s (wall {:.2} s)",
         text.lines()
             .find(|l| l.starts_with("normalize_batch_duration_seconds_count") && l.contains("consumer=\"hrv\""))
             .and_then(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
@@ -390,6 +399,7 @@ async fn run_daemon(n: u64, batch: usize, depth: Option<usize>) -> Figures {
         histogram_mean_ms(&text, "normalize_db_write_duration_seconds", "table=\"hrv_data\""),
         cpu_secs(pid) - daemon_cpu0,
         cpu_secs(nats.child.id()) - nats_cpu0,
+        pg_cpu,
         took.as_secs_f64()
     );
     let name = "normalize_batch_duration_seconds";

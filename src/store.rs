@@ -62,15 +62,8 @@ pub async fn connect(config: &Config) -> Result<PgPool, StoreError> {
             }
         }
     }
-    let options: PgConnectOptions = url
-        .parse::<PgConnectOptions>()?
-        .application_name("normalize-service")
-        .log_statements(tracing::log::LevelFilter::Trace)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
-    let pool = PgPoolOptions::new()
-        .max_connections(config.database_max_connections)
-        .acquire_timeout(config.database_acquire_timeout)
-        .connect_with(options)
+    let pool = pool_options(config)
+        .connect_with(connect_options(config)?)
         .await?;
     if config.run_migrations {
         MIGRATOR.run(&pool).await?;
@@ -80,11 +73,27 @@ pub async fn connect(config: &Config) -> Result<PgPool, StoreError> {
 
 /// A pool that connects lazily, for starting without a reachable database (readiness says so).
 pub fn lazy_pool(config: &Config) -> Result<PgPool, StoreError> {
-    let options: PgConnectOptions = config.database_url.parse::<PgConnectOptions>()?;
-    Ok(PgPoolOptions::new()
+    Ok(pool_options(config).connect_lazy_with(connect_options(config)?))
+}
+
+/// Connections name themselves `normalize-service` in `pg_stat_activity.application_name`,
+/// unless `DATABASE_URL` names them (`?application_name=…`).
+fn connect_options(config: &Config) -> Result<PgConnectOptions, StoreError> {
+    let options = config.database_url.parse::<PgConnectOptions>()?;
+    let options = if options.get_application_name().is_none() {
+        options.application_name("normalize-service")
+    } else {
+        options
+    };
+    Ok(options
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2)))
+}
+
+fn pool_options(config: &Config) -> PgPoolOptions {
+    PgPoolOptions::new()
         .max_connections(config.database_max_connections)
         .acquire_timeout(config.database_acquire_timeout)
-        .connect_lazy_with(options))
 }
 
 /// `SELECT 1` within the given time: the readiness probe of the database.

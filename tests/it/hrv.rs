@@ -567,3 +567,35 @@ async fn metrics_carry_stream_and_durable_labels_with_correct_counts() {
     }
     app.stop().await.unwrap();
 }
+
+/// The daemon's connections say who they are in `pg_stat_activity`, unless `DATABASE_URL`
+/// names them itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_connections_are_named_in_pg_stat_activity() {
+    for (query, want) in [("", "normalize-service"), ("?application_name=blue", "blue")] {
+        let nats = NatsServer::start().await;
+        let db = TestDb::new().await;
+        let app = TestApp::spawn(base_vars(&nats, &format!("{}{query}", db.url))).await;
+        app.wait_ready().await;
+        let js = nats.js().await;
+        publish(
+            &js,
+            HRV_SUBJECT,
+            hrv_event("named", "2025-03-01", 42.0, "2025-03-01T06:00:00Z"),
+        )
+        .await;
+        let pool = db.pool().await;
+        wait_for("row stored", Duration::from_secs(20), || async {
+            count(&pool, "SELECT count(*) FROM hrv_data").await == 1
+        })
+        .await;
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT application_name FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert!(names.iter().any(|n| n == want), "{query}: {names:?}");
+        app.stop().await.unwrap();
+    }
+}
