@@ -15,7 +15,8 @@
 //!
 //! Options (environment): `BENCH_EVENTS` (200000), `BENCH_SINGLE_EVENTS` (events for the
 //! one-message-at-a-time mode, default min(BENCH_EVENTS, 20000): the rate is what is compared),
-//! `BENCH_BATCH_SIZES` (`500,10`), `BENCH_STEADY_SECS` (10), `BENCH_STEADY_RATE` (1000),
+//! `BENCH_BATCH_SIZES` (`500,10`), `BENCH_ROUNDS` (3: bare loop and daemon run back to back this
+//! many times per batch size; medians are printed), `BENCH_STEADY_SECS` (10), `BENCH_STEADY_RATE` (1000),
 //! `BENCH_INSTANCES` (`1,2,3`: daemon instances sharing the durable, issue #7's scale-out figure)
 //! and `BENCH_INSTANCES_BATCH` (10), `BENCH_SKIP` (comma list of
 //! `bare,daemon,single,instances,steady`), `BENCH_PIPELINE_DEPTH` (the
@@ -34,6 +35,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use futures::StreamExt;
 use normalize_service::config::StreamNames;
 use normalize_service::topology;
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
 const SUBJECT: &str = "athlete-ally.hrv.raw-received";
@@ -454,7 +456,10 @@ async fn bare_child(nats_url: &str, db_url: &str, batch: usize, n: u64) {
         )
         .await
         .unwrap();
-    let pool = PgPool::connect(db_url).await.unwrap();
+    let options: PgConnectOptions = db_url.parse().unwrap();
+    let pool = PgPool::connect_with(options.application_name("bench-bare"))
+        .await
+        .unwrap();
     let mut done = 0u64;
     let mut lat = Vec::new();
     while done < n {
@@ -519,12 +524,27 @@ async fn bare_child(nats_url: &str, db_url: &str, batch: usize, n: u64) {
     }
     lat.sort_by(f64::total_cmp);
     let q = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
-    println!("BARE {} {} {}", q(0.5), q(0.99), vm_hwm_mib(std::process::id()));
+    let backends: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'bench-bare' AND datname = current_database()",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_default();
+    let pg_cpu: f64 = backends.iter().map(|&p| cpu_secs(p.unsigned_abs())).sum();
+    println!(
+        "BARE {} {} {} {} {}",
+        q(0.5),
+        q(0.99),
+        vm_hwm_mib(std::process::id()),
+        cpu_secs(std::process::id()),
+        pg_cpu
+    );
 }
 
 async fn run_bare(n: u64, batch: usize) -> Figures {
     let (nats, db, js, pool) = setup(n).await;
     let exe = std::env::current_exe().unwrap();
+    let nats_cpu0 = cpu_secs(nats.child.id());
     let child = Command::new(exe)
         .arg("--bare")
         .arg(nats.url())
@@ -535,6 +555,7 @@ async fn run_bare(n: u64, batch: usize) -> Figures {
         .spawn()
         .unwrap();
     let took = time_drain(&js, &pool, "bare", n).await;
+    let nats_cpu = cpu_secs(nats.child.id()) - nats_cpu0;
     let out = child.wait_with_output().unwrap();
     let line = String::from_utf8_lossy(&out.stdout).to_string();
     let parts: Vec<f64> = line
@@ -547,6 +568,13 @@ async fn run_bare(n: u64, batch: usize) -> Figures {
                 .collect()
         })
         .unwrap_or_default();
+    eprintln!(
+        "  breakdown: CPU during the run: bare loop {:.2} s, nats-server {:.2} s, PostgreSQL backend {:.2} s (wall {:.2} s)",
+        parts.get(3).copied().unwrap_or(f64::NAN),
+        nats_cpu,
+        parts.get(4).copied().unwrap_or(f64::NAN),
+        took.as_secs_f64()
+    );
     pool.close().await;
     db.drop_db().await;
     drop(nats);
@@ -676,6 +704,15 @@ async fn run_steady(batch: usize, rate: u64, secs: u64) -> (f64, f64, f64, u64) 
     out
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 fn print(f: &Figures, bare: Option<&Figures>, single: Option<&Figures>) {
     let mut extra = String::new();
     if let Some(b) = bare {
@@ -721,6 +758,7 @@ fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let skip = std::env::var("BENCH_SKIP").unwrap_or_default();
+    let rounds: usize = env_or("BENCH_ROUNDS", 3).max(1);
     let depth: Option<usize> = std::env::var("BENCH_PIPELINE_DEPTH")
         .ok()
         .and_then(|d| d.trim().parse().ok());
@@ -732,21 +770,25 @@ fn main() {
         load.trim()
     );
     rt.block_on(async {
+        // Each round runs the bare loop and the daemon back to back, so every ratio compares two
+        // runs made seconds apart; the medians over rounds are the figures to quote.
         let mut results: Vec<(usize, Option<Figures>, Option<Figures>)> = Vec::new();
         for &b in &sizes {
-            let bare = if skip.contains("bare") {
-                None
-            } else {
-                eprintln!("bare loop, batch {b}");
-                Some(run_bare(n, b).await)
-            };
-            let daemon = if skip.contains("daemon") {
-                None
-            } else {
-                eprintln!("daemon, HRV_BATCH_SIZE={b}");
-                Some(run_daemon(n, b, depth).await)
-            };
-            results.push((b, bare, daemon));
+            for round in 1..=rounds {
+                let bare = if skip.contains("bare") {
+                    None
+                } else {
+                    eprintln!("bare loop, batch {b} (round {round}/{rounds})");
+                    Some(run_bare(n, b).await)
+                };
+                let daemon = if skip.contains("daemon") {
+                    None
+                } else {
+                    eprintln!("daemon, HRV_BATCH_SIZE={b} (round {round}/{rounds})");
+                    Some(run_daemon(n, b, depth).await)
+                };
+                results.push((b, bare, daemon));
+            }
         }
         let single = if skip.contains("single") {
             None
@@ -767,6 +809,35 @@ fn main() {
         }
         if let Some(s) = &single {
             print(s, None, None);
+        }
+        if rounds > 1 {
+            for &b in &sizes {
+                let of = |r: &(usize, Option<Figures>, Option<Figures>)| r.0 == b;
+                let bare: Vec<f64> = results.iter().filter(|r| of(r)).filter_map(|r| r.1.as_ref().map(Figures::rate)).collect();
+                let daemon: Vec<f64> = results.iter().filter(|r| of(r)).filter_map(|r| r.2.as_ref().map(Figures::rate)).collect();
+                let ratios: Vec<f64> = results
+                    .iter()
+                    .filter(|r| of(r))
+                    .filter_map(|r| Some(r.2.as_ref()?.rate() / r.1.as_ref()?.rate()))
+                    .collect();
+                let mut line = format!("median of {rounds} rounds, batch {b}:");
+                if !daemon.is_empty() {
+                    line.push_str(&format!(" daemon {:.0} ev/s", median(daemon)));
+                }
+                if !bare.is_empty() {
+                    line.push_str(&format!(", bare loop {:.0} ev/s", median(bare)));
+                }
+                if !ratios.is_empty() {
+                    line.push_str(&format!(", daemon/bare {:.2}x", median(ratios)));
+                }
+                if let Some(s) = &single {
+                    let rates: Vec<f64> = results.iter().filter(|r| of(r)).filter_map(|r| r.2.as_ref().map(Figures::rate)).collect();
+                    if !rates.is_empty() {
+                        line.push_str(&format!(", {:.1}x one-at-a-time", median(rates) / s.rate()));
+                    }
+                }
+                println!("{line}");
+            }
         }
         if !skip.contains("instances") {
             let counts: Vec<usize> = std::env::var("BENCH_INSTANCES")
