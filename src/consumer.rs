@@ -39,7 +39,6 @@ pub struct Worker {
     cc: ConsumerConfig,
 }
 
-/// A binding with its running loop's stop token.
 /// The batches of one binding's loop that are being processed.
 struct Flight {
     worker: Arc<Worker>,
@@ -67,6 +66,7 @@ impl Flight {
     }
 }
 
+/// A binding with its running loop's stop token.
 struct Running {
     binding: Binding,
     token: CancellationToken,
@@ -338,7 +338,8 @@ impl Worker {
     /// what has arrived so far (see [`batch::gather`]), so a partial batch never waits for the
     /// rest or for `expires`. When a pull came back full (a backlog), the next pull is issued
     /// before the current batch is written, so the server delivers it while we write; this is
-    /// done only while two batches fit in the durable's `max_ack_pending`.
+    /// done only while two batches fit in the durable's `max_ack_pending`. Batches are handed to
+    /// [`Flight::start`], which runs up to `*_PIPELINE_DEPTH` of them at once.
     async fn consume_fetch(&self, b: &Binding, shutdown: &CancellationToken, flight: &mut Flight) -> LoopEnd {
         let mut consecutive_errors: u32 = 0;
         let mut prefetched: Option<pull::Batch> = None;
