@@ -131,25 +131,15 @@ fn publish_events(
                 )
             };
             let id = format!("{prefix}-{i}");
-            let started = Instant::now();
-            loop {
-                let msg = jetstream::message::PublishMessage::build()
-                    .payload(body.clone().into())
-                    .message_id(&id);
-                let ok = match js.send_publish(HRV_SUBJECT.to_string(), msg).await {
-                    Ok(f) => f.await.is_ok(),
-                    Err(_) => false,
-                };
-                if ok {
-                    break;
-                }
-                retries += 1;
-                assert!(
-                    started.elapsed() < Duration::from_secs(60),
-                    "publish of {id} never acked"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            retries += publish_until_acked(
+                &js,
+                HRV_SUBJECT,
+                &id,
+                &body,
+                Duration::from_secs(60),
+                Duration::from_millis(50),
+            )
+            .await;
             d.fetch_add(1, Ordering::SeqCst);
         }
         retries

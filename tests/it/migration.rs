@@ -79,23 +79,15 @@ impl Publisher {
                             .to_string(),
                     )
                 };
-                let mut attempts = 0;
-                loop {
-                    let msg = jetstream::message::PublishMessage::build()
-                        .payload(body.clone().into())
-                        .message_id(&id);
-                    let acked = match js.send_publish(subject.to_string(), msg).await {
-                        Ok(f) => f.await.is_ok(),
-                        Err(_) => false,
-                    };
-                    if acked {
-                        break;
-                    }
-                    attempts += 1;
-                    retries += 1;
-                    assert!(attempts < 2000, "publish of {id} never succeeded");
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
+                retries += publish_until_acked(
+                    &js,
+                    subject,
+                    &id,
+                    &body,
+                    Duration::from_secs(10),
+                    Duration::from_millis(2),
+                )
+                .await;
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(4)).await;
             }

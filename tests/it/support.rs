@@ -333,6 +333,36 @@ pub async fn publish_with_id(
         .sequence
 }
 
+/// Publishes with `Nats-Msg-Id` = `id` until JetStream acknowledges it, through outages,
+/// elections and subject moves (the id makes a retry a no-op); returns how many attempts
+/// failed. Panics when nothing was acknowledged within `within`.
+pub async fn publish_until_acked(
+    js: &jetstream::Context,
+    subject: &str,
+    id: &str,
+    body: &str,
+    within: Duration,
+    pause: Duration,
+) -> usize {
+    let started = std::time::Instant::now();
+    let mut failed = 0;
+    loop {
+        let msg = jetstream::message::PublishMessage::build()
+            .payload(body.to_string().into())
+            .message_id(id);
+        let acked = match js.send_publish(subject.to_string(), msg).await {
+            Ok(f) => f.await.is_ok(),
+            Err(_) => false,
+        };
+        if acked {
+            return failed;
+        }
+        failed += 1;
+        assert!(started.elapsed() < within, "publish of {id} never acked");
+        tokio::time::sleep(pause).await;
+    }
+}
+
 pub fn hrv_event(user: &str, date: &str, rmssd: f64, captured_at: &str) -> String {
     serde_json::json!({
         "eventId": format!("evt-{user}-{date}"),
