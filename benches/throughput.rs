@@ -229,6 +229,19 @@ async fn time_drain(js: &jetstream::Context, pool: &PgPool, durable: &str, n: u6
     }
 }
 
+/// CPU seconds used so far by the PostgreSQL backends of this database whose connections are
+/// named `application_name`.
+async fn backend_cpu(pool: &PgPool, application_name: &str) -> f64 {
+    let backends: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
+    )
+    .bind(application_name)
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    backends.iter().map(|&p| cpu_secs(p.unsigned_abs())).sum()
+}
+
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -382,15 +395,9 @@ async fn run_daemon(n: u64, batch: usize, depth: Option<usize>) -> Figures {
     let daemon_cpu0 = cpu_secs(pid);
     let took = time_drain(&js, &pool, DURABLE, n).await;
     let text = daemon.metrics().await;
-    // The PostgreSQL backends serving the daemon's pool (connected when it started; what they
-    // used before the run, migrations, is a few milliseconds).
-    let backends: Vec<i32> = sqlx::query_scalar(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'normalize-service' AND datname = current_database()",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap_or_default();
-    let pg_cpu: f64 = backends.iter().map(|&p| cpu_secs(p.unsigned_abs())).sum();
+    // The daemon's pool connected when it started; what its backends used before the run
+    // (migrations) is a few milliseconds.
+    let pg_cpu = backend_cpu(&pool, "normalize-service").await;
     eprintln!(
         "  breakdown: batches {:.0}, mean batch {:.2} ms, mean hrv_data statement {:.2} ms; CPU during the run: daemon {:.2} s, nats-server {:.2} s, PostgreSQL backends {:.2} s (wall {:.2} s)",
         text.lines()
@@ -524,13 +531,7 @@ async fn bare_child(nats_url: &str, db_url: &str, batch: usize, n: u64) {
     }
     lat.sort_by(f64::total_cmp);
     let q = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
-    let backends: Vec<i32> = sqlx::query_scalar(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'bench-bare' AND datname = current_database()",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap_or_default();
-    let pg_cpu: f64 = backends.iter().map(|&p| cpu_secs(p.unsigned_abs())).sum();
+    let pg_cpu = backend_cpu(&pool, "bench-bare").await;
     println!(
         "BARE {} {} {} {} {}",
         q(0.5),
