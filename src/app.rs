@@ -165,6 +165,16 @@ impl Application {
         let nats = connect_nats(&config.nats).await?;
         let js = async_nats::jetstream::new(nats.clone());
         let pool = store::lazy_pool(&config).context("DATABASE_URL")?;
+        // Every batch in flight holds a connection while it writes; a pool smaller than that
+        // makes batches queue for connections (and time out as "database unreachable").
+        let in_flight: usize = config.consumers.iter().map(|c| c.pipeline_depth).sum();
+        if in_flight >= config.database_max_connections as usize {
+            tracing::warn!(
+                database_max_connections = config.database_max_connections,
+                batches_in_flight = in_flight,
+                "DATABASE_MAX_CONNECTIONS should exceed the sum of *_PIPELINE_DEPTH (one connection per batch in flight, plus the health probe)"
+            );
+        }
         let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
             .await
             .with_context(|| format!("PORT: cannot listen on {}:{}", config.host, config.port))?;

@@ -55,14 +55,14 @@ impl Flight {
         db_down: &Arc<AtomicBool>,
         shutdown: &CancellationToken,
     ) {
-        self.batches.room().await;
-        let task = tokio::spawn(self.worker.clone().run_batch(
+        let ack_wait = self.binding.consumer.cached_info().config.ack_wait;
+        self.batches.room(&msgs, ack_wait).await;
+        self.batches.spawn(self.worker.clone().run_batch(
             msgs,
             self.binding.clone(),
             db_down.clone(),
             shutdown.clone(),
         ));
-        self.batches.push(task);
     }
 }
 

@@ -193,7 +193,40 @@ struct Cand<'a, R> {
 /// the same key are collapsed first (see [`winners`]); the losers are reported `superseded`
 /// and get no normalized event, since nothing of theirs was stored. Returns one outcome per
 /// entry, in order.
+///
+/// A deadlock (40P01) is retried at once, up to [`DEADLOCK_ATTEMPTS`] times: rows are written in
+/// key order, but a table written in two statements (records with and without a vendor) can
+/// still cross another batch's locks; PostgreSQL then aborts one transaction, and nothing of it
+/// was committed.
 pub async fn write_batch(
+    pool: &PgPool,
+    metrics: &Metrics,
+    entries: &[BatchEntry<'_>],
+) -> Result<Vec<EntryOutcome>, sqlx::Error> {
+    let mut attempt = 1;
+    loop {
+        match write_batch_once(pool, metrics, entries).await {
+            Err(e) if attempt < DEADLOCK_ATTEMPTS && is_deadlock(&e) => {
+                tracing::warn!(
+                    attempt,
+                    size = entries.len(),
+                    "batch write chosen as a deadlock victim; retrying it"
+                );
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// How many times a batch write is tried when PostgreSQL reports a deadlock.
+pub const DEADLOCK_ATTEMPTS: u32 = 5;
+
+fn is_deadlock(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("40P01"))
+}
+
+async fn write_batch_once(
     pool: &PgPool,
     metrics: &Metrics,
     entries: &[BatchEntry<'_>],
@@ -249,13 +282,8 @@ pub async fn write_batch(
     // One statement commits on its own; only several need an explicit transaction (BEGIN and
     // COMMIT are two more round trips, a large share of a small batch's write).
     let statements = usize::from(!hooks.is_empty())
-        + [true, false]
-            .iter()
-            .map(|&v| {
-                usize::from(hrvs.iter().any(|c| c.record.vendor.is_some() == v))
-                    + usize::from(sleeps.iter().any(|c| c.record.vendor.is_some() == v))
-            })
-            .sum::<usize>();
+        + vendor_runs(&hrvs, |r| r.vendor.is_some()).len()
+        + vendor_runs(&sleeps, |r| r.vendor.is_some()).len();
     let mut conn = pool.acquire().await?;
     if statements <= 1 {
         write_tables(&mut conn, metrics, &hooks, &hrvs, &sleeps, entries, &mut out).await?;
@@ -277,26 +305,40 @@ async fn write_tables(
     entries: &[BatchEntry<'_>],
     out: &mut [EntryOutcome],
 ) -> Result<(), sqlx::Error> {
+    // Tables in a fixed order, and each table's rows in key order across its statements: every
+    // transaction takes its locks in one global order, so concurrent batches never deadlock.
     if !hooks.is_empty() {
         insert_webhooks(conn, metrics, hooks, entries).await?;
     }
-    for vendor_given in [true, false] {
-        let part: Vec<&Cand<'_, HrvRecord>> = hrvs
-            .iter()
-            .filter(|c| c.record.vendor.is_some() == vendor_given)
-            .collect();
-        if !part.is_empty() {
-            upsert_hrv_batch(conn, metrics, &part, vendor_given, entries, out).await?;
-        }
-        let part: Vec<&Cand<'_, SleepRecord>> = sleeps
-            .iter()
-            .filter(|c| c.record.vendor.is_some() == vendor_given)
-            .collect();
-        if !part.is_empty() {
-            upsert_sleep_batch(conn, metrics, &part, vendor_given, entries, out).await?;
-        }
+    for (run, vendor_given) in vendor_runs(hrvs, |r| r.vendor.is_some()) {
+        let part: Vec<&Cand<'_, HrvRecord>> = run.iter().collect();
+        upsert_hrv_batch(conn, metrics, &part, vendor_given, entries, out).await?;
+    }
+    for (run, vendor_given) in vendor_runs(sleeps, |r| r.vendor.is_some()) {
+        let part: Vec<&Cand<'_, SleepRecord>> = run.iter().collect();
+        upsert_sleep_batch(conn, metrics, &part, vendor_given, entries, out).await?;
     }
     Ok(())
+}
+
+/// Splits key-ordered candidates into consecutive runs that all name a vendor or all do not
+/// (the two cases need different upserts), keeping the key order: one statement per run.
+/// Typical batches are one run; a batch that alternates is many small statements, still in key
+/// order.
+fn vendor_runs<'c, 'a, R>(
+    cands: &'c [Cand<'a, R>],
+    vendor_given: impl Fn(&R) -> bool,
+) -> Vec<(&'c [Cand<'a, R>], bool)> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=cands.len() {
+        let flag = |j: usize| vendor_given(cands[j].record);
+        if i == cands.len() || flag(i) != flag(start) {
+            runs.push((&cands[start..i], flag(start)));
+            start = i;
+        }
+    }
+    runs
 }
 
 /// Keeps the winner of each key and marks the losers' entries superseded.
@@ -727,6 +769,34 @@ mod tests {
 
     fn t(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn vendor_runs_keep_key_order() {
+        let recs = [true, true, false, true, false, false];
+        let cands: Vec<Cand<'_, bool>> = recs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Cand {
+                entry: i,
+                record: r,
+                id_suffix: None,
+            })
+            .collect();
+        let runs: Vec<(Vec<usize>, bool)> = vendor_runs(&cands, |r| *r)
+            .into_iter()
+            .map(|(run, v)| (run.iter().map(|c| c.entry).collect(), v))
+            .collect();
+        assert_eq!(
+            runs,
+            vec![
+                (vec![0, 1], true),
+                (vec![2], false),
+                (vec![3], true),
+                (vec![4, 5], false)
+            ]
+        );
+        assert!(vendor_runs(&cands[..0], |r| *r).is_empty());
     }
 
     #[test]

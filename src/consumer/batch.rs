@@ -13,7 +13,6 @@
 //! transaction each), so only the bad records are dead-lettered. A transient failure is shared
 //! by the whole batch, which is NAKed. Nothing is acked before its rows are committed.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,7 +21,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, context::PublishAckFuture, AckKind};
 use chrono::Utc;
 use futures::{FutureExt, Stream, StreamExt};
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{nak, Worker};
@@ -105,41 +104,71 @@ pub(super) struct Staged {
 /// them changes nothing of the delivery guarantees; same-key writes in concurrent batches are
 /// ordered by PostgreSQL's row locks and the upserts' `captured_at` condition.
 pub(super) struct InFlight {
-    tasks: VecDeque<JoinHandle<()>>,
+    /// Aborted when dropped: if the shutdown deadline abandons the loop, its batches stop too
+    /// (their messages were not acked, so JetStream redelivers them).
+    tasks: JoinSet<()>,
     depth: usize,
 }
 
 impl InFlight {
     pub(super) fn new(depth: usize) -> InFlight {
         InFlight {
-            tasks: VecDeque::with_capacity(depth),
+            tasks: JoinSet::new(),
             depth: depth.max(1),
         }
     }
 
-    /// Waits until another batch may start.
-    pub(super) async fn room(&mut self) {
+    /// Waits until another batch may start, sending progress acks for `waiting` (messages
+    /// already delivered to us) every ack_wait / 3 meanwhile, so the wait cannot get them
+    /// redelivered.
+    pub(super) async fn room(&mut self, waiting: &[Received], ack_wait: Duration) {
         while self.tasks.len() >= self.depth {
-            self.oldest().await;
+            let next = self.next();
+            let msgs = waiting.iter().map(|r| &r.msg);
+            progress_while(msgs, ack_wait, next).await;
         }
     }
 
-    pub(super) fn push(&mut self, task: JoinHandle<()>) {
-        self.tasks.push_back(task);
+    pub(super) fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
     }
 
     /// Waits for every batch in flight to be settled.
     pub(super) async fn drain(&mut self) {
         while !self.tasks.is_empty() {
-            self.oldest().await;
+            self.next().await;
         }
     }
 
-    async fn oldest(&mut self) {
-        if let Some(task) = self.tasks.pop_front() {
-            if let Err(e) = task.await {
-                // Its messages were not acked: JetStream redelivers them after ack_wait.
-                tracing::error!(error = %e, "a batch task failed; its messages will be redelivered");
+    /// Waits for one batch to finish. A panic in a batch is a bug, never a message's fault:
+    /// it is re-raised here, ending the consumer as it did before batches had their own tasks.
+    async fn next(&mut self) {
+        if let Some(Err(e)) = self.tasks.join_next().await {
+            if e.is_panic() {
+                std::panic::resume_unwind(e.into_panic());
+            }
+            tracing::debug!(error = %e, "a batch task was cancelled; its messages will be redelivered");
+        }
+    }
+}
+
+/// Awaits `work`, sending a progress ack for every message in `msgs` every ack_wait / 3.
+async fn progress_while<'m, T>(
+    msgs: impl Iterator<Item = &'m jetstream::Message> + Clone,
+    ack_wait: Duration,
+    work: impl Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    let every = (ack_wait / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            r = &mut work => return r,
+            _ = tokio::time::sleep(every) => {
+                for msg in msgs.clone() {
+                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                        tracing::debug!(error = %e, "progress ack failed");
+                    }
+                }
             }
         }
     }
@@ -247,21 +276,8 @@ impl Worker {
     /// Awaits `work` while sending progress acks every ack_wait / 3 for the batch's messages:
     /// a slow batch (a database lock, a slow disk) must not be redelivered under us.
     async fn keep_ours<T>(&self, items: &[Item], b: &Binding, work: impl Future<Output = T>) -> T {
-        tokio::pin!(work);
         let ack_wait = b.consumer.cached_info().config.ack_wait;
-        let every = (ack_wait / 3).max(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                r = &mut work => return r,
-                _ = tokio::time::sleep(every) => {
-                    for it in items {
-                        if let Err(e) = it.msg.ack_with(AckKind::Progress).await {
-                            tracing::debug!(consumer = %self.cc.kind, error = %e, "progress ack failed");
-                        }
-                    }
-                }
-            }
-        }
+        progress_while(items.iter().map(|it| &it.msg), ack_wait, work).await
     }
 
     /// Decode, write, send: one result per item, in order, and the PubAcks to await.
