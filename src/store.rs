@@ -188,16 +188,16 @@ struct Cand<'a, R> {
 }
 
 /// Writes a whole batch atomically (one transaction, or a single statement that commits on its
-/// own): the Oura raw rows with one statement, then each
-/// table with one (or, when some records name no vendor, two) multi-row upserts. Records with
-/// the same key are collapsed first (see [`winners`]); the losers are reported `superseded`
-/// and get no normalized event, since nothing of theirs was stored. Returns one outcome per
-/// entry, in order.
+/// own): the Oura raw rows with one statement, then each table with one multi-row upsert per
+/// run of records that do or do not name a vendor (see [`vendor_runs`]). Records with the same
+/// key are collapsed first (see [`winners`]); the losers are reported `superseded` and get no
+/// normalized event, since nothing of theirs was stored. Returns one outcome per entry, in
+/// order.
 ///
-/// A deadlock (40P01) is retried at once, up to [`DEADLOCK_ATTEMPTS`] times: rows are written in
-/// key order, but a table written in two statements (records with and without a vendor) can
-/// still cross another batch's locks; PostgreSQL then aborts one transaction, and nothing of it
-/// was committed.
+/// Batches of this path never deadlock with each other (locks in one global order), but other
+/// writers can cross them (the one-message-per-transaction unroll path, an instance of an
+/// older version): a deadlock (40P01) is retried at once, up to [`DEADLOCK_ATTEMPTS`] times;
+/// PostgreSQL aborted the victim's whole transaction, so nothing of it was committed.
 pub async fn write_batch(
     pool: &PgPool,
     metrics: &Metrics,
@@ -279,29 +279,51 @@ async fn write_batch_once(
     hrvs.sort_by(|a, b| (&a.record.user_id, a.record.date).cmp(&(&b.record.user_id, b.record.date)));
     sleeps.sort_by(|a, b| (&a.record.user_id, a.record.date).cmp(&(&b.record.user_id, b.record.date)));
 
+    let hrv_runs = vendor_runs(&hrvs, |r| r.vendor.is_some());
+    let sleep_runs = vendor_runs(&sleeps, |r| r.vendor.is_some());
+
     // One statement commits on its own; only several need an explicit transaction (BEGIN and
     // COMMIT are two more round trips, a large share of a small batch's write).
-    let statements = usize::from(!hooks.is_empty())
-        + vendor_runs(&hrvs, |r| r.vendor.is_some()).len()
-        + vendor_runs(&sleeps, |r| r.vendor.is_some()).len();
+    let statements = usize::from(!hooks.is_empty()) + hrv_runs.len() + sleep_runs.len();
     let mut conn = pool.acquire().await?;
     if statements <= 1 {
-        write_tables(&mut conn, metrics, &hooks, &hrvs, &sleeps, entries, &mut out).await?;
+        write_tables(
+            &mut conn,
+            metrics,
+            &hooks,
+            &hrv_runs,
+            &sleep_runs,
+            entries,
+            &mut out,
+        )
+        .await?;
     } else {
         let mut tx = conn.begin().await?;
-        write_tables(&mut tx, metrics, &hooks, &hrvs, &sleeps, entries, &mut out).await?;
+        write_tables(
+            &mut tx,
+            metrics,
+            &hooks,
+            &hrv_runs,
+            &sleep_runs,
+            entries,
+            &mut out,
+        )
+        .await?;
         tx.commit().await?;
     }
     Ok(out)
 }
+
+/// Consecutive key-ordered records that all name a vendor (`true`) or all do not.
+type Runs<'c, 'a, R> = Vec<(&'c [Cand<'a, R>], bool)>;
 
 /// The statements of [`write_batch`], on a connection or in a transaction.
 async fn write_tables(
     conn: &mut PgConnection,
     metrics: &Metrics,
     hooks: &[(usize, &OuraWebhook)],
-    hrvs: &[Cand<'_, HrvRecord>],
-    sleeps: &[Cand<'_, SleepRecord>],
+    hrv_runs: &Runs<'_, '_, HrvRecord>,
+    sleep_runs: &Runs<'_, '_, SleepRecord>,
     entries: &[BatchEntry<'_>],
     out: &mut [EntryOutcome],
 ) -> Result<(), sqlx::Error> {
@@ -310,13 +332,11 @@ async fn write_tables(
     if !hooks.is_empty() {
         insert_webhooks(conn, metrics, hooks, entries).await?;
     }
-    for (run, vendor_given) in vendor_runs(hrvs, |r| r.vendor.is_some()) {
-        let part: Vec<&Cand<'_, HrvRecord>> = run.iter().collect();
-        upsert_hrv_batch(conn, metrics, &part, vendor_given, entries, out).await?;
+    for &(run, vendor_given) in hrv_runs {
+        upsert_hrv_batch(conn, metrics, run, vendor_given, entries, out).await?;
     }
-    for (run, vendor_given) in vendor_runs(sleeps, |r| r.vendor.is_some()) {
-        let part: Vec<&Cand<'_, SleepRecord>> = run.iter().collect();
-        upsert_sleep_batch(conn, metrics, &part, vendor_given, entries, out).await?;
+    for &(run, vendor_given) in sleep_runs {
+        upsert_sleep_batch(conn, metrics, run, vendor_given, entries, out).await?;
     }
     Ok(())
 }
@@ -325,10 +345,7 @@ async fn write_tables(
 /// (the two cases need different upserts), keeping the key order: one statement per run.
 /// Typical batches are one run; a batch that alternates is many small statements, still in key
 /// order.
-fn vendor_runs<'c, 'a, R>(
-    cands: &'c [Cand<'a, R>],
-    vendor_given: impl Fn(&R) -> bool,
-) -> Vec<(&'c [Cand<'a, R>], bool)> {
+fn vendor_runs<'c, 'a, R>(cands: &'c [Cand<'a, R>], vendor_given: impl Fn(&R) -> bool) -> Runs<'c, 'a, R> {
     let mut runs = Vec::new();
     let mut start = 0;
     for i in 1..=cands.len() {
@@ -397,7 +414,7 @@ const HRV_BATCH_NO_VENDOR: &str = "INSERT INTO hrv_data (user_id, date, rmssd, l
 async fn upsert_hrv_batch(
     conn: &mut PgConnection,
     metrics: &Metrics,
-    part: &[&Cand<'_, HrvRecord>],
+    part: &[Cand<'_, HrvRecord>],
     vendor_given: bool,
     entries: &[BatchEntry<'_>],
     out: &mut [EntryOutcome],
@@ -496,7 +513,7 @@ const SLEEP_BATCH_NO_VENDOR: &str = "INSERT INTO sleep_data (user_id, date, dura
 async fn upsert_sleep_batch(
     conn: &mut PgConnection,
     metrics: &Metrics,
-    part: &[&Cand<'_, SleepRecord>],
+    part: &[Cand<'_, SleepRecord>],
     vendor_given: bool,
     entries: &[BatchEntry<'_>],
     out: &mut [EntryOutcome],

@@ -210,11 +210,11 @@ async fn a_constraint_violation_mid_batch_dead_letters_only_that_record() {
 
 /// Batches in flight at once (`HRV_PIPELINE_DEPTH`) write concurrently. Here every batch
 /// touches the same few keys in a shuffled order: without a common lock order two batches would
-/// deadlock (SQLSTATE 40P01, a NAK and a redelivery); with it they wait for each other. A third
-/// of the events name no vendor, so many batches write `hrv_data` in two statements (with and
-/// without a vendor), which can still cross another batch's locks: those deadlocks must be
-/// retried inside the write, never NAKed. The newest `captured_at` of every key must end in the
-/// table, and every message must be acked exactly once, first time.
+/// deadlock (SQLSTATE 40P01); with it they wait for each other. A third of the events name no
+/// vendor, so many batches write `hrv_data` in several statements (runs with and without a
+/// vendor), which must keep the key order across statements too. No deadlock may happen at all
+/// (not even one retried inside the write), the newest `captured_at` of every key must end in
+/// the table, and every message must be acked exactly once, first time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_batches_sharing_keys_keep_the_newest_and_never_deadlock() {
     const KEYS: usize = 12;
