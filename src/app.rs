@@ -159,7 +159,7 @@ impl Application {
             &config
                 .consumers
                 .iter()
-                .map(|c| (c.kind, c.durable.clone(), c.expires))
+                .map(|c| (c.kind, c.durable.clone(), c.expires, c.ack_wait))
                 .collect::<Vec<_>>(),
         ));
         let nats = connect_nats(&config.nats).await?;
@@ -355,31 +355,45 @@ async fn prepare_database(config: Arc<Config>, health: Arc<Health>, shutdown: Ca
     }
 }
 
-/// Marks consumers stalled when their loop has made no progress for 3 × expires, and keeps
-/// the connection gauges fresh between scrapes.
+/// Keeps the dependency state, the stall and stuck verdicts and the connection gauges fresh
+/// between scrapes. A loop is stalled when it has made no progress for 3 × expires, and stuck
+/// when it holds messages and has settled none for 3 × ack_wait; neither is judged while NATS
+/// or the database is down (see [`Health::check_stalls`]), so a broker outage never fails
+/// liveness and restarts every instance at once.
 async fn watchdog(shared: Shared, nats: async_nats::Client, shutdown: CancellationToken) {
-    let mut was_stalled = std::collections::HashMap::new();
-    let mut tick: u64 = 0;
+    let mut was = std::collections::HashMap::new();
     loop {
-        for (kind, stalled) in shared.health.check_stalls(Instant::now()) {
-            shared
-                .metrics
-                .consumer_stalled
-                .with_label_values(&[kind.as_str()])
-                .set(i64::from(stalled));
-            let before = was_stalled.insert(kind, stalled).unwrap_or(false);
-            if stalled && !before {
-                tracing::error!(consumer = %kind, "consumer loop stalled: no pull completed for 3 x expires");
-            } else if !stalled && before {
-                tracing::info!(consumer = %kind, "consumer loop recovered");
-            }
-        }
         let up = nats.connection_state() == async_nats::connection::State::Connected;
         shared.metrics.nats_connected.set(i64::from(up));
-        tick += 1;
-        if tick % 5 == 0 {
-            let db = store::ping(&shared.pool, Duration::from_secs(1)).await;
-            shared.metrics.database_up.set(i64::from(db));
+        let db = store::ping(&shared.pool, Duration::from_secs(1)).await;
+        shared.metrics.database_up.set(i64::from(db));
+        shared.health.set_dependencies_up(up && db);
+        for v in shared.health.check_stalls(Instant::now()) {
+            let kind = v.kind.as_str();
+            let m = &shared.metrics;
+            m.consumer_stalled
+                .with_label_values(&[kind])
+                .set(i64::from(v.stalled));
+            m.consumer_stuck
+                .with_label_values(&[kind])
+                .set(i64::from(v.stuck));
+            m.consumer_held
+                .with_label_values(&[kind])
+                .set(i64::try_from(v.held).unwrap_or(i64::MAX));
+            let (stalled, stuck) = was.insert(v.kind, (v.stalled, v.stuck)).unwrap_or((false, false));
+            if v.stalled && !stalled {
+                tracing::error!(
+                    consumer = kind,
+                    "consumer loop stalled: no progress for 3 x expires with NATS and the database up"
+                );
+            } else if !v.stalled && stalled {
+                tracing::info!(consumer = kind, "consumer loop recovered");
+            }
+            if v.stuck && !stuck {
+                tracing::error!(consumer = kind, held = v.held, "consumer stuck: holding messages and settling none for 3 x ack_wait with NATS and the database up");
+            } else if !v.stuck && stuck {
+                tracing::info!(consumer = kind, "consumer settles messages again");
+            }
         }
         if !sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
             return;

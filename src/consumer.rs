@@ -5,12 +5,15 @@
 //! messages already delivered but not yet started are NAKed so another instance takes them now.
 
 mod batch;
+mod delivery;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::pull, AckKind};
+use std::collections::VecDeque;
+
+use async_nats::jetstream::{self, consumer::pull};
 use chrono::Utc;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
@@ -22,6 +25,7 @@ use crate::dlq::{self, Origin, Reason};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::topology::{self, Binding};
+use delivery::{progress_all, Delivery, Ledger};
 
 /// Everything a consumer loop shares with the rest of the process.
 #[derive(Clone)]
@@ -39,31 +43,166 @@ pub struct Worker {
     cc: ConsumerConfig,
 }
 
-/// The batches of one binding's loop that are being processed.
+/// The intake side of one binding's loop: the batches being processed, and what was received
+/// but could not start yet because the pipeline is full.
 struct Flight {
     worker: Arc<Worker>,
     binding: Arc<Binding>,
     batches: batch::InFlight,
+    ledger: Ledger,
+    waiting: Waiting,
+    batch_size: usize,
+}
+
+/// Sub-batches received and not started yet, each with the database short-circuit of the pull
+/// it came from. They are ours as much as a running batch's messages are: they get progress
+/// acks while they wait and are NAKed if the loop stops, so the pull they came from can be read
+/// to its end (async-nats drops what a pull has buffered when its own timer ends it).
+struct Waiting {
+    subs: VecDeque<(Vec<Delivery>, Arc<AtomicBool>)>,
+    every: Duration,
+    next_progress: tokio::time::Instant,
 }
 
 impl Flight {
-    /// Starts a batch on its own task once the pipeline has room for it (see
-    /// [`batch::InFlight`]).
-    async fn start(
-        &mut self,
-        msgs: Vec<batch::Received>,
-        db_down: &Arc<AtomicBool>,
-        shutdown: &CancellationToken,
-    ) {
-        let ack_wait = self.binding.consumer.cached_info().config.ack_wait;
-        self.batches.room(&msgs, ack_wait).await;
-        self.batches.spawn(self.worker.clone().run_batch(
-            msgs,
-            self.binding.clone(),
-            db_down.clone(),
-            shutdown.clone(),
-        ));
+    fn new(worker: &Worker, b: &Binding) -> Flight {
+        let ack_wait = b.consumer.cached_info().config.ack_wait;
+        Flight {
+            worker: Arc::new(worker.clone()),
+            binding: Arc::new(b.clone()),
+            batches: batch::InFlight::new(worker.cc.pipeline_depth),
+            ledger: Ledger {
+                kind: worker.cc.kind,
+                stream: b.stream.as_str().into(),
+                unsettled: worker.shared.metrics.released_unsettled.with_label_values(&[
+                    worker.cc.kind.as_str(),
+                    &b.stream,
+                    &b.durable,
+                ]),
+                health: worker.shared.health.clone(),
+            },
+            waiting: Waiting {
+                subs: VecDeque::new(),
+                every: batch::progress_every(ack_wait),
+                next_progress: tokio::time::Instant::now(),
+            },
+            batch_size: worker.cc.batch_size,
+        }
     }
+
+    /// Takes a received sub-batch: it starts at once when the pipeline has room, else waits
+    /// (joined to the previous waiting one from the same pull while that stays within a batch).
+    fn hold(&mut self, msgs: Vec<Delivery>, db_down: &Arc<AtomicBool>, shutdown: &CancellationToken) {
+        let w = &mut self.waiting;
+        if w.subs.is_empty() {
+            w.next_progress = tokio::time::Instant::now() + w.every;
+        }
+        match w.subs.back_mut() {
+            Some((last, flag))
+                if Arc::ptr_eq(flag, db_down) && last.len() + msgs.len() <= self.batch_size =>
+            {
+                last.extend(msgs)
+            }
+            _ => w.subs.push_back((msgs, db_down.clone())),
+        }
+        self.start_waiting(shutdown);
+    }
+
+    /// Starts waiting sub-batches, each on its own task, while the pipeline has room.
+    fn start_waiting(&mut self, shutdown: &CancellationToken) {
+        while self.batches.free() > 0 {
+            let Some((msgs, db_down)) = self.waiting.subs.pop_front() else {
+                break;
+            };
+            self.batches.spawn(self.worker.clone().run_batch(
+                msgs,
+                self.binding.clone(),
+                db_down,
+                shutdown.clone(),
+            ));
+        }
+    }
+
+    fn has_waiting(&self) -> bool {
+        !self.waiting.subs.is_empty()
+    }
+
+    fn full(&self) -> bool {
+        self.batches.free() == 0
+    }
+
+    /// Everything waiting can start and one more batch still fits.
+    fn room_for_more(&self) -> bool {
+        self.batches.free() > self.waiting.subs.len()
+    }
+
+    async fn progress_waiting(&mut self) {
+        progress_all(self.waiting.subs.iter().flat_map(|(m, _)| m.iter())).await;
+        self.waiting.next_progress = tokio::time::Instant::now() + self.waiting.every;
+    }
+
+    /// NAKs (without delay) every waiting message, so another instance or a restart takes
+    /// them at once instead of after ack_wait.
+    async fn release_waiting(&mut self) {
+        for (msgs, _) in self.waiting.subs.drain(..) {
+            for d in &msgs {
+                d.nak(None).await;
+            }
+        }
+    }
+}
+
+/// One pull request being read.
+struct Pull {
+    batch: pull::Batch,
+    /// The server ends the request at `expires`; a request lost in a reconnect is abandoned
+    /// shortly after, instead of at the library's expires + 5 s, so the watchdog never mistakes
+    /// a reconnect for a wedged loop.
+    deadline: tokio::time::Instant,
+    received: usize,
+    /// Set when a batch of this pull found the database unreachable: the rest of the pull is
+    /// NAKed at once instead of each waiting for a pool timeout.
+    db_down: Arc<AtomicBool>,
+}
+
+impl Pull {
+    fn new(batch: pull::Batch, expires: Duration) -> Pull {
+        Pull {
+            batch,
+            deadline: tokio::time::Instant::now() + expires + Duration::from_millis(500),
+            received: 0,
+            db_down: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// What reading a pull gave.
+#[allow(clippy::large_enum_variant)] // one per wake-up, never stored
+enum Next {
+    Message(jetstream::Message),
+    Error(async_nats::Error),
+    End,
+    Expired,
+}
+
+async fn next_of(pull: &mut Option<Pull>) -> Next {
+    let Some(p) = pull else {
+        return std::future::pending().await;
+    };
+    match tokio::time::timeout_at(p.deadline, p.batch.next()).await {
+        Ok(Some(Ok(m))) => Next::Message(m),
+        Ok(Some(Err(e))) => Next::Error(e),
+        Ok(None) => Next::End,
+        Err(_) => Next::Expired,
+    }
+}
+
+/// What woke the intake loop.
+enum Wake<N> {
+    Shutdown,
+    BatchDone,
+    Progress,
+    Next(N),
 }
 
 /// A binding with its running loop's stop token.
@@ -126,6 +265,9 @@ impl Worker {
                                 active = Some(Running { binding: b, token });
                             }
                         }
+                        if let Some(a) = &active {
+                            self.adopt_stranded(a, &mut draining, &mut loops, &shutdown).await;
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(consumer = %kind, error = %e, retry_in_ms = backoff.as_millis() as u64, "consumer not bound; retrying");
@@ -164,7 +306,9 @@ impl Worker {
                 }
                 _ = tokio::time::sleep(wait) => {
                     if let Some(current) = active.take() {
-                        active = Some(self.rebalance(current, &mut draining, &mut loops, &shutdown).await);
+                        let current = self.rebalance(current, &mut draining, &mut loops, &shutdown).await;
+                        self.adopt_stranded(&current, &mut draining, &mut loops, &shutdown).await;
+                        active = Some(current);
                     }
                     self.stop_drained(&draining).await;
                 }
@@ -237,6 +381,56 @@ impl Worker {
         self.on_bound(&next.binding, Some(&current.binding.stream));
         draining.push(current);
         next
+    }
+
+    /// Starts draining this consumer's durable on any other stream it may have lived on
+    /// (primary or legacy, whatever the mode) that still has pending or unacked messages: a
+    /// backlog left behind when the subjects moved while no daemon was watching (a deploy or a
+    /// rollback during the migration) would otherwise never be delivered. Checked after every
+    /// bind and on every rebind tick; the loop stops when the durable is drained
+    /// ([`Worker::stop_drained`]).
+    async fn adopt_stranded<'a>(
+        &'a self,
+        active: &Running,
+        draining: &mut Vec<Running>,
+        loops: &mut FuturesUnordered<LoopFuture<'a>>,
+        shutdown: &CancellationToken,
+    ) {
+        let streams = &self.shared.config.streams;
+        let primary = streams.primary(self.cc.primary).to_string();
+        for name in [primary.clone(), streams.legacy.clone()] {
+            if name == active.binding.stream || draining.iter().any(|r| r.binding.stream == name) {
+                continue;
+            }
+            let b = match topology::existing_durable(&self.shared.js, &self.cc, &name).await {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::debug!(consumer = %self.cc.kind, stream = %name, error = %e, "cannot look for a stranded durable");
+                    continue;
+                }
+            };
+            let info = b.consumer.cached_info();
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                continue;
+            }
+            tracing::info!(
+                consumer = %self.cc.kind, stream = %name, durable = %b.durable,
+                pending = info.num_pending, ack_pending = info.num_ack_pending,
+                "the durable on a stream the subjects left still has messages; draining it"
+            );
+            let m = &self.shared.metrics;
+            m.consumer_bound
+                .with_label_values(&[self.cc.kind.as_str(), &name, &b.durable])
+                .set(1);
+            m.touch_binding(self.cc.kind, &self.cc.filter_subject, &name, &b.durable);
+            let mut b = b;
+            b.fallback = name != primary;
+            let token = shutdown.child_token();
+            loops.push(Box::pin(self.run_binding(b.clone(), token.clone())));
+            draining.push(Running { binding: b, token });
+        }
+        self.report_bindings(Some(active), draining);
     }
 
     /// Stops draining loops whose durable has nothing pending or unacked.
@@ -319,127 +513,141 @@ impl Worker {
     }
 
     async fn consume(&self, b: &Binding, shutdown: &CancellationToken) -> LoopEnd {
-        let mut flight = Flight {
-            worker: Arc::new(self.clone()),
-            binding: Arc::new(b.clone()),
-            batches: batch::InFlight::new(self.cc.pipeline_depth),
-        };
+        let mut flight = Flight::new(self, b);
         let end = match self.cc.pull_mode {
             PullMode::Fetch => self.consume_fetch(b, shutdown, &mut flight).await,
             PullMode::Stream => self.consume_stream(b, shutdown, &mut flight).await,
         };
-        // Whatever ended the loop, the batches already started have their rows committed or
-        // being committed: let them settle.
+        // Whatever ended the loop: what never started is released at once, and the batches
+        // already started have their rows committed or being committed: let them settle.
+        flight.release_waiting().await;
         flight.batches.drain().await;
         end
     }
 
-    /// Batch requests bounded by `expires`. A pull's messages are processed in sub-batches of
-    /// what has arrived so far (see [`batch::gather`]), so a partial batch never waits for the
-    /// rest or for `expires`. When a pull came back full (a backlog), the next pull is issued
-    /// before the current batch is written, so the server delivers it while we write; this is
-    /// done only while two batches fit in the durable's `max_ack_pending`. Batches are handed to
-    /// [`Flight::start`], which runs up to `*_PIPELINE_DEPTH` of them at once.
+    /// Batch requests bounded by `expires`. A pull is read to its end without pause: what has
+    /// arrived is processed in sub-batches (see [`batch::gather`]), so a partial batch never
+    /// waits for the rest or for `expires`, and when the pipeline is full the sub-batches wait
+    /// in [`Flight`] (with progress acks) while the pull is still read. A new pull is issued
+    /// only when nothing waits and the pipeline has room. When a pull came back full (a
+    /// backlog), the next one is issued at once, so the server delivers it while we write;
+    /// this is done only while two batches fit in the durable's `max_ack_pending`.
     async fn consume_fetch(&self, b: &Binding, shutdown: &CancellationToken, flight: &mut Flight) -> LoopEnd {
         let mut consecutive_errors: u32 = 0;
-        let mut prefetched: Option<pull::Batch> = None;
+        let mut current: Option<Pull> = None;
+        let mut prefetched: Option<Pull> = None;
         let max_ack_pending = b.consumer.cached_info().config.max_ack_pending;
         let overlap = max_ack_pending <= 0
             || i64::try_from(self.cc.batch_size.saturating_mul(2)).is_ok_and(|two| two <= max_ack_pending);
         loop {
-            let batch = match prefetched.take() {
-                Some(batch) => Ok(batch),
-                None => {
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return LoopEnd::Shutdown,
-                        r = self.pull(b) => r,
-                    }
-                }
-            };
-            let mut batch = match batch {
-                Ok(batch) => batch,
-                Err(e) => {
-                    self.count_pull_error(b, &e);
-                    self.progress(true, false);
-                    if let Some(end) = self.after_error(b, &mut consecutive_errors, shutdown).await {
-                        return end;
-                    }
-                    continue;
-                }
-            };
-            let mut received = 0usize;
-            let db_down = Arc::new(AtomicBool::new(false));
-            let mut failed = false;
-            // The server ends the request at `expires`; a request lost in a reconnect is
-            // abandoned shortly after, instead of at the library's expires + 5 s, so the
-            // watchdog never mistakes a reconnect for a wedged loop.
-            let deadline = tokio::time::Instant::now() + self.cc.expires + Duration::from_millis(500);
-            loop {
-                let next = tokio::select! {
+            flight.start_waiting(shutdown);
+            if current.is_none() {
+                current = prefetched.take();
+            }
+            if current.is_none() && !flight.has_waiting() && !flight.full() {
+                let pulled = tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => {
-                        release_buffered(&mut batch).await;
-                        if let Some(mut p) = prefetched.take() {
-                            release_buffered(&mut p).await;
+                    _ = shutdown.cancelled() => return LoopEnd::Shutdown,
+                    r = self.pull(b) => r,
+                };
+                match pulled {
+                    Ok(batch) => current = Some(Pull::new(batch, self.cc.expires)),
+                    Err(e) => {
+                        self.count_pull_error(b, &e);
+                        self.progress(true, false);
+                        if let Some(end) = self.after_error(b, &mut consecutive_errors, shutdown).await {
+                            return end;
                         }
-                        return LoopEnd::Shutdown;
-                    }
-                    n = tokio::time::timeout_at(deadline, batch.next()) => n,
-                };
-                let next = match next {
-                    Ok(n) => n,
-                    Err(_) => {
-                        tracing::debug!(consumer = %self.cc.kind, "pull request outlived its expiry; issuing a fresh one");
-                        break;
-                    }
-                };
-                let first = match next {
-                    None => break,
-                    Some(Ok(msg)) => msg,
-                    Some(Err(e)) => {
-                        self.count_pull_error(b, &e);
-                        failed = true;
-                        break;
-                    }
-                };
-                let mut msgs = vec![batch::Received {
-                    msg: first,
-                    at: Instant::now(),
-                }];
-                let gathered = batch::gather(&mut batch, &mut msgs, self.cc.batch_size - received).await;
-                received += msgs.len();
-                if overlap
-                    && received >= self.cc.batch_size
-                    && prefetched.is_none()
-                    && !shutdown.is_cancelled()
-                {
-                    match self.pull(b).await {
-                        Ok(p) => prefetched = Some(p),
-                        Err(e) => self.count_pull_error(b, &e),
-                    }
-                }
-                flight.start(msgs, &db_down, shutdown).await;
-                self.progress(false, true);
-                match gathered {
-                    batch::Gathered::Open => {}
-                    batch::Gathered::Ended => break,
-                    batch::Gathered::Failed(e) => {
-                        self.count_pull_error(b, &e);
-                        failed = true;
-                        break;
+                        continue;
                     }
                 }
             }
+            let due = flight.waiting.next_progress;
+            let wake = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Wake::Shutdown,
+                _ = flight.batches.next(), if flight.full() => Wake::BatchDone,
+                _ = tokio::time::sleep_until(due), if flight.has_waiting() => Wake::Progress,
+                n = next_of(&mut current), if current.is_some() => Wake::Next(n),
+            };
+            let next = match wake {
+                Wake::Shutdown => {
+                    for mut p in [current.take(), prefetched.take()].into_iter().flatten() {
+                        release_buffered(&mut p.batch, &flight.ledger).await;
+                    }
+                    return LoopEnd::Shutdown;
+                }
+                Wake::BatchDone => {
+                    self.progress(false, false);
+                    continue;
+                }
+                Wake::Progress => {
+                    flight.progress_waiting().await;
+                    self.progress(false, false);
+                    continue;
+                }
+                Wake::Next(n) => n,
+            };
+            let Some(p) = current.as_mut() else {
+                continue;
+            };
+            // Some(failed) once the pull has ended.
+            let ended = match next {
+                Next::Message(first) => {
+                    let mut msgs = vec![flight.ledger.receive(first)];
+                    let room = self.cc.batch_size.saturating_sub(p.received).max(1);
+                    let gathered = batch::gather(&mut p.batch, &mut msgs, room, &flight.ledger).await;
+                    p.received += msgs.len();
+                    let full = p.received >= self.cc.batch_size;
+                    flight.hold(msgs, &p.db_down, shutdown);
+                    self.progress(false, true);
+                    if overlap
+                        && full
+                        && prefetched.is_none()
+                        && flight.room_for_more()
+                        && !shutdown.is_cancelled()
+                    {
+                        match self.pull(b).await {
+                            Ok(batch) => prefetched = Some(Pull::new(batch, self.cc.expires)),
+                            Err(e) => self.count_pull_error(b, &e),
+                        }
+                    }
+                    match gathered {
+                        batch::Gathered::Open => None,
+                        batch::Gathered::Ended => Some(false),
+                        batch::Gathered::Failed(e) => {
+                            self.count_pull_error(b, &e);
+                            Some(true)
+                        }
+                    }
+                }
+                Next::End => Some(false),
+                Next::Error(e) => {
+                    self.count_pull_error(b, &e);
+                    Some(true)
+                }
+                Next::Expired => {
+                    tracing::debug!(consumer = %self.cc.kind, "pull request outlived its expiry; issuing a fresh one");
+                    Some(false)
+                }
+            };
+            let Some(failed) = ended else {
+                continue;
+            };
+            let Some(mut p) = current.take() else {
+                continue;
+            };
+            // Anything the pull still buffers (it ended on our deadline or an error) is ours.
+            release_buffered(&mut p.batch, &flight.ledger).await;
             self.progress(true, false);
             self.shared
                 .metrics
                 .batch_size
                 .with_label_values(&[self.cc.kind.as_str()])
-                .observe(received as f64);
+                .observe(p.received as f64);
             if failed {
-                if let Some(mut p) = prefetched.take() {
-                    release_buffered(&mut p).await;
+                if let Some(mut next) = prefetched.take() {
+                    release_buffered(&mut next.batch, &flight.ledger).await;
                 }
                 if let Some(end) = self.after_error(b, &mut consecutive_errors, shutdown).await {
                     return end;
@@ -447,7 +655,11 @@ impl Worker {
                 continue;
             }
             consecutive_errors = 0;
-            if received == 0 && !sleep_or_cancel(self.cc.idle_backoff, shutdown).await {
+            if p.received == 0
+                && prefetched.is_none()
+                && !flight.has_waiting()
+                && !sleep_or_cancel(self.cc.idle_backoff, shutdown).await
+            {
                 return LoopEnd::Shutdown;
             }
         }
@@ -466,6 +678,9 @@ impl Worker {
     /// A continuous `messages()` stream; the library keeps pull requests outstanding and
     /// reports missed heartbeats, which are logged and counted, never fatal. What is already
     /// buffered when a message arrives (up to `batch_size`) is processed with it as one batch.
+    /// The stream is read without pause; when the pipeline is full what arrives waits in
+    /// [`Flight`] with progress acks (the server's `max_ack_pending` bounds it). Whatever ends
+    /// a stream, what it still buffers is NAKed before it is dropped.
     async fn consume_stream(
         &self,
         b: &Binding,
@@ -473,7 +688,7 @@ impl Worker {
         flight: &mut Flight,
     ) -> LoopEnd {
         let mut consecutive_errors: u32 = 0;
-        'outer: loop {
+        loop {
             let heartbeat = (self.cc.expires / 2).max(Duration::from_millis(50));
             let opened = b
                 .consumer
@@ -497,74 +712,97 @@ impl Worker {
                     continue;
                 }
             };
-            let db_down = Arc::new(AtomicBool::new(false));
-            let mut last_db_reset = Instant::now();
-            loop {
-                let next = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => {
-                        release_stream_buffered(&mut stream).await;
-                        return LoopEnd::Shutdown;
+            let failed = self
+                .read_stream(b, &mut stream, shutdown, flight, &mut consecutive_errors)
+                .await;
+            release_buffered(&mut stream, &flight.ledger).await;
+            drop(stream);
+            match failed {
+                StreamEnd::Shutdown => return LoopEnd::Shutdown,
+                StreamEnd::Ended => {}
+                StreamEnd::Failed(e) => {
+                    self.count_pull_error(b, &e);
+                    if let Some(end) = self.after_error(b, &mut consecutive_errors, shutdown).await {
+                        return end;
                     }
-                    n = tokio::time::timeout(self.cc.expires, stream.next()) => n,
-                };
-                // The "batch" of stream mode is one expiry period: the database short-circuit
-                // is reset after it, so the database is tried again.
-                if last_db_reset.elapsed() >= self.cc.expires {
-                    db_down.store(false, Ordering::Relaxed);
-                    last_db_reset = Instant::now();
                 }
-                match next {
-                    Err(_idle) => self.progress(true, false),
-                    Ok(None) => continue 'outer,
-                    Ok(Some(Ok(msg))) => {
-                        consecutive_errors = 0;
-                        let mut msgs = vec![batch::Received {
-                            msg,
-                            at: Instant::now(),
-                        }];
-                        let gathered = batch::gather(&mut stream, &mut msgs, self.cc.batch_size).await;
-                        // In stream mode a "pull" is what arrived together.
-                        self.shared
-                            .metrics
-                            .batch_size
-                            .with_label_values(&[self.cc.kind.as_str()])
-                            .observe(msgs.len() as f64);
-                        flight.start(msgs, &db_down, shutdown).await;
-                        self.progress(true, true);
-                        match gathered {
-                            batch::Gathered::Open => {}
-                            batch::Gathered::Ended => continue 'outer,
-                            batch::Gathered::Failed(e) => {
-                                use jetstream::consumer::pull::MessagesErrorKind as K;
-                                self.count_pull_error(b, &e);
-                                if e.kind() != K::MissingHeartbeat {
-                                    if let Some(end) =
-                                        self.after_error(b, &mut consecutive_errors, shutdown).await
-                                    {
-                                        return end;
-                                    }
-                                    continue 'outer;
-                                }
-                            }
+            }
+        }
+    }
+
+    /// Reads one `messages()` stream until it ends, fails (other than a missed heartbeat,
+    /// which is counted and read past) or shutdown.
+    async fn read_stream(
+        &self,
+        b: &Binding,
+        stream: &mut pull::Stream,
+        shutdown: &CancellationToken,
+        flight: &mut Flight,
+        consecutive_errors: &mut u32,
+    ) -> StreamEnd {
+        use jetstream::consumer::pull::MessagesErrorKind as K;
+        let db_down = Arc::new(AtomicBool::new(false));
+        let mut last_db_reset = Instant::now();
+        loop {
+            flight.start_waiting(shutdown);
+            let due = flight.waiting.next_progress;
+            let wake = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Wake::Shutdown,
+                _ = flight.batches.next(), if flight.full() => Wake::BatchDone,
+                _ = tokio::time::sleep_until(due), if flight.has_waiting() => Wake::Progress,
+                n = tokio::time::timeout(self.cc.expires, stream.next()) => Wake::Next(n),
+            };
+            // The "batch" of stream mode is one expiry period: the database short-circuit is
+            // reset after it, so the database is tried again.
+            if last_db_reset.elapsed() >= self.cc.expires {
+                db_down.store(false, Ordering::Relaxed);
+                last_db_reset = Instant::now();
+            }
+            let next = match wake {
+                Wake::Shutdown => return StreamEnd::Shutdown,
+                Wake::BatchDone => {
+                    self.progress(false, false);
+                    continue;
+                }
+                Wake::Progress => {
+                    flight.progress_waiting().await;
+                    self.progress(false, false);
+                    continue;
+                }
+                Wake::Next(n) => n,
+            };
+            match next {
+                Err(_idle) => self.progress(true, false),
+                Ok(None) => return StreamEnd::Ended,
+                Ok(Some(Ok(msg))) => {
+                    *consecutive_errors = 0;
+                    let mut msgs = vec![flight.ledger.receive(msg)];
+                    let gathered = batch::gather(stream, &mut msgs, self.cc.batch_size, &flight.ledger).await;
+                    // In stream mode a "pull" is what arrived together.
+                    self.shared
+                        .metrics
+                        .batch_size
+                        .with_label_values(&[self.cc.kind.as_str()])
+                        .observe(msgs.len() as f64);
+                    flight.hold(msgs, &db_down, shutdown);
+                    self.progress(true, true);
+                    match gathered {
+                        batch::Gathered::Open => {}
+                        batch::Gathered::Ended => return StreamEnd::Ended,
+                        batch::Gathered::Failed(e) if e.kind() == K::MissingHeartbeat => {
+                            self.count_pull_error(b, &e)
                         }
+                        batch::Gathered::Failed(e) => return StreamEnd::Failed(e),
                     }
-                    Ok(Some(Err(e))) => {
-                        use jetstream::consumer::pull::MessagesErrorKind as K;
-                        self.count_pull_error(b, &e);
-                        self.progress(true, false);
-                        match e.kind() {
-                            K::MissingHeartbeat => continue,
-                            _ => {
-                                if let Some(end) =
-                                    self.after_error(b, &mut consecutive_errors, shutdown).await
-                                {
-                                    return end;
-                                }
-                                continue 'outer;
-                            }
-                        }
-                    }
+                }
+                Ok(Some(Err(e))) if e.kind() == K::MissingHeartbeat => {
+                    self.count_pull_error(b, &e);
+                    self.progress(true, false);
+                }
+                Ok(Some(Err(e))) => {
+                    self.progress(true, false);
+                    return StreamEnd::Failed(e);
                 }
             }
         }
@@ -591,10 +829,13 @@ impl Worker {
     /// Publishes the dead letter and TERMs the original once JetStream has stored it. When the
     /// dead letter cannot be stored the original is NAKed (never acked or terminated); on a
     /// durable with a finite server-side limit, the last delivery is held with progress acks
-    /// while the dead letter is retried. Returns true when the dead letter was stored.
+    /// while the dead letter is retried — through a shutdown too, until shortly before its
+    /// deadline, when it is given up with an ERROR naming its stream and sequence (the server
+    /// will not redeliver it) and counted in `normalize_held_messages_abandoned_total`.
+    /// Returns true when the dead letter was stored.
     async fn dead_letter(
         &self,
-        msg: &jetstream::Message,
+        d: &Delivery,
         origin: &Origin<'_>,
         reason: Reason,
         error: &str,
@@ -603,27 +844,26 @@ impl Worker {
     ) -> bool {
         let kind = self.cc.kind;
         let mut attempt: i64 = 0;
+        let mut give_up_at: Option<Instant> = None;
         loop {
             match dlq::publish(
                 &self.shared.js,
                 &self.cc.dlq_prefix,
-                &msg.message,
+                &d.msg.message,
                 origin,
                 reason,
                 error,
             )
             .await
             {
-                Ok(_) => {
+                Ok(ack) => {
                     self.shared.health.update(kind, |s| s.dead_letter_ok = true);
-                    tracing::error!(
+                    tracing::debug!(
                         consumer = %kind, reason = reason.as_str(), stream = %origin.stream, seq = origin.seq,
-                        delivered = origin.delivered, error = %error,
+                        dlq_seq = ack.sequence, delivered = origin.delivered, error = %error,
                         "message dead-lettered"
                     );
-                    if let Err(e) = msg.ack_with(AckKind::Term).await {
-                        tracing::warn!(consumer = %kind, error = %e, "term failed; the redelivery will be dead-lettered again and deduplicated");
-                    }
+                    d.term().await;
                     return true;
                 }
                 Err(e) => {
@@ -639,52 +879,72 @@ impl Worker {
                         origin.delivered.max(attempt),
                     );
                     let last_delivery = b.server_max_deliver.is_some_and(|m| origin.delivered >= m);
-                    tracing::error!(
-                        consumer = %kind, reason = reason.as_str(), stream = %origin.stream, seq = origin.seq,
-                        error = %e, holding = last_delivery,
-                        "dead letter could not be stored; the original is kept for retry"
-                    );
+                    if attempt == 1 {
+                        tracing::warn!(
+                            consumer = %kind, reason = reason.as_str(), stream = %origin.stream, seq = origin.seq,
+                            error = %e, holding = last_delivery,
+                            "dead letter could not be stored; the original is kept for retry"
+                        );
+                    }
                     if !last_delivery {
-                        nak(msg, delay).await;
+                        d.nak(Some(delay)).await;
                         return false;
                     }
                     // The server will not redeliver this message: hold it and retry here.
-                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                        tracing::warn!(consumer = %kind, error = %e, "progress ack failed");
-                    }
+                    d.progress().await;
                     let hold = delay
                         .min(b.consumer.cached_info().config.ack_wait / 3)
                         .max(Duration::from_millis(10));
-                    if !sleep_or_cancel(hold, shutdown).await {
+                    if !shutdown.is_cancelled() {
+                        sleep_or_cancel(hold, shutdown).await;
+                        continue;
+                    }
+                    let until = *give_up_at.get_or_insert_with(|| {
+                        Instant::now()
+                            + self
+                                .shared
+                                .config
+                                .shutdown_timeout
+                                .saturating_sub(Duration::from_millis(1500))
+                    });
+                    let now = Instant::now();
+                    if now >= until {
+                        self.shared
+                            .metrics
+                            .held_abandoned
+                            .with_label_values(&[kind.as_str(), origin.stream, &b.durable])
+                            .inc();
+                        tracing::error!(
+                            consumer = %kind, stream = %origin.stream, seq = origin.seq, subject = %origin.subject,
+                            durable = %b.durable, delivered = origin.delivered, reason = reason.as_str(),
+                            "shutdown: giving up a held last delivery whose dead letter could not be stored; the server will not redeliver it: republish it from the stream at this sequence (docs/OPERATIONS.md)"
+                        );
+                        d.forget();
                         return false;
                     }
+                    tokio::time::sleep(hold.min(until - now)).await;
                 }
             }
         }
     }
 }
 
-async fn nak(msg: &jetstream::Message, delay: Duration) {
-    if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
-        tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
-    }
+/// Why reading a `messages()` stream stopped.
+enum StreamEnd {
+    Shutdown,
+    Ended,
+    Failed(pull::MessagesError),
 }
 
-/// NAKs (without delay) messages that were delivered to us but not started, so a restart or
-/// another instance gets them at once instead of after ack_wait.
-async fn release_buffered(batch: &mut pull::Batch) {
-    while let Some(Some(Ok(msg))) = batch.next().now_or_never() {
-        if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
-            tracing::debug!(error = %e, "releasing a buffered message failed");
-        }
-    }
-}
-
-async fn release_stream_buffered(stream: &mut pull::Stream) {
-    while let Some(Some(Ok(msg))) = stream.next().now_or_never() {
-        if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
-            tracing::debug!(error = %e, "releasing a buffered message failed");
-        }
+/// NAKs (without delay) what a pull or stream has buffered but we have not read, so a restart
+/// or another instance gets it at once instead of after ack_wait. Stops at the first error or
+/// when nothing more is ready.
+async fn release_buffered<S, E>(source: &mut S, ledger: &Ledger)
+where
+    S: futures::Stream<Item = Result<jetstream::Message, E>> + Unpin,
+{
+    while let Some(Some(Ok(msg))) = source.next().now_or_never() {
+        ledger.receive(msg).nak(None).await;
     }
 }
 

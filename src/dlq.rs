@@ -82,10 +82,14 @@ pub fn dead_letter_headers(
             headers.insert("Dlq-Original-Msg-Id", id.as_str());
         }
     }
-    headers.insert(
-        "Nats-Msg-Id",
-        format!("dlq:{}:{}", origin.stream, origin.seq).as_str(),
-    );
+    // Sequence 0: the original had no stream position (no JetStream metadata); no id could
+    // tell two such letters apart, so none is set rather than one that would drop the second.
+    if origin.seq != 0 {
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("dlq:{}:{}", origin.stream, origin.seq).as_str(),
+        );
+    }
     headers.insert("Dlq-Reason", reason.as_str());
     headers.insert("Dlq-Error", header_safe(error, 1024).as_str());
     headers.insert("Dlq-Original-Subject", origin.subject);

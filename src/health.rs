@@ -2,7 +2,7 @@
 //! `/health`. The loops write; the HTTP handlers and the watchdog read.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,13 @@ pub struct ConsumerState {
     /// 3 × the pull expiry: no progress for longer means stalled.
     pub stall_after: Duration,
     pub stalled: bool,
+    /// 3 × ack_wait: holding messages and settling none for longer means stuck.
+    pub stuck_after: Duration,
+    /// Messages are held (delivered to this process, not settled) and none was settled for
+    /// `stuck_after`, while NATS and the database are up.
+    pub stuck: bool,
+    /// Messages delivered to this process and not settled yet (from [`Activity`]).
+    pub held: u64,
     /// False after a dead-letter publish failed, until one succeeds.
     pub dead_letter_ok: bool,
     /// Why the consumer is unbound, for operators.
@@ -39,8 +46,68 @@ pub struct ConsumerState {
 pub struct Health {
     pub mode: StreamMode,
     consumers: Mutex<BTreeMap<ConsumerKind, ConsumerState>>,
+    /// Per consumer, updated on every delivery and settlement without taking the lock.
+    activity: BTreeMap<ConsumerKind, Activity>,
+    /// The fallback for a kind without a consumer (never reported).
+    no_activity: Activity,
     shutting_down: AtomicBool,
     database_ready: AtomicBool,
+    /// NATS connected and the database answering, as the watchdog last saw them. While a
+    /// dependency is down, waiting is not stalling: the stall and stuck clocks are held.
+    dependencies_up: AtomicBool,
+}
+
+/// How many messages a consumer holds and when it last settled one.
+pub struct Activity {
+    epoch: Instant,
+    held: AtomicI64,
+    /// Milliseconds since `epoch` of the last settlement, or of the moment the consumer
+    /// started holding messages after holding none (the stuck clock starts there).
+    last_settled_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new(epoch: Instant) -> Activity {
+        Activity {
+            epoch,
+            held: AtomicI64::new(0),
+            last_settled_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// `delta` messages started (+) or stopped (-) being held.
+    pub fn held(&self, delta: i64) {
+        let before = self.held.fetch_add(delta, Ordering::AcqRel);
+        if before <= 0 && delta > 0 {
+            self.settled_now();
+        }
+    }
+
+    pub fn settled_now(&self) {
+        self.last_settled_ms.store(self.now_ms(), Ordering::Release);
+    }
+
+    pub fn holding(&self) -> u64 {
+        u64::try_from(self.held.load(Ordering::Acquire)).unwrap_or(0)
+    }
+
+    fn since_settled(&self, now: Instant) -> Duration {
+        let at = self.epoch + Duration::from_millis(self.last_settled_ms.load(Ordering::Acquire));
+        now.saturating_duration_since(at)
+    }
+}
+
+/// A consumer's place in the watchdog's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub kind: ConsumerKind,
+    pub stalled: bool,
+    pub stuck: bool,
+    pub held: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -56,6 +123,8 @@ pub struct ConsumerJson {
     pub last_pull_at: Option<String>,
     pub last_message_at: Option<String>,
     pub stalled: bool,
+    pub stuck: bool,
+    pub held: u64,
     pub bound: bool,
     pub dead_letter: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,15 +147,18 @@ fn ts(t: Option<DateTime<Utc>>) -> Option<String> {
 }
 
 impl Health {
-    pub fn new(mode: StreamMode, consumers: &[(ConsumerKind, String, Duration)]) -> Health {
+    /// `consumers`: (kind, durable, pull expiry, ack_wait) of each consumer.
+    pub fn new(mode: StreamMode, consumers: &[(ConsumerKind, String, Duration, Duration)]) -> Health {
+        let epoch = Instant::now();
         let map = consumers
             .iter()
-            .map(|(kind, durable, expires)| {
+            .map(|(kind, durable, expires, ack_wait)| {
                 (
                     *kind,
                     ConsumerState {
                         durable: durable.clone(),
                         stall_after: *expires * 3,
+                        stuck_after: *ack_wait * 3,
                         dead_letter_ok: true,
                         ..Default::default()
                     },
@@ -96,9 +168,28 @@ impl Health {
         Health {
             mode,
             consumers: Mutex::new(map),
+            activity: ConsumerKind::ALL
+                .iter()
+                .map(|k| (*k, Activity::new(epoch)))
+                .collect(),
+            no_activity: Activity::new(epoch),
             shutting_down: AtomicBool::new(false),
             database_ready: AtomicBool::new(false),
+            dependencies_up: AtomicBool::new(false),
         }
+    }
+
+    pub fn activity(&self, kind: ConsumerKind) -> &Activity {
+        self.activity.get(&kind).unwrap_or(&self.no_activity)
+    }
+
+    /// Set by the watchdog from the NATS connection state and a database ping.
+    pub fn set_dependencies_up(&self, up: bool) {
+        self.dependencies_up.store(up, Ordering::SeqCst);
+    }
+
+    pub fn dependencies_up(&self) -> bool {
+        self.dependencies_up.load(Ordering::SeqCst)
     }
 
     /// Applies a change to one consumer's state.
@@ -130,24 +221,43 @@ impl Health {
         self.database_ready.load(Ordering::SeqCst)
     }
 
-    /// Marks consumers stalled or not; returns the (kind, stalled) list for the gauge.
-    pub fn check_stalls(&self, now: Instant) -> Vec<(ConsumerKind, bool)> {
+    /// Marks consumers stalled (the loop made no progress for 3 × expires) and stuck (holding
+    /// messages and settling none for 3 × ack_wait). Both say something about *this process*:
+    /// while NATS or the database is down a loop that waits is not wedged, so both clocks are
+    /// held (restarted) and nothing is stalled or stuck; readiness reports the dependencies.
+    pub fn check_stalls(&self, now: Instant) -> Vec<Verdict> {
+        let deps_up = self.dependencies_up();
         let mut map = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
         map.iter_mut()
             .map(|(kind, s)| {
-                s.stalled = s.stream.is_some()
-                    && s.last_progress
-                        .is_some_and(|p| now.saturating_duration_since(p) > s.stall_after);
-                (*kind, s.stalled)
+                let activity = self.activity(*kind);
+                s.held = activity.holding();
+                if deps_up {
+                    s.stalled = s.stream.is_some()
+                        && s.last_progress
+                            .is_some_and(|p| now.saturating_duration_since(p) > s.stall_after);
+                    s.stuck = s.held > 0 && activity.since_settled(now) > s.stuck_after;
+                } else {
+                    s.last_progress = s.last_progress.map(|p| p.max(now));
+                    activity.settled_now();
+                    s.stalled = false;
+                    s.stuck = false;
+                }
+                Verdict {
+                    kind: *kind,
+                    stalled: s.stalled,
+                    stuck: s.stuck,
+                    held: s.held,
+                }
             })
             .collect()
     }
 
-    /// Evaluated now, not at the watchdog's last tick.
-    pub fn any_stalled(&self) -> bool {
+    /// Liveness, evaluated now: no consumer stalled or stuck.
+    pub fn live(&self) -> bool {
         self.check_stalls(Instant::now())
             .iter()
-            .any(|(_, stalled)| *stalled)
+            .all(|v| !v.stalled && !v.stuck)
     }
 
     pub fn all_bound(&self) -> bool {
@@ -162,7 +272,9 @@ impl Health {
     pub fn to_json(&self, nats_connected: bool, database_up: bool) -> HealthJson {
         let snapshot = self.snapshot();
         let ready = self.ready(nats_connected, database_up);
-        let troubled = snapshot.values().any(|s| s.stalled || !s.dead_letter_ok);
+        let troubled = snapshot
+            .values()
+            .any(|s| s.stalled || s.stuck || !s.dead_letter_ok);
         let status = if !ready {
             "unavailable"
         } else if troubled {
@@ -188,6 +300,8 @@ impl Health {
                         last_pull_at: ts(s.last_pull_at),
                         last_message_at: ts(s.last_message_at),
                         stalled: s.stalled,
+                        stuck: s.stuck,
+                        held: self.activity(kind).holding(),
                         dead_letter: if s.dead_letter_ok { "ok" } else { "unavailable" },
                         error: s.bind_error,
                     },
@@ -217,8 +331,18 @@ mod tests {
     fn health() -> Health {
         Health::new(
             StreamMode::Multi,
-            &[(ConsumerKind::Hrv, "d".into(), Duration::from_secs(1))],
+            &[(
+                ConsumerKind::Hrv,
+                "d".into(),
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+            )],
         )
+    }
+
+    fn verdict(h: &Health, at: Instant) -> (bool, bool) {
+        let v = h.check_stalls(at)[0];
+        (v.stalled, v.stuck)
     }
 
     #[test]
@@ -241,25 +365,67 @@ mod tests {
     #[test]
     fn stall_detection() {
         let h = health();
+        h.set_dependencies_up(true);
         let t0 = Instant::now();
         h.update(ConsumerKind::Hrv, |s| {
             s.stream = Some("S".into());
             s.last_progress = Some(t0);
         });
-        assert_eq!(
-            h.check_stalls(t0 + Duration::from_secs(2)),
-            vec![(ConsumerKind::Hrv, false)]
-        );
-        assert_eq!(
-            h.check_stalls(t0 + Duration::from_secs(4)),
-            vec![(ConsumerKind::Hrv, true)]
-        );
-        // any_stalled looks at the clock now: a loop that last progressed 5 s ago is stalled.
+        assert_eq!(verdict(&h, t0 + Duration::from_secs(2)), (false, false));
+        assert_eq!(verdict(&h, t0 + Duration::from_secs(4)), (true, false));
+        // live() looks at the clock now: a loop that last progressed 5 s ago is stalled.
         h.update(ConsumerKind::Hrv, |s| {
             s.last_progress = Instant::now().checked_sub(Duration::from_secs(5))
         });
-        assert!(h.any_stalled());
+        assert!(!h.live());
         h.update(ConsumerKind::Hrv, |s| s.last_progress = Some(Instant::now()));
-        assert!(!h.any_stalled());
+        assert!(h.live());
+    }
+
+    #[test]
+    fn waiting_on_a_dependency_is_neither_stalled_nor_stuck() {
+        let h = health();
+        h.set_dependencies_up(false);
+        let t0 = Instant::now();
+        h.update(ConsumerKind::Hrv, |s| {
+            s.stream = Some("S".into());
+            s.last_progress = Some(t0);
+        });
+        h.activity(ConsumerKind::Hrv).held(3);
+        // An outage far longer than both limits: nothing is stalled or stuck, and the clocks
+        // restart, so recovery does not flag the loop at once either.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(verdict(&h, later), (false, false));
+        h.set_dependencies_up(true);
+        assert_eq!(verdict(&h, later + Duration::from_secs(1)), (false, false));
+    }
+
+    #[test]
+    fn holding_without_settling_is_stuck_until_something_settles() {
+        let h = health();
+        h.set_dependencies_up(true);
+        let a = h.activity(ConsumerKind::Hrv);
+        h.update(ConsumerKind::Hrv, |s| {
+            s.stream = Some("S".into());
+            s.last_progress = Some(Instant::now() + Duration::from_secs(3600));
+        });
+        // Idle for long, then messages arrive: the stuck clock starts when holding starts.
+        a.held(2);
+        let now = Instant::now();
+        assert_eq!(verdict(&h, now + Duration::from_secs(5)), (false, false));
+        assert_eq!(verdict(&h, now + Duration::from_secs(7)), (false, true));
+        assert_eq!(h.to_json(true, true).consumers["hrv"].held, 2);
+        // One settles: the clock restarts; all settle: holding nothing is never stuck.
+        a.held(-1);
+        a.settled_now();
+        assert_eq!(
+            verdict(&h, Instant::now() + Duration::from_secs(1)),
+            (false, false)
+        );
+        a.held(-1);
+        assert_eq!(
+            verdict(&h, Instant::now() + Duration::from_secs(600)),
+            (false, false)
+        );
     }
 }

@@ -69,7 +69,7 @@ async fn health(AxState(s): AxState<HttpState>) -> Response {
 }
 
 async fn live(AxState(s): AxState<HttpState>) -> Response {
-    if s.health.any_stalled() {
+    if !s.health.live() {
         (StatusCode::SERVICE_UNAVAILABLE, "stalled\n").into_response()
     } else {
         (StatusCode::OK, "ok\n").into_response()

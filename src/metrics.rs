@@ -76,6 +76,16 @@ pub struct Metrics {
     pub consumer_redelivered: IntGaugeVec,
     /// 1 when a consumer loop has not completed a pull for 3 × its expiry.
     pub consumer_stalled: IntGaugeVec,
+    /// 1 when a consumer holds messages and has settled none for 3 × ack_wait.
+    pub consumer_stuck: IntGaugeVec,
+    /// Messages delivered to this process and not settled yet.
+    pub consumer_held: IntGaugeVec,
+    /// Delivered messages dropped without ack, NAK or TERM (JetStream redelivers them only at
+    /// ack_wait). Stays 0 unless the shutdown deadline abandoned work in progress.
+    pub released_unsettled: IntCounterVec,
+    /// Last deliveries (finite server-side max_deliver) held while their dead letter could not
+    /// be stored, given up at the shutdown deadline: logged at ERROR with stream and sequence.
+    pub held_abandoned: IntCounterVec,
     pub nats_connected: IntGauge,
     pub database_up: IntGauge,
     pub build_info: IntGaugeVec,
@@ -235,6 +245,30 @@ impl Metrics {
                 "1 when the consumer loop has made no progress for 3 x its pull expiry",
                 &["consumer"],
             )?,
+            consumer_stuck: gauge(
+                &registry,
+                "normalize_consumer_stuck",
+                "1 when the consumer holds messages and has settled none for 3 x ack_wait while NATS and the database are up",
+                &["consumer"],
+            )?,
+            consumer_held: gauge(
+                &registry,
+                "normalize_consumer_held_messages",
+                "Messages delivered to this process and not yet acked, NAKed or terminated",
+                &["consumer"],
+            )?,
+            released_unsettled: counter(
+                &registry,
+                "normalize_messages_released_unsettled_total",
+                "Delivered messages released without ack, NAK or TERM (redelivered only after ack_wait)",
+                BINDING_LABELS,
+            )?,
+            held_abandoned: counter(
+                &registry,
+                "normalize_held_messages_abandoned_total",
+                "Last deliveries held for a dead letter that could not be stored, given up at shutdown (see the ERROR log for stream and sequence)",
+                BINDING_LABELS,
+            )?,
             nats_connected: {
                 let g = IntGauge::new("normalize_nats_connected", "1 while connected to NATS")?;
                 registry.register(Box::new(g.clone()))?;
@@ -260,6 +294,8 @@ impl Metrics {
         m.build_info.with_label_values(&[crate::VERSION]).set(1);
         for kind in ConsumerKind::ALL {
             m.consumer_stalled.with_label_values(&[kind.as_str()]).set(0);
+            m.consumer_stuck.with_label_values(&[kind.as_str()]).set(0);
+            m.consumer_held.with_label_values(&[kind.as_str()]).set(0);
             m.batch_unrolled.with_label_values(&[kind.as_str()]);
             m.batch_superseded.with_label_values(&[kind.as_str()]);
         }
@@ -296,6 +332,8 @@ impl Metrics {
         let labels = [kind.as_str(), stream, durable];
         self.pull_errors.with_label_values(&labels);
         self.dlq_publish_failures.with_label_values(&labels);
+        self.released_unsettled.with_label_values(&labels);
+        self.held_abandoned.with_label_values(&labels);
     }
 
     pub fn observe_db_write(&self, table: &str, elapsed: Duration) {

@@ -26,6 +26,9 @@ pub enum Failure {
     /// An earlier message of the same batch found the database unreachable; this one was not tried.
     #[error("database unreachable (not attempted after an earlier failure in the batch)")]
     DatabaseSkipped,
+    /// The delivery carried no JetStream metadata (no stream, sequence or delivery count).
+    #[error("message without JetStream metadata")]
+    NoMetadata,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +61,7 @@ impl Failure {
             }
             Failure::Publish(e) => publish_class(e.kind()),
             Failure::DatabaseSkipped => Class::Transient,
+            Failure::NoMetadata => Class::Permanent,
         }
     }
 
@@ -67,7 +71,7 @@ impl Failure {
             Failure::Store(e) => unreachable_error(e),
             Failure::Batch(e) => unreachable_error(e),
             Failure::DatabaseSkipped => true,
-            Failure::Schema(_) | Failure::Publish(_) => false,
+            Failure::Schema(_) | Failure::Publish(_) | Failure::NoMetadata => false,
         }
     }
 }

@@ -315,6 +315,40 @@ pub async fn bind_on(
             created
         }
     };
+    Ok(Some(binding_of(consumer, cc, stream_name)))
+}
+
+/// The durable of `cc` on `stream_name` when it exists there, never created: for draining a
+/// durable the subjects have moved away from. `Ok(None)` when the stream or durable is absent.
+pub async fn existing_durable(
+    js: &jetstream::Context,
+    cc: &ConsumerConfig,
+    stream_name: &str,
+) -> Result<Option<Binding>, BindError> {
+    match js
+        .get_consumer_from_stream::<pull::Config, _, _>(&cc.durable, stream_name)
+        .await
+    {
+        Ok(c) => Ok(Some(binding_of(c, cc, stream_name))),
+        Err(e) => {
+            let code = match e.kind() {
+                jetstream::stream::ConsumerErrorKind::JetStream(je) => Some(je.error_code()),
+                _ => None,
+            };
+            if is_not_found(code) {
+                Ok(None)
+            } else {
+                Err(BindError::Nats(Box::new(e)))
+            }
+        }
+    }
+}
+
+fn binding_of(
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    cc: &ConsumerConfig,
+    stream_name: &str,
+) -> Binding {
     let info = consumer.cached_info();
     if info.config.filter_subject != cc.filter_subject {
         tracing::warn!(
@@ -331,13 +365,13 @@ pub async fn bind_on(
             "durable has a finite server-side max_deliver; its last delivery will be held with progress acks while a dead letter is retried"
         );
     }
-    Ok(Some(Binding {
+    Binding {
         stream: stream_name.to_string(),
         durable: cc.durable.clone(),
         consumer,
         fallback: false,
         server_max_deliver,
-    }))
+    }
 }
 
 /// Binds a consumer: primary first, then the legacy stream (multi); legacy only (single).

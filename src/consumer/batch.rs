@@ -18,13 +18,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, context::PublishAckFuture, AckKind};
+use async_nats::jetstream::{self, context::PublishAckFuture};
 use chrono::Utc;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{nak, Worker};
+use super::delivery::{progress_all, Delivery, Ledger};
+use super::Worker;
 use crate::dlq::{Origin, Reason};
 use crate::metrics::MessageResult;
 use crate::outcome::{decide, Action, Failure};
@@ -37,12 +38,6 @@ use crate::topology::Binding;
 /// a partial batch for longer than this.
 const GATHER_WINDOW: Duration = Duration::from_millis(1);
 
-/// A message received from a pull, with when it arrived (for the processing-time histogram).
-pub(super) struct Received {
-    pub msg: jetstream::Message,
-    pub at: Instant,
-}
-
 /// How gathering a sub-batch ended.
 pub(super) enum Gathered<E> {
     /// The pull may deliver more.
@@ -54,8 +49,13 @@ pub(super) enum Gathered<E> {
 }
 
 /// Takes what has already arrived (and what arrives within [`GATHER_WINDOW`] of the previous
-/// message), up to `max` messages in total in `into`.
-pub(super) async fn gather<S, E>(source: &mut S, into: &mut Vec<Received>, max: usize) -> Gathered<E>
+/// message), up to `max` messages in total in `into`, each wrapped by `ledger` at once.
+pub(super) async fn gather<S, E>(
+    source: &mut S,
+    into: &mut Vec<Delivery>,
+    max: usize,
+    ledger: &Ledger,
+) -> Gathered<E>
 where
     S: Stream<Item = Result<jetstream::Message, E>> + Unpin,
 {
@@ -68,10 +68,7 @@ where
             },
         };
         match next {
-            Some(Ok(msg)) => into.push(Received {
-                msg,
-                at: Instant::now(),
-            }),
+            Some(Ok(msg)) => into.push(ledger.receive(msg)),
             Some(Err(e)) => return Gathered::Failed(e),
             None => return Gathered::Ended,
         }
@@ -81,9 +78,9 @@ where
 
 /// One message of the batch being processed.
 struct Item {
-    msg: jetstream::Message,
-    at: Instant,
+    d: Delivery,
     stream: String,
+    /// 0 when the message carried no JetStream metadata (it is dead-lettered as such).
     seq: u64,
     delivered: i64,
 }
@@ -118,15 +115,9 @@ impl InFlight {
         }
     }
 
-    /// Waits until another batch may start, sending progress acks for `waiting` (messages
-    /// already delivered to us) every ack_wait / 3 meanwhile, so the wait cannot get them
-    /// redelivered.
-    pub(super) async fn room(&mut self, waiting: &[Received], ack_wait: Duration) {
-        while self.tasks.len() >= self.depth {
-            let next = self.next();
-            let msgs = waiting.iter().map(|r| &r.msg);
-            progress_while(msgs, ack_wait, next).await;
-        }
+    /// How many more batches may start now.
+    pub(super) fn free(&self) -> usize {
+        self.depth.saturating_sub(self.tasks.len())
     }
 
     pub(super) fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
@@ -142,7 +133,7 @@ impl InFlight {
 
     /// Waits for one batch to finish. A panic in a batch is a bug, never a message's fault:
     /// it is re-raised here, ending the consumer as it did before batches had their own tasks.
-    async fn next(&mut self) {
+    pub(super) async fn next(&mut self) {
         if let Some(Err(e)) = self.tasks.join_next().await {
             if e.is_panic() {
                 std::panic::resume_unwind(e.into_panic());
@@ -152,24 +143,24 @@ impl InFlight {
     }
 }
 
-/// Awaits `work`, sending a progress ack for every message in `msgs` every ack_wait / 3.
+/// How often a held message gets a progress ack: a third of the durable's ack_wait.
+pub(super) fn progress_every(ack_wait: Duration) -> Duration {
+    (ack_wait / 3).max(Duration::from_millis(100))
+}
+
+/// Awaits `work`, sending a progress ack every ack_wait / 3 for each message in `msgs` that is
+/// not settled yet.
 async fn progress_while<'m, T>(
-    msgs: impl Iterator<Item = &'m jetstream::Message> + Clone,
+    msgs: impl Iterator<Item = &'m Delivery> + Clone,
     ack_wait: Duration,
     work: impl Future<Output = T>,
 ) -> T {
     tokio::pin!(work);
-    let every = (ack_wait / 3).max(Duration::from_millis(100));
+    let every = progress_every(ack_wait);
     loop {
         tokio::select! {
             r = &mut work => return r,
-            _ = tokio::time::sleep(every) => {
-                for msg in msgs.clone() {
-                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                        tracing::debug!(error = %e, "progress ack failed");
-                    }
-                }
-            }
+            _ = tokio::time::sleep(every) => progress_all(msgs.clone()).await,
         }
     }
 }
@@ -178,7 +169,7 @@ impl Worker {
     /// One batch's task: stage it, then settle it.
     pub(super) async fn run_batch(
         self: Arc<Self>,
-        received: Vec<Received>,
+        received: Vec<Delivery>,
         b: Arc<Binding>,
         db_down: Arc<AtomicBool>,
         shutdown: CancellationToken,
@@ -193,30 +184,33 @@ impl Worker {
     /// database is found unreachable, so a pull is NAKed in milliseconds, not pool timeouts.
     pub(super) async fn stage(
         &self,
-        received: Vec<Received>,
+        received: Vec<Delivery>,
         b: &Binding,
         db_down: &AtomicBool,
     ) -> Option<Staged> {
         let started = received.first().map_or_else(Instant::now, |r| r.at);
         let kind = self.cc.kind;
         let mut items = Vec::with_capacity(received.len());
-        for r in received {
-            let meta = r
+        for d in received {
+            let meta = d
                 .msg
                 .info()
                 .map(|i| (i.stream.to_string(), i.stream_sequence, i.delivered));
-            match meta {
-                Ok((stream, seq, delivered)) => items.push(Item {
-                    msg: r.msg,
-                    at: r.at,
-                    stream,
-                    seq,
-                    delivered,
-                }),
+            let (stream, seq, delivered) = match meta {
+                Ok(m) => m,
                 Err(e) => {
-                    tracing::warn!(consumer = %kind, error = %e, "message without JetStream metadata; ignored")
+                    // Nothing says where it came from: it is dead-lettered (never dropped) and
+                    // terminated through its reply subject.
+                    tracing::warn!(consumer = %kind, error = %e, "message without JetStream metadata; dead-lettering it");
+                    (b.stream.clone(), 0, 1)
                 }
-            }
+            };
+            items.push(Item {
+                d,
+                stream,
+                seq,
+                delivered,
+            });
         }
         if items.is_empty() {
             return None;
@@ -259,9 +253,14 @@ impl Worker {
                 }
             }
         }
-        for (item, result) in items.iter().zip(results) {
-            self.settle(item, result, b, shutdown).await;
-        }
+        // Settling can take long (dead letters await their PubAcks one by one, a held last
+        // delivery waits for the DLQ): what is not settled yet keeps getting progress acks.
+        let settle_all = async {
+            for (item, result) in items.iter().zip(results) {
+                self.settle(item, result, b, shutdown).await;
+            }
+        };
+        self.keep_ours(&items, b, settle_all).await;
         // Acks are fire-and-forget publishes: push them out together, once per batch.
         if let Err(e) = self.shared.js.client().flush().await {
             tracing::debug!(consumer = %self.cc.kind, error = %e, "flushing acks failed; they will be sent on reconnect or redelivered");
@@ -277,7 +276,7 @@ impl Worker {
     /// a slow batch (a database lock, a slow disk) must not be redelivered under us.
     async fn keep_ours<T>(&self, items: &[Item], b: &Binding, work: impl Future<Output = T>) -> T {
         let ack_wait = b.consumer.cached_info().config.ack_wait;
-        progress_while(items.iter().map(|it| &it.msg), ack_wait, work).await
+        progress_while(items.iter().map(|it| &it.d), ack_wait, work).await
     }
 
     /// Decode, write, send: one result per item, in order, and the PubAcks to await.
@@ -291,13 +290,18 @@ impl Worker {
         let mut decoded: Vec<Option<Decoded>> = Vec::with_capacity(items.len());
         for it in items {
             // A DLQ replay carries the first publisher's id separately (see dlq_cli).
-            let msg_id = crate::dlq_cli::idempotency_msg_id(it.msg.headers.as_ref());
+            if it.seq == 0 {
+                decoded.push(None);
+                results.push(Err(Failure::NoMetadata));
+                continue;
+            }
+            let msg_id = crate::dlq_cli::idempotency_msg_id(it.d.msg.headers.as_ref());
             let envelope = Envelope {
                 msg_id,
                 now,
                 max_payload_bytes: self.shared.config.max_payload_bytes,
             };
-            match pipeline::decode(self.cc.kind, &it.msg.payload, envelope) {
+            match pipeline::decode(self.cc.kind, &it.d.msg.payload, envelope) {
                 Ok(d) => {
                     decoded.push(Some(d));
                     results.push(Ok(()));
@@ -442,28 +446,31 @@ impl Worker {
         shutdown: &CancellationToken,
     ) {
         let kind = self.cc.kind;
-        let msg = &item.msg;
+        let d = &item.d;
         let (stream, seq, delivered) = (item.stream.as_str(), item.seq, item.delivered);
+        // The durable's own limit, when lower, is the one that counts: past it the server would
+        // never redeliver, so that delivery must be dead-lettered (and held until it is).
+        let max_deliver = b
+            .server_max_deliver
+            .map_or(self.cc.max_deliver, |m| m.min(self.cc.max_deliver));
         let action = decide(
             result.as_ref().map(|_| ()).map_err(Failure::class),
             delivered,
-            self.cc.max_deliver,
+            max_deliver,
             &self.shared.config.retry_backoff,
         );
         let m = &self.shared.metrics;
         let metric_subject = self.cc.filter_subject.as_str();
         let settled: MessageResult = match action {
             Action::Ack => {
-                if let Err(e) = msg.ack().await {
-                    tracing::warn!(consumer = %kind, stream = %stream, seq, error = %e, "ack failed; the message will be redelivered and stored idempotently");
-                }
+                d.ack().await;
                 MessageResult::Success
             }
             Action::Nak(delay) => {
                 if let Err(f) = &result {
                     tracing::debug!(consumer = %kind, stream = %stream, seq, delivered, error = %f, "transient failure; NAK with delay");
                 }
-                nak(msg, delay).await;
+                d.nak(Some(delay)).await;
                 MessageResult::Retry
             }
             Action::DeadLetter(reason) => {
@@ -471,7 +478,7 @@ impl Worker {
                     Err(f) => f.to_string(),
                     Ok(()) => String::new(),
                 };
-                let subject = msg.subject.to_string();
+                let subject = d.msg.subject.to_string();
                 let origin = Origin {
                     subject: &subject,
                     stream,
@@ -479,7 +486,7 @@ impl Worker {
                     durable: &b.durable,
                     delivered,
                 };
-                if self.dead_letter(msg, &origin, reason, &error, b, shutdown).await {
+                if self.dead_letter(d, &origin, reason, &error, b, shutdown).await {
                     m.dlq_messages
                         .with_label_values(&[
                             kind.as_str(),
@@ -502,6 +509,6 @@ impl Worker {
         m.count_message(kind, settled, metric_subject, stream, &b.durable);
         m.processing_duration
             .with_label_values(&[kind.as_str(), stream, &b.durable])
-            .observe(item.at.elapsed().as_secs_f64());
+            .observe(d.at.elapsed().as_secs_f64());
     }
 }

@@ -7,6 +7,7 @@ mod consumers;
 mod daemon;
 mod deploy;
 mod dlq_cli;
+mod edges;
 mod faults;
 mod hrv;
 mod migration;

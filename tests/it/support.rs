@@ -277,8 +277,16 @@ impl TestApp {
         .await;
     }
 
-    /// Stops like SIGTERM does and returns the daemon's result.
+    /// Stops like SIGTERM does and returns the daemon's result. Every test that stops its
+    /// daemon this way also proves that no delivered message was released unsettled.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        let metrics = self.metrics().await;
+        let unsettled = metric_value(&metrics, "normalize_messages_released_unsettled_total", &[]);
+        assert!(
+            unsettled.is_some_and(|n| n == 0.0)
+                || !metrics.contains("normalize_messages_released_unsettled_total{"),
+            "delivered messages were released unsettled: {unsettled:?}"
+        );
         self.token.cancel();
         self.handle.take().unwrap().await.unwrap()
     }
