@@ -796,9 +796,22 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
 /// - 57014 query cancelled — our `statement_timeout` (or an operator's `pg_cancel_backend`) —
 ///   and 55P03 lock not available (`lock_timeout`): a statement stuck behind a lock or on an
 ///   overloaded server;
+/// - class 42, syntax error or access rule violation: 42P01 undefined table, 42703 undefined
+///   column, 42P10 no unique constraint for `ON CONFLICT`, 42804 datatype mismatch, 42501
+///   insufficient privilege, … Every statement of this service is a constant text and every
+///   message value is a bound parameter, so a class-42 error never depends on the message
+///   (bad values fail in class 22 or 23): it is the database's schema or grants not matching
+///   the service (a table dropped or altered under it, a pre-existing table missing a column,
+///   a revoked grant), the same for every message. Dead-lettering would empty the stream into
+///   the DLQ during such an outage; retrying lets fixing the schema recover everything. The
+///   whole class is retried, including 42601 syntax error: that would be a bug in our SQL,
+///   which no message can fix either — its messages end as `max-deliver` dead letters after
+///   the backoff sequence instead of `non-retryable` ones at once, and are replayed the same
+///   way once a fixed version runs.
 pub fn is_transient_sqlstate(code: &str) -> bool {
     matches!(code, "40001" | "40P01" | "55P03" | "57014")
         || code.starts_with("08")
+        || code.starts_with("42")
         || code.starts_with("53")
         || code.starts_with("57P")
 }
@@ -816,7 +829,7 @@ mod tests {
         }
         // Data and constraint errors depend on the message: dead-lettered at once.
         for c in [
-            "23505", "22001", "22P02", "22003", "23514", "23502", "0A000", "XX000", "42P01",
+            "23505", "22001", "22P02", "22003", "23514", "23502", "0A000", "XX000",
         ] {
             assert!(!is_transient_sqlstate(c), "{c}");
         }
@@ -831,6 +844,21 @@ mod tests {
             Some("-c statement_timeout=1234ms -c lock_timeout=1234ms")
         );
         assert_eq!(migration_options(&c).unwrap().get_options(), None);
+    }
+
+    #[test]
+    fn schema_mismatch_of_the_database_is_transient() {
+        // undefined table / column / function / object, no constraint for ON CONFLICT,
+        // datatype mismatch, insufficient privilege, and a syntax error (class 42 as a whole).
+        for c in [
+            "42P01", "42703", "42883", "42704", "42P10", "42804", "42501", "42601",
+        ] {
+            assert!(is_transient_sqlstate(c), "{c}");
+        }
+        // Neighbouring classes stay permanent.
+        for c in ["44000", "25P02", "2BP01"] {
+            assert!(!is_transient_sqlstate(c), "{c}");
+        }
     }
 
     fn t(s: &str) -> DateTime<Utc> {

@@ -1,8 +1,10 @@
-//! The database stuck under a running daemon (issue "Nothing silently lost, stranded or
-//! pinned", item 4): a statement blocked by a lock is cancelled by
+//! The database stuck or mismatched under a running daemon (issue "Nothing silently lost,
+//! stranded or pinned", items 4 and 8): a statement blocked by a lock is cancelled by
 //! `DATABASE_STATEMENT_TIMEOUT_MS` and its message NAKed and retried instead of held with
-//! progress acks. Each scenario ends with exactly one row and no dead letter once the cause is
-//! gone, or, by design, a `max-deliver` dead letter when it outlasts the delivery limit.
+//! progress acks; a schema that does not match the service (class 42) is an outage that is
+//! retried, not a reason to dead-letter. Each scenario ends with exactly one row and no dead
+//! letter once the cause is gone, or, by design, a `max-deliver` dead letter when it outlasts
+//! the delivery limit.
 
 use std::time::Duration;
 
@@ -148,6 +150,56 @@ async fn a_timeout_on_the_last_delivery_is_a_max_deliver_dead_letter() {
     assert_eq!(h("Dlq-Original-Sequence"), seq.to_string());
     let pool = db.pool().await;
     assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 0);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_column_is_retried_until_the_schema_is_fixed() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(vars(&nats, &db, &[])).await;
+    app.wait_ready().await;
+
+    // The table no longer matches the service (SQLSTATE 42703 on every write).
+    let pool = db.pool().await;
+    sqlx::query("ALTER TABLE hrv_data RENAME COLUMN ln_rmssd TO ln_rmssd_x")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let js = nats.js().await;
+    publish(
+        &js,
+        HRV_SUBJECT,
+        hrv_event("schema", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
+    wait_for(
+        "the message retried while the schema is broken",
+        Duration::from_secs(20),
+        || async { retries(&app).await >= 3.0 },
+    )
+    .await;
+    assert_eq!(
+        stream_messages(&js, "AA_DLQ").await,
+        0,
+        "a schema outage of the database dead-letters nothing"
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 0);
+
+    sqlx::query("ALTER TABLE hrv_data RENAME COLUMN ln_rmssd_x TO ln_rmssd")
+        .execute(&pool)
+        .await
+        .unwrap();
+    wait_for(
+        "the row once the schema is fixed",
+        Duration::from_secs(20),
+        || async { count(&pool, "SELECT count(*) FROM hrv_data WHERE user_id = 'schema'").await == 1 },
+    )
+    .await;
+    wait_drained(&js, STREAM, DURABLE).await;
+    assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 1);
+    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
     app.stop().await.unwrap();
 }
 
