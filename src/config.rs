@@ -31,6 +31,7 @@ pub struct RawEnv {
     pub database_url: Option<String>,
     pub database_max_connections: Option<String>,
     pub database_acquire_timeout_ms: Option<String>,
+    pub database_statement_timeout_ms: Option<String>,
     pub run_migrations: Option<String>,
     pub event_stream_mode: Option<String>,
     pub topology_provision: Option<String>,
@@ -103,6 +104,7 @@ pub const VARIABLES: &[&str] = &[
     "DATABASE_URL",
     "DATABASE_MAX_CONNECTIONS",
     "DATABASE_ACQUIRE_TIMEOUT_MS",
+    "DATABASE_STATEMENT_TIMEOUT_MS",
     "RUN_MIGRATIONS",
     "EVENT_STREAM_MODE",
     "TOPOLOGY_PROVISION",
@@ -298,6 +300,11 @@ pub struct Config {
     pub database_url: String,
     pub database_max_connections: u32,
     pub database_acquire_timeout: Duration,
+    /// `statement_timeout` and `lock_timeout` of every pooled connection: no statement can hold
+    /// its messages (progress acks) indefinitely; a statement that hits it fails with 57014 or
+    /// 55P03, a transient error, so its messages are NAKed and retried. Migrations run on their
+    /// own connection without it (see `store::connect`).
+    pub database_statement_timeout: Duration,
     pub run_migrations: bool,
     pub mode: StreamMode,
     pub provision: Provision,
@@ -519,6 +526,13 @@ impl Config {
                 3000,
                 10,
                 600_000,
+            )?,
+            database_statement_timeout: ms(
+                "DATABASE_STATEMENT_TIMEOUT_MS",
+                raw.database_statement_timeout_ms.as_deref(),
+                5000,
+                1,
+                3_600_000,
             )?,
             run_migrations: parse_bool("RUN_MIGRATIONS", raw.run_migrations.as_deref(), true)?,
             mode,
@@ -898,6 +912,12 @@ mod tests {
             [1000, 5000, 15000, 30000].map(Duration::from_millis).to_vec()
         );
         assert_eq!(c.max_payload_bytes, 1024 * 1024);
+        assert_eq!(c.database_statement_timeout, Duration::from_millis(5000));
+        // Well under the smallest default ack_wait (Oura's 15 s).
+        assert!(c
+            .consumers
+            .iter()
+            .all(|cc| c.database_statement_timeout < cc.ack_wait));
     }
 
     #[test]
@@ -949,6 +969,9 @@ mod tests {
             ("DATABASE_URL", "mysql://x"),
             ("STREAM_REPLICAS", "7"),
             ("MAX_PAYLOAD_BYTES", "0"),
+            ("DATABASE_STATEMENT_TIMEOUT_MS", "0"),
+            ("DATABASE_STATEMENT_TIMEOUT_MS", "-5"),
+            ("DATABASE_STATEMENT_TIMEOUT_MS", "5s"),
         ];
         for (var, value) in cases {
             let err = cfg(&[(var, value)]).expect_err(var);

@@ -15,7 +15,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Acquire, ConnectOptions, PgConnection, PgPool, Postgres, Row, Transaction};
+use sqlx::{Acquire, ConnectOptions, Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -51,7 +51,14 @@ pub struct Normalized {
     pub body: Vec<u8>,
 }
 
-/// Creates the database if needed, connects, and applies migrations when asked to.
+/// Creates the database if needed, applies migrations when asked to, and connects the pool.
+///
+/// Migrations run on a connection of their own, without `DATABASE_STATEMENT_TIMEOUT_MS`: a
+/// migration may legitimately take longer than any statement of the message path (an index
+/// build, a table rewrite), and the bound would make it fail on every start, forever. The
+/// server's own `statement_timeout`/`lock_timeout` (none by default, or what the role or
+/// database sets) apply to them. A second instance waits on the migrator's advisory lock
+/// meanwhile, also unbounded.
 pub async fn connect(config: &Config) -> Result<PgPool, StoreError> {
     let url = &config.database_url;
     if !Postgres::database_exists(url).await? {
@@ -62,18 +69,41 @@ pub async fn connect(config: &Config) -> Result<PgPool, StoreError> {
             }
         }
     }
-    let pool = pool_options(config)
-        .connect_with(connect_options(config)?)
-        .await?;
     if config.run_migrations {
-        MIGRATOR.run(&pool).await?;
+        let mut conn = migration_options(config)?.connect().await?;
+        let migrated = MIGRATOR.run_direct(&mut conn).await;
+        // Closing politely is best effort; the migration's result is what matters.
+        let _ = conn.close().await;
+        migrated?;
     }
+    let pool = pool_options(config).connect_with(pooled_options(config)?).await?;
     Ok(pool)
 }
 
 /// A pool that connects lazily, for starting without a reachable database (readiness says so).
 pub fn lazy_pool(config: &Config) -> Result<PgPool, StoreError> {
-    Ok(pool_options(config).connect_lazy_with(connect_options(config)?))
+    Ok(pool_options(config).connect_lazy_with(pooled_options(config)?))
+}
+
+/// The options of the daemon's pooled connections: [`connect_options`] with every statement
+/// bounded by `DATABASE_STATEMENT_TIMEOUT_MS`, as `statement_timeout` (the whole statement,
+/// lock waits included) and `lock_timeout` (named separately so a lock wait reports 55P03).
+/// Both fail the statement with a transient SQLSTATE ([`is_transient_sqlstate`]), so its
+/// messages are NAKed with backoff instead of held by progress acks behind a stuck statement.
+/// Sent as startup parameters (`options=-c …`), after any `options` of `DATABASE_URL`, so the
+/// variable wins.
+pub fn pooled_options(config: &Config) -> Result<PgConnectOptions, StoreError> {
+    let limit = format!("{}ms", config.database_statement_timeout.as_millis());
+    Ok(connect_options(config)?.options([
+        ("statement_timeout", limit.as_str()),
+        ("lock_timeout", limit.as_str()),
+    ]))
+}
+
+/// The options of the migration connection: [`connect_options`] without the statement bound
+/// (see [`connect`]).
+pub fn migration_options(config: &Config) -> Result<PgConnectOptions, StoreError> {
+    connect_options(config)
 }
 
 /// Connections name themselves `normalize-service` in `pg_stat_activity.application_name`,
@@ -758,12 +788,30 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
-/// SQLSTATEs that mean "not now" rather than "never": serialization failure, deadlock,
-/// connection exceptions (class 08), insufficient resources (class 53), operator intervention
-/// (57P01..57P05, 57014 query cancelled by a timeout), lock not available.
+/// SQLSTATEs that mean "not now" rather than "never" — an outage of the database, not a fault
+/// of the message. Retried (NAK with backoff, then a replayable `max-deliver` dead letter):
+/// - 40001 serialization failure, 40P01 deadlock;
+/// - class 08, connection exceptions; class 53, insufficient resources;
+/// - 57P01..57P05 operator intervention (shutdown, crash recovery, …);
+/// - 57014 query cancelled — our `statement_timeout` (or an operator's `pg_cancel_backend`) —
+///   and 55P03 lock not available (`lock_timeout`): a statement stuck behind a lock or on an
+///   overloaded server;
+/// - class 42, syntax error or access rule violation: 42P01 undefined table, 42703 undefined
+///   column, 42P10 no unique constraint for `ON CONFLICT`, 42804 datatype mismatch, 42501
+///   insufficient privilege, … Every statement of this service is a constant text and every
+///   message value is a bound parameter, so a class-42 error never depends on the message
+///   (bad values fail in class 22 or 23): it is the database's schema or grants not matching
+///   the service (a table dropped or altered under it, a pre-existing table missing a column,
+///   a revoked grant), the same for every message. Dead-lettering would empty the stream into
+///   the DLQ during such an outage; retrying lets fixing the schema recover everything. The
+///   whole class is retried, including 42601 syntax error: that would be a bug in our SQL,
+///   which no message can fix either — its messages end as `max-deliver` dead letters after
+///   the backoff sequence instead of `non-retryable` ones at once, and are replayed the same
+///   way once a fixed version runs.
 pub fn is_transient_sqlstate(code: &str) -> bool {
     matches!(code, "40001" | "40P01" | "55P03" | "57014")
         || code.starts_with("08")
+        || code.starts_with("42")
         || code.starts_with("53")
         || code.starts_with("57P")
 }
@@ -775,11 +823,40 @@ mod tests {
     #[test]
     fn sqlstates_are_classified() {
         for c in [
-            "40001", "40P01", "08006", "08001", "53300", "57P01", "57P03", "57014",
+            "40001", "40P01", "08006", "08001", "53300", "57P01", "57P03", "57014", "55P03",
         ] {
             assert!(is_transient_sqlstate(c), "{c}");
         }
-        for c in ["23505", "22001", "22P02", "42P01", "23514"] {
+        // Data and constraint errors depend on the message: dead-lettered at once.
+        for c in [
+            "23505", "22001", "22P02", "22003", "23514", "23502", "0A000", "XX000",
+        ] {
+            assert!(!is_transient_sqlstate(c), "{c}");
+        }
+    }
+
+    #[test]
+    fn pooled_connections_are_bounded_and_migrations_are_not() {
+        let c =
+            Config::from_vars([("DATABASE_STATEMENT_TIMEOUT_MS".to_string(), "1234".to_string())]).unwrap();
+        assert_eq!(
+            pooled_options(&c).unwrap().get_options(),
+            Some("-c statement_timeout=1234ms -c lock_timeout=1234ms")
+        );
+        assert_eq!(migration_options(&c).unwrap().get_options(), None);
+    }
+
+    #[test]
+    fn schema_mismatch_of_the_database_is_transient() {
+        // undefined table / column / function / object, no constraint for ON CONFLICT,
+        // datatype mismatch, insufficient privilege, and a syntax error (class 42 as a whole).
+        for c in [
+            "42P01", "42703", "42883", "42704", "42P10", "42804", "42501", "42601",
+        ] {
+            assert!(is_transient_sqlstate(c), "{c}");
+        }
+        // Neighbouring classes stay permanent.
+        for c in ["44000", "25P02", "2BP01"] {
             assert!(!is_transient_sqlstate(c), "{c}");
         }
     }

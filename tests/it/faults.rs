@@ -589,7 +589,13 @@ async fn progress_acks_cover_writes_slower_than_ack_wait() {
     let db = TestDb::new().await;
     let app = TestApp::spawn(with(
         base_vars(&nats, &db.url),
-        &[("NORMALIZE_HRV_ACK_WAIT_MS", "1500"), ("HRV_EXPIRES_MS", "1000")],
+        // A write may be slower than ack_wait without reaching the statement timeout; this
+        // test is about the progress acks, so the lock must outlast ack_wait, not the timeout.
+        &[
+            ("NORMALIZE_HRV_ACK_WAIT_MS", "1500"),
+            ("HRV_EXPIRES_MS", "1000"),
+            ("DATABASE_STATEMENT_TIMEOUT_MS", "30000"),
+        ],
     ))
     .await;
     app.wait_ready().await;

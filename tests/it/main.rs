@@ -5,6 +5,7 @@
 mod batch;
 mod consumers;
 mod daemon;
+mod dbfaults;
 mod deploy;
 mod dlq_cli;
 mod edges;
