@@ -15,9 +15,9 @@ use std::collections::VecDeque;
 
 use async_nats::jetstream::{self, consumer::pull};
 use chrono::Utc;
-use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use sqlx::PgPool;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConsumerConfig, PullMode};
@@ -211,13 +211,25 @@ struct Running {
     token: CancellationToken,
 }
 
-type LoopFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = (String, LoopEnd)> + Send + 'a>>;
+/// The consume loops of one consumer's bindings (the active one and those being drained),
+/// each on its own task, so that the binding checks between them (NATS requests that can take
+/// seconds while the server is unreachable) never hold up reading a pull.
+type Loops = JoinSet<(String, LoopEnd)>;
 
 /// Why a consume loop returned.
 enum LoopEnd {
     Shutdown,
     /// The durable or its stream is gone: bind again.
     Lost,
+}
+
+/// A binding loop's result; a panic in it (a bug, never a message's fault) ends the consumer.
+fn reraise(r: Result<(String, LoopEnd), tokio::task::JoinError>) -> Option<(String, LoopEnd)> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => None,
+    }
 }
 
 /// Sleeps unless cancelled first; returns false when cancelled.
@@ -245,7 +257,7 @@ impl Worker {
                 return;
             }
         }
-        let mut loops: FuturesUnordered<LoopFuture<'_>> = FuturesUnordered::new();
+        let mut loops = Loops::new();
         let mut active: Option<Running> = None;
         let mut draining: Vec<Running> = Vec::new();
         let mut backoff = Duration::from_millis(250);
@@ -261,7 +273,7 @@ impl Worker {
                             None => {
                                 self.on_bound(&b, None);
                                 let token = shutdown.child_token();
-                                loops.push(Box::pin(self.run_binding(b.clone(), token.clone())));
+                                self.spawn_binding(&mut loops, &b, &token);
                                 active = Some(Running { binding: b, token });
                             }
                         }
@@ -288,11 +300,14 @@ impl Worker {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    while loops.next().await.is_some() {}
+                    while let Some(r) = loops.join_next().await {
+                        reraise(r);
+                    }
                     tracing::info!(consumer = %kind, "consumer stopped");
                     return;
                 }
-                Some((stream, end)) = loops.next(), if !loops.is_empty() => {
+                Some(r) = loops.join_next(), if !loops.is_empty() => {
+                    let Some((stream, end)) = reraise(r) else { continue };
                     if active.as_ref().is_some_and(|r| r.binding.stream == stream) {
                         if let LoopEnd::Lost = end {
                             tracing::warn!(consumer = %kind, stream = %stream, "binding lost; binding again");
@@ -314,6 +329,12 @@ impl Worker {
                 }
             }
         }
+    }
+
+    fn spawn_binding(&self, loops: &mut Loops, b: &Binding, token: &CancellationToken) {
+        let worker = self.clone();
+        let (b, token) = (b.clone(), token.clone());
+        loops.spawn(async move { worker.run_binding(b, token).await });
     }
 
     /// Consumes one binding until it ends; keeps its gauges and info refresher for that time.
@@ -339,11 +360,11 @@ impl Worker {
 
     /// Multi mode: if the stream that captures the filter subject is no longer the active one,
     /// make it active and keep the old binding running as a draining one.
-    async fn rebalance<'a>(
-        &'a self,
+    async fn rebalance(
+        &self,
         current: Running,
         draining: &mut Vec<Running>,
-        loops: &mut FuturesUnordered<LoopFuture<'a>>,
+        loops: &mut Loops,
         shutdown: &CancellationToken,
     ) -> Running {
         if self.shared.config.mode != crate::config::StreamMode::Multi {
@@ -364,7 +385,7 @@ impl Worker {
                 Ok(Some(mut b)) => {
                     b.fallback = b.stream != primary;
                     let token = shutdown.child_token();
-                    loops.push(Box::pin(self.run_binding(b.clone(), token.clone())));
+                    self.spawn_binding(loops, &b, &token);
                     Running { binding: b, token }
                 }
                 Ok(None) => return current,
@@ -389,11 +410,11 @@ impl Worker {
     /// rollback during the migration) would otherwise never be delivered. Checked after every
     /// bind and on every rebind tick; the loop stops when the durable is drained
     /// ([`Worker::stop_drained`]).
-    async fn adopt_stranded<'a>(
-        &'a self,
+    async fn adopt_stranded(
+        &self,
         active: &Running,
         draining: &mut Vec<Running>,
-        loops: &mut FuturesUnordered<LoopFuture<'a>>,
+        loops: &mut Loops,
         shutdown: &CancellationToken,
     ) {
         let streams = &self.shared.config.streams;
@@ -427,7 +448,7 @@ impl Worker {
             let mut b = b;
             b.fallback = name != primary;
             let token = shutdown.child_token();
-            loops.push(Box::pin(self.run_binding(b.clone(), token.clone())));
+            self.spawn_binding(loops, &b, &token);
             draining.push(Running { binding: b, token });
         }
         self.report_bindings(Some(active), draining);
@@ -545,6 +566,16 @@ impl Worker {
                 current = prefetched.take();
             }
             if current.is_none() && !flight.has_waiting() && !flight.full() {
+                // A request made while disconnected is buffered by the client and sent on
+                // reconnect, when nobody may be reading its inbox any more (its messages would
+                // wait for ack_wait): wait for the connection instead.
+                if self.shared.js.client().connection_state() != async_nats::connection::State::Connected {
+                    if !sleep_or_cancel(Duration::from_millis(100), shutdown).await {
+                        return LoopEnd::Shutdown;
+                    }
+                    self.progress(false, false);
+                    continue;
+                }
                 let pulled = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return LoopEnd::Shutdown,

@@ -534,14 +534,14 @@ async fn a_consumer_that_settles_nothing_while_holding_messages_fails_liveness()
     assert_eq!(h["consumers"]["hrv"]["stuck"], true);
     assert_eq!(h["consumers"]["hrv"]["held"], 1);
     assert_eq!(h["status"], "degraded");
-    assert_eq!(
+    wait_for("the stuck gauge", Duration::from_secs(5), || async {
         metric_value(
             &app.metrics().await,
             "normalize_consumer_stuck",
-            &[("consumer", "hrv")]
-        ),
-        Some(1.0)
-    );
+            &[("consumer", "hrv")],
+        ) == Some(1.0)
+    })
+    .await;
     // No flapping while it stays stuck.
     for _ in 0..5 {
         assert_eq!(app.get("/health/live").await.0, 503);
