@@ -310,17 +310,50 @@ impl Application {
             );
             workers.abort_all();
         }
-        // Acks are fire-and-forget publishes: flush them before the connection goes.
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(remaining, nats.flush()).await.is_err() {
-            tracing::warn!("flushing NATS timed out");
+        // From here on nothing may hold the process past the deadline (plus a short grace for
+        // the steps that are quick when healthy): each step is bounded, and an HTTP client, a
+        // blocked database connection or an unreachable NATS server only costs its bound.
+        let hard = deadline + AFTER_DEADLINE_GRACE;
+        if nats.connection_state() == async_nats::connection::State::Connected {
+            // Acks are fire-and-forget publishes: flush them before the connection goes.
+            if tokio::time::timeout(until(hard), nats.flush()).await.is_err() {
+                tracing::warn!("flushing NATS timed out; unflushed acks will be redelivered");
+            }
+            if tokio::time::timeout(until(hard), nats.drain()).await.is_err() {
+                tracing::warn!("draining the NATS connection timed out");
+            }
+        } else {
+            // A flush would wait for a reconnection that may never come; the acks it would
+            // send are lost with the connection anyway and JetStream redelivers those messages.
+            tracing::warn!("NATS disconnected at shutdown; unflushed acks will be redelivered");
         }
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let _ = tokio::time::timeout(remaining, nats.drain()).await;
         background.abort_all();
         http_stop.cancel();
-        while servers.join_next().await.is_some() {}
-        shared.pool.close().await;
+        let http_bound = until(hard).min(HTTP_CLOSE_GRACE);
+        if tokio::time::timeout(http_bound, async { while servers.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_ms = http_bound.as_millis() as u64,
+                "HTTP connections still open after the grace period; closing them"
+            );
+            servers.abort_all();
+        }
+        // Closing the pool waits for every connection to come back; one stuck in a statement
+        // (a lock, a dead server) would hold the exit for as long as the database likes.
+        if tokio::time::timeout(until(hard), shared.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database connections still busy at shutdown; leaving without them");
+        }
+        if Instant::now() > deadline {
+            tracing::warn!(
+                timeout_ms = config.shutdown_timeout.as_millis() as u64,
+                "stop forced by SHUTDOWN_TIMEOUT_MS; messages left unsettled are redelivered by JetStream"
+            );
+        }
         match failure {
             Some(e) => Err(e),
             None => {
@@ -329,6 +362,18 @@ impl Application {
             }
         }
     }
+}
+
+/// How long the bounded shutdown steps (flush, drain, HTTP, pool) may run past
+/// `SHUTDOWN_TIMEOUT_MS`; each is quick when its peer is healthy.
+const AFTER_DEADLINE_GRACE: Duration = Duration::from_millis(1000);
+
+/// How long open HTTP connections (a scrape in progress, an idle keep-alive, a client that
+/// never finishes its request) may delay the exit once the rest has stopped.
+const HTTP_CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+fn until(t: Instant) -> Duration {
+    t.saturating_duration_since(Instant::now())
 }
 
 /// Creates and migrates the database, retrying with backoff until it works; consumers bind
