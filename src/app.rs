@@ -400,11 +400,44 @@ async fn prepare_database(config: Arc<Config>, health: Arc<Health>, shutdown: Ca
     }
 }
 
+/// Logs at WARN when the connected nats-server has a bug that changes recovery times
+/// (docs/RELIABILITY.md, "nats-server before 2.10.16").
+fn warn_about_server_version(config: &Config, version: &str) {
+    match crate::server_version::has_nak_requeue_bug(version) {
+        Some(true) => {
+            let ack_waits = config
+                .consumers
+                .iter()
+                .map(|c| format!("{}={}", c.kind, c.ack_wait.as_millis()))
+                .collect::<Vec<_>>()
+                .join(",");
+            let (major, minor, patch) = crate::server_version::NAK_REQUEUE_FIXED_IN;
+            tracing::warn!(
+                server_version = %version,
+                fixed_in = %format!("{major}.{minor}.{patch}"),
+                ack_wait_ms = %ack_waits,
+                "nats-server older than {major}.{minor}.{patch}: when a NAK delay falls due while the \
+                 durable's only queued pull request has lost interest (the client stopped \
+                 listening before it expired), the server drops the message from its redelivery queue (redelivered only at ack_wait) and may deliver an \
+                 already-acked message again; nothing is lost, but recovery after an outage can take \
+                 up to ack_wait. Upgrade nats-server, or keep ack_wait short \
+                 (NORMALIZE_{{HRV,SLEEP,OURA}}_ACK_WAIT_MS, e.g. 10000, for the durables it creates; \
+                 existing durables keep theirs until edited) — see docs/RELIABILITY.md"
+            );
+        }
+        Some(false) => {
+            tracing::debug!(server_version = %version, "nats-server version has no known bug affecting the daemon")
+        }
+        None => tracing::debug!(server_version = %version, "cannot read the nats-server version"),
+    }
+}
+
 /// Marks consumers stalled when their loop has made no progress for 3 × expires, and keeps
 /// the connection gauges fresh between scrapes.
 async fn watchdog(shared: Shared, nats: async_nats::Client, shutdown: CancellationToken) {
     let mut was_stalled = std::collections::HashMap::new();
     let mut tick: u64 = 0;
+    let mut checked_version = String::new();
     loop {
         for (kind, stalled) in shared.health.check_stalls(Instant::now()) {
             shared
@@ -421,6 +454,15 @@ async fn watchdog(shared: Shared, nats: async_nats::Client, shutdown: Cancellati
         }
         let up = nats.connection_state() == async_nats::connection::State::Connected;
         shared.metrics.nats_connected.set(i64::from(up));
+        if up {
+            // At start (or at the first connection, when NATS was down at start) and again
+            // whenever a reconnection lands on a server of another version.
+            let version = nats.server_info().version;
+            if version != checked_version {
+                warn_about_server_version(&shared.config, &version);
+                checked_version = version;
+            }
+        }
         tick += 1;
         if tick % 5 == 0 {
             let db = store::ping(&shared.pool, Duration::from_secs(1)).await;
