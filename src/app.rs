@@ -242,8 +242,7 @@ impl Application {
             let stop = http_stop.clone();
             let app = http::router(state.clone());
             servers.spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                http::serve(listener, app, stop)
                     .await
                     .context("HTTP server on PORT")
             });
@@ -252,8 +251,7 @@ impl Application {
             let stop = http_stop.clone();
             let app = http::metrics_router(state.clone());
             servers.spawn(async move {
-                axum::serve(l, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                http::serve(l, app, stop)
                     .await
                     .context("HTTP server on METRICS_PORT")
             });
@@ -368,8 +366,8 @@ impl Application {
 /// `SHUTDOWN_TIMEOUT_MS`; each is quick when its peer is healthy.
 const AFTER_DEADLINE_GRACE: Duration = Duration::from_millis(1000);
 
-/// How long open HTTP connections (a scrape in progress, an idle keep-alive, a client that
-/// never finishes its request) may delay the exit once the rest has stopped.
+/// How long open HTTP connections (a scrape in progress, a client in the middle of sending its
+/// request) may delay the exit once the rest has stopped.
 const HTTP_CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 fn until(t: Instant) -> Duration {

@@ -228,3 +228,44 @@ async fn sigterm_with_nats_unreachable_and_nothing_in_flight_exits_promptly() {
     );
     assert_eq!(code, Some(0), "logs:\n{logs}");
 }
+
+/// While the daemon runs, a client that starts a request and stops half-way is disconnected
+/// after `http::HEADER_READ_TIMEOUT` instead of holding its connection for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_http_request_is_disconnected_after_the_header_read_timeout() {
+    use tokio::io::AsyncReadExt;
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let mut daemon = Daemon::start(&nats, &db, &[]).await;
+    for port in [daemon.metrics_port, daemon.port] {
+        let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        let limit = normalize_service::http::HEADER_READ_TIMEOUT + Duration::from_secs(3);
+        let closed = tokio::time::timeout(limit, slow.read_to_end(&mut buf)).await;
+        eprintln!(
+            "port {port}: half-sent request closed after {:?} ({} bytes back)",
+            started.elapsed(),
+            buf.len()
+        );
+        assert!(
+            closed.is_ok(),
+            "port {port}: connection still open {limit:?} after a half-sent request"
+        );
+    }
+    // The listeners still serve complete requests.
+    let (code, _) = normalize_service::http::http_get(
+        "127.0.0.1",
+        daemon.metrics_port,
+        "/metrics",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200);
+    let (code, _) = daemon.sigterm_and_wait().await;
+    assert_eq!(code, Some(0), "logs:\n{}", daemon.logs());
+}
