@@ -340,7 +340,7 @@ impl Application {
         }
         // Closing the pool waits for every connection to come back; one stuck in a statement
         // (a lock, a dead server) would hold the exit for as long as the database likes.
-        if tokio::time::timeout(until(hard), shared.pool.close())
+        if tokio::time::timeout(until(hard).min(POOL_CLOSE_GRACE), shared.pool.close())
             .await
             .is_err()
         {
@@ -369,6 +369,10 @@ const AFTER_DEADLINE_GRACE: Duration = Duration::from_millis(1000);
 /// How long open HTTP connections (a scrape in progress, a client in the middle of sending its
 /// request) may delay the exit once the rest has stopped.
 const HTTP_CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+/// How long closing the database pool may take: idle connections close in milliseconds; one
+/// still inside a statement (a batch aborted at the deadline) is not worth waiting for.
+const POOL_CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 fn until(t: Instant) -> Duration {
     t.saturating_duration_since(Instant::now())
