@@ -4,7 +4,8 @@
 //! once), then the database (created and migrated, retried in the background while it is down),
 //! then one independent loop per consumer. Shutdown: readiness flips to 503 at once, intake
 //! stops, in-flight messages finish and are settled, acks are flushed, the connection drained,
-//! and the HTTP listeners stop last.
+//! and the HTTP listeners stop last; past `SHUTDOWN_TIMEOUT_MS` every step is bounded, so no
+//! peer (database, NATS, HTTP client) can hold the exit (docs/RELIABILITY.md §11).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
