@@ -4,7 +4,8 @@
 //! once), then the database (created and migrated, retried in the background while it is down),
 //! then one independent loop per consumer. Shutdown: readiness flips to 503 at once, intake
 //! stops, in-flight messages finish and are settled, acks are flushed, the connection drained,
-//! and the HTTP listeners stop last.
+//! and the HTTP listeners stop last; past `SHUTDOWN_TIMEOUT_MS` every step is bounded, so no
+//! peer (database, NATS, HTTP client) can hold the exit (docs/RELIABILITY.md §11).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -242,8 +243,7 @@ impl Application {
             let stop = http_stop.clone();
             let app = http::router(state.clone());
             servers.spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                http::serve(listener, app, stop)
                     .await
                     .context("HTTP server on PORT")
             });
@@ -252,8 +252,7 @@ impl Application {
             let stop = http_stop.clone();
             let app = http::metrics_router(state.clone());
             servers.spawn(async move {
-                axum::serve(l, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                http::serve(l, app, stop)
                     .await
                     .context("HTTP server on METRICS_PORT")
             });
@@ -310,17 +309,50 @@ impl Application {
             );
             workers.abort_all();
         }
-        // Acks are fire-and-forget publishes: flush them before the connection goes.
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(remaining, nats.flush()).await.is_err() {
-            tracing::warn!("flushing NATS timed out");
+        // From here on nothing may hold the process past the deadline (plus a short grace for
+        // the steps that are quick when healthy): each step is bounded, and an HTTP client, a
+        // blocked database connection or an unreachable NATS server only costs its bound.
+        let hard = deadline + AFTER_DEADLINE_GRACE;
+        if nats.connection_state() == async_nats::connection::State::Connected {
+            // Acks are fire-and-forget publishes: flush them before the connection goes.
+            if tokio::time::timeout(until(hard), nats.flush()).await.is_err() {
+                tracing::warn!("flushing NATS timed out; unflushed acks will be redelivered");
+            }
+            if tokio::time::timeout(until(hard), nats.drain()).await.is_err() {
+                tracing::warn!("draining the NATS connection timed out");
+            }
+        } else {
+            // A flush would wait for a reconnection that may never come; the acks it would
+            // send are lost with the connection anyway and JetStream redelivers those messages.
+            tracing::warn!("NATS disconnected at shutdown; unflushed acks will be redelivered");
         }
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let _ = tokio::time::timeout(remaining, nats.drain()).await;
         background.abort_all();
         http_stop.cancel();
-        while servers.join_next().await.is_some() {}
-        shared.pool.close().await;
+        let http_bound = until(hard).min(HTTP_CLOSE_GRACE);
+        if tokio::time::timeout(http_bound, async { while servers.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_ms = http_bound.as_millis() as u64,
+                "HTTP connections still open after the grace period; closing them"
+            );
+            servers.abort_all();
+        }
+        // Closing the pool waits for every connection to come back; one stuck in a statement
+        // (a lock, a dead server) would hold the exit for as long as the database likes.
+        if tokio::time::timeout(until(hard).min(POOL_CLOSE_GRACE), shared.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database connections still busy at shutdown; leaving without them");
+        }
+        if Instant::now() > deadline {
+            tracing::warn!(
+                timeout_ms = config.shutdown_timeout.as_millis() as u64,
+                "stop forced by SHUTDOWN_TIMEOUT_MS; messages left unsettled are redelivered by JetStream"
+            );
+        }
         match failure {
             Some(e) => Err(e),
             None => {
@@ -329,6 +361,22 @@ impl Application {
             }
         }
     }
+}
+
+/// How long the bounded shutdown steps (flush, drain, HTTP, pool) may run past
+/// `SHUTDOWN_TIMEOUT_MS`; each is quick when its peer is healthy.
+const AFTER_DEADLINE_GRACE: Duration = Duration::from_millis(1000);
+
+/// How long open HTTP connections (a scrape in progress, a client in the middle of sending its
+/// request) may delay the exit once the rest has stopped.
+const HTTP_CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+/// How long closing the database pool may take: idle connections close in milliseconds; one
+/// still inside a statement (a batch aborted at the deadline) is not worth waiting for.
+const POOL_CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+fn until(t: Instant) -> Duration {
+    t.saturating_duration_since(Instant::now())
 }
 
 /// Creates and migrates the database, retrying with backoff until it works; consumers bind
@@ -355,6 +403,38 @@ async fn prepare_database(config: Arc<Config>, health: Arc<Health>, shutdown: Ca
     }
 }
 
+/// Logs at WARN when the connected nats-server has a bug that changes recovery times
+/// (docs/RELIABILITY.md, "nats-server before 2.10.16").
+fn warn_about_server_version(config: &Config, version: &str) {
+    match crate::server_version::has_nak_requeue_bug(version) {
+        Some(true) => {
+            let ack_waits = config
+                .consumers
+                .iter()
+                .map(|c| format!("{}={}", c.kind, c.ack_wait.as_millis()))
+                .collect::<Vec<_>>()
+                .join(",");
+            let (major, minor, patch) = crate::server_version::NAK_REQUEUE_FIXED_IN;
+            tracing::warn!(
+                server_version = %version,
+                fixed_in = %format!("{major}.{minor}.{patch}"),
+                ack_wait_ms = %ack_waits,
+                "nats-server older than {major}.{minor}.{patch}: when a NAK delay falls due while the \
+                 durable's only queued pull request has lost interest (the client stopped \
+                 listening before it expired), the server drops the message from its redelivery queue (redelivered only at ack_wait) and may deliver an \
+                 already-acked message again; nothing is lost, but recovery after an outage can take \
+                 up to ack_wait. Upgrade nats-server, or keep ack_wait short \
+                 (NORMALIZE_{{HRV,SLEEP,OURA}}_ACK_WAIT_MS, e.g. 10000, for the durables it creates; \
+                 existing durables keep theirs until edited) — see docs/RELIABILITY.md"
+            );
+        }
+        Some(false) => {
+            tracing::debug!(server_version = %version, "nats-server version has no known bug affecting the daemon")
+        }
+        None => tracing::debug!(server_version = %version, "cannot read the nats-server version"),
+    }
+}
+
 /// Keeps the dependency state, the stall and stuck verdicts and the connection gauges fresh
 /// between scrapes. A loop is stalled when it has made no progress for 3 × expires, and stuck
 /// when it holds messages and has settled none for 3 × ack_wait; neither is judged while NATS
@@ -362,9 +442,19 @@ async fn prepare_database(config: Arc<Config>, health: Arc<Health>, shutdown: Ca
 /// liveness and restarts every instance at once.
 async fn watchdog(shared: Shared, nats: async_nats::Client, shutdown: CancellationToken) {
     let mut was = std::collections::HashMap::new();
+    let mut checked_version = String::new();
     loop {
         let up = nats.connection_state() == async_nats::connection::State::Connected;
         shared.metrics.nats_connected.set(i64::from(up));
+        if up {
+            // At start (or at the first connection, when NATS was down at start) and again
+            // whenever a reconnection lands on a server of another version.
+            let version = nats.server_info().version;
+            if version != checked_version {
+                warn_about_server_version(&shared.config, &version);
+                checked_version = version;
+            }
+        }
         let db = store::ping(&shared.pool, Duration::from_secs(1)).await;
         shared.metrics.database_up.set(i64::from(db));
         shared.health.set_dependencies_up(up && db);

@@ -12,6 +12,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -54,6 +56,61 @@ pub fn metrics_router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/health/live", get(live))
         .with_state(state)
+}
+
+/// How long a connection may take to send a request's head once it started one: a client that
+/// stops half-way is disconnected instead of holding a connection (and the shutdown) for ever.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `router` on `listener` (HTTP/1.1, with [`HEADER_READ_TIMEOUT`]) until `stop` is
+/// cancelled; then stops accepting, lets open connections finish their request and returns when
+/// they are closed. The caller bounds that wait: dropping (aborting) this future closes every
+/// connection, since they are tasks of its own `JoinSet`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let mut connections = JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: keep serving the connections we
+                    // have, and try again shortly (as axum's `serve` does).
+                    tracing::warn!(error = %e, "HTTP accept failed; retrying in 1 s");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            // Connection errors (a client going away, a header-read timeout) concern that
+            // client only.
+            tokio::select! {
+                r = conn.as_mut() => drop(r),
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    drop(conn.await);
+                }
+            }
+        });
+    }
+    while connections.join_next().await.is_some() {}
+    Ok(())
 }
 
 async fn health(AxState(s): AxState<HttpState>) -> Response {

@@ -19,6 +19,7 @@
 //! - [`ops`]       `topology` and `migrate` operator commands
 //! - [`dlq_cli`]   `dlq` operator commands
 //! - [`shutdown`]  signals → cancellation token
+//! - [`server_version`] the connected nats-server's version and its known bugs
 
 pub mod app;
 pub mod cli;
@@ -34,6 +35,7 @@ pub mod ops;
 pub mod outcome;
 pub mod pipeline;
 pub mod redact;
+pub mod server_version;
 pub mod shutdown;
 pub mod store;
 pub mod topology;

@@ -38,6 +38,7 @@ async fn run() -> ExitCode {
         database = %normalize_service::redact::redact_url(&config.database_url),
         "starting"
     );
+    let shutdown_timeout = config.shutdown_timeout;
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(e) => {
@@ -47,7 +48,12 @@ async fn run() -> ExitCode {
         }
     };
     let token = CancellationToken::new();
-    tokio::spawn(shutdown::on_signal(token.clone()));
+    let signalled = token.clone();
+    tokio::spawn(async move {
+        if shutdown::on_signal(signalled).await {
+            shutdown::exit_after_deadline(shutdown_timeout);
+        }
+    });
     match app.run_until_stopped(token).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

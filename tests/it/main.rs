@@ -14,5 +14,6 @@ mod hrv;
 mod migration;
 mod properties;
 mod security;
+mod shutdown;
 mod support;
 mod versions;

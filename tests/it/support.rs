@@ -48,6 +48,7 @@ pub struct NatsServer {
     pub store: tempfile::TempDir,
     child: Option<Child>,
     extra_conf: String,
+    bin: String,
 }
 
 impl NatsServer {
@@ -57,11 +58,17 @@ impl NatsServer {
 
     /// `extra_conf` is appended to the server's config file (auth, tls, …).
     pub async fn start_with(extra_conf: &str) -> NatsServer {
+        Self::start_bin_with(&nats_server_bin(), extra_conf).await
+    }
+
+    /// A server from a given binary rather than `NATS_SERVER_BIN` (tests that compare versions).
+    pub async fn start_bin_with(bin: &str, extra_conf: &str) -> NatsServer {
         let mut s = NatsServer {
             port: free_port(),
             store: tempfile::tempdir().unwrap(),
             child: None,
             extra_conf: extra_conf.to_string(),
+            bin: bin.to_string(),
         };
         s.spawn().await;
         s
@@ -78,6 +85,7 @@ impl NatsServer {
             store: tempfile::tempdir().unwrap(),
             child: None,
             extra_conf: String::new(),
+            bin: nats_server_bin(),
         }
     }
 
@@ -90,7 +98,7 @@ impl NatsServer {
             self.extra_conf
         );
         std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new(nats_server_bin())
+        let child = Command::new(&self.bin)
             .arg("-c")
             .arg(&conf_path)
             .stdout(Stdio::null())

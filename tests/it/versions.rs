@@ -291,3 +291,178 @@ async fn uncovered_primary_falls_back_on_every_version() {
     assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
     app.stop().await.unwrap();
 }
+
+/// The 2.9 binary of the comparison below: `NATS_29_BIN`, else the machine's
+/// `/usr/sbin/nats-server`.
+fn nats_29_bin() -> String {
+    std::env::var("NATS_29_BIN").unwrap_or_else(|_| "/usr/sbin/nats-server".into())
+}
+
+/// The current 2.1x binary of the comparison below: `NATS_2X_BIN`, else where
+/// `scripts/install-nats-2x.sh` installs it (`$NATS_2X_DIR`, default
+/// `~/.cache/normalize-service/nats-2x`). Missing is a failure, not a skip: CI installs it.
+fn nats_2x_bin() -> String {
+    let path = std::env::var("NATS_2X_BIN").unwrap_or_else(|_| {
+        let dir = std::env::var("NATS_2X_DIR").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/normalize-service/nats-2x",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
+        format!("{dir}/nats-server")
+    });
+    assert!(
+        std::path::Path::new(&path).is_file(),
+        "no nats-server 2.1x binary at {path}: run scripts/install-nats-2x.sh (CI does) or set NATS_2X_BIN"
+    );
+    path
+}
+
+/// What the reproduction saw after its pulls resumed.
+#[derive(Debug)]
+struct AfterNak {
+    version: String,
+    /// When the NAKed message came back, from its first delivery, and its delivery count.
+    naked_back: Option<(Duration, i64)>,
+    /// Delivery counts of redeliveries of the message that had been acked.
+    acked_again: Vec<i64>,
+}
+
+const REPRO_ACK_WAIT: Duration = Duration::from_secs(6);
+const REPRO_NAK_DELAY: Duration = Duration::from_secs(1);
+/// When the test pulls again, after the NAK delay fell due.
+const REPRO_RESUME: Duration = Duration::from_millis(1500);
+
+/// The nats-server 2.9 NAK-requeue bug, with plain async-nats: two messages delivered by one
+/// pull request (batch 10, expires 5 s); the first NAKed with a 1 s delay, the second acked;
+/// the client then stops listening to that request (it is still queued at the server, without
+/// interest) and pulls again only after the delay fell due.
+async fn nak_while_no_pull_listens(bin: &str) -> AfterNak {
+    use async_nats::jetstream::{consumer, stream, AckKind};
+    use futures::StreamExt;
+    let nats = NatsServer::start_bin_with(bin, "").await;
+    let client = nats.client().await;
+    let version = client.server_info().version;
+    let js = jetstream::new(client.clone());
+    let s = js
+        .create_stream(stream::Config {
+            name: "R".into(),
+            subjects: vec!["r.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let c: consumer::PullConsumer = s
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("d".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: REPRO_ACK_WAIT,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    publish(&js, "r.a", "naked").await;
+    publish(&js, "r.a", "acked").await;
+
+    let mut first = c
+        .batch()
+        .max_messages(10)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .unwrap();
+    let mut delivered_at = None;
+    for _ in 0..2 {
+        let m = first.next().await.unwrap().unwrap();
+        let info = m.info().unwrap();
+        assert_eq!(info.delivered, 1, "v{version}: a first delivery");
+        if info.stream_sequence == 1 {
+            delivered_at = Some(std::time::Instant::now());
+            m.ack_with(AckKind::Nak(Some(REPRO_NAK_DELAY))).await.unwrap();
+        } else {
+            m.double_ack().await.unwrap();
+        }
+    }
+    client.flush().await.unwrap();
+    // Unsubscribes the request's inbox; the server still holds the request (8 messages short,
+    // expiring in 5 s) when the NAK delay falls due.
+    drop(first);
+    let t0 = delivered_at.unwrap();
+    tokio::time::sleep(REPRO_RESUME.saturating_sub(t0.elapsed())).await;
+
+    let mut seen = AfterNak {
+        version,
+        naked_back: None,
+        acked_again: Vec::new(),
+    };
+    while seen.naked_back.is_none() && t0.elapsed() < REPRO_ACK_WAIT + Duration::from_secs(3) {
+        let mut pull = c
+            .batch()
+            .max_messages(10)
+            .expires(Duration::from_millis(1000))
+            .messages()
+            .await
+            .unwrap();
+        while let Some(m) = pull.next().await {
+            let Ok(m) = m else { break };
+            let info = m.info().unwrap();
+            if info.stream_sequence == 1 {
+                seen.naked_back = Some((t0.elapsed(), info.delivered));
+            } else {
+                seen.acked_again.push(info.delivered);
+            }
+            m.ack().await.unwrap();
+        }
+    }
+    seen
+}
+
+/// Issue "Nothing silently lost, stranded or pinned", item 10 (docs/RELIABILITY.md,
+/// "nats-server before 2.10.16"): on 2.9.10 a NAKed message whose delay falls due while the
+/// durable's only pull request has lost interest is dropped from the redelivery queue (back
+/// only at ack_wait, its delivery count skipping one) and the stream cursor steps back (the
+/// acked message is delivered again, delivery count 1). On a current 2.1x it comes back as
+/// soon as a pull asks, and nothing acked returns. Runs both servers whatever
+/// `NATS_SERVER_BIN` says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nak_delay_falling_due_without_a_live_pull_waits_for_ack_wait_on_2_9_only() {
+    use normalize_service::server_version::has_nak_requeue_bug;
+    let new_bin = nats_2x_bin();
+
+    let old = nak_while_no_pull_listens(&nats_29_bin()).await;
+    eprintln!("{}: {old:?}", nats_29_bin());
+    assert_eq!(has_nak_requeue_bug(&old.version), Some(true), "{old:?}");
+    let (back, count) = old
+        .naked_back
+        .unwrap_or_else(|| panic!("never redelivered: {old:?}"));
+    assert!(
+        back >= REPRO_ACK_WAIT - Duration::from_millis(500),
+        "v{}: redelivered after {back:?}, before ack_wait: the bug did not show ({old:?})",
+        old.version
+    );
+    assert_eq!(
+        count, 3,
+        "v{}: the lost attempt counted as a delivery",
+        old.version
+    );
+    assert_eq!(
+        old.acked_again,
+        vec![1],
+        "v{}: the acked message delivered again as new",
+        old.version
+    );
+
+    let new = nak_while_no_pull_listens(&new_bin).await;
+    eprintln!("{new_bin}: {new:?}");
+    assert_eq!(has_nak_requeue_bug(&new.version), Some(false), "{new:?}");
+    let (back, count) = new
+        .naked_back
+        .unwrap_or_else(|| panic!("never redelivered: {new:?}"));
+    assert!(
+        back < REPRO_RESUME + Duration::from_millis(1000),
+        "v{}: redelivered only after {back:?}, not right after its NAK delay ({new:?})",
+        new.version
+    );
+    assert_eq!(count, 2, "v{}", new.version);
+    assert!(new.acked_again.is_empty(), "v{}: {new:?}", new.version);
+}

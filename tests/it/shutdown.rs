@@ -1,0 +1,271 @@
+//! Issue "Nothing silently lost, stranded or pinned", item 5: SIGTERM ends the process within
+//! `SHUTDOWN_TIMEOUT_MS` (plus a short grace) whatever the database, NATS or an HTTP client is
+//! doing, and at once when nothing is in flight. The daemon runs as a child process and the
+//! test measures from the signal to the exit.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, PgConnection};
+use tokio::io::AsyncWriteExt;
+
+use crate::support::*;
+
+const DEADLINE: Duration = Duration::from_millis(4000);
+/// What the process may take past `SHUTDOWN_TIMEOUT_MS`.
+const GRACE: Duration = Duration::from_secs(2);
+
+struct Daemon {
+    child: Child,
+    log: tempfile::NamedTempFile,
+    port: u16,
+    metrics_port: u16,
+}
+
+impl Daemon {
+    async fn start(nats: &NatsServer, db: &TestDb, extra: &[(&str, &str)]) -> Daemon {
+        let port = free_port();
+        let metrics_port = free_port();
+        let mut vars: HashMap<String, String> = with(
+            base_vars(nats, &db.url),
+            &[
+                ("PORT", &port.to_string()),
+                ("METRICS_PORT", &metrics_port.to_string()),
+                ("SHUTDOWN_TIMEOUT_MS", &DEADLINE.as_millis().to_string()),
+            ],
+        );
+        vars = with(vars, extra);
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(BIN)
+            .arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(&vars)
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            child,
+            log,
+            port,
+            metrics_port,
+        };
+        wait_for("daemon process ready", Duration::from_secs(30), || async {
+            matches!(
+                normalize_service::http::http_get(
+                    "127.0.0.1",
+                    d.port,
+                    "/health/ready",
+                    Duration::from_secs(2)
+                )
+                .await,
+                Ok((200, _))
+            )
+        })
+        .await;
+        d
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and returns the exit code and the time from the signal to the exit;
+    /// panics (after killing the process) if it is still running `DEADLINE` + 10 s later.
+    async fn sigterm_and_wait(&mut self) -> (Option<i32>, Duration) {
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let sent = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), sent.elapsed());
+            }
+            if sent.elapsed() > DEADLINE + Duration::from_secs(10) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "daemon still running {:?} after SIGTERM (SHUTDOWN_TIMEOUT_MS={}); logs:\n{}",
+                    sent.elapsed(),
+                    DEADLINE.as_millis(),
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Healthy servers, nothing in flight: a prompt, clean stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_when_idle_exits_zero_promptly() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let mut daemon = Daemon::start(&nats, &db, &[]).await;
+    let (code, took) = daemon.sigterm_and_wait().await;
+    eprintln!("idle, healthy: exit {code:?} {took:?} after SIGTERM");
+    assert_eq!(code, Some(0), "logs:\n{}", daemon.logs());
+    assert!(
+        took < DEADLINE,
+        "nothing in flight, yet the stop took {took:?}; logs:\n{}",
+        daemon.logs()
+    );
+}
+
+/// A batch blocked on a table lock held by another session: the in-flight batch cannot finish,
+/// so the stop is forced at the deadline, and the pool (whose connection is still inside the
+/// blocked statement) must not hold the process past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_batch_blocked_on_a_table_lock_exits_by_the_deadline() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let mut daemon = Daemon::start(&nats, &db, &[]).await;
+    let mut locker = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE hrv_data IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let js = nats.js().await;
+    publish(
+        &js,
+        HRV_SUBJECT,
+        hrv_event("locked", "2025-03-01", 42.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
+    let pool = db.pool().await;
+    let blocked = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND wait_event_type = 'Lock'",
+        db.name
+    );
+    wait_for(
+        "the batch waiting on the lock",
+        Duration::from_secs(20),
+        || async { count(&pool, &blocked).await >= 1 },
+    )
+    .await;
+
+    let (code, took) = daemon.sigterm_and_wait().await;
+    eprintln!("batch blocked on a lock: exit {code:?} {took:?} after SIGTERM");
+    let logs = daemon.logs();
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    assert!(took < DEADLINE + GRACE, "stop took {took:?}; logs:\n{logs}");
+    assert_eq!(
+        code,
+        Some(0),
+        "a stop forced by the deadline exits 0; logs:\n{logs}"
+    );
+    // The message was not settled, so it is still there to be redelivered.
+    assert_eq!(
+        consumer_backlog(&js, "AA_CORE_HOT", "normalize-hrv-durable").await,
+        Some((0, 1)),
+        "the unsettled message stays pending ack"
+    );
+}
+
+/// A client that sends half a request to the metrics port and idles: the HTTP server's
+/// graceful shutdown would wait for it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_half_sent_http_request_exits_promptly() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let mut daemon = Daemon::start(&nats, &db, &[]).await;
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", daemon.metrics_port))
+        .await
+        .unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Let the server accept it and start reading the request.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (code, took) = daemon.sigterm_and_wait().await;
+    eprintln!("half-sent HTTP request: exit {code:?} {took:?} after SIGTERM");
+    drop(slow);
+    let logs = daemon.logs();
+    assert!(took < DEADLINE + GRACE, "stop took {took:?}; logs:\n{logs}");
+    assert!(
+        took < DEADLINE,
+        "nothing in flight, yet the stop waited {took:?} for the HTTP client; logs:\n{logs}"
+    );
+    assert_eq!(code, Some(0), "logs:\n{logs}");
+}
+
+/// NATS killed and nothing in flight: flushing acks to a server that is gone cannot succeed,
+/// so the stop must not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_nats_unreachable_and_nothing_in_flight_exits_promptly() {
+    let mut nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let mut daemon = Daemon::start(&nats, &db, &[]).await;
+    nats.kill();
+    wait_for("the daemon sees NATS gone", Duration::from_secs(10), || async {
+        normalize_service::http::http_get("127.0.0.1", daemon.port, "/health/ready", Duration::from_secs(2))
+            .await
+            .is_ok_and(|(code, _)| code == 503)
+    })
+    .await;
+
+    let (code, took) = daemon.sigterm_and_wait().await;
+    eprintln!("NATS unreachable, nothing in flight: exit {code:?} {took:?} after SIGTERM");
+    let logs = daemon.logs();
+    assert!(took < DEADLINE + GRACE, "stop took {took:?}; logs:\n{logs}");
+    assert!(
+        took < DEADLINE,
+        "nothing in flight, yet the stop waited {took:?} for NATS; logs:\n{logs}"
+    );
+    assert_eq!(code, Some(0), "logs:\n{logs}");
+}
+
+/// While the daemon runs, a client that starts a request and stops half-way is disconnected
+/// after `http::HEADER_READ_TIMEOUT` instead of holding its connection for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_http_request_is_disconnected_after_the_header_read_timeout() {
+    use tokio::io::AsyncReadExt;
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let mut daemon = Daemon::start(&nats, &db, &[]).await;
+    for port in [daemon.metrics_port, daemon.port] {
+        let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        let limit = normalize_service::http::HEADER_READ_TIMEOUT + Duration::from_secs(3);
+        let closed = tokio::time::timeout(limit, slow.read_to_end(&mut buf)).await;
+        eprintln!(
+            "port {port}: half-sent request closed after {:?} ({} bytes back)",
+            started.elapsed(),
+            buf.len()
+        );
+        assert!(
+            closed.is_ok(),
+            "port {port}: connection still open {limit:?} after a half-sent request"
+        );
+    }
+    // The listeners still serve complete requests.
+    let (code, _) = normalize_service::http::http_get(
+        "127.0.0.1",
+        daemon.metrics_port,
+        "/metrics",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200);
+    let (code, _) = daemon.sigterm_and_wait().await;
+    assert_eq!(code, Some(0), "logs:\n{}", daemon.logs());
+}
