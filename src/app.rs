@@ -292,9 +292,10 @@ impl Application {
                 Err(e) => anyhow::anyhow!("HTTP server panicked: {e}"),
             }),
         };
+        let deadline = Instant::now() + config.shutdown_timeout;
+        shared.health.set_shutdown_deadline(deadline);
         shared.health.set_shutting_down();
         shutdown.cancel();
-        let deadline = Instant::now() + config.shutdown_timeout;
         tracing::info!(
             timeout_ms = config.shutdown_timeout.as_millis() as u64,
             "stopping intake; finishing in-flight messages"

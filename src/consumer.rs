@@ -52,12 +52,15 @@ struct Flight {
     ledger: Ledger,
     waiting: Waiting,
     batch_size: usize,
+    /// The process's shutdown token, for the batches: a draining binding's loop being stopped
+    /// must not look like a shutdown to a batch holding a last delivery.
+    root: CancellationToken,
 }
 
 /// Sub-batches received and not started yet, each with the database short-circuit of the pull
 /// it came from. They are ours as much as a running batch's messages are: they get progress
-/// acks while they wait and are NAKed if the loop stops, so the pull they came from can be read
-/// to its end (async-nats drops what a pull has buffered when its own timer ends it).
+/// acks while they wait and are released if the loop stops, so the pull they came from can be
+/// read to its end (async-nats drops what a pull has buffered when its own timer ends it).
 struct Waiting {
     subs: VecDeque<(Vec<Delivery>, Arc<AtomicBool>)>,
     every: Duration,
@@ -65,7 +68,7 @@ struct Waiting {
 }
 
 impl Flight {
-    fn new(worker: &Worker, b: &Binding) -> Flight {
+    fn new(worker: &Worker, b: &Binding, root: &CancellationToken) -> Flight {
         let ack_wait = b.consumer.cached_info().config.ack_wait;
         Flight {
             worker: Arc::new(worker.clone()),
@@ -80,6 +83,7 @@ impl Flight {
                     &b.durable,
                 ]),
                 health: worker.shared.health.clone(),
+                server_max_deliver: b.server_max_deliver,
             },
             waiting: Waiting {
                 subs: VecDeque::new(),
@@ -87,12 +91,16 @@ impl Flight {
                 next_progress: tokio::time::Instant::now(),
             },
             batch_size: worker.cc.batch_size,
+            root: root.clone(),
         }
     }
 
     /// Takes a received sub-batch: it starts at once when the pipeline has room, else waits
     /// (joined to the previous waiting one from the same pull while that stays within a batch).
-    fn hold(&mut self, msgs: Vec<Delivery>, db_down: &Arc<AtomicBool>, shutdown: &CancellationToken) {
+    fn hold(&mut self, msgs: Vec<Delivery>, db_down: &Arc<AtomicBool>) {
+        if msgs.is_empty() {
+            return;
+        }
         let w = &mut self.waiting;
         if w.subs.is_empty() {
             w.next_progress = tokio::time::Instant::now() + w.every;
@@ -105,35 +113,48 @@ impl Flight {
             }
             _ => w.subs.push_back((msgs, db_down.clone())),
         }
-        self.start_waiting(shutdown);
+        self.start_waiting();
+    }
+
+    /// Takes what a pull or stream that has ended (or failed) still buffers, to be processed
+    /// like the rest: releasing it would cost each message a delivery it never had.
+    fn take_buffered<S, E>(&mut self, source: &mut S, db_down: &Arc<AtomicBool>)
+    where
+        S: futures::Stream<Item = Result<jetstream::Message, E>> + Unpin,
+    {
+        let msgs = drain_ready(source, &self.ledger);
+        self.hold(msgs, db_down);
     }
 
     /// Starts waiting sub-batches, each on its own task, while the pipeline has room.
-    fn start_waiting(&mut self, shutdown: &CancellationToken) {
+    fn start_waiting(&mut self) {
         while self.batches.free() > 0 {
             let Some((msgs, db_down)) = self.waiting.subs.pop_front() else {
                 break;
             };
-            self.batches.spawn(self.worker.clone().run_batch(
-                msgs,
-                self.binding.clone(),
-                db_down,
-                shutdown.clone(),
-            ));
+            self.spawn(msgs, db_down);
         }
+    }
+
+    fn spawn(&mut self, msgs: Vec<Delivery>, db_down: Arc<AtomicBool>) {
+        self.batches.spawn(self.worker.clone().run_batch(
+            msgs,
+            self.binding.clone(),
+            db_down,
+            self.root.clone(),
+        ));
     }
 
     fn has_waiting(&self) -> bool {
         !self.waiting.subs.is_empty()
     }
 
-    fn full(&self) -> bool {
-        self.batches.free() == 0
+    fn waiting_len(&self) -> usize {
+        self.waiting.subs.iter().map(|(m, _)| m.len()).sum()
     }
 
-    /// Everything waiting can start and one more batch still fits.
-    fn room_for_more(&self) -> bool {
-        self.batches.free() > self.waiting.subs.len()
+    fn full(&self) -> bool {
+        self.batches.free() == 0
     }
 
     async fn progress_waiting(&mut self) {
@@ -141,15 +162,80 @@ impl Flight {
         self.waiting.next_progress = tokio::time::Instant::now() + self.waiting.every;
     }
 
-    /// NAKs (without delay) every waiting message, so another instance or a restart takes
-    /// them at once instead of after ack_wait.
-    async fn release_waiting(&mut self) {
-        for (msgs, _) in self.waiting.subs.drain(..) {
-            for d in &msgs {
-                d.nak(None).await;
+    /// Waits for `work` while keeping the flight going: batches that finish make room for
+    /// waiting ones, and waiting messages get their progress acks. `None` when `token` is
+    /// cancelled first.
+    async fn serve<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+        token: &CancellationToken,
+    ) -> Option<T> {
+        tokio::pin!(work);
+        loop {
+            self.start_waiting();
+            let due = self.waiting.next_progress;
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return None,
+                r = &mut work => return Some(r),
+                _ = self.batches.next(), if self.full() => {}
+                _ = tokio::time::sleep_until(due), if self.has_waiting() => self.progress_waiting().await,
             }
         }
     }
+
+    /// When the loop stops (shutdown, binding lost): what never started is released at once
+    /// (NAK without delay), so another instance or a restart takes it instead of waiting for
+    /// ack_wait — except a last delivery (finite server-side `max_deliver`), which a NAK would
+    /// lose: that one is processed now, whatever the pipeline depth.
+    async fn release_waiting(&mut self) {
+        let subs: Vec<_> = self.waiting.subs.drain(..).collect();
+        for (msgs, db_down) in subs {
+            self.release(msgs, db_down).await;
+        }
+    }
+
+    /// [`Flight::release_waiting`] for what a pull or stream still buffers when the loop stops.
+    async fn release_source<S, E>(&mut self, source: &mut S)
+    where
+        S: futures::Stream<Item = Result<jetstream::Message, E>> + Unpin,
+    {
+        let msgs = drain_ready(source, &self.ledger);
+        self.release(msgs, Arc::new(AtomicBool::new(false))).await;
+    }
+
+    async fn release(&mut self, msgs: Vec<Delivery>, db_down: Arc<AtomicBool>) {
+        let (last, others): (Vec<Delivery>, Vec<Delivery>) =
+            msgs.into_iter().partition(Delivery::is_last_delivery);
+        for d in &others {
+            d.nak(None).await;
+        }
+        if !last.is_empty() {
+            self.spawn(last, db_down);
+        }
+    }
+}
+
+/// What a pull or stream has already buffered (never waits), each message wrapped at once.
+/// Error items (a status the library reports) are skipped, a bounded number of times.
+fn drain_ready<S, E>(source: &mut S, ledger: &Ledger) -> Vec<Delivery>
+where
+    S: futures::Stream<Item = Result<jetstream::Message, E>> + Unpin,
+{
+    let mut out = Vec::new();
+    let mut errors = 0;
+    while let Some(Some(item)) = source.next().now_or_never() {
+        match item {
+            Ok(msg) => out.push(ledger.receive(msg)),
+            Err(_) => {
+                errors += 1;
+                if errors > 16 {
+                    break;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// One pull request being read.
@@ -205,16 +291,19 @@ enum Wake<N> {
     Next(N),
 }
 
-/// A binding with its running loop's stop token.
+/// A binding with its running loop's task and stop token.
 struct Running {
     binding: Binding,
+    task: tokio::task::Id,
     token: CancellationToken,
+    /// Consecutive rebind ticks a draining durable was seen with nothing pending or unacked.
+    drained_ticks: u32,
 }
 
 /// The consume loops of one consumer's bindings (the active one and those being drained),
 /// each on its own task, so that the binding checks between them (NATS requests that can take
 /// seconds while the server is unreachable) never hold up reading a pull.
-type Loops = JoinSet<(String, LoopEnd)>;
+type Loops = JoinSet<LoopEnd>;
 
 /// Why a consume loop returned.
 enum LoopEnd {
@@ -223,12 +312,12 @@ enum LoopEnd {
     Lost,
 }
 
-/// A binding loop's result; a panic in it (a bug, never a message's fault) ends the consumer.
-fn reraise(r: Result<(String, LoopEnd), tokio::task::JoinError>) -> Option<(String, LoopEnd)> {
+/// Which binding loop ended; a panic in it (a bug, never a message's fault) ends the consumer.
+fn reraise(r: Result<(tokio::task::Id, LoopEnd), tokio::task::JoinError>) -> tokio::task::Id {
     match r {
-        Ok(v) => Some(v),
+        Ok((id, _)) => id,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => None,
+        Err(e) => e.id(),
     }
 }
 
@@ -266,15 +355,15 @@ impl Worker {
                 match topology::bind(&self.shared.js, &self.shared.config, &self.cc).await {
                     Ok(b) => {
                         backoff = Duration::from_millis(250);
-                        let previous = draining.iter().position(|r| r.binding.stream == b.stream);
+                        let previous = draining
+                            .iter()
+                            .position(|r| r.binding.stream == b.stream && !r.token.is_cancelled());
                         match previous {
                             // Bound again where we were draining: that loop becomes the active one.
                             Some(i) => active = Some(draining.remove(i)),
                             None => {
                                 self.on_bound(&b, None);
-                                let token = shutdown.child_token();
-                                self.spawn_binding(&mut loops, &b, &token);
-                                active = Some(Running { binding: b, token });
+                                active = Some(self.spawn_binding(&mut loops, b, &shutdown));
                             }
                         }
                         if let Some(a) = &active {
@@ -300,23 +389,22 @@ impl Worker {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    while let Some(r) = loops.join_next().await {
+                    while let Some(r) = loops.join_next_with_id().await {
                         reraise(r);
                     }
                     tracing::info!(consumer = %kind, "consumer stopped");
                     return;
                 }
-                Some(r) = loops.join_next(), if !loops.is_empty() => {
-                    let Some((stream, end)) = reraise(r) else { continue };
-                    if active.as_ref().is_some_and(|r| r.binding.stream == stream) {
-                        if let LoopEnd::Lost = end {
-                            tracing::warn!(consumer = %kind, stream = %stream, "binding lost; binding again");
-                            active = None;
-                            self.shared.health.update(kind, |s| s.stream = None);
-                        }
-                    } else {
-                        draining.retain(|r| r.binding.stream != stream);
-                        tracing::info!(consumer = %kind, stream = %stream, "finished draining the previous durable");
+                Some(r) = loops.join_next_with_id(), if !loops.is_empty() => {
+                    let id = reraise(r);
+                    if let Some(a) = active.as_ref().filter(|a| a.task == id) {
+                        // The active loop ends by itself only when its binding is gone.
+                        tracing::warn!(consumer = %kind, stream = %a.binding.stream, "binding lost; binding again");
+                        active = None;
+                        self.shared.health.update(kind, |s| s.stream = None);
+                    } else if let Some(i) = draining.iter().position(|r| r.task == id) {
+                        let r = draining.remove(i);
+                        tracing::info!(consumer = %kind, stream = %r.binding.stream, "finished draining the previous durable");
                     }
                 }
                 _ = tokio::time::sleep(wait) => {
@@ -325,20 +413,36 @@ impl Worker {
                         self.adopt_stranded(&current, &mut draining, &mut loops, &shutdown).await;
                         active = Some(current);
                     }
-                    self.stop_drained(&draining).await;
+                    self.stop_drained(&mut draining).await;
                 }
             }
         }
     }
 
-    fn spawn_binding(&self, loops: &mut Loops, b: &Binding, token: &CancellationToken) {
+    /// Starts a binding's loop on its own task; its intake stops with the returned token,
+    /// its batches only with the process (`shutdown`).
+    fn spawn_binding(&self, loops: &mut Loops, binding: Binding, shutdown: &CancellationToken) -> Running {
         let worker = self.clone();
-        let (b, token) = (b.clone(), token.clone());
-        loops.spawn(async move { worker.run_binding(b, token).await });
+        let token = shutdown.child_token();
+        let (b, intake, root) = (binding.clone(), token.clone(), shutdown.clone());
+        let task = loops
+            .spawn(async move { worker.run_binding(b, intake, root).await })
+            .id();
+        Running {
+            binding,
+            task,
+            token,
+            drained_ticks: 0,
+        }
     }
 
     /// Consumes one binding until it ends; keeps its gauges and info refresher for that time.
-    async fn run_binding(&self, binding: Binding, token: CancellationToken) -> (String, LoopEnd) {
+    async fn run_binding(
+        &self,
+        binding: Binding,
+        token: CancellationToken,
+        root: CancellationToken,
+    ) -> LoopEnd {
         let kind = self.cc.kind;
         let info_stop = token.child_token();
         let refresher = tokio::spawn(refresh_info(
@@ -347,7 +451,7 @@ impl Worker {
             binding.clone(),
             info_stop.clone(),
         ));
-        let end = self.consume(&binding, &token).await;
+        let end = self.consume(&binding, &token, &root).await;
         info_stop.cancel();
         let _ = refresher.await;
         self.shared
@@ -355,7 +459,7 @@ impl Worker {
             .consumer_bound
             .with_label_values(&[kind.as_str(), &binding.stream, &binding.durable])
             .set(0);
-        (binding.stream, end)
+        end
     }
 
     /// Multi mode: if the stream that captures the filter subject is no longer the active one,
@@ -378,15 +482,16 @@ impl Worker {
             return current;
         }
         let primary = self.shared.config.streams.primary(self.cc.primary).to_string();
-        let next = if let Some(i) = draining.iter().position(|r| r.binding.stream == target) {
+        let reusable = draining
+            .iter()
+            .position(|r| r.binding.stream == target && !r.token.is_cancelled());
+        let next = if let Some(i) = reusable {
             draining.remove(i)
         } else {
             match topology::bind_on(&self.shared.js, &self.shared.config, &self.cc, &target).await {
                 Ok(Some(mut b)) => {
                     b.fallback = b.stream != primary;
-                    let token = shutdown.child_token();
-                    self.spawn_binding(loops, &b, &token);
-                    Running { binding: b, token }
+                    self.spawn_binding(loops, b, shutdown)
                 }
                 Ok(None) => return current,
                 Err(e) => {
@@ -420,7 +525,11 @@ impl Worker {
         let streams = &self.shared.config.streams;
         let primary = streams.primary(self.cc.primary).to_string();
         for name in [primary.clone(), streams.legacy.clone()] {
-            if name == active.binding.stream || draining.iter().any(|r| r.binding.stream == name) {
+            if name == active.binding.stream
+                || draining
+                    .iter()
+                    .any(|r| r.binding.stream == name && !r.token.is_cancelled())
+            {
                 continue;
             }
             let b = match topology::existing_durable(&self.shared.js, &self.cc, &name).await {
@@ -447,23 +556,31 @@ impl Worker {
             m.touch_binding(self.cc.kind, &self.cc.filter_subject, &name, &b.durable);
             let mut b = b;
             b.fallback = name != primary;
-            let token = shutdown.child_token();
-            self.spawn_binding(loops, &b, &token);
-            draining.push(Running { binding: b, token });
+            draining.push(self.spawn_binding(loops, b, shutdown));
         }
         self.report_bindings(Some(active), draining);
     }
 
     /// Stops draining loops whose durable has nothing pending or unacked.
-    async fn stop_drained(&self, draining: &[Running]) {
+    /// A durable seen drained on this many consecutive rebind ticks is done: one empty look is
+    /// not enough while publishes may still reach its stream (a weighted shift sends a subject
+    /// to both streams).
+    const DRAINED_TICKS: u32 = 3;
+
+    async fn stop_drained(&self, draining: &mut [Running]) {
         for r in draining {
             if r.token.is_cancelled() {
                 continue;
             }
-            if let Ok(info) = r.binding.consumer.get_info().await {
-                if info.num_pending == 0 && info.num_ack_pending == 0 {
-                    r.token.cancel();
+            match r.binding.consumer.get_info().await {
+                Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {
+                    r.drained_ticks += 1;
+                    if r.drained_ticks >= Self::DRAINED_TICKS {
+                        r.token.cancel();
+                    }
                 }
+                Ok(_) => r.drained_ticks = 0,
+                Err(_) => {}
             }
         }
     }
@@ -533,11 +650,11 @@ impl Worker {
             .inc();
     }
 
-    async fn consume(&self, b: &Binding, shutdown: &CancellationToken) -> LoopEnd {
-        let mut flight = Flight::new(self, b);
+    async fn consume(&self, b: &Binding, intake: &CancellationToken, root: &CancellationToken) -> LoopEnd {
+        let mut flight = Flight::new(self, b, root);
         let end = match self.cc.pull_mode {
-            PullMode::Fetch => self.consume_fetch(b, shutdown, &mut flight).await,
-            PullMode::Stream => self.consume_stream(b, shutdown, &mut flight).await,
+            PullMode::Fetch => self.consume_fetch(b, intake, &mut flight).await,
+            PullMode::Stream => self.consume_stream(b, intake, &mut flight).await,
         };
         // Whatever ended the loop: what never started is released at once, and the batches
         // already started have their rows committed or being committed: let them settle.
@@ -546,13 +663,19 @@ impl Worker {
         end
     }
 
+    fn connected(&self) -> bool {
+        self.shared.js.client().connection_state() == async_nats::connection::State::Connected
+    }
+
     /// Batch requests bounded by `expires`. A pull is read to its end without pause: what has
     /// arrived is processed in sub-batches (see [`batch::gather`]), so a partial batch never
     /// waits for the rest or for `expires`, and when the pipeline is full the sub-batches wait
     /// in [`Flight`] (with progress acks) while the pull is still read. A new pull is issued
-    /// only when nothing waits and the pipeline has room. When a pull came back full (a
-    /// backlog), the next one is issued at once, so the server delivers it while we write;
-    /// this is done only while two batches fit in the durable's `max_ack_pending`.
+    /// only when nothing waits and the pipeline has room, and never while NATS is disconnected
+    /// (the client would buffer the request and send it on reconnect, when no one may be
+    /// reading its inbox). When a pull came back full (a backlog) and nothing waits, the next
+    /// one is issued at once, so the server delivers it while we write; this is done only
+    /// while two batches fit in the durable's `max_ack_pending`.
     async fn consume_fetch(&self, b: &Binding, shutdown: &CancellationToken, flight: &mut Flight) -> LoopEnd {
         let mut consecutive_errors: u32 = 0;
         let mut current: Option<Pull> = None;
@@ -561,16 +684,17 @@ impl Worker {
         let overlap = max_ack_pending <= 0
             || i64::try_from(self.cc.batch_size.saturating_mul(2)).is_ok_and(|two| two <= max_ack_pending);
         loop {
-            flight.start_waiting(shutdown);
+            flight.start_waiting();
             if current.is_none() {
                 current = prefetched.take();
             }
             if current.is_none() && !flight.has_waiting() && !flight.full() {
-                // A request made while disconnected is buffered by the client and sent on
-                // reconnect, when nobody may be reading its inbox any more (its messages would
-                // wait for ack_wait): wait for the connection instead.
-                if self.shared.js.client().connection_state() != async_nats::connection::State::Connected {
-                    if !sleep_or_cancel(Duration::from_millis(100), shutdown).await {
+                if !self.connected() {
+                    if flight
+                        .serve(tokio::time::sleep(Duration::from_millis(100)), shutdown)
+                        .await
+                        .is_none()
+                    {
                         return LoopEnd::Shutdown;
                     }
                     self.progress(false, false);
@@ -586,7 +710,10 @@ impl Worker {
                     Err(e) => {
                         self.count_pull_error(b, &e);
                         self.progress(true, false);
-                        if let Some(end) = self.after_error(b, &mut consecutive_errors, shutdown).await {
+                        if let Some(end) = self
+                            .after_error(b, &mut consecutive_errors, shutdown, flight)
+                            .await
+                        {
                             return end;
                         }
                         continue;
@@ -600,11 +727,14 @@ impl Worker {
                 _ = flight.batches.next(), if flight.full() => Wake::BatchDone,
                 _ = tokio::time::sleep_until(due), if flight.has_waiting() => Wake::Progress,
                 n = next_of(&mut current), if current.is_some() => Wake::Next(n),
+                // A full pipeline of slow but working batches is not a stalled loop (a wedged
+                // batch is the stuck check's business).
+                _ = tokio::time::sleep(self.cc.expires), if flight.full() => Wake::BatchDone,
             };
             let next = match wake {
                 Wake::Shutdown => {
                     for mut p in [current.take(), prefetched.take()].into_iter().flatten() {
-                        release_buffered(&mut p.batch, &flight.ledger).await;
+                        flight.release_source(&mut p.batch).await;
                     }
                     return LoopEnd::Shutdown;
                 }
@@ -630,12 +760,13 @@ impl Worker {
                     let gathered = batch::gather(&mut p.batch, &mut msgs, room, &flight.ledger).await;
                     p.received += msgs.len();
                     let full = p.received >= self.cc.batch_size;
-                    flight.hold(msgs, &p.db_down, shutdown);
+                    flight.hold(msgs, &p.db_down);
                     self.progress(false, true);
                     if overlap
                         && full
                         && prefetched.is_none()
-                        && flight.room_for_more()
+                        && !flight.has_waiting()
+                        && self.connected()
                         && !shutdown.is_cancelled()
                     {
                         match self.pull(b).await {
@@ -669,7 +800,7 @@ impl Worker {
                 continue;
             };
             // Anything the pull still buffers (it ended on our deadline or an error) is ours.
-            release_buffered(&mut p.batch, &flight.ledger).await;
+            flight.take_buffered(&mut p.batch, &p.db_down);
             self.progress(true, false);
             self.shared
                 .metrics
@@ -678,18 +809,23 @@ impl Worker {
                 .observe(p.received as f64);
             if failed {
                 if let Some(mut next) = prefetched.take() {
-                    release_buffered(&mut next.batch, &flight.ledger).await;
+                    flight.take_buffered(&mut next.batch, &next.db_down);
                 }
-                if let Some(end) = self.after_error(b, &mut consecutive_errors, shutdown).await {
+                if let Some(end) = self
+                    .after_error(b, &mut consecutive_errors, shutdown, flight)
+                    .await
+                {
                     return end;
                 }
                 continue;
             }
             consecutive_errors = 0;
-            if p.received == 0
-                && prefetched.is_none()
-                && !flight.has_waiting()
-                && !sleep_or_cancel(self.cc.idle_backoff, shutdown).await
+            let idle = p.received == 0 && prefetched.is_none() && !flight.has_waiting();
+            if idle
+                && flight
+                    .serve(tokio::time::sleep(self.cc.idle_backoff), shutdown)
+                    .await
+                    .is_none()
             {
                 return LoopEnd::Shutdown;
             }
@@ -709,9 +845,10 @@ impl Worker {
     /// A continuous `messages()` stream; the library keeps pull requests outstanding and
     /// reports missed heartbeats, which are logged and counted, never fatal. What is already
     /// buffered when a message arrives (up to `batch_size`) is processed with it as one batch.
-    /// The stream is read without pause; when the pipeline is full what arrives waits in
-    /// [`Flight`] with progress acks (the server's `max_ack_pending` bounds it). Whatever ends
-    /// a stream, what it still buffers is NAKed before it is dropped.
+    /// When the pipeline is full what arrives waits in [`Flight`] with progress acks, up to
+    /// `*_PIPELINE_DEPTH` batches' worth; past that the stream is not read until there is
+    /// room. Whatever ends a stream, what it still buffers is processed (or, at shutdown,
+    /// released) before it is dropped.
     async fn consume_stream(
         &self,
         b: &Binding,
@@ -728,32 +865,48 @@ impl Worker {
                 .expires(self.cc.expires)
                 .heartbeat(heartbeat)
                 .messages();
-            let stream = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return LoopEnd::Shutdown,
-                r = opened => r,
+            let stream = match flight.serve(opened, shutdown).await {
+                None => return LoopEnd::Shutdown,
+                Some(r) => r,
             };
             let mut stream = match stream {
                 Ok(s) => s,
                 Err(e) => {
                     self.count_pull_error(b, &e);
-                    if let Some(end) = self.after_error(b, &mut consecutive_errors, shutdown).await {
+                    if let Some(end) = self
+                        .after_error(b, &mut consecutive_errors, shutdown, flight)
+                        .await
+                    {
                         return end;
                     }
                     continue;
                 }
             };
+            let db_down = Arc::new(AtomicBool::new(false));
             let failed = self
-                .read_stream(b, &mut stream, shutdown, flight, &mut consecutive_errors)
+                .read_stream(
+                    b,
+                    &mut stream,
+                    &db_down,
+                    shutdown,
+                    flight,
+                    &mut consecutive_errors,
+                )
                 .await;
-            release_buffered(&mut stream, &flight.ledger).await;
-            drop(stream);
             match failed {
-                StreamEnd::Shutdown => return LoopEnd::Shutdown,
-                StreamEnd::Ended => {}
+                StreamEnd::Shutdown => {
+                    flight.release_source(&mut stream).await;
+                    return LoopEnd::Shutdown;
+                }
+                StreamEnd::Ended => flight.take_buffered(&mut stream, &db_down),
                 StreamEnd::Failed(e) => {
+                    flight.take_buffered(&mut stream, &db_down);
+                    drop(stream);
                     self.count_pull_error(b, &e);
-                    if let Some(end) = self.after_error(b, &mut consecutive_errors, shutdown).await {
+                    if let Some(end) = self
+                        .after_error(b, &mut consecutive_errors, shutdown, flight)
+                        .await
+                    {
                         return end;
                     }
                 }
@@ -767,22 +920,25 @@ impl Worker {
         &self,
         b: &Binding,
         stream: &mut pull::Stream,
+        db_down: &Arc<AtomicBool>,
         shutdown: &CancellationToken,
         flight: &mut Flight,
         consecutive_errors: &mut u32,
     ) -> StreamEnd {
         use jetstream::consumer::pull::MessagesErrorKind as K;
-        let db_down = Arc::new(AtomicBool::new(false));
         let mut last_db_reset = Instant::now();
+        let backlog = self.cc.batch_size.saturating_mul(self.cc.pipeline_depth.max(1));
         loop {
-            flight.start_waiting(shutdown);
+            flight.start_waiting();
             let due = flight.waiting.next_progress;
+            let read = flight.waiting_len() < backlog;
             let wake = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Wake::Shutdown,
                 _ = flight.batches.next(), if flight.full() => Wake::BatchDone,
                 _ = tokio::time::sleep_until(due), if flight.has_waiting() => Wake::Progress,
-                n = tokio::time::timeout(self.cc.expires, stream.next()) => Wake::Next(n),
+                n = tokio::time::timeout(self.cc.expires, stream.next()), if read => Wake::Next(n),
+                _ = tokio::time::sleep(self.cc.expires), if flight.full() => Wake::BatchDone,
             };
             // The "batch" of stream mode is one expiry period: the database short-circuit is
             // reset after it, so the database is tried again.
@@ -816,7 +972,7 @@ impl Worker {
                         .batch_size
                         .with_label_values(&[self.cc.kind.as_str()])
                         .observe(msgs.len() as f64);
-                    flight.hold(msgs, &db_down, shutdown);
+                    flight.hold(msgs, db_down);
                     self.progress(true, true);
                     match gathered {
                         batch::Gathered::Open => {}
@@ -839,19 +995,24 @@ impl Worker {
         }
     }
 
-    /// After a pull error: find out whether the binding is gone, then back off.
+    /// After a pull error: find out whether the binding is gone, then back off — keeping the
+    /// flight going meanwhile (the check is a NATS request that can take seconds while the
+    /// server is unreachable).
     async fn after_error(
         &self,
         b: &Binding,
         consecutive: &mut u32,
         shutdown: &CancellationToken,
+        flight: &mut Flight,
     ) -> Option<LoopEnd> {
         *consecutive += 1;
-        if topology::binding_gone(b).await {
-            return Some(LoopEnd::Lost);
+        match flight.serve(topology::binding_gone(b), shutdown).await {
+            None => return Some(LoopEnd::Shutdown),
+            Some(true) => return Some(LoopEnd::Lost),
+            Some(false) => {}
         }
         let delay = Duration::from_millis(100 * u64::from((*consecutive).min(50)));
-        if !sleep_or_cancel(delay, shutdown).await {
+        if flight.serve(tokio::time::sleep(delay), shutdown).await.is_none() {
             return Some(LoopEnd::Shutdown);
         }
         None
@@ -930,13 +1091,15 @@ impl Worker {
                         sleep_or_cancel(hold, shutdown).await;
                         continue;
                     }
+                    // The process's deadline, not this message's: every held message gives up
+                    // in time for the ERROR and the counter, before the process is stopped.
                     let until = *give_up_at.get_or_insert_with(|| {
-                        Instant::now()
-                            + self
-                                .shared
-                                .config
-                                .shutdown_timeout
-                                .saturating_sub(Duration::from_millis(1500))
+                        self.shared
+                            .health
+                            .shutdown_deadline()
+                            .unwrap_or_else(|| Instant::now() + self.shared.config.shutdown_timeout)
+                            .checked_sub(Duration::from_millis(1500))
+                            .unwrap_or_else(Instant::now)
                     });
                     let now = Instant::now();
                     if now >= until {
@@ -965,18 +1128,6 @@ enum StreamEnd {
     Shutdown,
     Ended,
     Failed(pull::MessagesError),
-}
-
-/// NAKs (without delay) what a pull or stream has buffered but we have not read, so a restart
-/// or another instance gets it at once instead of after ack_wait. Stops at the first error or
-/// when nothing more is ready.
-async fn release_buffered<S, E>(source: &mut S, ledger: &Ledger)
-where
-    S: futures::Stream<Item = Result<jetstream::Message, E>> + Unpin,
-{
-    while let Some(Some(Ok(msg))) = source.next().now_or_never() {
-        ledger.receive(msg).nak(None).await;
-    }
 }
 
 /// Refreshes pending / ack-pending / redelivered from consumer info every

@@ -51,6 +51,8 @@ pub struct Health {
     /// The fallback for a kind without a consumer (never reported).
     no_activity: Activity,
     shutting_down: AtomicBool,
+    /// When the shutdown must be complete (`SHUTDOWN_TIMEOUT_MS` after it began).
+    shutdown_deadline: Mutex<Option<Instant>>,
     database_ready: AtomicBool,
     /// NATS connected and the database answering, as the watchdog last saw them. While a
     /// dependency is down, waiting is not stalling: the stall and stuck clocks are held.
@@ -81,14 +83,21 @@ impl Activity {
 
     /// `delta` messages started (+) or stopped (-) being held.
     pub fn held(&self, delta: i64) {
-        let before = self.held.fetch_add(delta, Ordering::AcqRel);
-        if before <= 0 && delta > 0 {
+        // The stuck clock starts when holding starts: restart it before the count shows it.
+        if delta > 0 && self.held.load(Ordering::Acquire) <= 0 {
             self.settled_now();
         }
+        self.held.fetch_add(delta, Ordering::AcqRel);
     }
 
     pub fn settled_now(&self) {
         self.last_settled_ms.store(self.now_ms(), Ordering::Release);
+    }
+
+    /// Restarts the stuck clock at `at` (the watchdog's notion of now).
+    fn settled_at(&self, at: Instant) {
+        let ms = u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX);
+        self.last_settled_ms.fetch_max(ms, Ordering::AcqRel);
     }
 
     pub fn holding(&self) -> u64 {
@@ -174,6 +183,7 @@ impl Health {
                 .collect(),
             no_activity: Activity::new(epoch),
             shutting_down: AtomicBool::new(false),
+            shutdown_deadline: Mutex::new(None),
             database_ready: AtomicBool::new(false),
             dependencies_up: AtomicBool::new(false),
         }
@@ -208,6 +218,16 @@ impl Health {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
 
+    /// Records when the shutdown must be complete; the first call wins.
+    pub fn set_shutdown_deadline(&self, deadline: Instant) {
+        let mut d = self.shutdown_deadline.lock().unwrap_or_else(|p| p.into_inner());
+        d.get_or_insert(deadline);
+    }
+
+    pub fn shutdown_deadline(&self) -> Option<Instant> {
+        *self.shutdown_deadline.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }
@@ -236,10 +256,12 @@ impl Health {
                     s.stalled = s.stream.is_some()
                         && s.last_progress
                             .is_some_and(|p| now.saturating_duration_since(p) > s.stall_after);
-                    s.stuck = s.held > 0 && activity.since_settled(now) > s.stuck_after;
+                    // Messages held for a dead letter that cannot be stored wait on a
+                    // dependency too (the DLQ stream): not stuck.
+                    s.stuck = s.held > 0 && s.dead_letter_ok && activity.since_settled(now) > s.stuck_after;
                 } else {
                     s.last_progress = s.last_progress.map(|p| p.max(now));
-                    activity.settled_now();
+                    activity.settled_at(now);
                     s.stalled = false;
                     s.stuck = false;
                 }

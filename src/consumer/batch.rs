@@ -255,9 +255,22 @@ impl Worker {
         }
         // Settling can take long (dead letters await their PubAcks one by one, a held last
         // delivery waits for the DLQ): what is not settled yet keeps getting progress acks.
+        let decided: Vec<(&Item, Result<(), Failure>, Action)> = items
+            .iter()
+            .zip(results)
+            .map(|(item, result)| {
+                let action = self.action_of(item, &result, b);
+                (item, result, action)
+            })
+            .collect();
+        // Acks and NAKs first: a dead letter that has to be held (its DLQ unavailable on a
+        // last delivery) must not keep the rest of the batch unsettled.
+        let (letters, others): (Vec<_>, Vec<_>) = decided
+            .into_iter()
+            .partition(|(_, _, action)| matches!(action, Action::DeadLetter(_)));
         let settle_all = async {
-            for (item, result) in items.iter().zip(results) {
-                self.settle(item, result, b, shutdown).await;
+            for (item, result, action) in others.into_iter().chain(letters) {
+                self.settle(item, result, action, b, shutdown).await;
             }
         };
         self.keep_ours(&items, b, settle_all).await;
@@ -437,28 +450,33 @@ impl Worker {
         (results, pending)
     }
 
-    /// Settles one message as [`decide`] says and counts it.
+    /// What [`decide`] says for one message. The durable's own `max_deliver`, when lower than
+    /// the daemon's, is the one that counts: past it the server would never redeliver, so that
+    /// delivery must be dead-lettered (and held until it is).
+    fn action_of(&self, item: &Item, result: &Result<(), Failure>, b: &Binding) -> Action {
+        let max_deliver = b
+            .server_max_deliver
+            .map_or(self.cc.max_deliver, |m| m.min(self.cc.max_deliver));
+        decide(
+            result.as_ref().map(|_| ()).map_err(Failure::class),
+            item.delivered,
+            max_deliver,
+            &self.shared.config.retry_backoff,
+        )
+    }
+
+    /// Settles one message as decided and counts it.
     async fn settle(
         &self,
         item: &Item,
         result: Result<(), Failure>,
+        action: Action,
         b: &Binding,
         shutdown: &CancellationToken,
     ) {
         let kind = self.cc.kind;
         let d = &item.d;
         let (stream, seq, delivered) = (item.stream.as_str(), item.seq, item.delivered);
-        // The durable's own limit, when lower, is the one that counts: past it the server would
-        // never redeliver, so that delivery must be dead-lettered (and held until it is).
-        let max_deliver = b
-            .server_max_deliver
-            .map_or(self.cc.max_deliver, |m| m.min(self.cc.max_deliver));
-        let action = decide(
-            result.as_ref().map(|_| ()).map_err(Failure::class),
-            delivered,
-            max_deliver,
-            &self.shared.config.retry_backoff,
-        );
         let m = &self.shared.metrics;
         let metric_subject = self.cc.filter_subject.as_str();
         let settled: MessageResult = match action {

@@ -25,6 +25,8 @@ pub(crate) struct Ledger {
     pub stream: Arc<str>,
     pub unsettled: IntCounter,
     pub health: Arc<Health>,
+    /// The durable's own finite `max_deliver`: a delivery that reaches it is the last one.
+    pub server_max_deliver: Option<i64>,
 }
 
 impl Ledger {
@@ -52,6 +54,15 @@ pub(crate) struct Delivery {
 impl Delivery {
     pub fn is_settled(&self) -> bool {
         self.settled.load(Ordering::Acquire)
+    }
+
+    /// The server will not deliver it again (its durable has a finite `max_deliver` and this
+    /// delivery reached it): it must be processed or dead-lettered, never released by a NAK.
+    pub fn is_last_delivery(&self) -> bool {
+        match (self.ledger.server_max_deliver, self.msg.info()) {
+            (Some(max), Ok(info)) => info.delivered >= max,
+            _ => false,
+        }
     }
 
     /// Records the settlement once; returns false when it was already settled.
