@@ -7,19 +7,23 @@
 //! Upserts never let an older `captured_at` replace a newer row, and a missing optional field
 //! never erases a stored value.
 
+mod announce;
+pub mod merge;
+
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
 
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Acquire, ConnectOptions, Connection, PgConnection, PgPool, Postgres, Row, Transaction};
+use sqlx::{Acquire, ConnectOptions, Connection, PgConnection, PgPool, Postgres};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::pipeline::{hrv, sleep, Decoded, HrvRecord, OuraWebhook, SleepRecord};
+use crate::pipeline::{Decoded, HrvRecord, OuraWebhook, SleepRecord};
+use merge::{Merged, OrderKey};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -37,16 +41,24 @@ pub enum StoreError {
 /// Where a message came from; stored with each row for tracing back to the stream.
 #[derive(Debug, Clone)]
 pub struct Source<'a> {
+    /// The event's first position (a replay keeps the one it was dead-lettered from): with its
+    /// time, its place in the order of docs/CONTRACT.md.
     pub stream: &'a str,
     pub seq: u64,
+    /// The publisher's id (`Nats-Msg-Id`, a replay's original id), the event's `eventId`, or
+    /// else `<durable>:<stream>:<seq>`: the stem of its normalized events' ids.
+    pub identity: &'a str,
+    /// Delivered before: a change it made may be committed while its announcement was lost.
+    pub redelivered: bool,
 }
 
 /// A normalized event to publish once the transaction has committed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Normalized {
     pub subject: &'static str,
-    /// Distinguishes several events derived from one message (the Oura webhook) in `Nats-Msg-Id`.
-    pub id_suffix: Option<&'static str>,
+    /// Its `Nats-Msg-Id`: the identity of the event that made the change, the kind and the
+    /// row's version (docs/CONTRACT.md), so a repeated announcement of one change is dropped.
+    pub id: String,
     /// The JSON body.
     pub body: Vec<u8>,
 }
@@ -134,44 +146,15 @@ pub async fn ping(pool: &PgPool, within: Duration) -> bool {
     )
 }
 
-/// Writes everything one message carries in one transaction; returns the events to publish.
+/// Writes everything one message carries in one transaction (the unroll-and-retry path); the
+/// same statements as [`write_batch`], for a batch of one.
 pub async fn write(
     pool: &PgPool,
     metrics: &Metrics,
-    decoded: &Decoded,
-    source: &Source<'_>,
+    entry: &BatchEntry<'_>,
 ) -> Result<Vec<Normalized>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let mut out = Vec::new();
-    match decoded {
-        Decoded::Hrv(r) => {
-            if let Some(n) = upsert_hrv(&mut tx, metrics, r, source).await? {
-                out.push(n);
-            }
-        }
-        Decoded::Sleep(r) => {
-            if let Some(n) = upsert_sleep(&mut tx, metrics, r, source).await? {
-                out.push(n);
-            }
-        }
-        Decoded::Oura(w) => {
-            insert_webhook(&mut tx, metrics, w, source).await?;
-            if let Some(r) = &w.hrv {
-                if let Some(mut n) = upsert_hrv(&mut tx, metrics, r, source).await? {
-                    n.id_suffix = Some("hrv");
-                    out.push(n);
-                }
-            }
-            if let Some(r) = &w.sleep {
-                if let Some(mut n) = upsert_sleep(&mut tx, metrics, r, source).await? {
-                    n.id_suffix = Some("sleep");
-                    out.push(n);
-                }
-            }
-        }
-    }
-    tx.commit().await?;
-    Ok(out)
+    let mut out = write_batch(pool, metrics, std::slice::from_ref(entry)).await?;
+    Ok(out.pop().map(|o| o.normalized).unwrap_or_default())
 }
 
 /// One message of a batch, decoded.
@@ -184,50 +167,30 @@ pub struct BatchEntry<'a> {
 /// What the batch write did for one entry.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EntryOutcome {
-    /// Normalized events to publish for rows this entry wrote.
+    /// Normalized events to publish for stored changes this entry made (as the newest event
+    /// of its row in the batch).
     pub normalized: Vec<Normalized>,
-    /// A newer record with the same key in the same batch replaced this entry's record(s).
+    /// Newer records of the same keys in the same batch took every field of this entry's
+    /// record(s): nothing of it was written.
     pub superseded: bool,
-}
-
-/// Marks, for each candidate, whether it wins its key: the newest `captured_at`, then the
-/// highest stream sequence (the order a one-at-a-time writer would have left in the table).
-/// Pure, so the rule is unit-tested.
-pub fn winners<K: Eq + Hash>(candidates: &[(K, DateTime<Utc>, u64)]) -> Vec<bool> {
-    let mut best: HashMap<&K, usize> = HashMap::with_capacity(candidates.len());
-    for (i, (key, at, seq)) in candidates.iter().enumerate() {
-        match best.get(key) {
-            Some(&j) if (candidates[j].1, candidates[j].2) >= (*at, *seq) => {}
-            _ => {
-                best.insert(key, i);
-            }
-        }
-    }
-    let mut out = vec![false; candidates.len()];
-    for i in best.into_values() {
-        out[i] = true;
-    }
-    out
 }
 
 /// A record to upsert, with the entry it came from.
 struct Cand<'a, R> {
     entry: usize,
     record: &'a R,
-    id_suffix: Option<&'static str>,
 }
 
 /// Writes a whole batch atomically (one transaction, or a single statement that commits on its
-/// own): the Oura raw rows with one statement, then each table with one multi-row upsert per
-/// run of records that do or do not name a vendor (see [`vendor_runs`]). Records with the same
-/// key are collapsed first (see [`winners`]); the losers are reported `superseded` and get no
-/// normalized event, since nothing of theirs was stored. Returns one outcome per entry, in
-/// order.
+/// own): the Oura raw rows with one statement, then each table with one multi-row upsert. The
+/// records of one key are first merged by the per-field rule ([`merge::merge`]); the upsert
+/// applies the same rule against the table, so the rows depend only on the set of events.
+/// Returns one outcome per entry, in order.
 ///
-/// Batches of this path never deadlock with each other (locks in one global order), but other
-/// writers can cross them (the one-message-per-transaction unroll path, an instance of an
-/// older version): a deadlock (40P01) is retried at once, up to [`DEADLOCK_ATTEMPTS`] times;
-/// PostgreSQL aborted the victim's whole transaction, so nothing of it was committed.
+/// Batches of this path never deadlock with each other (tables in a fixed order, rows in key
+/// order), but other writers can cross them (an instance of an older version): a deadlock
+/// (40P01) is retried at once, up to [`DEADLOCK_ATTEMPTS`] times; PostgreSQL aborted the
+/// victim's whole transaction, so nothing of it was committed.
 pub async fn write_batch(
     pool: &PgPool,
     metrics: &Metrics,
@@ -256,6 +219,73 @@ fn is_deadlock(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("40P01"))
 }
 
+/// The merge of one table's candidates.
+struct Rows<'c, 'a, R> {
+    cands: &'c [Cand<'a, R>],
+    merged: Vec<Merged>,
+}
+
+fn order_of<'a>(entries: &[BatchEntry<'a>], entry: usize, at: DateTime<Utc>) -> OrderKey<'a> {
+    let s = &entries[entry].source;
+    OrderKey {
+        at,
+        stream: s.stream,
+        seq: s.seq,
+    }
+}
+
+fn merge_hrv<'c, 'a>(
+    cands: &'c [Cand<'a, HrvRecord>],
+    entries: &[BatchEntry<'_>],
+) -> Rows<'c, 'a, HrvRecord> {
+    let keys: Vec<_> = cands
+        .iter()
+        .map(|c| (c.record.user_id.as_str(), c.record.date))
+        .collect();
+    let order: Vec<_> = cands
+        .iter()
+        .map(|c| order_of(entries, c.entry, c.record.captured_at))
+        .collect();
+    let carries: Vec<_> = cands.iter().map(|c| vec![c.record.vendor.is_some()]).collect();
+    Rows {
+        cands,
+        merged: merge::merge(&keys, &order, &carries, 1),
+    }
+}
+
+fn merge_sleep<'c, 'a>(
+    cands: &'c [Cand<'a, SleepRecord>],
+    entries: &[BatchEntry<'_>],
+) -> Rows<'c, 'a, SleepRecord> {
+    let keys: Vec<_> = cands
+        .iter()
+        .map(|c| (c.record.user_id.as_str(), c.record.date))
+        .collect();
+    let order: Vec<_> = cands
+        .iter()
+        .map(|c| order_of(entries, c.entry, c.record.captured_at))
+        .collect();
+    let carries: Vec<_> = cands
+        .iter()
+        .map(|c| vec![c.record.vendor.is_some(), c.record.quality_score.is_some()])
+        .collect();
+    Rows {
+        cands,
+        merged: merge::merge(&keys, &order, &carries, 2),
+    }
+}
+
+impl<R> Rows<'_, '_, R> {
+    /// Marks `used[entry]` for every entry whose record gives a field to a row.
+    fn mark_used(&self, used: &mut [bool]) {
+        for m in &self.merged {
+            for i in std::iter::once(m.main).chain(m.optional.iter().flatten().copied()) {
+                used[self.cands[i].entry] = true;
+            }
+        }
+    }
+}
+
 async fn write_batch_once(
     pool: &PgPool,
     metrics: &Metrics,
@@ -265,64 +295,53 @@ async fn write_batch_once(
     let mut hooks: Vec<(usize, &OuraWebhook)> = Vec::new();
     let mut hrvs: Vec<Cand<'_, HrvRecord>> = Vec::new();
     let mut sleeps: Vec<Cand<'_, SleepRecord>> = Vec::new();
+    let mut has_record = vec![false; entries.len()];
     for (i, e) in entries.iter().enumerate() {
         match e.decoded {
-            Decoded::Hrv(r) => hrvs.push(Cand {
-                entry: i,
-                record: r,
-                id_suffix: None,
-            }),
-            Decoded::Sleep(r) => sleeps.push(Cand {
-                entry: i,
-                record: r,
-                id_suffix: None,
-            }),
+            Decoded::Hrv(r) => hrvs.push(Cand { entry: i, record: r }),
+            Decoded::Sleep(r) => sleeps.push(Cand { entry: i, record: r }),
             Decoded::Oura(w) => {
                 hooks.push((i, w));
                 if let Some(r) = &w.hrv {
-                    hrvs.push(Cand {
-                        entry: i,
-                        record: r,
-                        id_suffix: Some("hrv"),
-                    });
+                    hrvs.push(Cand { entry: i, record: r });
                 }
                 if let Some(r) = &w.sleep {
-                    sleeps.push(Cand {
-                        entry: i,
-                        record: r,
-                        id_suffix: Some("sleep"),
-                    });
+                    sleeps.push(Cand { entry: i, record: r });
                 }
             }
         }
     }
-    let mut hrvs = collapse(hrvs, entries, &mut out, |r| {
-        ((r.user_id.as_str(), r.date), r.captured_at)
-    });
-    let mut sleeps = collapse(sleeps, entries, &mut out, |r| {
-        ((r.user_id.as_str(), r.date), r.captured_at)
-    });
-    // Batches in flight at once write concurrently (see consumer::batch::InFlight): rows in key
-    // order make every transaction take its row locks in the same order, so two batches that
-    // share keys wait for each other instead of deadlocking.
+    for c in &hrvs {
+        has_record[c.entry] = true;
+    }
+    for c in &sleeps {
+        has_record[c.entry] = true;
+    }
+    let hrv_rows = merge_hrv(&hrvs, entries);
+    let sleep_rows = merge_sleep(&sleeps, entries);
+    let mut used = vec![false; entries.len()];
+    hrv_rows.mark_used(&mut used);
+    sleep_rows.mark_used(&mut used);
+    for (i, o) in out.iter_mut().enumerate() {
+        o.superseded = has_record[i] && !used[i];
+    }
+    // Concurrent batches take their locks in one global order: tables in a fixed order, rows
+    // in key order (merge returns them so), raw webhooks by key.
     hooks.sort_by(|a, b| a.1.idempotency_key.cmp(&b.1.idempotency_key));
-    hrvs.sort_by(|a, b| (&a.record.user_id, a.record.date).cmp(&(&b.record.user_id, b.record.date)));
-    sleeps.sort_by(|a, b| (&a.record.user_id, a.record.date).cmp(&(&b.record.user_id, b.record.date)));
-
-    let hrv_runs = vendor_runs(&hrvs, |r| r.vendor.is_some());
-    let sleep_runs = vendor_runs(&sleeps, |r| r.vendor.is_some());
 
     // One statement commits on its own; only several need an explicit transaction (BEGIN and
     // COMMIT are two more round trips, a large share of a small batch's write).
-    let statements = usize::from(!hooks.is_empty()) + hrv_runs.len() + sleep_runs.len();
+    let statements = usize::from(!hooks.is_empty())
+        + usize::from(!hrv_rows.merged.is_empty())
+        + usize::from(!sleep_rows.merged.is_empty());
     let mut conn = pool.acquire().await?;
     if statements <= 1 {
         write_tables(
             &mut conn,
             metrics,
             &hooks,
-            &hrv_runs,
-            &sleep_runs,
+            &hrv_rows,
+            &sleep_rows,
             entries,
             &mut out,
         )
@@ -333,8 +352,8 @@ async fn write_batch_once(
             &mut tx,
             metrics,
             &hooks,
-            &hrv_runs,
-            &sleep_runs,
+            &hrv_rows,
+            &sleep_rows,
             entries,
             &mut out,
         )
@@ -344,270 +363,341 @@ async fn write_batch_once(
     Ok(out)
 }
 
-/// Consecutive key-ordered records that all name a vendor (`true`) or all do not.
-type Runs<'c, 'a, R> = Vec<(&'c [Cand<'a, R>], bool)>;
-
 /// The statements of [`write_batch`], on a connection or in a transaction.
 async fn write_tables(
     conn: &mut PgConnection,
     metrics: &Metrics,
     hooks: &[(usize, &OuraWebhook)],
-    hrv_runs: &Runs<'_, '_, HrvRecord>,
-    sleep_runs: &Runs<'_, '_, SleepRecord>,
+    hrv_rows: &Rows<'_, '_, HrvRecord>,
+    sleep_rows: &Rows<'_, '_, SleepRecord>,
     entries: &[BatchEntry<'_>],
     out: &mut [EntryOutcome],
 ) -> Result<(), sqlx::Error> {
-    // Tables in a fixed order, and each table's rows in key order across its statements: every
-    // transaction takes its locks in one global order, so concurrent batches never deadlock.
     if !hooks.is_empty() {
         insert_webhooks(conn, metrics, hooks, entries).await?;
     }
-    for &(run, vendor_given) in hrv_runs {
-        upsert_hrv_batch(conn, metrics, run, vendor_given, entries, out).await?;
+    if !hrv_rows.merged.is_empty() {
+        upsert_hrv(conn, metrics, hrv_rows, entries, out).await?;
     }
-    for &(run, vendor_given) in sleep_runs {
-        upsert_sleep_batch(conn, metrics, run, vendor_given, entries, out).await?;
+    if !sleep_rows.merged.is_empty() {
+        upsert_sleep(conn, metrics, sleep_rows, entries, out).await?;
     }
     Ok(())
 }
 
-/// Splits key-ordered candidates into consecutive runs that all name a vendor or all do not
-/// (the two cases need different upserts), keeping the key order: one statement per run.
-/// Typical batches are one run; a batch that alternates is many small statements, still in key
-/// order.
-fn vendor_runs<'c, 'a, R>(cands: &'c [Cand<'a, R>], vendor_given: impl Fn(&R) -> bool) -> Runs<'c, 'a, R> {
-    let mut runs = Vec::new();
-    let mut start = 0;
-    for i in 1..=cands.len() {
-        let flag = |j: usize| vendor_given(cands[j].record);
-        if i == cands.len() || flag(i) != flag(start) {
-            runs.push((&cands[start..i], flag(start)));
-            start = i;
+static HRV_UPSERT: LazyLock<String> = LazyLock::new(|| merge::HRV.upsert_sql());
+static HRV_SELECT: LazyLock<String> = LazyLock::new(|| merge::HRV.select_sql());
+static SLEEP_UPSERT: LazyLock<String> = LazyLock::new(|| merge::SLEEP.upsert_sql());
+static SLEEP_SELECT: LazyLock<String> = LazyLock::new(|| merge::SLEEP.select_sql());
+
+/// An optional field's value and order key, as bound (NULLs when no event carried it).
+type OptionalCols<'a, T> = (
+    Vec<Option<T>>,
+    Vec<Option<DateTime<Utc>>>,
+    Vec<Option<&'a str>>,
+    Vec<Option<i64>>,
+);
+
+fn push_optional<'a, T>(cols: &mut OptionalCols<'a, T>, v: Option<(T, OrderKey<'a>)>) {
+    match v {
+        Some((value, k)) => {
+            cols.0.push(Some(value));
+            cols.1.push(Some(k.at));
+            cols.2.push(Some(k.stream));
+            cols.3.push(Some(seq_i64(k.seq)));
+        }
+        None => {
+            cols.0.push(None);
+            cols.1.push(None);
+            cols.2.push(None);
+            cols.3.push(None);
         }
     }
-    runs
 }
 
-/// Keeps the winner of each key and marks the losers' entries superseded.
-fn collapse<'a, R>(
-    cands: Vec<Cand<'a, R>>,
-    entries: &[BatchEntry<'_>],
-    out: &mut [EntryOutcome],
-    key: impl Fn(&'a R) -> ((&'a str, NaiveDate), DateTime<Utc>),
-) -> Vec<Cand<'a, R>> {
-    let keyed: Vec<_> = cands
-        .iter()
-        .map(|c| {
-            let (k, at) = key(c.record);
-            (k, at, entries[c.entry].source.seq)
-        })
-        .collect();
-    let win = winners(&keyed);
-    cands
-        .into_iter()
-        .zip(win)
-        .filter_map(|(c, w)| {
-            if !w {
-                out[c.entry].superseded = true;
-            }
-            w.then_some(c)
-        })
-        .collect()
+fn seq_i64(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
-const HRV_BATCH_VENDOR: &str = "INSERT INTO hrv_data (user_id, date, rmssd, ln_rmssd, vendor, captured_at, source_stream, source_seq)
-     SELECT * FROM UNNEST($1::text[], $2::date[], $3::float8[], $4::float8[], $5::text[], $6::timestamptz[], $7::text[], $8::int8[])
-     ON CONFLICT (user_id, date) DO UPDATE SET
-         rmssd = EXCLUDED.rmssd,
-         ln_rmssd = EXCLUDED.ln_rmssd,
-         vendor = EXCLUDED.vendor,
-         captured_at = EXCLUDED.captured_at,
-         source_stream = EXCLUDED.source_stream,
-         source_seq = EXCLUDED.source_seq,
-         updated_at = now()
-     WHERE hrv_data.captured_at <= EXCLUDED.captured_at
-     RETURNING user_id, date, vendor";
-
-/// Records that name no vendor insert `unknown` but keep a stored vendor on update.
-const HRV_BATCH_NO_VENDOR: &str = "INSERT INTO hrv_data (user_id, date, rmssd, ln_rmssd, vendor, captured_at, source_stream, source_seq)
-     SELECT * FROM UNNEST($1::text[], $2::date[], $3::float8[], $4::float8[], $5::text[], $6::timestamptz[], $7::text[], $8::int8[])
-     ON CONFLICT (user_id, date) DO UPDATE SET
-         rmssd = EXCLUDED.rmssd,
-         ln_rmssd = EXCLUDED.ln_rmssd,
-         captured_at = EXCLUDED.captured_at,
-         source_stream = EXCLUDED.source_stream,
-         source_seq = EXCLUDED.source_seq,
-         updated_at = now()
-     WHERE hrv_data.captured_at <= EXCLUDED.captured_at
-     RETURNING user_id, date, vendor";
-
-async fn upsert_hrv_batch(
+async fn upsert_hrv(
     conn: &mut PgConnection,
     metrics: &Metrics,
-    part: &[Cand<'_, HrvRecord>],
-    vendor_given: bool,
+    rows: &Rows<'_, '_, HrvRecord>,
     entries: &[BatchEntry<'_>],
     out: &mut [EntryOutcome],
 ) -> Result<(), sqlx::Error> {
     let started = Instant::now();
-    let n = part.len();
-    let (mut users, mut dates, mut rmssd, mut ln, mut vendors, mut at, mut streams, mut seqs) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for c in part {
+    let n = rows.merged.len();
+    let mut users = Vec::with_capacity(n);
+    let mut dates = Vec::with_capacity(n);
+    let mut at = Vec::with_capacity(n);
+    let mut streams = Vec::with_capacity(n);
+    let mut seqs = Vec::with_capacity(n);
+    let mut rmssd = Vec::with_capacity(n);
+    let mut ln = Vec::with_capacity(n);
+    let mut readiness = Vec::with_capacity(n);
+    let mut vendor: OptionalCols<'_, &str> = Default::default();
+    for m in &rows.merged {
+        let c = &rows.cands[m.main];
         let r = c.record;
-        let src = &entries[c.entry].source;
+        let k = order_of(entries, c.entry, r.captured_at);
         users.push(r.user_id.as_str());
         dates.push(r.date);
+        at.push(k.at);
+        streams.push(k.stream);
+        seqs.push(seq_i64(k.seq));
         rmssd.push(r.rmssd);
         ln.push(r.ln_rmssd);
-        vendors.push(r.vendor.map_or("unknown", |v| v.as_str()));
-        at.push(r.captured_at);
-        streams.push(src.stream);
-        seqs.push(seq(src));
+        readiness.push(r.readiness_score);
+        push_optional(
+            &mut vendor,
+            m.optional[0].and_then(|j| {
+                let c = &rows.cands[j];
+                c.record
+                    .vendor
+                    .map(|v| (v.as_str(), order_of(entries, c.entry, c.record.captured_at)))
+            }),
+        );
     }
-    let sql = if vendor_given {
-        HRV_BATCH_VENDOR
-    } else {
-        HRV_BATCH_NO_VENDOR
-    };
-    let rows = sqlx::query(sql)
+    let returned = sqlx::query(&HRV_UPSERT)
         .bind(&users)
         .bind(&dates)
-        .bind(&rmssd)
-        .bind(&ln)
-        .bind(&vendors)
         .bind(&at)
         .bind(&streams)
         .bind(&seqs)
+        .bind(&rmssd)
+        .bind(&ln)
+        .bind(&readiness)
+        .bind(&vendor.0)
+        .bind(&vendor.1)
+        .bind(&vendor.2)
+        .bind(&vendor.3)
         .fetch_all(&mut *conn)
         .await?;
     metrics.observe_db_write("hrv_data", started.elapsed());
-    // Keys are unique after collapsing, so a returned row names exactly one candidate.
-    let mut written: HashMap<(String, NaiveDate), String> = HashMap::with_capacity(rows.len());
-    for row in rows {
-        written.insert(
-            (row.try_get("user_id")?, row.try_get("date")?),
-            row.try_get("vendor")?,
+    let stored = returned
+        .iter()
+        .map(announce::HrvRow::from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let again = announce_rows(rows, entries, &stored, out, |r| r.key(), |r| r.body());
+    if !again.is_empty() {
+        let (u, d): (Vec<&str>, Vec<NaiveDate>) = again.iter().map(|(u, d)| (*u, *d)).unzip();
+        let current = sqlx::query(&HRV_SELECT)
+            .bind(&u)
+            .bind(&d)
+            .fetch_all(&mut *conn)
+            .await?;
+        let current = current
+            .iter()
+            .map(announce::HrvRow::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        reannounce(
+            rows,
+            entries,
+            &current,
+            out,
+            |r| r.key(),
+            |r| r.order(),
+            |r| r.body(),
         );
-    }
-    for c in part {
-        let r = c.record;
-        if let Some(vendor) = written.get(&(r.user_id.clone(), r.date)) {
-            out[c.entry].normalized.push(Normalized {
-                subject: HRV_NORMALIZED_SUBJECT,
-                id_suffix: c.id_suffix,
-                body: hrv::normalized(r, vendor),
-            });
-        }
     }
     Ok(())
 }
 
-const SLEEP_BATCH_VENDOR: &str = "INSERT INTO sleep_data (user_id, date, duration_minutes, quality_score, vendor, captured_at,
-                             captured_at_defaulted, source_stream, source_seq)
-     SELECT * FROM UNNEST($1::text[], $2::date[], $3::int4[], $4::int4[], $5::text[], $6::timestamptz[], $7::bool[], $8::text[], $9::int8[])
-     ON CONFLICT (user_id, date) DO UPDATE SET
-         duration_minutes = EXCLUDED.duration_minutes,
-         quality_score = COALESCE(EXCLUDED.quality_score, sleep_data.quality_score),
-         vendor = EXCLUDED.vendor,
-         captured_at = EXCLUDED.captured_at,
-         captured_at_defaulted = EXCLUDED.captured_at_defaulted,
-         source_stream = EXCLUDED.source_stream,
-         source_seq = EXCLUDED.source_seq,
-         updated_at = now()
-     WHERE sleep_data.captured_at <= EXCLUDED.captured_at
-     RETURNING user_id, date, vendor, quality_score";
-
-const SLEEP_BATCH_NO_VENDOR: &str = "INSERT INTO sleep_data (user_id, date, duration_minutes, quality_score, vendor, captured_at,
-                             captured_at_defaulted, source_stream, source_seq)
-     SELECT * FROM UNNEST($1::text[], $2::date[], $3::int4[], $4::int4[], $5::text[], $6::timestamptz[], $7::bool[], $8::text[], $9::int8[])
-     ON CONFLICT (user_id, date) DO UPDATE SET
-         duration_minutes = EXCLUDED.duration_minutes,
-         quality_score = COALESCE(EXCLUDED.quality_score, sleep_data.quality_score),
-         captured_at = EXCLUDED.captured_at,
-         captured_at_defaulted = EXCLUDED.captured_at_defaulted,
-         source_stream = EXCLUDED.source_stream,
-         source_seq = EXCLUDED.source_seq,
-         updated_at = now()
-     WHERE sleep_data.captured_at <= EXCLUDED.captured_at
-     RETURNING user_id, date, vendor, quality_score";
-
-async fn upsert_sleep_batch(
+async fn upsert_sleep(
     conn: &mut PgConnection,
     metrics: &Metrics,
-    part: &[Cand<'_, SleepRecord>],
-    vendor_given: bool,
+    rows: &Rows<'_, '_, SleepRecord>,
     entries: &[BatchEntry<'_>],
     out: &mut [EntryOutcome],
 ) -> Result<(), sqlx::Error> {
     let started = Instant::now();
-    let n = part.len();
+    let n = rows.merged.len();
     let mut users = Vec::with_capacity(n);
     let mut dates = Vec::with_capacity(n);
-    let mut durations = Vec::with_capacity(n);
-    let mut quality: Vec<Option<i32>> = Vec::with_capacity(n);
-    let mut vendors = Vec::with_capacity(n);
     let mut at = Vec::with_capacity(n);
-    let mut defaulted = Vec::with_capacity(n);
     let mut streams = Vec::with_capacity(n);
     let mut seqs = Vec::with_capacity(n);
-    for c in part {
+    let mut durations = Vec::with_capacity(n);
+    let mut defaulted = Vec::with_capacity(n);
+    let mut vendor: OptionalCols<'_, &str> = Default::default();
+    let mut quality: OptionalCols<'_, i32> = Default::default();
+    for m in &rows.merged {
+        let c = &rows.cands[m.main];
         let r = c.record;
-        let src = &entries[c.entry].source;
+        let k = order_of(entries, c.entry, r.captured_at);
         users.push(r.user_id.as_str());
         dates.push(r.date);
+        at.push(k.at);
+        streams.push(k.stream);
+        seqs.push(seq_i64(k.seq));
         durations.push(r.duration_minutes);
-        quality.push(r.quality_score);
-        vendors.push(r.vendor.map_or("unknown", |v| v.as_str()));
-        at.push(r.captured_at);
         defaulted.push(r.captured_at_defaulted);
-        streams.push(src.stream);
-        seqs.push(seq(src));
+        push_optional(
+            &mut vendor,
+            m.optional[0].and_then(|j| {
+                let c = &rows.cands[j];
+                c.record
+                    .vendor
+                    .map(|v| (v.as_str(), order_of(entries, c.entry, c.record.captured_at)))
+            }),
+        );
+        push_optional(
+            &mut quality,
+            m.optional[1].and_then(|j| {
+                let c = &rows.cands[j];
+                c.record
+                    .quality_score
+                    .map(|q| (q, order_of(entries, c.entry, c.record.captured_at)))
+            }),
+        );
     }
-    let sql = if vendor_given {
-        SLEEP_BATCH_VENDOR
-    } else {
-        SLEEP_BATCH_NO_VENDOR
-    };
-    let rows = sqlx::query(sql)
+    let returned = sqlx::query(&SLEEP_UPSERT)
         .bind(&users)
         .bind(&dates)
-        .bind(&durations)
-        .bind(&quality)
-        .bind(&vendors)
         .bind(&at)
-        .bind(&defaulted)
         .bind(&streams)
         .bind(&seqs)
+        .bind(&durations)
+        .bind(&defaulted)
+        .bind(&vendor.0)
+        .bind(&vendor.1)
+        .bind(&vendor.2)
+        .bind(&vendor.3)
+        .bind(&quality.0)
+        .bind(&quality.1)
+        .bind(&quality.2)
+        .bind(&quality.3)
         .fetch_all(&mut *conn)
         .await?;
     metrics.observe_db_write("sleep_data", started.elapsed());
-    let mut written: HashMap<(String, NaiveDate), (String, Option<i32>)> = HashMap::with_capacity(rows.len());
-    for row in rows {
-        written.insert(
-            (row.try_get("user_id")?, row.try_get("date")?),
-            (row.try_get("vendor")?, row.try_get("quality_score")?),
+    let stored = returned
+        .iter()
+        .map(announce::SleepRow::from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let again = announce_rows(rows, entries, &stored, out, |r| r.key(), |r| r.body());
+    if !again.is_empty() {
+        let (u, d): (Vec<&str>, Vec<NaiveDate>) = again.iter().map(|(u, d)| (*u, *d)).unzip();
+        let current = sqlx::query(&SLEEP_SELECT)
+            .bind(&u)
+            .bind(&d)
+            .fetch_all(&mut *conn)
+            .await?;
+        let current = current
+            .iter()
+            .map(announce::SleepRow::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        reannounce(
+            rows,
+            entries,
+            &current,
+            out,
+            |r| r.key(),
+            |r| r.order(),
+            |r| r.body(),
         );
     }
-    for c in part {
-        let r = c.record;
-        if let Some((vendor, q)) = written.get(&(r.user_id.clone(), r.date)) {
-            out[c.entry].normalized.push(Normalized {
-                subject: SLEEP_NORMALIZED_SUBJECT,
-                id_suffix: c.id_suffix,
-                body: sleep::normalized(r, vendor, *q),
-            });
+    Ok(())
+}
+
+/// The normalized event of a stored change, given to the entry of the row's newest record:
+/// its id is that event's identity (or position), the kind and the row's version.
+fn announcement(entry: &BatchEntry<'_>, subject: &'static str, version: i64, body: Vec<u8>) -> Normalized {
+    let kind = if subject == HRV_NORMALIZED_SUBJECT {
+        "hrv"
+    } else {
+        "sleep"
+    };
+    let id = format!("{}:{kind}:v{version}", entry.source.identity);
+    Normalized { subject, id, body }
+}
+
+/// Announces the rows the upsert changed; returns the keys of rows it did not touch whose
+/// newest record was redelivered (their change may have been committed by an earlier delivery
+/// whose announcement was lost: see [`reannounce`]).
+fn announce_rows<'r, R, Row>(
+    rows: &Rows<'_, 'r, R>,
+    entries: &[BatchEntry<'_>],
+    stored: &[Row],
+    out: &mut [EntryOutcome],
+    key: impl Fn(&Row) -> (&str, NaiveDate),
+    body: impl Fn(&Row) -> (bool, i64, &'static str, Vec<u8>),
+) -> Vec<(&'r str, NaiveDate)>
+where
+    R: Keyed,
+{
+    let returned: HashMap<(&str, NaiveDate), &Row> = stored.iter().map(|r| (key(r), r)).collect();
+    let mut again = Vec::new();
+    for m in &rows.merged {
+        let c = &rows.cands[m.main];
+        let k = c.record.key();
+        match returned.get(&k) {
+            Some(row) => {
+                let (changed, version, subject, b) = body(row);
+                if changed {
+                    out[c.entry]
+                        .normalized
+                        .push(announcement(&entries[c.entry], subject, version, b));
+                }
+            }
+            None if entries[c.entry].source.redelivered => again.push(k),
+            None => {}
         }
     }
-    Ok(())
+    again
+}
+
+/// For redelivered records that changed nothing: when the row is still as that record's
+/// delivery left it (its order key is the record's), announce the row again. The id is the
+/// same as the first announcement's, so JetStream drops it if that one was stored after all.
+fn reannounce<R, Row>(
+    rows: &Rows<'_, '_, R>,
+    entries: &[BatchEntry<'_>],
+    current: &[Row],
+    out: &mut [EntryOutcome],
+    key: impl Fn(&Row) -> (&str, NaiveDate),
+    order: impl Fn(&Row) -> (DateTime<Utc>, &str, i64),
+    body: impl Fn(&Row) -> (bool, i64, &'static str, Vec<u8>),
+) where
+    R: Keyed,
+{
+    let by_key: HashMap<(&str, NaiveDate), &Row> = current.iter().map(|r| (key(r), r)).collect();
+    for m in &rows.merged {
+        let c = &rows.cands[m.main];
+        let e = &entries[c.entry];
+        let Some(row) = by_key.get(&c.record.key()) else {
+            continue;
+        };
+        let (at, stream, seq) = order(row);
+        if (at, stream, seq) == (c.record.captured_at(), e.source.stream, seq_i64(e.source.seq)) {
+            let (_, version, subject, b) = body(row);
+            out[c.entry].normalized.push(announcement(e, subject, version, b));
+        }
+    }
+}
+
+/// What the announcement helpers need of a record.
+trait Keyed {
+    fn key(&self) -> (&str, NaiveDate);
+    fn captured_at(&self) -> DateTime<Utc>;
+}
+
+impl Keyed for HrvRecord {
+    fn key(&self) -> (&str, NaiveDate) {
+        (self.user_id.as_str(), self.date)
+    }
+    fn captured_at(&self) -> DateTime<Utc> {
+        self.captured_at
+    }
+}
+
+impl Keyed for SleepRecord {
+    fn key(&self) -> (&str, NaiveDate) {
+        (self.user_id.as_str(), self.date)
+    }
+    fn captured_at(&self) -> DateTime<Utc> {
+        self.captured_at
+    }
 }
 
 /// Stores the raw webhooks, each once per idempotency key (a repeat, even within the same
@@ -630,7 +720,7 @@ async fn insert_webhooks(
         users.push(w.user_id.as_str());
         payloads.push(w.payload.to_string());
         streams.push(src.stream);
-        seqs.push(seq(src));
+        seqs.push(seq_i64(src.seq));
     }
     sqlx::query(
         "INSERT INTO vendor_webhook_events (vendor, idempotency_key, user_id, payload, source_stream, source_seq)
@@ -647,130 +737,6 @@ async fn insert_webhooks(
     .await?;
     metrics.observe_db_write("vendor_webhook_events", started.elapsed());
     Ok(())
-}
-
-fn seq(source: &Source<'_>) -> i64 {
-    i64::try_from(source.seq).unwrap_or(i64::MAX)
-}
-
-/// Upserts one HRV row; `None` when a newer row already exists (nothing written).
-async fn upsert_hrv(
-    tx: &mut Transaction<'_, Postgres>,
-    metrics: &Metrics,
-    r: &HrvRecord,
-    source: &Source<'_>,
-) -> Result<Option<Normalized>, sqlx::Error> {
-    let started = Instant::now();
-    let row = sqlx::query(
-        "INSERT INTO hrv_data (user_id, date, rmssd, ln_rmssd, vendor, captured_at, source_stream, source_seq)
-         VALUES ($1, $2, $3, $4, COALESCE($5, 'unknown'), $6, $7, $8)
-         ON CONFLICT (user_id, date) DO UPDATE SET
-             rmssd = EXCLUDED.rmssd,
-             ln_rmssd = EXCLUDED.ln_rmssd,
-             vendor = COALESCE($5, hrv_data.vendor),
-             captured_at = EXCLUDED.captured_at,
-             source_stream = EXCLUDED.source_stream,
-             source_seq = EXCLUDED.source_seq,
-             updated_at = now()
-         WHERE hrv_data.captured_at <= EXCLUDED.captured_at
-         RETURNING vendor",
-    )
-    .bind(&r.user_id)
-    .bind(r.date)
-    .bind(r.rmssd)
-    .bind(r.ln_rmssd)
-    .bind(r.vendor.map(|v| v.as_str()))
-    .bind(r.captured_at)
-    .bind(source.stream)
-    .bind(seq(source))
-    .fetch_optional(&mut **tx)
-    .await?;
-    metrics.observe_db_write("hrv_data", started.elapsed());
-    Ok(match row {
-        Some(row) => {
-            let vendor: String = row.try_get("vendor")?;
-            Some(Normalized {
-                subject: HRV_NORMALIZED_SUBJECT,
-                id_suffix: None,
-                body: hrv::normalized(r, &vendor),
-            })
-        }
-        None => None,
-    })
-}
-
-/// Upserts one sleep row; `None` when a newer row already exists (nothing written).
-async fn upsert_sleep(
-    tx: &mut Transaction<'_, Postgres>,
-    metrics: &Metrics,
-    r: &SleepRecord,
-    source: &Source<'_>,
-) -> Result<Option<Normalized>, sqlx::Error> {
-    let started = Instant::now();
-    let row = sqlx::query(
-        "INSERT INTO sleep_data (user_id, date, duration_minutes, quality_score, vendor, captured_at,
-                                 captured_at_defaulted, source_stream, source_seq)
-         VALUES ($1, $2, $3, $4, COALESCE($5, 'unknown'), $6, $7, $8, $9)
-         ON CONFLICT (user_id, date) DO UPDATE SET
-             duration_minutes = EXCLUDED.duration_minutes,
-             quality_score = COALESCE(EXCLUDED.quality_score, sleep_data.quality_score),
-             vendor = COALESCE($5, sleep_data.vendor),
-             captured_at = EXCLUDED.captured_at,
-             captured_at_defaulted = EXCLUDED.captured_at_defaulted,
-             source_stream = EXCLUDED.source_stream,
-             source_seq = EXCLUDED.source_seq,
-             updated_at = now()
-         WHERE sleep_data.captured_at <= EXCLUDED.captured_at
-         RETURNING vendor, quality_score",
-    )
-    .bind(&r.user_id)
-    .bind(r.date)
-    .bind(r.duration_minutes)
-    .bind(r.quality_score)
-    .bind(r.vendor.map(|v| v.as_str()))
-    .bind(r.captured_at)
-    .bind(r.captured_at_defaulted)
-    .bind(source.stream)
-    .bind(seq(source))
-    .fetch_optional(&mut **tx)
-    .await?;
-    metrics.observe_db_write("sleep_data", started.elapsed());
-    Ok(match row {
-        Some(row) => {
-            let vendor: String = row.try_get("vendor")?;
-            let quality: Option<i32> = row.try_get("quality_score")?;
-            Some(Normalized {
-                subject: SLEEP_NORMALIZED_SUBJECT,
-                id_suffix: None,
-                body: sleep::normalized(r, &vendor, quality),
-            })
-        }
-        None => None,
-    })
-}
-
-/// Stores the raw webhook once per idempotency key; a repeat is a no-op.
-async fn insert_webhook(
-    tx: &mut Transaction<'_, Postgres>,
-    metrics: &Metrics,
-    w: &OuraWebhook,
-    source: &Source<'_>,
-) -> Result<bool, sqlx::Error> {
-    let started = Instant::now();
-    let done = sqlx::query(
-        "INSERT INTO vendor_webhook_events (vendor, idempotency_key, user_id, payload, source_stream, source_seq)
-         VALUES ('oura', $1, $2, $3, $4, $5)
-         ON CONFLICT (idempotency_key) DO NOTHING",
-    )
-    .bind(&w.idempotency_key)
-    .bind(&w.user_id)
-    .bind(sqlx::types::Json(&w.payload))
-    .bind(source.stream)
-    .bind(seq(source))
-    .execute(&mut **tx)
-    .await?;
-    metrics.observe_db_write("vendor_webhook_events", started.elapsed());
-    Ok(done.rows_affected() == 1)
 }
 
 /// Whether a database error is worth retrying: the connection or pool failed, or the server
@@ -859,53 +825,6 @@ mod tests {
         for c in ["44000", "25P02", "2BP01"] {
             assert!(!is_transient_sqlstate(c), "{c}");
         }
-    }
-
-    fn t(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-    }
-
-    #[test]
-    fn vendor_runs_keep_key_order() {
-        let recs = [true, true, false, true, false, false];
-        let cands: Vec<Cand<'_, bool>> = recs
-            .iter()
-            .enumerate()
-            .map(|(i, r)| Cand {
-                entry: i,
-                record: r,
-                id_suffix: None,
-            })
-            .collect();
-        let runs: Vec<(Vec<usize>, bool)> = vendor_runs(&cands, |r| *r)
-            .into_iter()
-            .map(|(run, v)| (run.iter().map(|c| c.entry).collect(), v))
-            .collect();
-        assert_eq!(
-            runs,
-            vec![
-                (vec![0, 1], true),
-                (vec![2], false),
-                (vec![3], true),
-                (vec![4, 5], false)
-            ]
-        );
-        assert!(vendor_runs(&cands[..0], |r| *r).is_empty());
-    }
-
-    #[test]
-    fn newest_captured_at_then_highest_seq_wins() {
-        let c = [
-            ("a", t("2025-03-01T06:00:00Z"), 1),
-            ("a", t("2025-03-01T08:00:00Z"), 2),
-            ("b", t("2025-03-01T05:00:00Z"), 3),
-            ("a", t("2025-03-01T07:00:00Z"), 4),
-            ("c", t("2025-03-01T05:00:00Z"), 9),
-            ("c", t("2025-03-01T05:00:00Z"), 5),
-            ("c", t("2025-03-01T05:00:00Z"), 7),
-        ];
-        assert_eq!(winners(&c), vec![false, true, true, false, true, false, false]);
-        assert!(winners::<&str>(&[]).is_empty());
     }
 
     #[test]

@@ -336,6 +336,11 @@ impl Worker {
             return (results, Vec::new());
         }
 
+        // Without an identity of its own, an event is named by where it was stored.
+        let positions: Vec<String> = items
+            .iter()
+            .map(|it| format!("{}:{}:{}", self.cc.durable, it.stream, it.seq))
+            .collect();
         let entries: Vec<BatchEntry<'_>> = valid
             .iter()
             .filter_map(|&i| {
@@ -344,6 +349,12 @@ impl Worker {
                     source: Source {
                         stream: &items[i].stream,
                         seq: items[i].seq,
+                        identity: match d {
+                            Decoded::Oura(w) => w.idempotency_key.as_str(),
+                            _ => crate::dlq_cli::idempotency_msg_id(items[i].d.msg.headers.as_ref())
+                                .unwrap_or(positions[i].as_str()),
+                        },
+                        redelivered: items[i].delivered > 1,
                     },
                 })
             })
@@ -381,7 +392,7 @@ impl Worker {
             }
         };
 
-        let (sent, pending) = self.send_all(&entries, written).await;
+        let (sent, pending) = self.send_all(written).await;
         for (&i, r) in valid.iter().zip(sent) {
             results[i] = r;
         }
@@ -399,7 +410,7 @@ impl Worker {
                 out.push(Err(Failure::DatabaseSkipped));
                 continue;
             }
-            let r = store::write(&self.shared.pool, &self.shared.metrics, e.decoded, &e.source).await;
+            let r = store::write(&self.shared.pool, &self.shared.metrics, e).await;
             out.push(r.map_err(|err| {
                 if crate::outcome::unreachable_error(&err) {
                     unreachable = true;
@@ -415,12 +426,11 @@ impl Worker {
     /// acknowledged by JetStream ([`Worker::settle_batch`] awaits them).
     async fn send_all(
         &self,
-        entries: &[BatchEntry<'_>],
         written: Vec<Result<Vec<Normalized>, Failure>>,
     ) -> (Vec<Result<(), Failure>>, Vec<(usize, PublishAckFuture)>) {
         let mut results: Vec<Result<(), Failure>> = Vec::with_capacity(written.len());
         let mut pending = Vec::new();
-        for (idx, (e, w)) in entries.iter().zip(written).enumerate() {
+        for (idx, w) in written.into_iter().enumerate() {
             let normalized = match w {
                 Ok(n) => n,
                 Err(f) => {
@@ -430,14 +440,9 @@ impl Worker {
             };
             results.push(Ok(()));
             for n in normalized {
-                let mut id = format!("{}:{}:{}", self.cc.durable, e.source.stream, e.source.seq);
-                if let Some(suffix) = n.id_suffix {
-                    id.push(':');
-                    id.push_str(suffix);
-                }
                 let publish = jetstream::message::PublishMessage::build()
                     .payload(n.body.into())
-                    .message_id(id);
+                    .message_id(n.id);
                 match self.shared.js.send_publish(n.subject, publish).await {
                     Ok(ack) => pending.push((idx, ack)),
                     Err(err) => {

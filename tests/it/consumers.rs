@@ -213,7 +213,12 @@ async fn oura_webhook_is_stored_once_and_derives_rows() {
             .unwrap();
         let v: Value = serde_json::from_slice(&n.payload).unwrap();
         assert_eq!(v["record"]["vendor"], "oura");
-        assert!(n.headers.get("Nats-Msg-Id").unwrap().as_str().ends_with(":hrv"));
+        assert!(n
+            .headers
+            .get("Nats-Msg-Id")
+            .unwrap()
+            .as_str()
+            .ends_with(":hrv:v1"));
         let m = app.metrics().await;
         assert_eq!(
             metric_value(

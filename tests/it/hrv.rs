@@ -86,7 +86,9 @@ async fn valid_event_is_stored_published_and_acked() {
                 .unwrap()
                 .as_str()
                 .to_string();
-            assert_eq!(id, format!("normalize-hrv-durable:{stream}:{seq}"));
+            // No identity of its own: named by its position, then kind and row version.
+            assert_eq!(id, format!("normalize-hrv-durable:{stream}:{seq}:hrv:v1"));
+            assert_eq!(v["record"]["version"], 1);
 
             wait_drained(&js, stream, "normalize-hrv-durable").await;
             assert_eq!(stream_messages(&js, "AA_DLQ").await, 0, "nothing dead-lettered");

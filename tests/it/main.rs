@@ -12,6 +12,7 @@ mod edges;
 mod faults;
 mod hrv;
 mod migration;
+mod ordering;
 mod properties;
 mod security;
 mod shutdown;

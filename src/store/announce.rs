@@ -1,0 +1,178 @@
+//! The rows as the upsert returns them, and the normalized-stored events that describe them.
+//! A normalized event always describes the row as stored (every field, whichever event gave
+//! it), with the row's version.
+
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::Number;
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+
+use super::{HRV_NORMALIZED_SUBJECT, SLEEP_NORMALIZED_SUBJECT};
+use crate::pipeline::{to_json, AsStr};
+
+/// Times are stored in microseconds; published with milliseconds when that is exact (as they
+/// always were), else with microseconds.
+fn rfc3339(at: DateTime<Utc>) -> String {
+    let format = if at.timestamp_subsec_micros() % 1000 == 0 {
+        SecondsFormat::Millis
+    } else {
+        SecondsFormat::Micros
+    };
+    at.to_rfc3339_opts(format, true)
+}
+
+/// A score as an integer when it is one, so `85` stays `85`, not `85.0`.
+fn score_json(v: f64) -> Number {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        Number::from(v as i64)
+    } else {
+        Number::from_f64(v).unwrap_or_else(|| Number::from(0))
+    }
+}
+
+pub struct HrvRow {
+    user_id: String,
+    date: NaiveDate,
+    rmssd: f64,
+    ln_rmssd: f64,
+    readiness_score: f64,
+    vendor: String,
+    captured_at: DateTime<Utc>,
+    source_stream: String,
+    source_seq: i64,
+    version: i64,
+    changed: bool,
+}
+
+/// The record of an `athlete-ally.hrv.normalized-stored` event (keys in alphabetical order).
+#[derive(Serialize)]
+struct HrvStored<'a> {
+    #[serde(rename = "capturedAt")]
+    captured_at: String,
+    date: AsStr<NaiveDate>,
+    #[serde(rename = "lnRMSSD")]
+    ln_rmssd: f64,
+    #[serde(rename = "rMSSD")]
+    rmssd: f64,
+    #[serde(rename = "readinessScore")]
+    readiness_score: Number,
+    #[serde(rename = "userId")]
+    user_id: &'a str,
+    vendor: &'a str,
+    version: i64,
+}
+
+impl HrvRow {
+    pub fn from_row(row: &PgRow) -> Result<HrvRow, sqlx::Error> {
+        Ok(HrvRow {
+            user_id: row.try_get("user_id")?,
+            date: row.try_get("date")?,
+            rmssd: row.try_get("rmssd")?,
+            ln_rmssd: row.try_get("ln_rmssd")?,
+            readiness_score: row.try_get("readiness_score")?,
+            vendor: row.try_get("vendor")?,
+            captured_at: row.try_get("captured_at")?,
+            source_stream: row
+                .try_get::<Option<String>, _>("source_stream")?
+                .unwrap_or_default(),
+            source_seq: row.try_get::<Option<i64>, _>("source_seq")?.unwrap_or_default(),
+            version: row.try_get("version")?,
+            changed: row.try_get::<Option<bool>, _>("changed")?.unwrap_or(false),
+        })
+    }
+
+    pub fn key(&self) -> (&str, NaiveDate) {
+        (self.user_id.as_str(), self.date)
+    }
+
+    pub fn order(&self) -> (DateTime<Utc>, &str, i64) {
+        (self.captured_at, self.source_stream.as_str(), self.source_seq)
+    }
+
+    /// (changed by this statement, version, subject, body)
+    pub fn body(&self) -> (bool, i64, &'static str, Vec<u8>) {
+        let body = to_json(HrvStored {
+            captured_at: rfc3339(self.captured_at),
+            date: AsStr(self.date),
+            ln_rmssd: self.ln_rmssd,
+            rmssd: self.rmssd,
+            readiness_score: score_json(self.readiness_score),
+            user_id: &self.user_id,
+            vendor: &self.vendor,
+            version: self.version,
+        });
+        (self.changed, self.version, HRV_NORMALIZED_SUBJECT, body)
+    }
+}
+
+pub struct SleepRow {
+    user_id: String,
+    date: NaiveDate,
+    duration_minutes: i32,
+    quality_score: Option<i32>,
+    vendor: String,
+    captured_at: DateTime<Utc>,
+    source_stream: String,
+    source_seq: i64,
+    version: i64,
+    changed: bool,
+}
+
+/// The record of an `athlete-ally.sleep.normalized-stored` event (keys in alphabetical order;
+/// `qualityScore` only when one is stored).
+#[derive(Serialize)]
+struct SleepStored<'a> {
+    #[serde(rename = "capturedAt")]
+    captured_at: String,
+    date: AsStr<NaiveDate>,
+    #[serde(rename = "durationMinutes")]
+    duration_minutes: i32,
+    #[serde(rename = "qualityScore", skip_serializing_if = "Option::is_none")]
+    quality_score: Option<i32>,
+    #[serde(rename = "userId")]
+    user_id: &'a str,
+    vendor: &'a str,
+    version: i64,
+}
+
+impl SleepRow {
+    pub fn from_row(row: &PgRow) -> Result<SleepRow, sqlx::Error> {
+        Ok(SleepRow {
+            user_id: row.try_get("user_id")?,
+            date: row.try_get("date")?,
+            duration_minutes: row.try_get("duration_minutes")?,
+            quality_score: row.try_get("quality_score")?,
+            vendor: row.try_get("vendor")?,
+            captured_at: row.try_get("captured_at")?,
+            source_stream: row
+                .try_get::<Option<String>, _>("source_stream")?
+                .unwrap_or_default(),
+            source_seq: row.try_get::<Option<i64>, _>("source_seq")?.unwrap_or_default(),
+            version: row.try_get("version")?,
+            changed: row.try_get::<Option<bool>, _>("changed")?.unwrap_or(false),
+        })
+    }
+
+    pub fn key(&self) -> (&str, NaiveDate) {
+        (self.user_id.as_str(), self.date)
+    }
+
+    pub fn order(&self) -> (DateTime<Utc>, &str, i64) {
+        (self.captured_at, self.source_stream.as_str(), self.source_seq)
+    }
+
+    /// (changed by this statement, version, subject, body)
+    pub fn body(&self) -> (bool, i64, &'static str, Vec<u8>) {
+        let body = to_json(SleepStored {
+            captured_at: rfc3339(self.captured_at),
+            date: AsStr(self.date),
+            duration_minutes: self.duration_minutes,
+            quality_score: self.quality_score,
+            user_id: &self.user_id,
+            vendor: &self.vendor,
+            version: self.version,
+        });
+        (self.changed, self.version, SLEEP_NORMALIZED_SUBJECT, body)
+    }
+}

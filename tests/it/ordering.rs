@@ -1,0 +1,185 @@
+//! "Same events, same rows" (docs/CONTRACT.md): regression tests for the per-field rule, the
+//! normalized events' version, and announcements only for stored changes. The differential
+//! test (`differential`) checks the same rule on random event sets.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use serde_json::{json, Value};
+use sqlx::Row;
+
+use crate::support::*;
+
+fn sleep(user: &str, minutes: u32, captured_at: &str, quality: Option<u32>, source: Option<&str>) -> String {
+    let mut raw = serde_json::Map::new();
+    if let Some(q) = quality {
+        raw.insert("qualityScore".into(), json!(q));
+    }
+    if let Some(s) = source {
+        raw.insert("source".into(), json!(s));
+    }
+    json!({"payload": {"userId": user, "date": "2025-03-01", "durationMinutes": minutes,
+                       "capturedAt": captured_at, "raw": raw}})
+    .to_string()
+}
+
+async fn sleep_row(db: &TestDb, user: &str) -> Option<(i32, Option<i32>, String, i64)> {
+    let pool = db.pool().await;
+    sqlx::query("SELECT duration_minutes, quality_score, vendor, version FROM sleep_data WHERE user_id = $1")
+        .bind(user)
+        .fetch_optional(&pool)
+        .await
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+}
+
+/// Normalized events on `subject`, as (Nats-Msg-Id, record) pairs in stream order.
+async fn announcements(js: &jetstream::Context, subject: &str) -> Vec<(String, Value)> {
+    stream_contents(js, "AA_CORE_HOT")
+        .await
+        .into_iter()
+        .filter(|m| m.subject.as_str() == subject)
+        .map(|m| {
+            let id = m
+                .headers
+                .get("Nats-Msg-Id")
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default();
+            let v: Value = serde_json::from_slice(&m.payload).unwrap();
+            (id, v["record"].clone())
+        })
+        .collect()
+}
+
+/// Item 1: an older event with `raw.qualityScore` and `raw.source`, a newer one without them —
+/// in one batch, in separate batches, and with the newer one arriving first: the row always
+/// has the newer duration and the older quality and vendor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_fields_of_an_older_event_survive_a_newer_event_without_them() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let js = nats.js().await;
+    // Published before the daemon starts: both arrive in one pull and one batch.
+    let older = |u: &str| sleep(u, 300, "2025-03-01T06:00:00Z", Some(55), Some("WHOOP"));
+    let newer = |u: &str| sleep(u, 420, "2025-03-01T08:00:00Z", None, None);
+    let app = TestApp::spawn(with(base_vars(&nats, &db.url), &[("SLEEP_BATCH_SIZE", "10")])).await;
+    app.wait_ready().await;
+    // One batch: both published before the pull sees them (a tight burst).
+    let a = js.publish(SLEEP_SUBJECT, older("together").into()).await.unwrap();
+    let b = js.publish(SLEEP_SUBJECT, newer("together").into()).await.unwrap();
+    a.await.unwrap();
+    b.await.unwrap();
+    // Apart, oldest first.
+    publish(&js, SLEEP_SUBJECT, older("apart")).await;
+    wait_for("first row", Duration::from_secs(10), || async {
+        sleep_row(&db, "apart").await.is_some()
+    })
+    .await;
+    publish(&js, SLEEP_SUBJECT, newer("apart")).await;
+    // Apart, newest first: the older event still fills the fields the newer one lacks.
+    publish(&js, SLEEP_SUBJECT, newer("reversed")).await;
+    wait_for("first row", Duration::from_secs(10), || async {
+        sleep_row(&db, "reversed").await.is_some()
+    })
+    .await;
+    publish(&js, SLEEP_SUBJECT, older("reversed")).await;
+    wait_drained(&js, "AA_CORE_HOT", "normalize-sleep-durable").await;
+    for user in ["together", "apart", "reversed"] {
+        let (minutes, quality, vendor, _) = sleep_row(&db, user).await.unwrap();
+        assert_eq!(
+            (minutes, quality, vendor.as_str()),
+            (420, Some(55), "whoop"),
+            "{user}: duration from the newest event, quality and vendor from the newest carrying them"
+        );
+    }
+    // Every announcement of a row describes it as stored, with increasing versions; the last
+    // one equals the final row.
+    let events = announcements(&js, "athlete-ally.sleep.normalized-stored").await;
+    for user in ["together", "apart", "reversed"] {
+        let mine: Vec<&Value> = events
+            .iter()
+            .filter(|(_, r)| r["userId"] == user)
+            .map(|(_, r)| r)
+            .collect();
+        let versions: Vec<i64> = mine.iter().map(|r| r["version"].as_i64().unwrap()).collect();
+        let (_, _, _, version) = sleep_row(&db, user).await.unwrap();
+        assert_eq!(versions.iter().max(), Some(&version), "{user}: {versions:?}");
+        let last = mine
+            .iter()
+            .find(|r| r["version"].as_i64() == Some(version))
+            .unwrap();
+        assert_eq!(last["durationMinutes"], 420);
+        assert_eq!(last["qualityScore"], 55);
+        assert_eq!(last["vendor"], "whoop");
+    }
+    let ids: std::collections::HashSet<&String> = events.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), events.len(), "no announcement twice");
+    app.stop().await.unwrap();
+}
+
+/// Item 3: the same Oura body published twice (no Nats-Msg-Id, 1.5 s apart) stores one raw row
+/// and announces each derived row once: the second changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_webhook_announces_nothing_new() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let js = nats.js().await;
+    let app = TestApp::spawn(base_vars(&nats, &db.url)).await;
+    app.wait_ready().await;
+    let body = json!({"user_id": "dup-hook", "timestamp": "2025-03-01T07:00:00Z",
+                      "data": {"hrv": {"rmssd": 45.2, "sdnn": 52.8}, "sleep": {"duration": 7.5, "score": 83}}})
+    .to_string();
+    publish(&js, OURA_SUBJECT, body.clone()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    publish(&js, OURA_SUBJECT, body).await;
+    wait_drained(&js, "AA_VENDOR_HOT", "normalize-oura").await;
+    let pool = db.pool().await;
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM vendor_webhook_events").await,
+        1
+    );
+    assert_eq!(
+        announcements(&js, "athlete-ally.hrv.normalized-stored")
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(
+        announcements(&js, "athlete-ally.sleep.normalized-stored")
+            .await
+            .len(),
+        1
+    );
+    app.stop().await.unwrap();
+}
+
+/// Item 6: each stored change of a row gets the next version, carried by its announcement and
+/// in its id; a stale event changes nothing and announces nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stored_change_has_the_next_version() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let js = nats.js().await;
+    let app = TestApp::spawn(base_vars(&nats, &db.url)).await;
+    app.wait_ready().await;
+    for (rmssd, at) in [
+        (40.0, "2025-03-01T06:00:00Z"),
+        (41.0, "2025-03-01T07:00:00Z"),
+        (39.0, "2025-03-01T05:00:00Z"),
+    ] {
+        publish(&js, HRV_SUBJECT, hrv_event("versioned", "2025-03-01", rmssd, at)).await;
+        wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
+    }
+    let events = announcements(&js, "athlete-ally.hrv.normalized-stored").await;
+    let got: Vec<(i64, f64)> = events
+        .iter()
+        .map(|(_, r)| (r["version"].as_i64().unwrap(), r["rMSSD"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(1, 40.0), (2, 41.0)],
+        "the stale third event changed nothing"
+    );
+    assert!(events[1].0.ends_with(":hrv:v2"), "{}", events[1].0);
+    app.stop().await.unwrap();
+}
