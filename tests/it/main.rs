@@ -7,6 +7,7 @@ mod consumers;
 mod daemon;
 mod dbfaults;
 mod deploy;
+mod differential;
 mod dlq_cli;
 mod edges;
 mod faults;
