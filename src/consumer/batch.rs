@@ -503,6 +503,7 @@ impl Worker {
                     seq,
                     durable: &b.durable,
                     delivered,
+                    published: d.msg.info().ok().map(|i| crate::dlq::published_at(&i)),
                 };
                 if self.dead_letter(d, &origin, reason, &error, b, shutdown).await {
                     m.dlq_messages
