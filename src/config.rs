@@ -82,6 +82,7 @@ pub struct RawEnv {
     // Behaviour
     pub normalize_retry_backoff_ms: Option<String>,
     pub max_payload_bytes: Option<String>,
+    pub max_future_skew_ms: Option<String>,
     pub host: Option<String>,
     pub port: Option<String>,
     pub metrics_port: Option<String>,
@@ -151,6 +152,7 @@ pub const VARIABLES: &[&str] = &[
     "OURA_PIPELINE_DEPTH",
     "NORMALIZE_RETRY_BACKOFF_MS",
     "MAX_PAYLOAD_BYTES",
+    "MAX_FUTURE_SKEW_MS",
     "HOST",
     "PORT",
     "METRICS_PORT",
@@ -314,6 +316,11 @@ pub struct Config {
     /// NAK delays indexed by delivery count (the last one repeats).
     pub retry_backoff: Vec<Duration>,
     pub max_payload_bytes: usize,
+    /// `MAX_FUTURE_SKEW_MS`: how far ahead of processing time an event's `capturedAt` or
+    /// `timestamp` may be. A later one is schema-invalid: a far-future time would win every
+    /// comparison for its row key and pin the row until that time has passed. A chrono duration,
+    /// as it is only ever added to a `DateTime`.
+    pub max_future_skew: chrono::Duration,
     pub host: String,
     pub port: u16,
     pub metrics_port: u16,
@@ -548,6 +555,14 @@ impl Config {
                 1,
                 64 * 1024 * 1024,
             )?,
+            max_future_skew: chrono::Duration::milliseconds(parse_num(
+                "MAX_FUTURE_SKEW_MS",
+                raw.max_future_skew_ms.as_deref(),
+                86_400_000i64,
+                1,
+                // A year: anything longer is no protection at all.
+                31_536_000_000,
+            )?),
             host: non_empty(raw.host).unwrap_or_else(|| "0.0.0.0".into()),
             port,
             metrics_port,
@@ -912,6 +927,7 @@ mod tests {
             [1000, 5000, 15000, 30000].map(Duration::from_millis).to_vec()
         );
         assert_eq!(c.max_payload_bytes, 1024 * 1024);
+        assert_eq!(c.max_future_skew, chrono::Duration::hours(24));
         assert_eq!(c.database_statement_timeout, Duration::from_millis(5000));
         // Well under the smallest default ack_wait (Oura's 15 s).
         assert!(c
@@ -969,6 +985,10 @@ mod tests {
             ("DATABASE_URL", "mysql://x"),
             ("STREAM_REPLICAS", "7"),
             ("MAX_PAYLOAD_BYTES", "0"),
+            ("MAX_FUTURE_SKEW_MS", "0"),
+            ("MAX_FUTURE_SKEW_MS", "-1"),
+            ("MAX_FUTURE_SKEW_MS", "1h"),
+            ("MAX_FUTURE_SKEW_MS", "31536000001"),
             ("DATABASE_STATEMENT_TIMEOUT_MS", "0"),
             ("DATABASE_STATEMENT_TIMEOUT_MS", "-5"),
             ("DATABASE_STATEMENT_TIMEOUT_MS", "5s"),

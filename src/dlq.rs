@@ -3,10 +3,94 @@
 //! A dead letter carries the original body byte for byte and the original headers, plus the
 //! `Dlq-*` headers that say why and where from. Its `Nats-Msg-Id` is derived from the original
 //! stream position, so a retried dead-letter publish is deduplicated by the DLQ stream.
+//!
+//! It also owns an event's origin across dead-letter/replay rounds ([`event_origin`],
+//! [`idempotency_msg_id`]): a dead letter carries the original's time and identity
+//! (`Dlq-Original-Timestamp`, `Dlq-Original-Msg-Id`), a replay carries the first origin
+//! (`Replay-Original-*`, set by [`crate::dlq_cli::replay_headers`]), and the consumer reads them
+//! back here, so an event keeps its time, position and identity however many rounds it goes
+//! through (docs/CONTRACT.md).
 
 use async_nats::header::HeaderMap;
 use async_nats::jetstream::{self, context::PublishError, message::PublishMessage};
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
+
+/// Set on every replayed message by `dlq replay`: its value is `<dlq stream>:<dlq seq>`.
+pub const REPLAYED_FROM: &str = "Dlq-Replayed-From";
+pub const REPLAY_ORIGINAL_MSG_ID: &str = "Replay-Original-Msg-Id";
+pub const REPLAY_ORIGINAL_STREAM: &str = "Replay-Original-Stream";
+pub const REPLAY_ORIGINAL_SEQUENCE: &str = "Replay-Original-Sequence";
+pub const REPLAY_ORIGINAL_TIMESTAMP: &str = "Replay-Original-Timestamp";
+
+/// Where and when an event was first stored, and its identity: the same for the first delivery,
+/// every redelivery, and every replay of its dead letters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventOrigin {
+    pub stream: String,
+    pub seq: u64,
+    /// The JetStream timestamp of the first publish.
+    pub time: DateTime<Utc>,
+    /// The publisher's `Nats-Msg-Id`, if it set one.
+    pub msg_id: Option<String>,
+}
+
+/// The origin of a received message: for a replay (`Dlq-Replayed-From` present) the
+/// `Replay-Original-*` headers, each falling back to the message's own value when absent or
+/// unparseable (a replay made before those headers existed); otherwise the message's own
+/// stream, sequence, JetStream timestamp and `Nats-Msg-Id`.
+pub fn event_origin(
+    headers: Option<&HeaderMap>,
+    stream: &str,
+    seq: u64,
+    published: DateTime<Utc>,
+) -> EventOrigin {
+    let own = EventOrigin {
+        stream: stream.to_string(),
+        seq,
+        time: published,
+        msg_id: idempotency_msg_id(headers).map(str::to_string),
+    };
+    let Some(h) = headers.filter(|h| h.get(REPLAYED_FROM).is_some()) else {
+        return own;
+    };
+    let get = |name: &str| h.get(name).map(|v| v.as_str().trim()).filter(|v| !v.is_empty());
+    EventOrigin {
+        stream: get(REPLAY_ORIGINAL_STREAM).map_or(own.stream, str::to_string),
+        seq: get(REPLAY_ORIGINAL_SEQUENCE)
+            .and_then(|s| s.parse().ok())
+            .filter(|&n: &u64| n != 0)
+            .unwrap_or(own.seq),
+        time: get(REPLAY_ORIGINAL_TIMESTAMP)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map_or(own.time, |t| t.with_timezone(&Utc)),
+        msg_id: own.msg_id,
+    }
+}
+
+/// The message id a consumer should use as the event's identity (an idempotency key): a
+/// replay's own `Nats-Msg-Id` (`replay:<dlq stream>:<seq>`) is only for JetStream's duplicate
+/// window, so for a replay it is the first publisher's id (absent when the original had none, so
+/// body-derived keys come out the same too).
+pub fn idempotency_msg_id(headers: Option<&HeaderMap>) -> Option<&str> {
+    let h = headers?;
+    let name = if h.get(REPLAYED_FROM).is_some() {
+        REPLAY_ORIGINAL_MSG_ID
+    } else {
+        "Nats-Msg-Id"
+    };
+    h.get(name).map(|v| v.as_str())
+}
+
+/// A JetStream message's timestamp (the time the stream stored the publish) as a chrono time.
+pub fn published_at(info: &jetstream::message::Info<'_>) -> DateTime<Utc> {
+    let t = info.published;
+    DateTime::from_timestamp(t.unix_timestamp(), t.nanosecond()).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// RFC 3339 in UTC with all nine fraction digits: a time header that parses back exactly.
+pub fn precise_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Nanos, true)
+}
 
 /// Why a message was dead-lettered; the last token of the dead-letter subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +118,9 @@ pub struct Origin<'a> {
     pub seq: u64,
     pub durable: &'a str,
     pub delivered: i64,
+    /// The original's JetStream timestamp (`Dlq-Original-Timestamp`); `None` when it had no
+    /// JetStream metadata.
+    pub published: Option<DateTime<Utc>>,
 }
 
 /// Headers a dead letter must not inherit: publish expectations meant for the original stream
@@ -78,8 +165,10 @@ pub fn dead_letter_headers(
                 headers.append(name.clone(), v.clone());
             }
         }
-        if let Some(id) = orig.get("Nats-Msg-Id") {
-            headers.insert("Dlq-Original-Msg-Id", id.as_str());
+        // The event's identity, not the replay's own id: a second-generation replay must keep
+        // the first publisher's id (a webhook's idempotency key).
+        if let Some(id) = idempotency_msg_id(Some(orig)) {
+            headers.insert("Dlq-Original-Msg-Id", id);
         }
     }
     // Sequence 0: the original had no stream position (no JetStream metadata); no id could
@@ -95,6 +184,9 @@ pub fn dead_letter_headers(
     headers.insert("Dlq-Original-Subject", origin.subject);
     headers.insert("Dlq-Original-Stream", origin.stream);
     headers.insert("Dlq-Original-Sequence", origin.seq.to_string().as_str());
+    if let Some(t) = origin.published {
+        headers.insert("Dlq-Original-Timestamp", precise_time(t).as_str());
+    }
     headers.insert("Dlq-Durable", origin.durable);
     headers.insert("Dlq-Delivery-Count", origin.delivered.to_string().as_str());
     headers.insert(
@@ -142,6 +234,7 @@ mod tests {
             seq: 42,
             durable: "d",
             delivered: 3,
+            published: DateTime::from_timestamp(1_740_800_000, 123_456_789),
         };
         let h = dead_letter_headers(Some(&orig), &origin, Reason::MaxDeliver, "line1\nline2");
         assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "dlq:AA_CORE_HOT:42");
@@ -153,6 +246,102 @@ mod tests {
         assert_eq!(h.get("Dlq-Original-Sequence").unwrap().as_str(), "42");
         assert_eq!(h.get("Dlq-Delivery-Count").unwrap().as_str(), "3");
         assert!(h.get("Dlq-Failed-At").is_some());
+        assert_eq!(
+            h.get("Dlq-Original-Timestamp").unwrap().as_str(),
+            "2025-03-01T03:33:20.123456789Z"
+        );
+    }
+
+    #[test]
+    fn a_replays_dead_letter_keeps_the_events_identity() {
+        let replay = {
+            let mut h = HeaderMap::new();
+            h.insert("Nats-Msg-Id", "replay:AA_DLQ:5");
+            h.insert(REPLAYED_FROM, "AA_DLQ:5");
+            h.insert(REPLAY_ORIGINAL_MSG_ID, "hook-1");
+            h
+        };
+        let origin = Origin {
+            subject: "vendor.oura.webhook.received",
+            stream: "AA_VENDOR_HOT",
+            seq: 9,
+            durable: "d",
+            delivered: 1,
+            published: None,
+        };
+        let h = dead_letter_headers(Some(&replay), &origin, Reason::NonRetryable, "e");
+        assert_eq!(h.get("Dlq-Original-Msg-Id").unwrap().as_str(), "hook-1");
+        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "dlq:AA_VENDOR_HOT:9");
+        assert!(h.get("Dlq-Original-Timestamp").is_none());
+        // Inherited, so the next replay can take the first origin from them.
+        assert_eq!(h.get(REPLAY_ORIGINAL_MSG_ID).unwrap().as_str(), "hook-1");
+        // A replay of an event without an id has no identity: never the replay's own id.
+        let mut anonymous = HeaderMap::new();
+        anonymous.insert("Nats-Msg-Id", "replay:AA_DLQ:5");
+        anonymous.insert(REPLAYED_FROM, "AA_DLQ:5");
+        let h = dead_letter_headers(Some(&anonymous), &origin, Reason::NonRetryable, "e");
+        assert!(h.get("Dlq-Original-Msg-Id").is_none());
+    }
+
+    #[test]
+    fn event_origin_of_first_deliveries_and_replays() {
+        let own_time = DateTime::from_timestamp(1_750_000_000, 0).unwrap();
+        let first_time = DateTime::from_timestamp(1_740_000_000, 987_654_321).unwrap();
+        assert_eq!(
+            event_origin(None, "AA_CORE_HOT", 3, own_time),
+            EventOrigin {
+                stream: "AA_CORE_HOT".into(),
+                seq: 3,
+                time: own_time,
+                msg_id: None
+            }
+        );
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Msg-Id", "ingest-1");
+        assert_eq!(
+            event_origin(Some(&h), "AA_CORE_HOT", 3, own_time)
+                .msg_id
+                .as_deref(),
+            Some("ingest-1")
+        );
+        // Replay-Original-* headers without Dlq-Replayed-From are not trusted.
+        h.insert(REPLAY_ORIGINAL_STREAM, "AA_LEGACY");
+        assert_eq!(
+            event_origin(Some(&h), "AA_CORE_HOT", 3, own_time).stream,
+            "AA_CORE_HOT"
+        );
+
+        let mut r = HeaderMap::new();
+        r.insert("Nats-Msg-Id", "replay:AA_DLQ:7");
+        r.insert(REPLAYED_FROM, "AA_DLQ:7");
+        r.insert(REPLAY_ORIGINAL_MSG_ID, "ingest-1");
+        r.insert(REPLAY_ORIGINAL_STREAM, "AA_LEGACY");
+        r.insert(REPLAY_ORIGINAL_SEQUENCE, "41");
+        r.insert(REPLAY_ORIGINAL_TIMESTAMP, precise_time(first_time).as_str());
+        assert_eq!(
+            event_origin(Some(&r), "AA_CORE_HOT", 90, own_time),
+            EventOrigin {
+                stream: "AA_LEGACY".into(),
+                seq: 41,
+                time: first_time,
+                msg_id: Some("ingest-1".into())
+            }
+        );
+        // Field by field fallback: unparseable or absent values are the message's own.
+        let mut r = HeaderMap::new();
+        r.insert(REPLAYED_FROM, "AA_DLQ:7");
+        r.insert(REPLAY_ORIGINAL_STREAM, "AA_LEGACY");
+        r.insert(REPLAY_ORIGINAL_SEQUENCE, "x");
+        r.insert(REPLAY_ORIGINAL_TIMESTAMP, "yesterday");
+        assert_eq!(
+            event_origin(Some(&r), "AA_CORE_HOT", 90, own_time),
+            EventOrigin {
+                stream: "AA_LEGACY".into(),
+                seq: 90,
+                time: own_time,
+                msg_id: None
+            }
+        );
     }
 
     #[test]

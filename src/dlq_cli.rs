@@ -23,6 +23,10 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::config::{Config, ConfigError, ConsumerKind, NatsConfig};
+use crate::dlq::{
+    REPLAYED_FROM, REPLAY_ORIGINAL_MSG_ID, REPLAY_ORIGINAL_SEQUENCE, REPLAY_ORIGINAL_STREAM,
+    REPLAY_ORIGINAL_TIMESTAMP,
+};
 
 const EXIT_CODES_HELP: &str = "Exit codes: 0 success; 1 operational failure (NATS unreachable, a \
 request timed out, a replay publish or a delete failed); 2 usage or configuration error; 3 not \
@@ -468,8 +472,12 @@ fn replay_drops(name: &str) -> bool {
 }
 
 /// The message a replay publishes: the original headers, a deduplicating id derived from the
-/// dead letter, and where it came from. `Replay-Original-Msg-Id` keeps the first publisher's id
-/// for consumers whose idempotency key is the message id.
+/// dead letter, where it came from, and the event's first origin (`Replay-Original-Msg-Id`,
+/// `-Stream`, `-Sequence`, `-Timestamp`), which the consumer uses as the event's identity, position
+/// and default time ([`crate::dlq::event_origin`]). Each is the letter's inherited
+/// `Replay-Original-*` header when it has one (the letter of a replay inherits the replay's
+/// headers), else its `Dlq-Original-*` one, so the first origin survives any number of
+/// dead-letter/replay rounds.
 pub fn replay_headers(dead: &HeaderMap, dlq_stream: &str, dlq_seq: u64) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, values) in dead.iter() {
@@ -480,26 +488,40 @@ pub fn replay_headers(dead: &HeaderMap, dlq_stream: &str, dlq_seq: u64) -> Heade
             out.append(name.clone(), v.clone());
         }
     }
-    if let Some(id) = dead.get("Dlq-Original-Msg-Id") {
-        out.insert("Replay-Original-Msg-Id", id.as_str());
+    let header = |name: &str| {
+        dead.get(name)
+            .map(|v| v.as_str())
+            .filter(|v| !v.trim().is_empty())
+    };
+    // The letter of a replay: its `Dlq-Original-Msg-Id` may be the replay's own id (letters
+    // written before dead letters kept the event's identity), never the event's.
+    let of_a_replay = dead.get(REPLAYED_FROM).is_some();
+    let msg_id = header(REPLAY_ORIGINAL_MSG_ID).or_else(|| {
+        if of_a_replay {
+            None
+        } else {
+            header("Dlq-Original-Msg-Id")
+        }
+    });
+    if let Some(id) = msg_id {
+        out.insert(REPLAY_ORIGINAL_MSG_ID, id);
+    }
+    for (replay_name, dlq_name) in [
+        (REPLAY_ORIGINAL_STREAM, "Dlq-Original-Stream"),
+        (REPLAY_ORIGINAL_SEQUENCE, "Dlq-Original-Sequence"),
+        (REPLAY_ORIGINAL_TIMESTAMP, "Dlq-Original-Timestamp"),
+    ] {
+        if let Some(v) = header(replay_name).or_else(|| header(dlq_name)) {
+            out.insert(replay_name, v);
+        }
     }
     out.insert("Nats-Msg-Id", format!("replay:{dlq_stream}:{dlq_seq}").as_str());
-    out.insert("Dlq-Replayed-From", format!("{dlq_stream}:{dlq_seq}").as_str());
+    out.insert(REPLAYED_FROM, format!("{dlq_stream}:{dlq_seq}").as_str());
     out
 }
 
-/// The message id a consumer should use as an idempotency key: a replay's own `Nats-Msg-Id` is
-/// only for JetStream's duplicate window, so for a replay it is the first publisher's id (absent
-/// when the original had none, so body-derived keys come out the same too).
-pub fn idempotency_msg_id(headers: Option<&HeaderMap>) -> Option<&str> {
-    let h = headers?;
-    let name = if h.get("Dlq-Replayed-From").is_some() {
-        "Replay-Original-Msg-Id"
-    } else {
-        "Nats-Msg-Id"
-    };
-    h.get(name).map(|v| v.as_str())
-}
+/// Kept here for callers of its first home; it belongs to the daemon side ([`crate::dlq`]).
+pub use crate::dlq::idempotency_msg_id;
 
 struct Dlq {
     name: String,
@@ -1026,6 +1048,88 @@ mod tests {
         assert_eq!(idempotency_msg_id(Some(&replay)), Some("ingest-42"));
         let anonymous = replay_headers(&HeaderMap::new(), "AA_DLQ", 4);
         assert_eq!(idempotency_msg_id(Some(&anonymous)), None);
+    }
+
+    /// The dead letter the daemon writes for `msg` (stream AA_CORE_HOT unless replayed elsewhere).
+    fn letter_of(msg: &HeaderMap, stream: &str, seq: u64, published: &str) -> HeaderMap {
+        let origin = crate::dlq::Origin {
+            subject: "athlete-ally.sleep.raw-received",
+            stream,
+            seq,
+            durable: "d",
+            delivered: 1,
+            published: DateTime::parse_from_rfc3339(published)
+                .ok()
+                .map(|t| t.with_timezone(&Utc)),
+        };
+        crate::dlq::dead_letter_headers(Some(msg), &origin, crate::dlq::Reason::NonRetryable, "e")
+    }
+
+    #[test]
+    fn the_first_origin_survives_two_rounds() {
+        let mut first = HeaderMap::new();
+        first.insert("Nats-Msg-Id", "ingest-42");
+        first.insert("Trace-Id", "t1");
+        let first_at = "2025-03-01T06:00:00.123456789Z";
+        let letter1 = letter_of(&first, "AA_CORE_HOT", 17, first_at);
+        assert_eq!(letter1.get("Dlq-Original-Timestamp").unwrap().as_str(), first_at);
+        let replay1 = replay_headers(&letter1, "AA_DLQ", 3);
+        let expected = [
+            (REPLAY_ORIGINAL_MSG_ID, "ingest-42"),
+            (REPLAY_ORIGINAL_STREAM, "AA_CORE_HOT"),
+            (REPLAY_ORIGINAL_SEQUENCE, "17"),
+            (REPLAY_ORIGINAL_TIMESTAMP, first_at),
+        ];
+        for (name, value) in expected {
+            assert_eq!(
+                replay1.get(name).map(|v| v.as_str()),
+                Some(value),
+                "round 1 {name}"
+            );
+        }
+        // The replay is stored at AA_CORE_HOT:90 an hour later and dead-lettered again.
+        let letter2 = letter_of(&replay1, "AA_CORE_HOT", 90, "2025-03-01T07:00:00Z");
+        assert_eq!(letter2.get("Dlq-Original-Msg-Id").unwrap().as_str(), "ingest-42");
+        assert_eq!(letter2.get("Dlq-Original-Sequence").unwrap().as_str(), "90");
+        let replay2 = replay_headers(&letter2, "AA_DLQ", 8);
+        for (name, value) in expected {
+            assert_eq!(
+                replay2.get(name).map(|v| v.as_str()),
+                Some(value),
+                "round 2 {name}"
+            );
+            assert_eq!(replay2.get_all(name).count(), 1, "{name} repeated");
+        }
+        assert_eq!(replay2.get("Nats-Msg-Id").unwrap().as_str(), "replay:AA_DLQ:8");
+        assert_eq!(replay2.get(REPLAYED_FROM).unwrap().as_str(), "AA_DLQ:8");
+        assert_eq!(replay2.get("Trace-Id").unwrap().as_str(), "t1");
+        let published = DateTime::parse_from_rfc3339("2025-03-01T08:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let origin = crate::dlq::event_origin(Some(&replay2), "AA_CORE_HOT", 120, published);
+        assert_eq!(origin.stream, "AA_CORE_HOT");
+        assert_eq!(origin.seq, 17);
+        assert_eq!(crate::dlq::precise_time(origin.time), first_at);
+        assert_eq!(origin.msg_id.as_deref(), Some("ingest-42"));
+
+        // Without a publisher's id, no round invents one (least of all `replay:…`).
+        let anonymous = HeaderMap::new();
+        let letter1 = letter_of(&anonymous, "AA_CORE_HOT", 18, first_at);
+        let replay1 = replay_headers(&letter1, "AA_DLQ", 4);
+        let letter2 = letter_of(&replay1, "AA_CORE_HOT", 91, "2025-03-01T07:00:00Z");
+        let replay2 = replay_headers(&letter2, "AA_DLQ", 9);
+        assert!(replay2.get(REPLAY_ORIGINAL_MSG_ID).is_none());
+        assert_eq!(replay2.get(REPLAY_ORIGINAL_SEQUENCE).unwrap().as_str(), "18");
+        assert_eq!(idempotency_msg_id(Some(&replay2)), None);
+
+        // A letter written before dead letters kept the event's identity: its
+        // Dlq-Original-Msg-Id is the replay's own id, and it is not taken for the event's.
+        let mut old = HeaderMap::new();
+        old.insert(REPLAYED_FROM, "AA_DLQ:4");
+        old.insert("Dlq-Original-Msg-Id", "replay:AA_DLQ:4");
+        assert!(replay_headers(&old, "AA_DLQ", 10)
+            .get(REPLAY_ORIGINAL_MSG_ID)
+            .is_none());
     }
 
     #[test]

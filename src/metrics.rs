@@ -86,6 +86,9 @@ pub struct Metrics {
     /// Last deliveries (finite server-side max_deliver) held while their dead letter could not
     /// be stored, given up at the shutdown deadline: logged at ERROR with stream and sequence.
     pub held_abandoned: IntCounterVec,
+    /// Oura webhooks stored whose `data.hrv` / `data.sleep` section (or `data` itself) could not
+    /// be derived into a record; that section is dead-lettered on its own.
+    oura_invalid_sections: IntCounterVec,
     pub nats_connected: IntGauge,
     pub database_up: IntGauge,
     pub build_info: IntGaugeVec,
@@ -269,6 +272,12 @@ impl Metrics {
                 "Last deliveries held for a dead letter that could not be stored, given up at shutdown (see the ERROR log for stream and sequence)",
                 BINDING_LABELS,
             )?,
+            oura_invalid_sections: counter(
+                &registry,
+                "normalize_oura_invalid_sections_total",
+                "Sections of stored Oura webhooks that could not be derived into records, by section",
+                &["section"],
+            )?,
             nats_connected: {
                 let g = IntGauge::new("normalize_nats_connected", "1 while connected to NATS")?;
                 registry.register(Box::new(g.clone()))?;
@@ -298,6 +307,9 @@ impl Metrics {
             m.consumer_held.with_label_values(&[kind.as_str()]).set(0);
             m.batch_unrolled.with_label_values(&[kind.as_str()]);
             m.batch_superseded.with_label_values(&[kind.as_str()]);
+        }
+        for section in crate::pipeline::oura::SECTIONS {
+            m.oura_invalid_sections.with_label_values(&[section]);
         }
         Ok(m)
     }
@@ -334,6 +346,12 @@ impl Metrics {
         self.dlq_publish_failures.with_label_values(&labels);
         self.released_unsettled.with_label_values(&labels);
         self.held_abandoned.with_label_values(&labels);
+    }
+
+    /// Counts one invalid section of an Oura webhook. `section` is one of
+    /// [`crate::pipeline::oura::SECTIONS`] ([`crate::pipeline::InvalidSection::section`]).
+    pub fn count_oura_invalid_section(&self, section: &'static str) {
+        self.oura_invalid_sections.with_label_values(&[section]).inc();
     }
 
     pub fn observe_db_write(&self, table: &str, elapsed: Duration) {
@@ -375,12 +393,15 @@ mod tests {
         m.consumer_bound
             .with_label_values(&["hrv", "AA_CORE_HOT", "d"])
             .set(1);
+        m.count_oura_invalid_section(crate::pipeline::oura::SECTION_SLEEP);
         let text = m.render();
         for name in [
             "normalize_hrv_messages_total{durable=\"d\",result=\"success\",stream=\"AA_CORE_HOT\",subject=\"athlete-ally.hrv.raw-received\"} 1",
             "normalize_consumer_bound",
             "normalize_consumer_stalled",
             "normalize_build_info",
+            "normalize_oura_invalid_sections_total{section=\"data.hrv\"} 0",
+            "normalize_oura_invalid_sections_total{section=\"data.sleep\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }

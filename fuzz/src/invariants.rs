@@ -22,12 +22,52 @@ pub fn now() -> DateTime<Utc> {
         .unwrap_or_else(Utc::now)
 }
 
+/// The raw message's JetStream timestamp handed to the decoders: a sleep event without
+/// `capturedAt` takes it, truncated to microseconds (it has sub-microsecond digits on purpose).
+pub fn stable_time() -> DateTime<Utc> {
+    Utc.timestamp_opt(1_740_909_600, 123_456_789)
+        .single()
+        .unwrap_or_else(Utc::now)
+}
+
+/// The daemon's default `MAX_FUTURE_SKEW_MS` (24 h).
+pub fn max_future_skew() -> chrono::Duration {
+    chrono::Duration::hours(24)
+}
+
+/// The latest event time a decoder may accept.
+pub fn latest() -> DateTime<Utc> {
+    now() + max_future_skew()
+}
+
 pub fn envelope(msg_id: Option<&str>) -> Envelope<'_> {
     Envelope {
         msg_id,
+        stable_time: stable_time(),
         now: now(),
+        max_future_skew: max_future_skew(),
         max_payload_bytes: MAX_PAYLOAD_BYTES,
     }
+}
+
+/// A stored time: whole microseconds (what PostgreSQL keeps, so in-memory and stored comparisons
+/// agree) and not beyond `now + MAX_FUTURE_SKEW_MS`.
+pub fn check_time(t: DateTime<Utc>) {
+    assert_eq!(
+        t.timestamp_subsec_nanos() % 1000,
+        0,
+        "{t:?} has sub-microsecond digits"
+    );
+    assert!(t <= latest(), "{t:?} is beyond the future skew");
+}
+
+/// `given` truncated to microseconds is `stored`.
+fn assert_truncated(given: DateTime<Utc>, stored: DateTime<Utc>) {
+    let lost = given - stored;
+    assert!(
+        lost >= chrono::Duration::zero() && lost < chrono::Duration::microseconds(1),
+        "{given:?} stored as {stored:?}"
+    );
 }
 
 /// Decodes `body` as `kind`, checks every invariant, and returns the result.
@@ -104,9 +144,10 @@ fn payload(body: &[u8]) -> Map<String, Value> {
     }
 }
 
-/// A stored user id: the given string, 1..=128 characters, not blank.
+/// A stored user id: the given string, 1..=128 characters, not blank, no NUL.
 pub fn check_user_id(user_id: &str, given: Option<&Value>) {
     assert_eq!(given.and_then(Value::as_str), Some(user_id), "user id changed");
+    assert!(!user_id.contains('\0'), "user id with NUL accepted");
     assert!(!user_id.trim().is_empty(), "blank user id accepted");
     assert!(user_id.chars().count() <= 128, "user id over 128 characters");
 }
@@ -125,6 +166,8 @@ pub fn check_date(date: chrono::NaiveDate, given: Option<&Value>) {
 }
 
 pub fn check_hrv_record(r: &HrvRecord) {
+    check_time(r.captured_at);
+    assert!(!r.user_id.contains('\0'), "user id with NUL accepted");
     assert!(r.rmssd.is_finite() && r.rmssd > 0.0, "rMSSD {} accepted", r.rmssd);
     assert!(r.ln_rmssd.is_finite(), "lnRMSSD {} stored", r.ln_rmssd);
     assert!(
@@ -189,13 +232,13 @@ fn check_hrv_event(body: &[u8], r: &HrvRecord) {
         );
     }
     let at = p.get("capturedAt").and_then(Value::as_str).unwrap_or_default();
-    assert_eq!(
-        DateTime::parse_from_rfc3339(at.trim())
-            .ok()
-            .map(|t| t.with_timezone(&Utc)),
-        Some(r.captured_at),
-        "capturedAt is not the event's"
-    );
+    let given = DateTime::parse_from_rfc3339(at.trim())
+        .ok()
+        .map(|t| t.with_timezone(&Utc));
+    match given {
+        Some(given) => assert_truncated(given, r.captured_at),
+        None => panic!("capturedAt {at:?} accepted"),
+    }
     let source = p.get("raw").and_then(|raw| raw.get("source"));
     match source {
         None | Some(Value::Null) => assert_eq!(r.vendor, None),
@@ -205,6 +248,8 @@ fn check_hrv_event(body: &[u8], r: &HrvRecord) {
 }
 
 pub fn check_sleep_record(r: &SleepRecord) {
+    check_time(r.captured_at);
+    assert!(!r.user_id.contains('\0'), "user id with NUL accepted");
     assert!(
         (0..=1440).contains(&r.duration_minutes),
         "duration {}",
@@ -246,9 +291,20 @@ fn check_sleep_event(body: &[u8], r: &SleepRecord) {
     match p.get("capturedAt") {
         None | Some(Value::Null) => {
             assert!(r.captured_at_defaulted);
-            assert_eq!(r.captured_at, now());
+            // The message's JetStream timestamp, never processing time.
+            assert_truncated(stable_time(), r.captured_at);
         }
-        Some(_) => assert!(!r.captured_at_defaulted),
+        Some(at) => {
+            assert!(!r.captured_at_defaulted);
+            let given = at
+                .as_str()
+                .and_then(|s| DateTime::parse_from_rfc3339(s.trim()).ok())
+                .map(|t| t.with_timezone(&Utc));
+            match given {
+                Some(given) => assert_truncated(given, r.captured_at),
+                None => panic!("capturedAt {at} accepted"),
+            }
+        }
     }
     let q = p
         .get("raw")
@@ -260,6 +316,15 @@ fn check_sleep_event(body: &[u8], r: &SleepRecord) {
             (f64::from(stored) - clamped).abs() <= 0.5,
             "score {given} → {stored}"
         );
+    }
+}
+
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
     }
 }
 
@@ -279,18 +344,59 @@ fn check_oura(body: &[u8], msg_id: Option<&str>, w: &oura::OuraWebhook) {
             assert!(w.idempotency_key.bytes().all(|b| b.is_ascii_hexdigit()));
         }
     }
-    let data = root.get("data").and_then(Value::as_object);
-    let has = |k: &str| data.and_then(|d| d.get(k)).is_some_and(Value::is_object);
-    assert_eq!(
-        w.hrv.is_some(),
-        has("hrv"),
-        "data.hrv present iff an HRV record is derived"
+    assert!(
+        !has_nul(&w.payload),
+        "a body with NUL accepted (JSONB refuses it)"
     );
+    if let Some(t) = w.timestamp {
+        check_time(t);
+        let given = root
+            .get("timestamp")
+            .and_then(Value::as_str)
+            .and_then(|s| DateTime::parse_from_rfc3339(s.trim()).ok())
+            .map(|t| t.with_timezone(&Utc));
+        match given {
+            Some(given) => assert_truncated(given, t),
+            None => panic!("timestamp {:?} accepted", root.get("timestamp")),
+        }
+    }
+    let data_value = root.get("data");
+    let data = data_value.and_then(Value::as_object);
+    let present = |k: &str| data.and_then(|d| d.get(k)).is_some_and(|v| !v.is_null());
+    let invalid = |section: &str| w.invalid_sections.iter().any(|s| s.section == section);
+    for s in &w.invalid_sections {
+        assert!(
+            oura::SECTIONS.contains(&s.section),
+            "unknown section {}",
+            s.section
+        );
+        let text = s.error.to_string();
+        assert!(
+            !text.is_empty() && text.len() <= 256,
+            "section error of {} bytes",
+            text.len()
+        );
+    }
     assert_eq!(
-        w.sleep.is_some(),
-        has("sleep"),
-        "data.sleep present iff a sleep record is derived"
+        invalid(oura::SECTION_DATA),
+        data_value.is_some_and(|d| !d.is_null() && !d.is_object()),
+        "data reported invalid iff it is present and not an object"
     );
+    // Every present section is either derived or reported, never both, never silently dropped.
+    for (key, section, derived) in [
+        ("hrv", oura::SECTION_HRV, w.hrv.is_some()),
+        ("sleep", oura::SECTION_SLEEP, w.sleep.is_some()),
+    ] {
+        assert_eq!(
+            derived || invalid(section),
+            present(key),
+            "{section} present iff derived or reported invalid"
+        );
+        assert!(
+            !(derived && invalid(section)),
+            "{section} both derived and invalid"
+        );
+    }
     if let Some(h) = &w.hrv {
         check_hrv_record(h);
         assert_eq!(h.user_id, w.user_id);

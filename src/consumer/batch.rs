@@ -308,10 +308,19 @@ impl Worker {
                 results.push(Err(Failure::NoMetadata));
                 continue;
             }
-            let msg_id = crate::dlq_cli::idempotency_msg_id(it.d.msg.headers.as_ref());
+            let msg_id = crate::dlq::idempotency_msg_id(it.d.msg.headers.as_ref());
+            let published = it.d.msg.info().map_or(now, |i| crate::dlq::published_at(&i));
             let envelope = Envelope {
                 msg_id,
+                stable_time: crate::dlq::event_origin(
+                    it.d.msg.headers.as_ref(),
+                    &it.stream,
+                    it.seq,
+                    published,
+                )
+                .time,
                 now,
+                max_future_skew: self.shared.config.max_future_skew,
                 max_payload_bytes: self.shared.config.max_payload_bytes,
             };
             match pipeline::decode(self.cc.kind, &it.d.msg.payload, envelope) {
@@ -508,6 +517,7 @@ impl Worker {
                     seq,
                     durable: &b.durable,
                     delivered,
+                    published: d.msg.info().ok().map(|i| crate::dlq::published_at(&i)),
                 };
                 if self.dead_letter(d, &origin, reason, &error, b, shutdown).await {
                     m.dlq_messages

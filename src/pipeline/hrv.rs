@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde_json::{Map, Number, Value};
 
 use super::{
-    date, number, object, optional_object, parse_object, timestamp, to_json, user_id, vendor, AsStr,
+    date, number, object, optional_object, parse_object, timestamp, to_json, user_id, vendor, AsStr, Clock,
     SchemaError, Vendor,
 };
 
@@ -22,7 +22,7 @@ pub struct HrvRecord {
     pub readiness_score: f64,
 }
 
-pub fn decode(body: &[u8]) -> Result<HrvRecord, SchemaError> {
+pub(crate) fn decode(body: &[u8], clock: Clock) -> Result<HrvRecord, SchemaError> {
     let root = parse_object(body)?;
     if let Some(v) = root.get("eventId") {
         if !(v.is_string() || v.is_null()) {
@@ -33,16 +33,16 @@ pub fn decode(body: &[u8]) -> Result<HrvRecord, SchemaError> {
         }
     }
     let payload = object(&root, "payload", "payload")?;
-    from_payload(payload)
+    from_payload(payload, clock)
 }
 
-fn from_payload(p: &Map<String, Value>) -> Result<HrvRecord, SchemaError> {
+fn from_payload(p: &Map<String, Value>, clock: Clock) -> Result<HrvRecord, SchemaError> {
     let user_id = user_id(p, "userId", "payload.userId")?;
     let date = date(p, "date", "payload.date")?;
     let rmssd_value = p.get("rMSSD").or_else(|| p.get("rmssd"));
     let rmssd = rmssd(rmssd_value, "payload.rMSSD")?;
     let ln_given = number(p.get("lnRMSSD").or_else(|| p.get("lnRmssd")), "payload.lnRMSSD")?;
-    let captured_at = timestamp(p.get("capturedAt"), "payload.capturedAt")?
+    let captured_at = timestamp(p.get("capturedAt"), "payload.capturedAt", clock)?
         .ok_or(SchemaError::Missing("payload.capturedAt"))?;
     let raw = optional_object(p, "raw", "payload.raw")?;
     let readiness_score = raw
@@ -118,12 +118,16 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn clock() -> Clock {
+        crate::pipeline::test_envelope().clock()
+    }
+
     fn ok(body: &str) -> HrvRecord {
-        decode(body.as_bytes()).unwrap()
+        decode(body.as_bytes(), clock()).unwrap()
     }
 
     fn err(body: &str) -> SchemaError {
-        decode(body.as_bytes()).unwrap_err()
+        decode(body.as_bytes(), clock()).unwrap_err()
     }
 
     #[test]

@@ -8,7 +8,7 @@ pub mod hrv;
 pub mod oura;
 pub mod sleep;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
 use serde_json::{Map, Value};
 
 use crate::config::ConsumerKind;
@@ -35,7 +35,7 @@ pub(crate) fn to_json<R: serde::Serialize>(record: R) -> Vec<u8> {
 }
 
 pub use hrv::HrvRecord;
-pub use oura::OuraWebhook;
+pub use oura::{InvalidSection, OuraWebhook};
 pub use sleep::SleepRecord;
 
 /// Why a message can never be processed, whatever the number of retries.
@@ -67,11 +67,41 @@ pub enum Decoded {
 /// What the decoder may know about the message besides its body.
 #[derive(Debug, Clone, Copy)]
 pub struct Envelope<'a> {
-    /// The publisher's `Nats-Msg-Id`, if any.
+    /// The event's identity as a message id (the publisher's `Nats-Msg-Id`; for a DLQ replay the
+    /// first publisher's, see [`crate::dlq::idempotency_msg_id`]), if any.
     pub msg_id: Option<&'a str>,
-    /// Processing time, used only where the spec allows a default.
+    /// The raw message's JetStream timestamp — for a replay, the first publish's
+    /// ([`crate::dlq::event_origin`]). The only default time an event may take: it is the same
+    /// on every redelivery and replay, so the stored row does not depend on when it is processed.
+    pub stable_time: DateTime<Utc>,
+    /// Processing time: only the upper bound of accepted event times (`now + max_future_skew`),
+    /// never a stored value.
     pub now: DateTime<Utc>,
+    /// `MAX_FUTURE_SKEW_MS`: an event time further than this ahead of `now` is schema-invalid
+    /// (it would win every comparison for its row key for as long as it stays in the future).
+    pub max_future_skew: chrono::Duration,
     pub max_payload_bytes: usize,
+}
+
+impl Envelope<'_> {
+    fn clock(&self) -> Clock {
+        Clock {
+            latest: self.now.checked_add_signed(self.max_future_skew),
+        }
+    }
+}
+
+/// The bounds an event time must respect.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    /// The latest accepted event time; `None` when `now + skew` is beyond chrono's range.
+    latest: Option<DateTime<Utc>>,
+}
+
+/// Truncates to whole microseconds, the precision of PostgreSQL's `timestamptz`: a time compared
+/// in memory (within a batch) and the same time read back from the table must be equal.
+pub fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.trunc_subsecs(6)
 }
 
 /// Decodes one raw message of the given consumer kind. Never panics, whatever the bytes.
@@ -83,9 +113,11 @@ pub fn decode(kind: ConsumerKind, body: &[u8], env: Envelope<'_>) -> Result<Deco
         });
     }
     match kind {
-        ConsumerKind::Hrv => hrv::decode(body).map(Decoded::Hrv),
-        ConsumerKind::Sleep => sleep::decode(body, env.now).map(Decoded::Sleep),
-        ConsumerKind::Oura => oura::decode(body, env.msg_id).map(Decoded::Oura),
+        ConsumerKind::Hrv => hrv::decode(body, env.clock()).map(Decoded::Hrv),
+        ConsumerKind::Sleep => {
+            sleep::decode(body, to_micros(env.stable_time), env.clock()).map(Decoded::Sleep)
+        }
+        ConsumerKind::Oura => oura::decode(body, env.msg_id, env.clock()).map(Decoded::Oura),
     }
 }
 
@@ -147,7 +179,9 @@ pub(crate) fn optional_object<'a>(
     }
 }
 
-/// A user id: a string of 1..=128 characters, not blank.
+/// A user id: a string of 1..=128 characters, not blank, without NUL (PostgreSQL `text` cannot
+/// hold U+0000: the insert would fail with SQLSTATE 22021, a non-retryable error found only after
+/// the batch was written and unrolled).
 pub(crate) fn user_id(
     map: &Map<String, Value>,
     key: &str,
@@ -160,6 +194,11 @@ pub(crate) fn user_id(
                 Err(SchemaError::Invalid {
                     field,
                     reason: "must not be empty",
+                })
+            } else if s.contains('\0') {
+                Err(SchemaError::Invalid {
+                    field,
+                    reason: "must not contain NUL (U+0000)",
                 })
             } else if s.chars().count() > 128 {
                 Err(SchemaError::Invalid {
@@ -213,19 +252,30 @@ pub fn parse_date(s: &str) -> Option<NaiveDate> {
     NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()
 }
 
-/// An RFC 3339 timestamp with an explicit offset, normalized to UTC.
+/// An event time: an RFC 3339 timestamp with an explicit offset, normalized to UTC, truncated to
+/// microseconds ([`to_micros`]), and not further in the future than the clock allows.
 pub(crate) fn timestamp(
     value: Option<&Value>,
     field: &'static str,
+    clock: Clock,
 ) -> Result<Option<DateTime<Utc>>, SchemaError> {
     match value {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => DateTime::parse_from_rfc3339(s.trim())
-            .map(|t| Some(t.with_timezone(&Utc)))
-            .map_err(|_| SchemaError::Invalid {
-                field,
-                reason: "must be an RFC 3339 timestamp with offset",
-            }),
+        Some(Value::String(s)) => {
+            let t = DateTime::parse_from_rfc3339(s.trim())
+                .map(|t| to_micros(t.with_timezone(&Utc)))
+                .map_err(|_| SchemaError::Invalid {
+                    field,
+                    reason: "must be an RFC 3339 timestamp with offset",
+                })?;
+            if clock.latest.is_some_and(|latest| t > latest) {
+                return Err(SchemaError::Invalid {
+                    field,
+                    reason: "is further in the future than MAX_FUTURE_SKEW_MS allows",
+                });
+            }
+            Ok(Some(t))
+        }
         Some(_) => Err(SchemaError::Invalid {
             field,
             reason: "must be an RFC 3339 timestamp string",
@@ -277,6 +327,24 @@ pub(crate) fn minutes(v: f64, field: &'static str) -> Result<i32, SchemaError> {
     Ok(v.round() as i32)
 }
 
+/// A fixed clock for unit tests: stable time 2025-03-02T11:00:00Z, now 2025-03-02T12:00:00Z,
+/// a 24 h skew, the default payload limit.
+#[cfg(test)]
+pub(crate) fn test_envelope() -> Envelope<'static> {
+    let at = |s: &str| {
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_default()
+    };
+    Envelope {
+        msg_id: None,
+        stable_time: at("2025-03-02T11:00:00.123456789Z"),
+        now: at("2025-03-02T12:00:00Z"),
+        max_future_skew: chrono::Duration::hours(24),
+        max_payload_bytes: 1024 * 1024,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,14 +376,137 @@ mod tests {
     #[test]
     fn oversized_bodies_are_refused_before_parsing() {
         let env = Envelope {
-            msg_id: None,
-            now: Utc::now(),
             max_payload_bytes: 4,
+            ..test_envelope()
         };
         assert!(matches!(
             decode(ConsumerKind::Hrv, b"{\"a\":1}", env),
             Err(SchemaError::TooLarge { size: 7, max: 4 })
         ));
+    }
+
+    fn hrv_at(captured_at: &str) -> String {
+        format!(
+            r#"{{"payload":{{"userId":"u","date":"2025-03-01","rMSSD":40,"capturedAt":"{captured_at}"}}}}"#
+        )
+    }
+
+    fn sleep_at(captured_at: &str) -> String {
+        format!(
+            r#"{{"payload":{{"userId":"u","date":"2025-03-01","durationMinutes":400,"capturedAt":"{captured_at}"}}}}"#
+        )
+    }
+
+    fn captured_at(d: &Decoded) -> DateTime<Utc> {
+        match d {
+            Decoded::Hrv(r) => r.captured_at,
+            Decoded::Sleep(r) => r.captured_at,
+            Decoded::Oura(w) => w.timestamp.unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn event_times_are_truncated_to_microseconds() {
+        let env = test_envelope();
+        for (given, stored) in [
+            ("2025-03-01T06:00:00.123456789Z", "2025-03-01T06:00:00.123456Z"),
+            ("2025-03-01T06:00:00.9999999+02:00", "2025-03-01T04:00:00.999999Z"),
+            ("2025-03-01T06:00:00.0000009Z", "2025-03-01T06:00:00Z"),
+            ("2025-03-01T06:00:00.5Z", "2025-03-01T06:00:00.500Z"),
+        ] {
+            for (kind, body) in [
+                (ConsumerKind::Hrv, hrv_at(given)),
+                (ConsumerKind::Sleep, sleep_at(given)),
+            ] {
+                let t = captured_at(&decode(kind, body.as_bytes(), env).unwrap());
+                assert_eq!(
+                    t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                    stored,
+                    "{kind} {given}"
+                );
+                assert_eq!(t.timestamp_subsec_nanos() % 1000, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn event_times_beyond_the_future_skew_are_schema_invalid() {
+        let env = test_envelope(); // now 2025-03-02T12:00:00Z, skew 24 h
+        for kind in [ConsumerKind::Hrv, ConsumerKind::Sleep] {
+            let body = |t: &str| match kind {
+                ConsumerKind::Sleep => sleep_at(t),
+                _ => hrv_at(t),
+            };
+            // Exactly at the bound (and sub-µs digits past it, truncated away) is accepted.
+            for ok in [
+                "2025-03-03T12:00:00Z",
+                "2025-03-03T12:00:00.0000009Z",
+                "2025-03-03T13:00:00+01:00",
+            ] {
+                assert!(decode(kind, body(ok).as_bytes(), env).is_ok(), "{kind} {ok}");
+            }
+            for bad in [
+                "2025-03-03T12:00:00.000001Z",
+                "2030-01-01T00:00:00Z",
+                "9999-12-31T23:59:59Z",
+            ] {
+                let e = decode(kind, body(bad).as_bytes(), env).unwrap_err();
+                assert!(
+                    matches!(
+                        e,
+                        SchemaError::Invalid {
+                            field: "payload.capturedAt",
+                            ..
+                        }
+                    ),
+                    "{kind} {bad}: {e}"
+                );
+                assert!(e.to_string().contains("MAX_FUTURE_SKEW_MS"), "{e}");
+            }
+        }
+        // A smaller skew moves the bound; the past is never bounded.
+        let tight = Envelope {
+            max_future_skew: chrono::Duration::milliseconds(1),
+            ..env
+        };
+        assert!(decode(
+            ConsumerKind::Hrv,
+            hrv_at("2025-03-02T12:00:00.001Z").as_bytes(),
+            tight
+        )
+        .is_ok());
+        assert!(decode(
+            ConsumerKind::Hrv,
+            hrv_at("2025-03-02T12:00:00.002Z").as_bytes(),
+            tight
+        )
+        .is_err());
+        assert!(decode(
+            ConsumerKind::Hrv,
+            hrv_at("1970-01-01T00:00:00Z").as_bytes(),
+            tight
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn nul_in_a_user_id_is_schema_invalid() {
+        let env = test_envelope();
+        for (kind, body) in [
+            (
+                ConsumerKind::Hrv,
+                r#"{"payload":{"userId":"u\u0000","date":"2025-03-01","rMSSD":40,"capturedAt":"2025-03-01T00:00:00Z"}}"#,
+            ),
+            (
+                ConsumerKind::Sleep,
+                r#"{"payload":{"userId":"\u0000","date":"2025-03-01","durationMinutes":400}}"#,
+            ),
+            (ConsumerKind::Oura, r#"{"user_id":"a\u0000b"}"#),
+        ] {
+            let e = decode(kind, body.as_bytes(), env).unwrap_err();
+            assert!(matches!(e, SchemaError::Invalid { .. }), "{kind}: {e}");
+            assert!(e.to_string().contains("NUL"), "{kind}: {e}");
+        }
     }
 
     #[test]

@@ -2,6 +2,12 @@
 //!
 //! The body is kept whole (stored raw as JSONB); HRV and sleep values it carries are derived
 //! into the same records the HRV and sleep consumers produce.
+//!
+//! Any JSON object with a usable `user_id` is stored (SPEC §4): a section that cannot be derived
+//! (`data.hrv`, `data.sleep`, or a `data` that is not an object; an invalid or far-future
+//! `timestamp` invalidates every section present) does not stop the raw body being stored or the
+//! other section being derived. It is reported in [`OuraWebhook::invalid_sections`], and the
+//! batch path dead-letters it on its own.
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -9,9 +15,56 @@ use sha2::{Digest, Sha256};
 
 use super::hrv::rmssd;
 use super::{
-    clamp_score, minutes, number, optional_object, parse_object, timestamp, user_id, SchemaError, Vendor,
+    clamp_score, minutes, number, optional_object, parse_object, timestamp, user_id, Clock, SchemaError,
+    Vendor,
 };
 use super::{HrvRecord, SleepRecord};
+
+/// The section names [`InvalidSection::section`] takes: a bounded set (a metric label).
+pub const SECTION_HRV: &str = "data.hrv";
+pub const SECTION_SLEEP: &str = "data.sleep";
+/// `data` itself was present but not an object: no section could be read.
+pub const SECTION_DATA: &str = "data";
+pub const SECTIONS: [&str; 3] = [SECTION_HRV, SECTION_SLEEP, SECTION_DATA];
+
+/// A part of an accepted webhook that could not be derived into a record.
+#[derive(Debug)]
+pub struct InvalidSection {
+    /// One of [`SECTIONS`].
+    pub section: &'static str,
+    pub error: SchemaError,
+}
+
+/// Compared by section and message: `SchemaError` holds a `serde_json::Error`, which has no
+/// equality, and two decodes of the same bytes give the same text.
+impl PartialEq for InvalidSection {
+    fn eq(&self, other: &Self) -> bool {
+        self.section == other.section && self.error.to_string() == other.error.to_string()
+    }
+}
+
+impl Clone for InvalidSection {
+    fn clone(&self) -> Self {
+        let error = match &self.error {
+            SchemaError::Missing(f) => SchemaError::Missing(f),
+            SchemaError::NotObject(f) => SchemaError::NotObject(f),
+            SchemaError::Invalid { field, reason } => SchemaError::Invalid { field, reason },
+            SchemaError::TooLarge { size, max } => SchemaError::TooLarge {
+                size: *size,
+                max: *max,
+            },
+            // Never produced for a section (the body was already parsed); kept total anyway.
+            SchemaError::Json(_) => SchemaError::Invalid {
+                field: self.section,
+                reason: "invalid JSON",
+            },
+        };
+        InvalidSection {
+            section: self.section,
+            error,
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct OuraWebhook {
@@ -19,33 +72,68 @@ pub struct OuraWebhook {
     pub idempotency_key: String,
     pub user_id: String,
     pub payload: Value,
-    /// The webhook's own `timestamp`, when present.
+    /// The webhook's own `timestamp`, when present and valid.
     pub timestamp: Option<DateTime<Utc>>,
     pub hrv: Option<HrvRecord>,
     pub sleep: Option<SleepRecord>,
+    /// Sections present but not derivable, in body order (`data`, then `data.hrv`, `data.sleep`).
+    /// Empty for a fully valid webhook.
+    pub invalid_sections: Vec<InvalidSection>,
 }
 
-pub fn decode(body: &[u8], msg_id: Option<&str>) -> Result<OuraWebhook, SchemaError> {
+pub(crate) fn decode(body: &[u8], msg_id: Option<&str>, clock: Clock) -> Result<OuraWebhook, SchemaError> {
     let root = parse_object(body)?;
     let user_id = user_id(&root, "user_id", "user_id")?;
-    let ts = timestamp(root.get("timestamp"), "timestamp")?;
-    let data = optional_object(&root, "data", "data")?;
-    let hrv = match data
-        .map(|d| optional_object(d, "hrv", "data.hrv"))
-        .transpose()?
-        .flatten()
-    {
-        Some(h) => Some(derive_hrv(&user_id, h, ts)?),
-        None => None,
-    };
-    let sleep = match data
-        .map(|d| optional_object(d, "sleep", "data.sleep"))
-        .transpose()?
-        .flatten()
-    {
-        Some(s) => Some(derive_sleep(&user_id, s, ts)?),
-        None => None,
-    };
+    for (k, v) in &root {
+        if k.contains('\0') || has_nul(v) {
+            // JSONB refuses U+0000 in any string or key (SQLSTATE 22P05): the body can never be
+            // stored, whatever the retries.
+            return Err(SchemaError::Invalid {
+                field: "body",
+                reason: "must not contain NUL (\\u0000) in any string or key",
+            });
+        }
+    }
+    // Re-evaluated for each section that needs it: `SchemaError` is not `Clone`.
+    let ts = || timestamp(root.get("timestamp"), "timestamp", clock);
+    let mut invalid_sections = Vec::new();
+    let mut hrv = None;
+    let mut sleep = None;
+    match optional_object(&root, "data", "data") {
+        Err(error) => invalid_sections.push(InvalidSection {
+            section: SECTION_DATA,
+            error,
+        }),
+        Ok(None) => {}
+        Ok(Some(data)) => {
+            let section = |key: &str, name: &'static str| match optional_object(data, key, name) {
+                Err(e) => Err(e),
+                Ok(None) => Ok(None),
+                Ok(Some(obj)) => match ts().and_then(require_ts) {
+                    Err(e) => Err(e),
+                    Ok(t) => Ok(Some((obj, t))),
+                },
+            };
+            match section("hrv", SECTION_HRV)
+                .and_then(|s| s.map(|(h, t)| derive_hrv(&user_id, h, t)).transpose())
+            {
+                Ok(r) => hrv = r,
+                Err(error) => invalid_sections.push(InvalidSection {
+                    section: SECTION_HRV,
+                    error,
+                }),
+            }
+            match section("sleep", SECTION_SLEEP)
+                .and_then(|s| s.map(|(sl, t)| derive_sleep(&user_id, sl, t)).transpose())
+            {
+                Ok(r) => sleep = r,
+                Err(error) => invalid_sections.push(InvalidSection {
+                    section: SECTION_SLEEP,
+                    error,
+                }),
+            }
+        }
+    }
     let idempotency_key = match msg_id.map(str::trim).filter(|s| !s.is_empty()) {
         Some(id) => id.to_string(),
         None => sha256_hex(body),
@@ -53,11 +141,34 @@ pub fn decode(body: &[u8], msg_id: Option<&str>) -> Result<OuraWebhook, SchemaEr
     Ok(OuraWebhook {
         idempotency_key,
         user_id,
+        timestamp: ts().ok().flatten(),
         payload: Value::Object(root),
-        timestamp: ts,
         hrv,
         sleep,
+        invalid_sections,
     })
+}
+
+/// Whether a NUL appears in any string or key of `v`. Iterative: a deeply nested body (up to
+/// serde_json's recursion limit) costs no stack here.
+fn has_nul(v: &Value) -> bool {
+    let mut todo = vec![v];
+    while let Some(v) = todo.pop() {
+        match v {
+            Value::String(s) if s.contains('\0') => return true,
+            Value::Array(a) => todo.extend(a),
+            Value::Object(o) => {
+                for (k, v) in o {
+                    if k.contains('\0') {
+                        return true;
+                    }
+                    todo.push(v);
+                }
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 fn require_ts(ts: Option<DateTime<Utc>>) -> Result<DateTime<Utc>, SchemaError> {
@@ -67,9 +178,8 @@ fn require_ts(ts: Option<DateTime<Utc>>) -> Result<DateTime<Utc>, SchemaError> {
 fn derive_hrv(
     user_id: &str,
     h: &Map<String, Value>,
-    ts: Option<DateTime<Utc>>,
+    captured_at: DateTime<Utc>,
 ) -> Result<HrvRecord, SchemaError> {
-    let captured_at = require_ts(ts)?;
     let rmssd = rmssd(h.get("rmssd"), "data.hrv.rmssd")?;
     Ok(HrvRecord {
         user_id: user_id.to_string(),
@@ -85,9 +195,8 @@ fn derive_hrv(
 fn derive_sleep(
     user_id: &str,
     s: &Map<String, Value>,
-    ts: Option<DateTime<Utc>>,
+    captured_at: DateTime<Utc>,
 ) -> Result<SleepRecord, SchemaError> {
-    let captured_at = require_ts(ts)?;
     let hours = number(s.get("duration"), "data.sleep.duration")?
         .ok_or(SchemaError::Missing("data.sleep.duration"))?;
     let duration_minutes = minutes(hours * 60.0, "data.sleep.duration")?;
@@ -112,12 +221,24 @@ pub fn sha256_hex(body: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    fn decode(body: &[u8], msg_id: Option<&str>) -> Result<OuraWebhook, SchemaError> {
+        super::decode(body, msg_id, crate::pipeline::test_envelope().clock())
+    }
+
+    fn sections(w: &OuraWebhook) -> Vec<(&'static str, String)> {
+        w.invalid_sections
+            .iter()
+            .map(|s| (s.section, s.error.to_string()))
+            .collect()
+    }
+
     #[test]
     fn full_webhook_derives_both_records() {
         let body = br#"{"user_id":"u9","timestamp":"2025-03-01T23:30:00-02:00","data":{"hrv":{"rmssd":45.2,"sdnn":52.8},"sleep":{"duration":7.5,"score":83}}}"#;
         let w = decode(body, None).unwrap();
         assert_eq!(w.idempotency_key, sha256_hex(body));
         assert_eq!(w.idempotency_key.len(), 64);
+        assert!(w.invalid_sections.is_empty());
         let h = w.hrv.unwrap();
         // UTC date of the timestamp, not the local one.
         assert_eq!(h.date.to_string(), "2025-03-02");
@@ -151,18 +272,93 @@ mod tests {
             (&b"[]"[..], "body is not a JSON object"),
             (br#""text""#, "body is not a JSON object"),
             (br#"{"timestamp":"2025-03-01T00:00:00Z"}"#, "user_id"),
+            (br#"{"user_id":"a\u0000b"}"#, "user_id"),
+            (br#"{"user_id":"u","note":"x\u0000"}"#, "NUL"),
+            (br#"{"user_id":"u","x\u0000":1}"#, "NUL"),
             (
-                br#"{"user_id":"u","data":{"hrv":{"rmssd":0}},"timestamp":"2025-03-01T00:00:00Z"}"#,
-                "data.hrv.rmssd",
+                br#"{"user_id":"u","data":{"hrv":{"tags":[{"k":"\u0000"}]}}}"#,
+                "NUL",
             ),
-            (br#"{"user_id":"u","data":{"hrv":{"rmssd":4}}}"#, "timestamp"),
-            (
-                br#"{"user_id":"u","timestamp":"2025-03-01T00:00:00Z","data":{"sleep":{"duration":25}}}"#,
-                "data.sleep.duration",
-            ),
+            (br#"{"user_id":"u","data":{"hrv":{"\u0000":1}}}"#, "NUL"),
         ] {
             let e = decode(body, None).unwrap_err().to_string();
             assert!(e.contains(needle), "{}: {e}", String::from_utf8_lossy(body));
         }
+        // An escaped backslash before u0000 is not a NUL.
+        assert!(decode(br#"{"user_id":"u","note":"\\u0000"}"#, None).is_ok());
+    }
+
+    #[test]
+    fn invalid_sections_are_reported_and_the_rest_is_kept() {
+        /// Body, HRV derived, sleep derived, (invalid section, text its error contains).
+        type Case<'a> = (&'a [u8], bool, bool, &'a [(&'a str, &'a str)]);
+        let cases: &[Case<'_>] = &[
+            (
+                br#"{"user_id":"u","data":{"hrv":{"rmssd":0},"sleep":{"duration":7}},"timestamp":"2025-03-01T00:00:00Z"}"#,
+                false,
+                true,
+                &[("data.hrv", "data.hrv.rmssd")],
+            ),
+            (
+                br#"{"user_id":"u","data":{"hrv":{"rmssd":4}}}"#,
+                false,
+                false,
+                &[("data.hrv", "timestamp")],
+            ),
+            (
+                br#"{"user_id":"u","timestamp":"2025-03-01T00:00:00Z","data":{"hrv":{"rmssd":4},"sleep":{"duration":25}}}"#,
+                true,
+                false,
+                &[("data.sleep", "data.sleep.duration")],
+            ),
+            (
+                br#"{"user_id":"u","timestamp":"yesterday","data":{"hrv":{"rmssd":4},"sleep":{"duration":7}}}"#,
+                false,
+                false,
+                &[("data.hrv", "timestamp"), ("data.sleep", "timestamp")],
+            ),
+            (
+                br#"{"user_id":"u","timestamp":"2030-01-01T00:00:00Z","data":{"sleep":{"duration":7}}}"#,
+                false,
+                false,
+                &[("data.sleep", "MAX_FUTURE_SKEW_MS")],
+            ),
+            (
+                br#"{"user_id":"u","timestamp":"2025-03-01T00:00:00Z","data":{"hrv":[1],"sleep":"x"}}"#,
+                false,
+                false,
+                &[("data.hrv", "data.hrv"), ("data.sleep", "data.sleep")],
+            ),
+            (br#"{"user_id":"u","data":7}"#, false, false, &[("data", "data")]),
+        ];
+        for (body, hrv, sleep, invalid) in cases {
+            let w = decode(body, Some("id")).unwrap_or_else(|e| panic!("{e}"));
+            let shown = String::from_utf8_lossy(body);
+            assert_eq!(w.hrv.is_some(), *hrv, "{shown}");
+            assert_eq!(w.sleep.is_some(), *sleep, "{shown}");
+            let got = sections(&w);
+            assert_eq!(got.len(), invalid.len(), "{shown}: {got:?}");
+            for ((section, error), (want_section, needle)) in got.iter().zip(invalid.iter()) {
+                assert_eq!(section, want_section, "{shown}");
+                assert!(error.contains(needle), "{shown}: {error}");
+            }
+            // The raw body is kept whole.
+            assert_eq!(w.payload, serde_json::from_slice::<Value>(body).unwrap());
+        }
+        // A bad timestamp without sections is no error at all: nothing needed it.
+        let w = decode(br#"{"user_id":"u","timestamp":"nope"}"#, None).unwrap();
+        assert!(w.invalid_sections.is_empty() && w.timestamp.is_none());
+    }
+
+    #[test]
+    fn timestamps_are_truncated_to_microseconds() {
+        let w = decode(
+            br#"{"user_id":"u","timestamp":"2025-03-01T00:00:00.123456789+01:00","data":{"hrv":{"rmssd":4}}}"#,
+            None,
+        )
+        .unwrap();
+        let t = w.timestamp.unwrap();
+        assert_eq!(t.to_rfc3339(), "2025-02-28T23:00:00.123456+00:00");
+        assert_eq!(w.hrv.unwrap().captured_at, t);
     }
 }

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::{
     clamp_score, date, minutes, number, object, optional_object, parse_object, timestamp, to_json, user_id,
-    vendor, AsStr, SchemaError, Vendor,
+    vendor, AsStr, Clock, SchemaError, Vendor,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -17,11 +17,17 @@ pub struct SleepRecord {
     pub quality_score: Option<i32>,
     pub vendor: Option<Vendor>,
     pub captured_at: DateTime<Utc>,
-    /// True when the event had no `capturedAt` and processing time was used (stored in the row).
+    /// True when the event had no `capturedAt` and the message's JetStream timestamp (the first
+    /// publish's, for a replay) was used instead (stored in the row).
     pub captured_at_defaulted: bool,
 }
 
-pub fn decode(body: &[u8], now: DateTime<Utc>) -> Result<SleepRecord, SchemaError> {
+/// `stable_time` is the default `captured_at` (already truncated to microseconds).
+pub(crate) fn decode(
+    body: &[u8],
+    stable_time: DateTime<Utc>,
+    clock: Clock,
+) -> Result<SleepRecord, SchemaError> {
     let root = parse_object(body)?;
     let p = object(&root, "payload", "payload")?;
     let user_id = user_id(p, "userId", "payload.userId")?;
@@ -29,7 +35,7 @@ pub fn decode(body: &[u8], now: DateTime<Utc>) -> Result<SleepRecord, SchemaErro
     let duration = number(p.get("durationMinutes"), "payload.durationMinutes")?
         .ok_or(SchemaError::Missing("payload.durationMinutes"))?;
     let duration_minutes = minutes(duration, "payload.durationMinutes")?;
-    let captured = timestamp(p.get("capturedAt"), "payload.capturedAt")?;
+    let captured = timestamp(p.get("capturedAt"), "payload.capturedAt", clock)?;
     let raw = optional_object(p, "raw", "payload.raw")?;
     let quality_score = number(
         raw.and_then(|r| r.get("qualityScore")),
@@ -42,7 +48,7 @@ pub fn decode(body: &[u8], now: DateTime<Utc>) -> Result<SleepRecord, SchemaErro
         duration_minutes,
         quality_score,
         vendor: vendor(raw),
-        captured_at: captured.unwrap_or(now),
+        captured_at: captured.unwrap_or(stable_time),
         captured_at_defaulted: captured.is_none(),
     })
 }
@@ -79,17 +85,15 @@ pub fn normalized(r: &SleepRecord, stored_vendor: &str, stored_quality: Option<i
 mod tests {
     use super::*;
 
-    fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2025-03-02T12:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc)
+    fn dec(body: &[u8]) -> Result<SleepRecord, SchemaError> {
+        let env = crate::pipeline::test_envelope();
+        decode(body, crate::pipeline::to_micros(env.stable_time), env.clock())
     }
 
     #[test]
     fn valid_sleep_is_normalized() {
-        let r = decode(
+        let r = dec(
             br#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":420.5,"capturedAt":"2025-03-01T08:00:00Z","raw":{"source":"Oura","qualityScore":104.2}}}"#,
-            now(),
         )
         .unwrap();
         assert_eq!(r.duration_minutes, 421);
@@ -104,13 +108,10 @@ mod tests {
     }
 
     #[test]
-    fn missing_captured_at_defaults_to_now_and_says_so() {
-        let r = decode(
-            br#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":0}}"#,
-            now(),
-        )
-        .unwrap();
-        assert_eq!(r.captured_at, now());
+    fn missing_captured_at_defaults_to_the_stable_time_and_says_so() {
+        let r = dec(br#"{"payload":{"userId":"u","date":"2025-03-01","durationMinutes":0}}"#).unwrap();
+        // The message's JetStream timestamp, at PostgreSQL's precision; never processing time.
+        assert_eq!(r.captured_at.to_rfc3339(), "2025-03-02T11:00:00.123456+00:00");
         assert!(r.captured_at_defaulted);
         assert_eq!(r.quality_score, None);
         assert_eq!(r.vendor, None);
@@ -142,7 +143,7 @@ mod tests {
                 "qualityScore",
             ),
         ] {
-            let e = decode(body.as_bytes(), now()).unwrap_err().to_string();
+            let e = dec(body.as_bytes()).unwrap_err().to_string();
             assert!(e.contains(needle), "{body}: {e}");
         }
     }

@@ -586,3 +586,131 @@ async fn replayed_webhooks_keep_their_idempotency_key() {
     assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 2);
     app.stop().await.unwrap();
 }
+
+fn header<'a>(h: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {
+    h.and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
+/// Two dead-letter/replay rounds through the real daemon and the real CLI: a sleep event without
+/// `capturedAt` fails twice (database cut), is replayed twice, and is finally stored with the
+/// first publish's JetStream timestamp as `captured_at`; every replay carries the first origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_generation_replay_keeps_the_first_origin_and_time() {
+    const SLEEP_DURABLE: &str = "normalize-sleep-durable";
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let mut proxy = DbProxy::start().await;
+    let vars = with(
+        outage_vars(&nats, &db.url_via(proxy.port)),
+        &[("NORMALIZE_SLEEP_MAX_DELIVER", "2")],
+    );
+    let app = TestApp::spawn(vars.clone()).await;
+    app.wait_ready().await;
+    let js = nats.js().await;
+    let letters = |n: u64| {
+        let js = js.clone();
+        async move {
+            wait_for(&format!("{n} dead letters"), Duration::from_secs(30), || async {
+                stream_messages(&js, "AA_DLQ").await == n
+            })
+            .await;
+            stream_contents(&js, "AA_DLQ").await
+        }
+    };
+
+    proxy.cut();
+    let body = r#"{"payload":{"userId":"s1","date":"2025-03-01","durationMinutes":420}}"#;
+    let first_seq = publish_with_id(&js, SLEEP_SUBJECT, "sleep-1", body).await;
+    let first = js
+        .get_stream("AA_CORE_HOT")
+        .await
+        .unwrap()
+        .get_raw_message(first_seq)
+        .await
+        .unwrap();
+    let first_at =
+        chrono::DateTime::from_timestamp(first.time.unix_timestamp(), first.time.nanosecond()).unwrap();
+    let dlq = letters(1).await;
+    let letter1 = dlq[0].headers.clone();
+    assert_eq!(header(Some(&letter1), "Dlq-Original-Msg-Id"), Some("sleep-1"));
+    let stamped = header(Some(&letter1), "Dlq-Original-Timestamp").unwrap();
+    assert_eq!(
+        chrono::DateTime::parse_from_rfc3339(stamped).unwrap(),
+        first_at,
+        "Dlq-Original-Timestamp is the original's JetStream timestamp, at full precision"
+    );
+    wait_settled(&js, "AA_CORE_HOT", SLEEP_DURABLE, first_seq).await;
+
+    // Round 2: the replay fails too (the database is still cut).
+    let replay = cli_json(&vars, &["replay", &dlq[0].sequence.to_string()], 0).await;
+    let replay1_seq = replay["results"][0]["replayedTo"]["sequence"].as_u64().unwrap();
+    let dlq = letters(2).await;
+    let letter2 = dlq[1].headers.clone();
+    assert_eq!(
+        header(Some(&letter2), "Dlq-Original-Msg-Id"),
+        Some("sleep-1"),
+        "a replay's dead letter names the event's id, not the replay's own"
+    );
+    assert_eq!(
+        header(Some(&letter2), "Dlq-Original-Sequence"),
+        Some(replay1_seq.to_string().as_str())
+    );
+    wait_settled(&js, "AA_CORE_HOT", SLEEP_DURABLE, replay1_seq).await;
+
+    // Round 3: the database is back; the second-generation replay is stored.
+    // A fresh daemon with the default delivery limit, as in the test above: the pool of the
+    // first one may still hold connections the cut broke.
+    proxy.restore().await;
+    app.stop().await.unwrap();
+    let app = TestApp::spawn(base_vars(&nats, &db.url_via(proxy.port))).await;
+    app.wait_ready().await;
+    let replay = cli_json(&vars, &["replay", &dlq[1].sequence.to_string()], 0).await;
+    let replay2_seq = replay["results"][0]["replayedTo"]["sequence"].as_u64().unwrap();
+    wait_settled(&js, "AA_CORE_HOT", SLEEP_DURABLE, replay2_seq).await;
+    let stream = js.get_stream("AA_CORE_HOT").await.unwrap();
+    for seq in [replay1_seq, replay2_seq] {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        let h = Some(&m.headers);
+        assert_eq!(
+            header(h, "Replay-Original-Msg-Id"),
+            Some("sleep-1"),
+            "replay at {seq}"
+        );
+        assert_eq!(
+            header(h, "Replay-Original-Stream"),
+            Some("AA_CORE_HOT"),
+            "replay at {seq}"
+        );
+        assert_eq!(
+            header(h, "Replay-Original-Sequence"),
+            Some(first_seq.to_string().as_str()),
+            "replay at {seq}"
+        );
+        assert_eq!(
+            header(h, "Replay-Original-Timestamp"),
+            Some(stamped),
+            "replay at {seq}"
+        );
+        assert_eq!(m.headers.get_all("Replay-Original-Sequence").count(), 1);
+    }
+    let dlq = stream_contents(&js, "AA_DLQ").await;
+    assert_eq!(
+        dlq.len(),
+        2,
+        "nothing dead-lettered a third time: {:?}",
+        dlq.last().map(|m| &m.headers)
+    );
+    let pool = db.pool().await;
+    let (captured_at, defaulted): (chrono::DateTime<chrono::Utc>, bool) =
+        sqlx::query_as("SELECT captured_at, captured_at_defaulted FROM sleep_data WHERE user_id = 's1'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(defaulted);
+    assert_eq!(
+        captured_at,
+        chrono::SubsecRound::trunc_subsecs(first_at, 6),
+        "captured_at is the first publish's JetStream timestamp, not the replay's or processing time"
+    );
+    app.stop().await.unwrap();
+}

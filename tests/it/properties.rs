@@ -5,10 +5,13 @@
 //! arbitrary bytes, arbitrary JSON and single-field corruptions of valid events never panic and
 //! never produce a record that breaks an invariant. The invariants themselves are shared with the
 //! fuzz targets (`fuzz/src/invariants.rs`). `PROPTEST_CASES` raises the number of cases.
+//!
+//! Event times are kept at microseconds and at most `MAX_FUTURE_SKEW_MS` ahead of processing time;
+//! a user id never holds NUL, nor an Oura body anywhere (PostgreSQL text and JSONB refuse it).
 
 use chrono::{DateTime, Duration as ChronoDuration, FixedOffset, NaiveDate, SecondsFormat, TimeZone, Utc};
 use normalize_service::config::ConsumerKind;
-use normalize_service::pipeline::{Decoded, SchemaError, Vendor};
+use normalize_service::pipeline::{to_micros, Decoded, SchemaError, Vendor};
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 use serde_json::{json, Map, Value};
@@ -34,13 +37,18 @@ fn config() -> ProptestConfig {
 
 // --- generators ----------------------------------------------------------------------------
 
-/// A user id the spec accepts: 1..=128 characters, not blank (any Unicode, controls included).
+/// A user id the spec accepts: 1..=128 characters, not blank (any Unicode, controls included,
+/// except NUL, which PostgreSQL text cannot hold).
 fn user_id() -> impl Strategy<Value = String> {
     prop_oneof![
         proptest::collection::vec(proptest::char::range('a', 'z'), 1..=128),
         proptest::collection::vec(any::<char>(), 1..=128),
     ]
-    .prop_map(|cs| cs.into_iter().collect::<String>())
+    .prop_map(|cs| {
+        cs.into_iter()
+            .map(|c| if c == '\0' { '\u{1}' } else { c })
+            .collect::<String>()
+    })
     .prop_filter("not blank", |s| !s.trim().is_empty())
 }
 
@@ -51,11 +59,22 @@ fn date() -> impl Strategy<Value = NaiveDate> {
     (0..=(last - first).num_days()).prop_map(move |d| first + ChronoDuration::days(d))
 }
 
-/// An instant with a UTC offset of -23:59..=+23:59, rendered as RFC 3339 in several styles.
+/// An instant with a UTC offset of -23:59..=+23:59, rendered as RFC 3339 in several styles, at
+/// most `MAX_FUTURE_SKEW_MS` after the decoders' "now" (with sub-microsecond digits, which are
+/// truncated at decode).
 fn timestamp() -> impl Strategy<Value = (DateTime<Utc>, String)> {
+    timestamp_in(0, invariants::latest().timestamp())
+}
+
+/// A time too far in the future: from just past `now + MAX_FUTURE_SKEW_MS` to year 9999.
+fn future_timestamp() -> impl Strategy<Value = (DateTime<Utc>, String)> {
+    timestamp_in(invariants::latest().timestamp() + 1, 253_402_214_400)
+}
+
+fn timestamp_in(from_secs: i64, to_secs: i64) -> impl Strategy<Value = (DateTime<Utc>, String)> {
     (
-        // 1970..2100, with milli/micro/nanosecond fractions.
-        0i64..4_102_444_800,
+        // With milli/micro/nanosecond fractions.
+        from_secs..to_secs,
         0u32..1_000_000_000,
         -(24 * 60 - 1)..(24 * 60),
         0..3usize,
@@ -256,7 +275,7 @@ proptest! {
             Some(ln) => prop_assert!(ulps_close(r.ln_rmssd, ln), "{} vs {}", r.ln_rmssd, ln),
         }
         prop_assert!(r.ln_rmssd.is_finite());
-        prop_assert_eq!(r.captured_at, c.captured.0);
+        prop_assert_eq!(r.captured_at, to_micros(c.captured.0));
         prop_assert_eq!(r.vendor, expected_vendor(&c.source));
         let readiness = c.readiness.filter(|s| (0.0..=100.0).contains(s)).unwrap_or(0.0);
         prop_assert!(ulps_close(r.readiness_score, readiness), "{} vs {}", r.readiness_score, readiness);
@@ -333,8 +352,12 @@ proptest! {
         prop_assert_eq!(r.date, date);
         prop_assert_eq!(r.vendor, expected_vendor(&source));
         match captured {
-            Some((at, _)) => { prop_assert_eq!(r.captured_at, at); prop_assert!(!r.captured_at_defaulted); }
-            None => { prop_assert_eq!(r.captured_at, invariants::now()); prop_assert!(r.captured_at_defaulted); }
+            Some((at, _)) => { prop_assert_eq!(r.captured_at, to_micros(at)); prop_assert!(!r.captured_at_defaulted); }
+            None => {
+                // The message's JetStream timestamp at PostgreSQL's precision, never processing time.
+                prop_assert_eq!(r.captured_at, to_micros(invariants::stable_time()));
+                prop_assert!(r.captured_at_defaulted);
+            }
         }
     }
 
@@ -374,19 +397,96 @@ proptest! {
             Ok(Decoded::Oura(w)) => w,
             other => panic!("valid webhook refused: {other:?}"),
         };
-        prop_assert_eq!(w.timestamp, Some(ts.0));
+        prop_assert_eq!(w.timestamp, Some(to_micros(ts.0)));
+        prop_assert!(w.invalid_sections.is_empty());
         prop_assert_eq!(w.hrv.is_some(), rmssd.is_some());
         if let (Some(h), Some(r)) = (&w.hrv, rmssd) {
             prop_assert!(ulps_close(h.rmssd, r), "{} vs {}", h.rmssd, r);
         }
         if let Some(h) = &w.hrv {
             prop_assert_eq!(h.ln_rmssd, h.rmssd.ln());
-            prop_assert_eq!(h.date, ts.0.date_naive());
+            prop_assert_eq!(h.date, to_micros(ts.0).date_naive());
         }
         prop_assert_eq!(w.sleep.as_ref().map(|s| s.duration_minutes), hours.map(|h| (h * 60.0).round() as i32));
         if let Some(s) = &w.sleep {
             prop_assert_eq!(s.quality_score, score.map(|q| q.clamp(0.0, 100.0).round() as i32));
         }
+    }
+}
+
+// --- times, NUL and partially valid webhooks ----------------------------------------------------
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// A time beyond `now + MAX_FUTURE_SKEW_MS` would pin its row: refused, naming the field.
+    #[test]
+    fn future_times_beyond_the_skew_are_refused(c in hrv_case(), future in future_timestamp(), sleep_has_hrv in any::<bool>()) {
+        let mut v: Value = serde_json::from_slice(&hrv_body(&c)).unwrap();
+        v["payload"]["capturedAt"] = json!(future.1);
+        let e = check(ConsumerKind::Hrv, v.to_string().as_bytes(), None).unwrap_err();
+        prop_assert!(e.to_string().contains("payload.capturedAt"), "{}", e);
+        let sleep = json!({"payload": {"userId": "u", "date": "2025-03-01", "durationMinutes": 30, "capturedAt": future.1}});
+        let e = check(ConsumerKind::Sleep, sleep.to_string().as_bytes(), None).unwrap_err();
+        prop_assert!(e.to_string().contains("payload.capturedAt"), "{}", e);
+        // An Oura webhook is still stored; every section it has is reported, none derived.
+        let mut data = json!({"sleep": {"duration": 7}});
+        if sleep_has_hrv { data["hrv"] = json!({"rmssd": 40}); }
+        let hook = json!({"user_id": "u", "timestamp": future.1, "data": data});
+        let w = match check(ConsumerKind::Oura, hook.to_string().as_bytes(), None) {
+            Ok(Decoded::Oura(w)) => w,
+            other => panic!("webhook with a future timestamp refused whole: {other:?}"),
+        };
+        prop_assert!(w.hrv.is_none() && w.sleep.is_none() && w.timestamp.is_none());
+        prop_assert_eq!(w.invalid_sections.len(), if sleep_has_hrv { 2 } else { 1 });
+        prop_assert!(w.invalid_sections.iter().all(|s| s.error.to_string().contains("timestamp")));
+    }
+
+    /// A NUL anywhere in a user id is refused at decode (PostgreSQL text: SQLSTATE 22021), and
+    /// anywhere in an Oura body (JSONB: 22P05).
+    #[test]
+    fn nul_is_refused_at_decode(c in hrv_case(), at in any::<prop::sample::Index>(), junk in json_value(), in_key in any::<bool>()) {
+        let mut chars: Vec<char> = c.user.chars().collect();
+        chars.insert(at.index(chars.len() + 1), '\0');
+        let user: String = chars.into_iter().collect();
+        let mut v: Value = serde_json::from_slice(&hrv_body(&c)).unwrap();
+        v["payload"]["userId"] = json!(user);
+        let e = check(ConsumerKind::Hrv, v.to_string().as_bytes(), None).unwrap_err();
+        prop_assert!(e.to_string().contains("payload.userId"), "{}", e);
+        let sleep = json!({"payload": {"userId": user, "date": "2025-03-01", "durationMinutes": 30}});
+        prop_assert!(check(ConsumerKind::Sleep, sleep.to_string().as_bytes(), None).is_err());
+        let hook = json!({"user_id": user});
+        prop_assert!(check(ConsumerKind::Oura, hook.to_string().as_bytes(), None).is_err());
+        // Elsewhere in a webhook: nested under junk, as a value or as a key.
+        let nul = if in_key { json!({"k\u{0}": 1}) } else { json!(["x\u{0}y"]) };
+        let hook = json!({"user_id": "u", "extra": junk, "data": {"hrv": {"deep": {"deeper": nul}}}});
+        let e = check(ConsumerKind::Oura, hook.to_string().as_bytes(), None).unwrap_err();
+        prop_assert!(e.to_string().contains("NUL"), "{}", e);
+    }
+
+    /// An Oura webhook with a usable user_id is always stored: a bad section is reported, the
+    /// good one still derived.
+    #[test]
+    fn oura_bad_sections_do_not_lose_the_webhook(
+        ts in timestamp(),
+        bad_hrv in any::<bool>(),
+        // NUL refuses the whole body (tested above).
+        junk in json_value().prop_filter("no NUL", |v| !v.to_string().contains("\\u0000")),
+    ) {
+        let good_hrv = json!({"rmssd": 40});
+        let good_sleep = json!({"duration": 7});
+        let bad = match &junk { Value::Object(_) | Value::Null => json!({"rmssd": -1, "duration": 99}), j => j.clone() };
+        let data = if bad_hrv { json!({"hrv": bad, "sleep": good_sleep}) } else { json!({"hrv": good_hrv, "sleep": bad}) };
+        let hook = json!({"user_id": "u", "timestamp": ts.1, "data": data});
+        let w = match check(ConsumerKind::Oura, hook.to_string().as_bytes(), Some("id")) {
+            Ok(Decoded::Oura(w)) => w,
+            other => panic!("webhook with one bad section refused whole: {other:?}"),
+        };
+        let sections: Vec<&str> = w.invalid_sections.iter().map(|s| s.section).collect();
+        prop_assert_eq!(sections, vec![if bad_hrv { "data.hrv" } else { "data.sleep" }]);
+        prop_assert_eq!(w.hrv.is_some(), !bad_hrv);
+        prop_assert_eq!(w.sleep.is_some(), bad_hrv);
+        prop_assert_eq!(w.payload, hook);
     }
 }
 
@@ -471,4 +571,35 @@ fn invariant_checks_can_fail() {
         })
     });
     assert!(caught.is_err(), "the sleep invariant must reject 1441 minutes");
+    let valid = normalize_service::pipeline::SleepRecord {
+        user_id: "u".into(),
+        date: NaiveDate::from_ymd_opt(2025, 3, 1).unwrap(),
+        duration_minutes: 60,
+        quality_score: None,
+        vendor: None,
+        captured_at: invariants::now(),
+        captured_at_defaulted: false,
+    };
+    invariants::check_sleep_record(&valid);
+    let broken = [
+        normalize_service::pipeline::SleepRecord {
+            captured_at: invariants::now() + ChronoDuration::nanoseconds(1),
+            ..valid.clone()
+        },
+        normalize_service::pipeline::SleepRecord {
+            captured_at: invariants::latest() + ChronoDuration::microseconds(1),
+            ..valid.clone()
+        },
+        normalize_service::pipeline::SleepRecord {
+            user_id: "a\0".into(),
+            ..valid.clone()
+        },
+    ];
+    for r in broken {
+        let shown = format!("{r:?}");
+        assert!(
+            std::panic::catch_unwind(|| invariants::check_sleep_record(&r)).is_err(),
+            "not caught: {shown}"
+        );
+    }
 }
