@@ -1029,11 +1029,15 @@ impl Worker {
         &self,
         d: &Delivery,
         origin: &Origin<'_>,
-        reason: Reason,
-        error: &str,
+        letter: Letter<'_>,
         b: &Binding,
         shutdown: &CancellationToken,
     ) -> bool {
+        let Letter {
+            reason,
+            error,
+            terminate,
+        } = letter;
         let kind = self.cc.kind;
         let mut attempt: i64 = 0;
         let mut give_up_at: Option<Instant> = None;
@@ -1055,7 +1059,11 @@ impl Worker {
                         dlq_seq = ack.sequence, delivered = origin.delivered, error = %error,
                         "message dead-lettered"
                     );
-                    d.term().await;
+                    if terminate {
+                        d.term().await;
+                    } else {
+                        d.ack().await;
+                    }
                     return true;
                 }
                 Err(e) => {
@@ -1121,6 +1129,14 @@ impl Worker {
             }
         }
     }
+}
+
+/// A dead letter to store: why, the error text, and what then settles the original (TERM; or
+/// ack, when the letter only reports what the stored message lacked).
+pub(super) struct Letter<'a> {
+    pub reason: Reason,
+    pub error: &'a str,
+    pub terminate: bool,
 }
 
 /// Why reading a `messages()` stream stopped.

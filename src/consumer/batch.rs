@@ -25,13 +25,24 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::delivery::{progress_all, Delivery, Ledger};
-use super::Worker;
-use crate::dlq::{Origin, Reason};
+use super::{Letter, Worker};
+use crate::dlq::{EventOrigin, Origin, Reason};
 use crate::metrics::MessageResult;
 use crate::outcome::{decide, Action, Failure};
 use crate::pipeline::{self, Decoded, Envelope};
 use crate::store::{self, BatchEntry, Normalized, Source};
 use crate::topology::Binding;
+
+/// An event's identity (docs/CONTRACT.md): its publisher's id, else its `eventId`, else its
+/// first position.
+fn identity<'a>(origin: &'a EventOrigin, event_id: Option<&'a str>, position: &'a str) -> &'a str {
+    origin
+        .msg_id
+        .as_deref()
+        .or(event_id)
+        .filter(|id| !id.trim().is_empty())
+        .unwrap_or(position)
+}
 
 /// How long to wait for the next message of a burst before processing what is in hand. A
 /// pull's messages arrive back to back; this only joins them into one write, it never holds
@@ -83,6 +94,9 @@ struct Item {
     /// 0 when the message carried no JetStream metadata (it is dead-lettered as such).
     seq: u64,
     delivered: i64,
+    /// Where and when the event was first stored, and its publisher's id: a replay's first
+    /// origin (docs/CONTRACT.md), else this delivery's own.
+    origin: EventOrigin,
 }
 
 /// A batch whose rows are committed and whose normalized events are sent: what remains is
@@ -92,7 +106,39 @@ pub(super) struct Staged {
     results: Vec<Result<(), Failure>>,
     /// PubAcks still to await, with the item they belong to.
     pending: Vec<(usize, PublishAckFuture)>,
+    /// Per item, invalid sections of a webhook stored without them: reported by a dead letter
+    /// before the message is acked.
+    reports: Vec<Option<Report>>,
     started: Instant,
+}
+
+/// A message with its result, what [`decide`] says, and what to report first.
+type Decided<'a> = (&'a Item, Result<(), Failure>, Action, Option<Report>);
+
+/// The sections of an Oura webhook that could not be used, and why.
+struct Report {
+    sections: Vec<&'static str>,
+    error: String,
+}
+
+impl Report {
+    fn of(d: &Decoded) -> Option<Report> {
+        let Decoded::Oura(w) = d else {
+            return None;
+        };
+        if w.invalid_sections.is_empty() {
+            return None;
+        }
+        Some(Report {
+            sections: w.invalid_sections.iter().map(|s| s.section).collect(),
+            error: w
+                .invalid_sections
+                .iter()
+                .map(|s| format!("{}: {}", s.section, s.error))
+                .collect::<Vec<_>>()
+                .join("; "),
+        })
+    }
 }
 
 /// The batches between "received" and "settled", each processed and settled on its own task,
@@ -192,30 +238,36 @@ impl Worker {
         let kind = self.cc.kind;
         let mut items = Vec::with_capacity(received.len());
         for d in received {
-            let meta = d
-                .msg
-                .info()
-                .map(|i| (i.stream.to_string(), i.stream_sequence, i.delivered));
-            let (stream, seq, delivered) = match meta {
+            let meta = d.msg.info().map(|i| {
+                (
+                    i.stream.to_string(),
+                    i.stream_sequence,
+                    i.delivered,
+                    crate::dlq::published_at(&i),
+                )
+            });
+            let (stream, seq, delivered, published) = match meta {
                 Ok(m) => m,
                 Err(e) => {
                     // Nothing says where it came from: it is dead-lettered (never dropped) and
                     // terminated through its reply subject.
                     tracing::warn!(consumer = %kind, error = %e, "message without JetStream metadata; dead-lettering it");
-                    (b.stream.clone(), 0, 1)
+                    (b.stream.clone(), 0, 1, Utc::now())
                 }
             };
+            let origin = crate::dlq::event_origin(d.msg.headers.as_ref(), &stream, seq, published);
             items.push(Item {
                 d,
                 stream,
                 seq,
                 delivered,
+                origin,
             });
         }
         if items.is_empty() {
             return None;
         }
-        let (results, pending) = self
+        let (results, pending, reports) = self
             .keep_ours(&items, b, self.process(&items, db_down.load(Ordering::Relaxed)))
             .await;
         if results
@@ -228,6 +280,7 @@ impl Worker {
             items,
             results,
             pending,
+            reports,
             started,
         })
     }
@@ -239,6 +292,7 @@ impl Worker {
             items,
             mut results,
             pending,
+            mut reports,
             started,
         } = staged;
         let acks = futures::future::join_all(
@@ -255,22 +309,23 @@ impl Worker {
         }
         // Settling can take long (dead letters await their PubAcks one by one, a held last
         // delivery waits for the DLQ): what is not settled yet keeps getting progress acks.
-        let decided: Vec<(&Item, Result<(), Failure>, Action)> = items
+        let decided: Vec<Decided<'_>> = items
             .iter()
             .zip(results)
-            .map(|(item, result)| {
+            .zip(reports.iter_mut().map(Option::take))
+            .map(|((item, result), report)| {
                 let action = self.action_of(item, &result, b);
-                (item, result, action)
+                (item, result, action, report)
             })
             .collect();
         // Acks and NAKs first: a dead letter that has to be held (its DLQ unavailable on a
         // last delivery) must not keep the rest of the batch unsettled.
         let (letters, others): (Vec<_>, Vec<_>) = decided
             .into_iter()
-            .partition(|(_, _, action)| matches!(action, Action::DeadLetter(_)));
+            .partition(|(_, _, action, report)| matches!(action, Action::DeadLetter(_)) || report.is_some());
         let settle_all = async {
-            for (item, result, action) in others.into_iter().chain(letters) {
-                self.settle(item, result, action, b, shutdown).await;
+            for (item, result, action, report) in others.into_iter().chain(letters) {
+                self.settle(item, result, action, report, b, shutdown).await;
             }
         };
         self.keep_ours(&items, b, settle_all).await;
@@ -297,7 +352,11 @@ impl Worker {
         &self,
         items: &[Item],
         db_down: bool,
-    ) -> (Vec<Result<(), Failure>>, Vec<(usize, PublishAckFuture)>) {
+    ) -> (
+        Vec<Result<(), Failure>>,
+        Vec<(usize, PublishAckFuture)>,
+        Vec<Option<Report>>,
+    ) {
         let now = Utc::now();
         let mut results: Vec<Result<(), Failure>> = Vec::with_capacity(items.len());
         let mut decoded: Vec<Option<Decoded>> = Vec::with_capacity(items.len());
@@ -308,17 +367,9 @@ impl Worker {
                 results.push(Err(Failure::NoMetadata));
                 continue;
             }
-            let msg_id = crate::dlq::idempotency_msg_id(it.d.msg.headers.as_ref());
-            let published = it.d.msg.info().map_or(now, |i| crate::dlq::published_at(&i));
             let envelope = Envelope {
-                msg_id,
-                stable_time: crate::dlq::event_origin(
-                    it.d.msg.headers.as_ref(),
-                    &it.stream,
-                    it.seq,
-                    published,
-                )
-                .time,
+                msg_id: it.origin.msg_id.as_deref(),
+                stable_time: it.origin.time,
                 now,
                 max_future_skew: self.shared.config.max_future_skew,
                 max_payload_bytes: self.shared.config.max_payload_bytes,
@@ -334,21 +385,22 @@ impl Worker {
                 }
             }
         }
+        let reports: Vec<Option<Report>> = decoded.iter().map(|d| d.as_ref().and_then(Report::of)).collect();
         let valid: Vec<usize> = (0..items.len()).filter(|&i| decoded[i].is_some()).collect();
         if valid.is_empty() {
-            return (results, Vec::new());
+            return (results, Vec::new(), reports);
         }
         if db_down {
             for &i in &valid {
                 results[i] = Err(Failure::DatabaseSkipped);
             }
-            return (results, Vec::new());
+            return (results, Vec::new(), reports);
         }
 
         // Without an identity of its own, an event is named by where it was stored.
         let positions: Vec<String> = items
             .iter()
-            .map(|it| format!("{}:{}:{}", self.cc.durable, it.stream, it.seq))
+            .map(|it| format!("{}:{}:{}", self.cc.durable, it.origin.stream, it.origin.seq))
             .collect();
         let entries: Vec<BatchEntry<'_>> = valid
             .iter()
@@ -356,12 +408,16 @@ impl Worker {
                 decoded[i].as_ref().map(|d| BatchEntry {
                     decoded: d,
                     source: Source {
-                        stream: &items[i].stream,
-                        seq: items[i].seq,
+                        stream: &items[i].origin.stream,
+                        seq: items[i].origin.seq,
                         identity: match d {
                             Decoded::Oura(w) => w.idempotency_key.as_str(),
-                            _ => crate::dlq_cli::idempotency_msg_id(items[i].d.msg.headers.as_ref())
-                                .unwrap_or(positions[i].as_str()),
+                            Decoded::Hrv(r) => {
+                                identity(&items[i].origin, r.event_id.as_deref(), &positions[i])
+                            }
+                            Decoded::Sleep(r) => {
+                                identity(&items[i].origin, r.event_id.as_deref(), &positions[i])
+                            }
                         },
                         redelivered: items[i].delivered > 1,
                     },
@@ -406,7 +462,7 @@ impl Worker {
             results[i] = r;
         }
         let pending = pending.into_iter().map(|(idx, ack)| (valid[idx], ack)).collect();
-        (results, pending)
+        (results, pending, reports)
     }
 
     /// The unroll-and-retry path: each message in its own transaction, in stream order (so
@@ -485,6 +541,7 @@ impl Worker {
         item: &Item,
         result: Result<(), Failure>,
         action: Action,
+        report: Option<Report>,
         b: &Binding,
         shutdown: &CancellationToken,
     ) {
@@ -493,42 +550,71 @@ impl Worker {
         let (stream, seq, delivered) = (item.stream.as_str(), item.seq, item.delivered);
         let m = &self.shared.metrics;
         let metric_subject = self.cc.filter_subject.as_str();
-        let settled: MessageResult = match action {
-            Action::Ack => {
+        let subject = d.msg.subject.to_string();
+        let origin = Origin {
+            subject: &subject,
+            stream,
+            seq,
+            durable: &b.durable,
+            delivered,
+            published: d.msg.info().ok().map(|i| crate::dlq::published_at(&i)),
+        };
+        let count_letter = |reason: Reason| {
+            m.dlq_messages
+                .with_label_values(&[kind.as_str(), reason.as_str(), metric_subject, stream, &b.durable])
+                .inc()
+        };
+        let settled: MessageResult = match (action, report) {
+            // Stored without its invalid sections: the dead letter that names them comes
+            // first, then the ack (a NAK, to try again, when it cannot be stored).
+            (Action::Ack, Some(report)) => {
+                let reason = Reason::SchemaInvalid;
+                if self
+                    .dead_letter(
+                        d,
+                        &origin,
+                        Letter {
+                            reason,
+                            error: &report.error,
+                            terminate: false,
+                        },
+                        b,
+                        shutdown,
+                    )
+                    .await
+                {
+                    count_letter(reason);
+                    for section in report.sections {
+                        m.count_oura_invalid_section(section);
+                    }
+                    MessageResult::Success
+                } else {
+                    MessageResult::Retry
+                }
+            }
+            (Action::Ack, None) => {
                 d.ack().await;
                 MessageResult::Success
             }
-            Action::Nak(delay) => {
+            (Action::Nak(delay), _) => {
                 if let Err(f) = &result {
                     tracing::debug!(consumer = %kind, stream = %stream, seq, delivered, error = %f, "transient failure; NAK with delay");
                 }
                 d.nak(Some(delay)).await;
                 MessageResult::Retry
             }
-            Action::DeadLetter(reason) => {
+            (Action::DeadLetter(reason), _) => {
                 let error = match &result {
                     Err(f) => f.to_string(),
                     Ok(()) => String::new(),
                 };
-                let subject = d.msg.subject.to_string();
-                let origin = Origin {
-                    subject: &subject,
-                    stream,
-                    seq,
-                    durable: &b.durable,
-                    delivered,
-                    published: d.msg.info().ok().map(|i| crate::dlq::published_at(&i)),
+                let letter = Letter {
+                    reason,
+                    error: &error,
+                    terminate: true,
                 };
-                if self.dead_letter(d, &origin, reason, &error, b, shutdown).await {
-                    m.dlq_messages
-                        .with_label_values(&[
-                            kind.as_str(),
-                            reason.as_str(),
-                            metric_subject,
-                            stream,
-                            &b.durable,
-                        ])
-                        .inc();
+                if self.dead_letter(d, &origin, letter, b, shutdown).await {
+                    count_letter(reason);
                     if reason == Reason::SchemaInvalid {
                         MessageResult::SchemaInvalid
                     } else {

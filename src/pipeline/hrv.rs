@@ -20,20 +20,17 @@ pub struct HrvRecord {
     pub captured_at: DateTime<Utc>,
     /// Passed through from `raw.readinessScore` when it is a number in 0..=100, else 0.
     pub readiness_score: f64,
+    /// The event's own `eventId`, when it has one (an identity for its announcements).
+    pub event_id: Option<String>,
 }
 
 pub(crate) fn decode(body: &[u8], clock: Clock) -> Result<HrvRecord, SchemaError> {
     let root = parse_object(body)?;
-    if let Some(v) = root.get("eventId") {
-        if !(v.is_string() || v.is_null()) {
-            return Err(SchemaError::Invalid {
-                field: "eventId",
-                reason: "must be a string",
-            });
-        }
-    }
+    let event_id = super::event_id(&root)?;
     let payload = object(&root, "payload", "payload")?;
-    from_payload(payload, clock)
+    let mut r = from_payload(payload, clock)?;
+    r.event_id = event_id;
+    Ok(r)
 }
 
 fn from_payload(p: &Map<String, Value>, clock: Clock) -> Result<HrvRecord, SchemaError> {
@@ -58,6 +55,7 @@ fn from_payload(p: &Map<String, Value>, clock: Clock) -> Result<HrvRecord, Schem
         vendor: vendor(raw),
         captured_at,
         readiness_score,
+        event_id: None,
     })
 }
 

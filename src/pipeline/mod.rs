@@ -148,6 +148,22 @@ impl Vendor {
     }
 }
 
+/// The optional top-level `eventId`: a string when present.
+pub(crate) fn event_id(root: &Map<String, Value>) -> Result<Option<String>, SchemaError> {
+    match root.get("eventId") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.contains('\0') => Err(SchemaError::Invalid {
+            field: "eventId",
+            reason: "must not contain NUL",
+        }),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(SchemaError::Invalid {
+            field: "eventId",
+            reason: "must be a string",
+        }),
+    }
+}
+
 pub(crate) fn parse_object(body: &[u8]) -> Result<Map<String, Value>, SchemaError> {
     match serde_json::from_slice::<Value>(body).map_err(SchemaError::Json)? {
         Value::Object(map) => Ok(map),

@@ -189,6 +189,7 @@ fn derive_hrv(
         vendor: Some(Vendor::Oura),
         captured_at,
         readiness_score: 0.0,
+        event_id: None,
     })
 }
 
@@ -209,6 +210,7 @@ fn derive_sleep(
         vendor: Some(Vendor::Oura),
         captured_at,
         captured_at_defaulted: false,
+        event_id: None,
     })
 }
 

@@ -20,6 +20,8 @@ pub struct SleepRecord {
     /// True when the event had no `capturedAt` and the message's JetStream timestamp (the first
     /// publish's, for a replay) was used instead (stored in the row).
     pub captured_at_defaulted: bool,
+    /// The event's own `eventId`, when it has one (an identity for its announcements).
+    pub event_id: Option<String>,
 }
 
 /// `stable_time` is the default `captured_at` (already truncated to microseconds).
@@ -29,6 +31,7 @@ pub(crate) fn decode(
     clock: Clock,
 ) -> Result<SleepRecord, SchemaError> {
     let root = parse_object(body)?;
+    let event_id = super::event_id(&root)?;
     let p = object(&root, "payload", "payload")?;
     let user_id = user_id(p, "userId", "payload.userId")?;
     let date = date(p, "date", "payload.date")?;
@@ -50,6 +53,7 @@ pub(crate) fn decode(
         vendor: vendor(raw),
         captured_at: captured.unwrap_or(stable_time),
         captured_at_defaulted: captured.is_none(),
+        event_id,
     })
 }
 

@@ -86,8 +86,9 @@ async fn valid_event_is_stored_published_and_acked() {
                 .unwrap()
                 .as_str()
                 .to_string();
-            // No identity of its own: named by its position, then kind and row version.
-            assert_eq!(id, format!("normalize-hrv-durable:{stream}:{seq}:hrv:v1"));
+            // Named by the event's own identity (its eventId), the kind and the row version,
+            // wherever it was stored.
+            assert_eq!(id, "evt-user-1-2025-03-01:hrv:v1");
             assert_eq!(v["record"]["version"], 1);
 
             wait_drained(&js, stream, "normalize-hrv-durable").await;

@@ -568,6 +568,7 @@ fn invariant_checks_can_fail() {
             vendor: None,
             captured_at: invariants::now(),
             captured_at_defaulted: false,
+            event_id: None,
         })
     });
     assert!(caught.is_err(), "the sleep invariant must reject 1441 minutes");
@@ -579,6 +580,7 @@ fn invariant_checks_can_fail() {
         vendor: None,
         captured_at: invariants::now(),
         captured_at_defaulted: false,
+        event_id: None,
     };
     invariants::check_sleep_record(&valid);
     let broken = [
