@@ -7,7 +7,7 @@
 //! Upserts never let an older `captured_at` replace a newer row, and a missing optional field
 //! never erases a stored value.
 
-mod announce;
+pub mod announce;
 pub mod merge;
 
 use std::collections::HashMap;

@@ -8,7 +8,7 @@
 use chrono::{DateTime, TimeZone, Utc};
 use normalize_service::config::ConsumerKind;
 use normalize_service::pipeline::{
-    self, hrv, oura, sleep, Decoded, Envelope, HrvRecord, SchemaError, SleepRecord, Vendor,
+    self, oura, Decoded, Envelope, HrvRecord, SchemaError, SleepRecord, Vendor,
 };
 use serde_json::{Map, Value};
 
@@ -177,7 +177,9 @@ pub fn check_hrv_record(r: &HrvRecord) {
     );
     check_date(r.date, None);
     let vendor = r.vendor.map(Vendor::as_str).unwrap_or("unknown");
-    let body = hrv::normalized(r, vendor);
+    let body = normalize_service::store::announce::HrvRow::of(r, vendor, 1)
+        .body()
+        .3;
     let n: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let rec = &n["record"];
     assert!(rec["rMSSD"].is_number(), "rMSSD not a JSON number: {rec}");
@@ -260,7 +262,9 @@ pub fn check_sleep_record(r: &SleepRecord) {
     }
     check_date(r.date, None);
     let vendor = r.vendor.map(Vendor::as_str).unwrap_or("unknown");
-    let body = sleep::normalized(r, vendor, r.quality_score);
+    let body = normalize_service::store::announce::SleepRow::of(r, vendor, 1)
+        .body()
+        .3;
     let n: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let rec = &n["record"];
     assert_eq!(

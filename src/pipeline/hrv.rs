@@ -1,12 +1,11 @@
 //! Raw HRV readings (`athlete-ally.hrv.raw-received`).
 
-use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
-use serde::Serialize;
-use serde_json::{Map, Number, Value};
+use chrono::{DateTime, NaiveDate, Utc};
+use serde_json::{Map, Value};
 
 use super::{
-    date, number, object, optional_object, parse_object, timestamp, to_json, user_id, vendor, AsStr, Clock,
-    SchemaError, Vendor,
+    date, number, object, optional_object, parse_object, timestamp, user_id, vendor, Clock, SchemaError,
+    Vendor,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -71,50 +70,9 @@ pub(crate) fn rmssd(value: Option<&Value>, field: &'static str) -> Result<f64, S
     }
 }
 
-/// A score as an integer when it is one, so `85` stays `85`, not `85.0`.
-fn score_json(v: f64) -> Number {
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        Number::from(v as i64)
-    } else {
-        Number::from_f64(v).unwrap_or_else(|| Number::from(0))
-    }
-}
-
-/// The record of an `athlete-ally.hrv.normalized-stored` event (keys in alphabetical order,
-/// as they always were).
-#[derive(Serialize)]
-struct Stored<'a> {
-    #[serde(rename = "capturedAt")]
-    captured_at: String,
-    date: AsStr<NaiveDate>,
-    #[serde(rename = "lnRMSSD")]
-    ln_rmssd: f64,
-    #[serde(rename = "rMSSD")]
-    rmssd: f64,
-    #[serde(rename = "readinessScore")]
-    readiness_score: Number,
-    #[serde(rename = "userId")]
-    user_id: &'a str,
-    vendor: &'a str,
-}
-
-/// The `athlete-ally.hrv.normalized-stored` body (JSON) for a stored row.
-pub fn normalized(r: &HrvRecord, stored_vendor: &str) -> Vec<u8> {
-    to_json(Stored {
-        captured_at: r.captured_at.to_rfc3339_opts(SecondsFormat::Millis, true),
-        date: AsStr(r.date),
-        ln_rmssd: r.ln_rmssd,
-        rmssd: r.rmssd,
-        readiness_score: score_json(r.readiness_score),
-        user_id: &r.user_id,
-        vendor: stored_vendor,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn clock() -> Clock {
         crate::pipeline::test_envelope().clock()
@@ -141,18 +99,7 @@ mod tests {
         assert_eq!(r.vendor, Some(Vendor::Oura));
         assert_eq!(r.captured_at.to_rfc3339(), "2025-03-01T05:30:00+00:00");
         assert_eq!(r.readiness_score, 77.0);
-        let n = normalized(&r, "oura");
-        assert_eq!(
-            String::from_utf8(n).unwrap(),
-            format!(
-                r#"{{"record":{{"capturedAt":"2025-03-01T05:30:00.000Z","date":"2025-03-01","lnRMSSD":{},"rMSSD":42.5,"readinessScore":77,"userId":"u1","vendor":"oura"}}}}"#,
-                42.5f64.ln()
-            )
-        );
-        let mut fractional = r.clone();
-        fractional.readiness_score = 77.5;
-        let n: Value = serde_json::from_slice(&normalized(&fractional, "oura")).unwrap();
-        assert_eq!(n["record"]["readinessScore"], json!(77.5));
+        assert_eq!(r.event_id.as_deref(), Some("e1"));
     }
 
     #[test]

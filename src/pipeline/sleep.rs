@@ -1,11 +1,10 @@
 //! Raw sleep records (`athlete-ally.sleep.raw-received`).
 
-use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
-use serde::Serialize;
+use chrono::{DateTime, NaiveDate, Utc};
 
 use super::{
-    clamp_score, date, minutes, number, object, optional_object, parse_object, timestamp, to_json, user_id,
-    vendor, AsStr, Clock, SchemaError, Vendor,
+    clamp_score, date, minutes, number, object, optional_object, parse_object, timestamp, user_id, vendor,
+    Clock, SchemaError, Vendor,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,34 +56,6 @@ pub(crate) fn decode(
     })
 }
 
-/// The record of an `athlete-ally.sleep.normalized-stored` event (keys in alphabetical order,
-/// as they always were; `qualityScore` only when one is stored).
-#[derive(Serialize)]
-struct Stored<'a> {
-    #[serde(rename = "capturedAt")]
-    captured_at: String,
-    date: AsStr<NaiveDate>,
-    #[serde(rename = "durationMinutes")]
-    duration_minutes: i32,
-    #[serde(rename = "qualityScore", skip_serializing_if = "Option::is_none")]
-    quality_score: Option<i32>,
-    #[serde(rename = "userId")]
-    user_id: &'a str,
-    vendor: &'a str,
-}
-
-/// The `athlete-ally.sleep.normalized-stored` body (JSON) for a stored row (values as stored).
-pub fn normalized(r: &SleepRecord, stored_vendor: &str, stored_quality: Option<i32>) -> Vec<u8> {
-    to_json(Stored {
-        captured_at: r.captured_at.to_rfc3339_opts(SecondsFormat::Millis, true),
-        date: AsStr(r.date),
-        duration_minutes: r.duration_minutes,
-        quality_score: stored_quality,
-        user_id: &r.user_id,
-        vendor: stored_vendor,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,11 +75,6 @@ mod tests {
         assert_eq!(r.quality_score, Some(100));
         assert_eq!(r.vendor, Some(Vendor::Oura));
         assert!(!r.captured_at_defaulted);
-        let n = normalized(&r, "oura", Some(100));
-        assert_eq!(
-            String::from_utf8(n).unwrap(),
-            r#"{"record":{"capturedAt":"2025-03-01T08:00:00.000Z","date":"2025-03-01","durationMinutes":421,"qualityScore":100,"userId":"u","vendor":"oura"}}"#
-        );
     }
 
     #[test]
@@ -119,8 +85,6 @@ mod tests {
         assert!(r.captured_at_defaulted);
         assert_eq!(r.quality_score, None);
         assert_eq!(r.vendor, None);
-        let n: serde_json::Value = serde_json::from_slice(&normalized(&r, "unknown", None)).unwrap();
-        assert!(n["record"].get("qualityScore").is_none());
     }
 
     #[test]

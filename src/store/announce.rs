@@ -9,7 +9,7 @@ use sqlx::postgres::PgRow;
 use sqlx::Row;
 
 use super::{HRV_NORMALIZED_SUBJECT, SLEEP_NORMALIZED_SUBJECT};
-use crate::pipeline::{to_json, AsStr};
+use crate::pipeline::{to_json, AsStr, HrvRecord, SleepRecord};
 
 /// Times are stored in microseconds; published with milliseconds when that is exact (as they
 /// always were), else with microseconds.
@@ -64,6 +64,23 @@ struct HrvStored<'a> {
 }
 
 impl HrvRow {
+    /// The row one record would make on its own (for checks of the announcement's format).
+    pub fn of(r: &HrvRecord, vendor: &str, version: i64) -> HrvRow {
+        HrvRow {
+            user_id: r.user_id.clone(),
+            date: r.date,
+            rmssd: r.rmssd,
+            ln_rmssd: r.ln_rmssd,
+            readiness_score: r.readiness_score,
+            vendor: vendor.to_string(),
+            captured_at: r.captured_at,
+            source_stream: String::new(),
+            source_seq: 0,
+            version,
+            changed: true,
+        }
+    }
+
     pub fn from_row(row: &PgRow) -> Result<HrvRow, sqlx::Error> {
         Ok(HrvRow {
             user_id: row.try_get("user_id")?,
@@ -137,6 +154,22 @@ struct SleepStored<'a> {
 }
 
 impl SleepRow {
+    /// The row one record would make on its own (for checks of the announcement's format).
+    pub fn of(r: &SleepRecord, vendor: &str, version: i64) -> SleepRow {
+        SleepRow {
+            user_id: r.user_id.clone(),
+            date: r.date,
+            duration_minutes: r.duration_minutes,
+            quality_score: r.quality_score,
+            vendor: vendor.to_string(),
+            captured_at: r.captured_at,
+            source_stream: String::new(),
+            source_seq: 0,
+            version,
+            changed: true,
+        }
+    }
+
     pub fn from_row(row: &PgRow) -> Result<SleepRow, sqlx::Error> {
         Ok(SleepRow {
             user_id: row.try_get("user_id")?,
@@ -174,5 +207,71 @@ impl SleepRow {
             version: self.version,
         });
         (self.changed, self.version, SLEEP_NORMALIZED_SUBJECT, body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn hrv_announcements_describe_the_row_byte_for_byte() {
+        let mut row = HrvRow {
+            user_id: "u1".into(),
+            date: NaiveDate::from_ymd_opt(2025, 3, 1).unwrap(),
+            rmssd: 42.5,
+            ln_rmssd: 42.5f64.ln(),
+            readiness_score: 77.0,
+            vendor: "oura".into(),
+            captured_at: at("2025-03-01T05:30:00Z"),
+            source_stream: "AA_CORE_HOT".into(),
+            source_seq: 3,
+            version: 2,
+            changed: true,
+        };
+        let (changed, version, subject, body) = row.body();
+        assert!(changed);
+        assert_eq!((version, subject), (2, HRV_NORMALIZED_SUBJECT));
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            format!(
+                r#"{{"record":{{"capturedAt":"2025-03-01T05:30:00.000Z","date":"2025-03-01","lnRMSSD":{},"rMSSD":42.5,"readinessScore":77,"userId":"u1","vendor":"oura","version":2}}}}"#,
+                42.5f64.ln()
+            )
+        );
+        // A fractional score stays fractional; microseconds are published when present.
+        row.readiness_score = 77.5;
+        row.captured_at = at("2025-03-01T05:30:00.000123Z");
+        let v: serde_json::Value = serde_json::from_slice(&row.body().3).unwrap();
+        assert_eq!(v["record"]["readinessScore"], serde_json::json!(77.5));
+        assert_eq!(v["record"]["capturedAt"], "2025-03-01T05:30:00.000123Z");
+    }
+
+    #[test]
+    fn sleep_announcements_carry_quality_only_when_stored() {
+        let mut row = SleepRow {
+            user_id: "u".into(),
+            date: NaiveDate::from_ymd_opt(2025, 3, 1).unwrap(),
+            duration_minutes: 421,
+            quality_score: Some(100),
+            vendor: "oura".into(),
+            captured_at: at("2025-03-01T08:00:00Z"),
+            source_stream: "AA_CORE_HOT".into(),
+            source_seq: 9,
+            version: 1,
+            changed: false,
+        };
+        assert_eq!(
+            String::from_utf8(row.body().3).unwrap(),
+            r#"{"record":{"capturedAt":"2025-03-01T08:00:00.000Z","date":"2025-03-01","durationMinutes":421,"qualityScore":100,"userId":"u","vendor":"oura","version":1}}"#
+        );
+        row.quality_score = None;
+        let v: serde_json::Value = serde_json::from_slice(&row.body().3).unwrap();
+        assert!(v["record"].get("qualityScore").is_none());
+        assert_eq!(row.order(), (at("2025-03-01T08:00:00Z"), "AA_CORE_HOT", 9));
     }
 }
