@@ -183,3 +183,97 @@ async fn every_stored_change_has_the_next_version() {
     assert!(events[1].0.ends_with(":hrv:v2"), "{}", events[1].0);
     app.stop().await.unwrap();
 }
+
+/// Item 7, input edges: a NUL in a user id and a time far in the future are schema-invalid at
+/// decode (not a database error, not a row pinned forever); an Oura webhook with a valid
+/// `user_id` and an invalid section is stored raw, derives what is valid, and reports the
+/// invalid section with a dead letter and a metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_edges_are_refused_or_reported_at_decode() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let js = nats.js().await;
+    let app = TestApp::spawn(base_vars(&nats, &db.url)).await;
+    app.wait_ready().await;
+    publish(
+        &js,
+        HRV_SUBJECT,
+        json!({"payload": {"userId": "nul\u{0}user", "date": "2025-03-01", "rMSSD": 40.0,
+                           "capturedAt": "2025-03-01T06:00:00Z"}})
+        .to_string(),
+    )
+    .await;
+    publish(
+        &js,
+        HRV_SUBJECT,
+        hrv_event("future", "2025-03-01", 40.0, "9999-12-31T00:00:00Z"),
+    )
+    .await;
+    publish(
+        &js,
+        OURA_SUBJECT,
+        json!({"user_id": "partial", "timestamp": "2025-03-01T07:00:00Z",
+               "data": {"hrv": {"rmssd": -3}, "sleep": {"duration": 7.5, "score": 83}}})
+        .to_string(),
+    )
+    .await;
+    wait_for("three dead letters", Duration::from_secs(15), || async {
+        stream_messages(&js, "AA_DLQ").await == 3
+    })
+    .await;
+    wait_drained(&js, "AA_VENDOR_HOT", "normalize-oura").await;
+    wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
+    let letters = stream_contents(&js, "AA_DLQ").await;
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.subject.as_str().ends_with(".schema-invalid")),
+        "{:?}",
+        letters.iter().map(|l| l.subject.to_string()).collect::<Vec<_>>()
+    );
+    let oura = letters
+        .iter()
+        .find(|l| l.subject.as_str().starts_with("dlq.vendor.oura"))
+        .unwrap();
+    assert!(oura
+        .headers
+        .get("Dlq-Error")
+        .unwrap()
+        .as_str()
+        .contains("data.hrv"));
+    let pool = db.pool().await;
+    assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 0);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM vendor_webhook_events WHERE user_id = 'partial'"
+        )
+        .await,
+        1,
+        "the raw webhook is stored"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM sleep_data WHERE user_id = 'partial' AND duration_minutes = 450"
+        )
+        .await,
+        1,
+        "its valid section is derived"
+    );
+    let m = app.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "normalize_oura_invalid_sections_total",
+            &[("section", "data.hrv")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&m, "normalize_oura_messages_total", &[("result", "success")]),
+        Some(1.0),
+        "the webhook itself was processed"
+    );
+    app.stop().await.unwrap();
+}
