@@ -475,33 +475,7 @@ async fn upsert_hrv(
         .fetch_all(&mut *conn)
         .await?;
     metrics.observe_db_write("hrv_data", started.elapsed());
-    let stored = returned
-        .iter()
-        .map(announce::HrvRow::from_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    let again = announce_rows(rows, entries, &stored, out, |r| r.key(), |r| r.body());
-    if !again.is_empty() {
-        let (u, d): (Vec<&str>, Vec<NaiveDate>) = again.iter().map(|(u, d)| (*u, *d)).unzip();
-        let current = sqlx::query(&HRV_SELECT)
-            .bind(&u)
-            .bind(&d)
-            .fetch_all(&mut *conn)
-            .await?;
-        let current = current
-            .iter()
-            .map(announce::HrvRow::from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        reannounce(
-            rows,
-            entries,
-            &current,
-            out,
-            |r| r.key(),
-            |r| r.order(),
-            |r| r.body(),
-        );
-    }
-    Ok(())
+    announce::<_, announce::HrvRow>(conn, rows, entries, &returned, &HRV_SELECT, out).await
 }
 
 async fn upsert_sleep(
@@ -571,109 +545,71 @@ async fn upsert_sleep(
         .fetch_all(&mut *conn)
         .await?;
     metrics.observe_db_write("sleep_data", started.elapsed());
-    let stored = returned
-        .iter()
-        .map(announce::SleepRow::from_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    let again = announce_rows(rows, entries, &stored, out, |r| r.key(), |r| r.body());
-    if !again.is_empty() {
-        let (u, d): (Vec<&str>, Vec<NaiveDate>) = again.iter().map(|(u, d)| (*u, *d)).unzip();
-        let current = sqlx::query(&SLEEP_SELECT)
-            .bind(&u)
-            .bind(&d)
-            .fetch_all(&mut *conn)
-            .await?;
-        let current = current
-            .iter()
-            .map(announce::SleepRow::from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        reannounce(
-            rows,
-            entries,
-            &current,
-            out,
-            |r| r.key(),
-            |r| r.order(),
-            |r| r.body(),
-        );
-    }
-    Ok(())
+    announce::<_, announce::SleepRow>(conn, rows, entries, &returned, &SLEEP_SELECT, out).await
 }
 
 /// The normalized event of a stored change, given to the entry of the row's newest record:
-/// its id is that event's identity (or position), the kind and the row's version.
-fn announcement(entry: &BatchEntry<'_>, subject: &'static str, version: i64, body: Vec<u8>) -> Normalized {
-    let kind = if subject == HRV_NORMALIZED_SUBJECT {
-        "hrv"
-    } else {
-        "sleep"
-    };
-    let id = format!("{}:{kind}:v{version}", entry.source.identity);
-    Normalized { subject, id, body }
+/// its id is that event's identity, the kind and the row's version.
+fn announcement(entry: &BatchEntry<'_>, row: &impl announce::StoredRow) -> Normalized {
+    let (subject, kind) = row.subject();
+    Normalized {
+        subject,
+        id: format!("{}:{kind}:v{}", entry.source.identity, row.version()),
+        body: row.body(),
+    }
 }
 
-/// Announces the rows the upsert changed; returns the keys of rows it did not touch whose
-/// newest record was redelivered (their change may have been committed by an earlier delivery
-/// whose announcement was lost: see [`reannounce`]).
-fn announce_rows<'r, R, Row>(
-    rows: &Rows<'_, 'r, R>,
+/// Announces the rows the upsert changed (`returned`). Rows it did not touch whose newest
+/// record was redelivered may hold a change an earlier delivery committed while its
+/// announcement was lost: when such a row is still as that record left it (its order key is
+/// the record's), it is announced again, with the same id as the first time, so JetStream
+/// drops it if that one was stored after all.
+async fn announce<R: Keyed, S: announce::StoredRow>(
+    conn: &mut PgConnection,
+    rows: &Rows<'_, '_, R>,
     entries: &[BatchEntry<'_>],
-    stored: &[Row],
+    returned: &[sqlx::postgres::PgRow],
+    select: &str,
     out: &mut [EntryOutcome],
-    key: impl Fn(&Row) -> (&str, NaiveDate),
-    body: impl Fn(&Row) -> (bool, i64, &'static str, Vec<u8>),
-) -> Vec<(&'r str, NaiveDate)>
-where
-    R: Keyed,
-{
-    let returned: HashMap<(&str, NaiveDate), &Row> = stored.iter().map(|r| (key(r), r)).collect();
-    let mut again = Vec::new();
+) -> Result<(), sqlx::Error> {
+    let stored = returned.iter().map(S::from_row).collect::<Result<Vec<_>, _>>()?;
+    let by_key: HashMap<(&str, NaiveDate), &S> = stored.iter().map(|r| (r.key(), r)).collect();
+    let mut again: Vec<(&str, NaiveDate)> = Vec::new();
     for m in &rows.merged {
         let c = &rows.cands[m.main];
-        let k = c.record.key();
-        match returned.get(&k) {
-            Some(row) => {
-                let (changed, version, subject, b) = body(row);
-                if changed {
-                    out[c.entry]
-                        .normalized
-                        .push(announcement(&entries[c.entry], subject, version, b));
-                }
-            }
-            None if entries[c.entry].source.redelivered => again.push(k),
+        match by_key.get(&c.record.key()) {
+            Some(row) if row.changed() => out[c.entry]
+                .normalized
+                .push(announcement(&entries[c.entry], *row)),
+            Some(_) => {}
+            None if entries[c.entry].source.redelivered => again.push(c.record.key()),
             None => {}
         }
     }
-    again
-}
-
-/// For redelivered records that changed nothing: when the row is still as that record's
-/// delivery left it (its order key is the record's), announce the row again. The id is the
-/// same as the first announcement's, so JetStream drops it if that one was stored after all.
-fn reannounce<R, Row>(
-    rows: &Rows<'_, '_, R>,
-    entries: &[BatchEntry<'_>],
-    current: &[Row],
-    out: &mut [EntryOutcome],
-    key: impl Fn(&Row) -> (&str, NaiveDate),
-    order: impl Fn(&Row) -> (DateTime<Utc>, &str, i64),
-    body: impl Fn(&Row) -> (bool, i64, &'static str, Vec<u8>),
-) where
-    R: Keyed,
-{
-    let by_key: HashMap<(&str, NaiveDate), &Row> = current.iter().map(|r| (key(r), r)).collect();
+    if again.is_empty() {
+        return Ok(());
+    }
+    let (users, dates): (Vec<&str>, Vec<NaiveDate>) = again.into_iter().unzip();
+    let current = sqlx::query(select)
+        .bind(&users)
+        .bind(&dates)
+        .fetch_all(&mut *conn)
+        .await?;
+    let current = current.iter().map(S::from_row).collect::<Result<Vec<_>, _>>()?;
+    let by_key: HashMap<(&str, NaiveDate), &S> = current.iter().map(|r| (r.key(), r)).collect();
     for m in &rows.merged {
         let c = &rows.cands[m.main];
         let e = &entries[c.entry];
-        let Some(row) = by_key.get(&c.record.key()) else {
+        if !e.source.redelivered {
             continue;
-        };
-        let (at, stream, seq) = order(row);
-        if (at, stream, seq) == (c.record.captured_at(), e.source.stream, seq_i64(e.source.seq)) {
-            let (_, version, subject, b) = body(row);
-            out[c.entry].normalized.push(announcement(e, subject, version, b));
+        }
+        if let Some(row) = by_key.get(&c.record.key()) {
+            if row.order() == (c.record.captured_at(), e.source.stream, seq_i64(e.source.seq)) {
+                out[c.entry].normalized.push(announcement(e, *row));
+            }
         }
     }
+    Ok(())
 }
 
 /// What the announcement helpers need of a record.

@@ -10,6 +10,7 @@ use normalize_service::config::ConsumerKind;
 use normalize_service::pipeline::{
     self, oura, Decoded, Envelope, HrvRecord, SchemaError, SleepRecord, Vendor,
 };
+use normalize_service::store::announce::{HrvRow, SleepRow, StoredRow};
 use serde_json::{Map, Value};
 
 /// The daemon's default `MAX_PAYLOAD_BYTES`.
@@ -177,9 +178,7 @@ pub fn check_hrv_record(r: &HrvRecord) {
     );
     check_date(r.date, None);
     let vendor = r.vendor.map(Vendor::as_str).unwrap_or("unknown");
-    let body = normalize_service::store::announce::HrvRow::of(r, vendor, 1)
-        .body()
-        .3;
+    let body = HrvRow::of(r, vendor, 1).body();
     let n: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let rec = &n["record"];
     assert!(rec["rMSSD"].is_number(), "rMSSD not a JSON number: {rec}");
@@ -262,9 +261,7 @@ pub fn check_sleep_record(r: &SleepRecord) {
     }
     check_date(r.date, None);
     let vendor = r.vendor.map(Vendor::as_str).unwrap_or("unknown");
-    let body = normalize_service::store::announce::SleepRow::of(r, vendor, 1)
-        .body()
-        .3;
+    let body = SleepRow::of(r, vendor, 1).body();
     let n: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let rec = &n["record"];
     assert_eq!(

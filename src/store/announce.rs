@@ -31,6 +31,21 @@ fn score_json(v: f64) -> Number {
     }
 }
 
+/// A row as the upsert returns it, ready to be announced.
+pub trait StoredRow: Sized {
+    fn from_row(row: &PgRow) -> Result<Self, sqlx::Error>;
+    fn key(&self) -> (&str, NaiveDate);
+    /// The order key of the event its required fields came from.
+    fn order(&self) -> (DateTime<Utc>, &str, i64);
+    /// Changed by the statement that returned it (not bookkeeping only).
+    fn changed(&self) -> bool;
+    fn version(&self) -> i64;
+    /// The normalized-stored subject and the kind named in ids.
+    fn subject(&self) -> (&'static str, &'static str);
+    /// The normalized-stored body: the row as stored, with its version.
+    fn body(&self) -> Vec<u8>;
+}
+
 pub struct HrvRow {
     user_id: String,
     date: NaiveDate,
@@ -80,8 +95,10 @@ impl HrvRow {
             changed: true,
         }
     }
+}
 
-    pub fn from_row(row: &PgRow) -> Result<HrvRow, sqlx::Error> {
+impl StoredRow for HrvRow {
+    fn from_row(row: &PgRow) -> Result<HrvRow, sqlx::Error> {
         Ok(HrvRow {
             user_id: row.try_get("user_id")?,
             date: row.try_get("date")?,
@@ -99,17 +116,28 @@ impl HrvRow {
         })
     }
 
-    pub fn key(&self) -> (&str, NaiveDate) {
+    fn key(&self) -> (&str, NaiveDate) {
         (self.user_id.as_str(), self.date)
     }
 
-    pub fn order(&self) -> (DateTime<Utc>, &str, i64) {
+    fn order(&self) -> (DateTime<Utc>, &str, i64) {
         (self.captured_at, self.source_stream.as_str(), self.source_seq)
     }
 
-    /// (changed by this statement, version, subject, body)
-    pub fn body(&self) -> (bool, i64, &'static str, Vec<u8>) {
-        let body = to_json(HrvStored {
+    fn changed(&self) -> bool {
+        self.changed
+    }
+
+    fn version(&self) -> i64 {
+        self.version
+    }
+
+    fn subject(&self) -> (&'static str, &'static str) {
+        (HRV_NORMALIZED_SUBJECT, "hrv")
+    }
+
+    fn body(&self) -> Vec<u8> {
+        to_json(HrvStored {
             captured_at: rfc3339(self.captured_at),
             date: AsStr(self.date),
             ln_rmssd: self.ln_rmssd,
@@ -118,8 +146,7 @@ impl HrvRow {
             user_id: &self.user_id,
             vendor: &self.vendor,
             version: self.version,
-        });
-        (self.changed, self.version, HRV_NORMALIZED_SUBJECT, body)
+        })
     }
 }
 
@@ -169,8 +196,10 @@ impl SleepRow {
             changed: true,
         }
     }
+}
 
-    pub fn from_row(row: &PgRow) -> Result<SleepRow, sqlx::Error> {
+impl StoredRow for SleepRow {
+    fn from_row(row: &PgRow) -> Result<SleepRow, sqlx::Error> {
         Ok(SleepRow {
             user_id: row.try_get("user_id")?,
             date: row.try_get("date")?,
@@ -187,17 +216,28 @@ impl SleepRow {
         })
     }
 
-    pub fn key(&self) -> (&str, NaiveDate) {
+    fn key(&self) -> (&str, NaiveDate) {
         (self.user_id.as_str(), self.date)
     }
 
-    pub fn order(&self) -> (DateTime<Utc>, &str, i64) {
+    fn order(&self) -> (DateTime<Utc>, &str, i64) {
         (self.captured_at, self.source_stream.as_str(), self.source_seq)
     }
 
-    /// (changed by this statement, version, subject, body)
-    pub fn body(&self) -> (bool, i64, &'static str, Vec<u8>) {
-        let body = to_json(SleepStored {
+    fn changed(&self) -> bool {
+        self.changed
+    }
+
+    fn version(&self) -> i64 {
+        self.version
+    }
+
+    fn subject(&self) -> (&'static str, &'static str) {
+        (SLEEP_NORMALIZED_SUBJECT, "sleep")
+    }
+
+    fn body(&self) -> Vec<u8> {
+        to_json(SleepStored {
             captured_at: rfc3339(self.captured_at),
             date: AsStr(self.date),
             duration_minutes: self.duration_minutes,
@@ -205,8 +245,7 @@ impl SleepRow {
             user_id: &self.user_id,
             vendor: &self.vendor,
             version: self.version,
-        });
-        (self.changed, self.version, SLEEP_NORMALIZED_SUBJECT, body)
+        })
     }
 }
 
@@ -233,9 +272,12 @@ mod tests {
             version: 2,
             changed: true,
         };
-        let (changed, version, subject, body) = row.body();
-        assert!(changed);
-        assert_eq!((version, subject), (2, HRV_NORMALIZED_SUBJECT));
+        let body = row.body();
+        assert!(row.changed());
+        assert_eq!(
+            (row.version(), row.subject()),
+            (2, (HRV_NORMALIZED_SUBJECT, "hrv"))
+        );
         assert_eq!(
             String::from_utf8(body).unwrap(),
             format!(
@@ -246,7 +288,7 @@ mod tests {
         // A fractional score stays fractional; microseconds are published when present.
         row.readiness_score = 77.5;
         row.captured_at = at("2025-03-01T05:30:00.000123Z");
-        let v: serde_json::Value = serde_json::from_slice(&row.body().3).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&row.body()).unwrap();
         assert_eq!(v["record"]["readinessScore"], serde_json::json!(77.5));
         assert_eq!(v["record"]["capturedAt"], "2025-03-01T05:30:00.000123Z");
     }
@@ -266,11 +308,11 @@ mod tests {
             changed: false,
         };
         assert_eq!(
-            String::from_utf8(row.body().3).unwrap(),
+            String::from_utf8(row.body()).unwrap(),
             r#"{"record":{"capturedAt":"2025-03-01T08:00:00.000Z","date":"2025-03-01","durationMinutes":421,"qualityScore":100,"userId":"u","vendor":"oura","version":1}}"#
         );
         row.quality_score = None;
-        let v: serde_json::Value = serde_json::from_slice(&row.body().3).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&row.body()).unwrap();
         assert!(v["record"].get("qualityScore").is_none());
         assert_eq!(row.order(), (at("2025-03-01T08:00:00Z"), "AA_CORE_HOT", 9));
     }
