@@ -54,12 +54,16 @@ pub fn event_origin(
         return own;
     };
     let get = |name: &str| h.get(name).map(|v| v.as_str().trim()).filter(|v| !v.is_empty());
+    // A position is a stream and a sequence together: half of one would mix two positions.
+    let position = get(REPLAY_ORIGINAL_STREAM).zip(
+        get(REPLAY_ORIGINAL_SEQUENCE)
+            .and_then(|s| s.parse::<u64>().ok())
+            .filter(|&n| n != 0),
+    );
+    let (stream, seq) = position.map_or((own.stream, own.seq), |(s, n)| (s.to_string(), n));
     EventOrigin {
-        stream: get(REPLAY_ORIGINAL_STREAM).map_or(own.stream, str::to_string),
-        seq: get(REPLAY_ORIGINAL_SEQUENCE)
-            .and_then(|s| s.parse().ok())
-            .filter(|&n: &u64| n != 0)
-            .unwrap_or(own.seq),
+        stream,
+        seq,
         time: get(REPLAY_ORIGINAL_TIMESTAMP)
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .map_or(own.time, |t| t.with_timezone(&Utc)),

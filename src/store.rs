@@ -559,11 +559,13 @@ fn announcement(entry: &BatchEntry<'_>, row: &impl announce::StoredRow) -> Norma
     }
 }
 
-/// Announces the rows the upsert changed (`returned`). Rows it did not touch whose newest
-/// record was redelivered may hold a change an earlier delivery committed while its
-/// announcement was lost: when such a row is still as that record left it (its order key is
-/// the record's), it is announced again, with the same id as the first time, so JetStream
-/// drops it if that one was stored after all.
+/// Announces the rows the upsert changed (`returned`). A row this statement did not change
+/// may still hold a change that an earlier delivery of one of its records committed while that
+/// delivery's announcement was lost (it was NAKed, or dead-lettered and replayed): when a
+/// redelivered record is still the source of one of the row's fields, the row is announced
+/// again under that record's identity and the row's version — the same id as the lost
+/// announcement when nothing changed the row since, so JetStream drops it if that one was stored
+/// after all; otherwise an announcement of the row as it now is.
 async fn announce<R: Keyed, S: announce::StoredRow>(
     conn: &mut PgConnection,
     rows: &Rows<'_, '_, R>,
@@ -574,39 +576,56 @@ async fn announce<R: Keyed, S: announce::StoredRow>(
 ) -> Result<(), sqlx::Error> {
     let stored = returned.iter().map(S::from_row).collect::<Result<Vec<_>, _>>()?;
     let by_key: HashMap<(&str, NaiveDate), &S> = stored.iter().map(|r| (r.key(), r)).collect();
-    let mut again: Vec<(&str, NaiveDate)> = Vec::new();
+    let redelivered = |m: &Merged| {
+        m.members
+            .iter()
+            .any(|&i| entries[rows.cands[i].entry].source.redelivered)
+    };
+    let mut unchanged: Vec<&Merged> = Vec::new();
+    let mut missing: Vec<(&str, NaiveDate)> = Vec::new();
     for m in &rows.merged {
         let c = &rows.cands[m.main];
         match by_key.get(&c.record.key()) {
             Some(row) if row.changed() => out[c.entry]
                 .normalized
                 .push(announcement(&entries[c.entry], *row)),
-            Some(_) => {}
-            None if entries[c.entry].source.redelivered => again.push(c.record.key()),
-            None => {}
+            Some(_) if redelivered(m) => unchanged.push(m),
+            None if redelivered(m) => {
+                unchanged.push(m);
+                missing.push(c.record.key());
+            }
+            _ => {}
         }
     }
-    if again.is_empty() {
+    if unchanged.is_empty() {
         return Ok(());
     }
-    let (users, dates): (Vec<&str>, Vec<NaiveDate>) = again.into_iter().unzip();
-    let current = sqlx::query(select)
-        .bind(&users)
-        .bind(&dates)
-        .fetch_all(&mut *conn)
-        .await?;
-    let current = current.iter().map(S::from_row).collect::<Result<Vec<_>, _>>()?;
-    let by_key: HashMap<(&str, NaiveDate), &S> = current.iter().map(|r| (r.key(), r)).collect();
-    for m in &rows.merged {
-        let c = &rows.cands[m.main];
-        let e = &entries[c.entry];
-        if !e.source.redelivered {
+    let current = if missing.is_empty() {
+        Vec::new()
+    } else {
+        let (users, dates): (Vec<&str>, Vec<NaiveDate>) = missing.into_iter().unzip();
+        let rows = sqlx::query(select)
+            .bind(&users)
+            .bind(&dates)
+            .fetch_all(&mut *conn)
+            .await?;
+        rows.iter().map(S::from_row).collect::<Result<Vec<_>, _>>()?
+    };
+    let now: HashMap<(&str, NaiveDate), &S> = current.iter().map(|r| (r.key(), r)).collect();
+    for m in unchanged {
+        let key = rows.cands[m.main].record.key();
+        let Some(row) = by_key.get(&key).or_else(|| now.get(&key)) else {
             continue;
-        }
-        if let Some(row) = by_key.get(&c.record.key()) {
-            if row.order() == (c.record.captured_at(), e.source.stream, seq_i64(e.source.seq)) {
-                out[c.entry].normalized.push(announcement(e, *row));
-            }
+        };
+        let source = m.members.iter().map(|&i| &rows.cands[i]).find(|c| {
+            let e = &entries[c.entry];
+            e.source.redelivered
+                && row.holds((c.record.captured_at(), e.source.stream, seq_i64(e.source.seq)))
+        });
+        if let Some(c) = source {
+            out[c.entry]
+                .normalized
+                .push(announcement(&entries[c.entry], *row));
         }
     }
     Ok(())

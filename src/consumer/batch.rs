@@ -36,11 +36,12 @@ use crate::topology::Binding;
 /// An event's identity (docs/CONTRACT.md): its publisher's id, else its `eventId`, else its
 /// first position.
 fn identity<'a>(origin: &'a EventOrigin, event_id: Option<&'a str>, position: &'a str) -> &'a str {
+    let usable = |id: &&str| !id.trim().is_empty();
     origin
         .msg_id
         .as_deref()
-        .or(event_id)
-        .filter(|id| !id.trim().is_empty())
+        .filter(usable)
+        .or(event_id.filter(usable))
         .unwrap_or(position)
 }
 
@@ -419,7 +420,15 @@ impl Worker {
                                 identity(&items[i].origin, r.event_id.as_deref(), &positions[i])
                             }
                         },
-                        redelivered: items[i].delivered > 1,
+                        // A replay is a redelivery too: its first deliveries may have committed
+                        // a change whose announcement was lost.
+                        redelivered: items[i].delivered > 1
+                            || items[i]
+                                .d
+                                .msg
+                                .headers
+                                .as_ref()
+                                .is_some_and(|h| h.get(crate::dlq::REPLAYED_FROM).is_some()),
                     },
                 })
             })

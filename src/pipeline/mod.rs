@@ -115,7 +115,15 @@ pub fn decode(kind: ConsumerKind, body: &[u8], env: Envelope<'_>) -> Result<Deco
     match kind {
         ConsumerKind::Hrv => hrv::decode(body, env.clock()).map(Decoded::Hrv),
         ConsumerKind::Sleep => {
-            sleep::decode(body, to_micros(env.stable_time), env.clock()).map(Decoded::Sleep)
+            let clock = env.clock();
+            if clock.latest.is_some_and(|latest| env.stable_time > latest) {
+                // Only a forged replay header can put the first publish in the future.
+                return Err(SchemaError::Invalid {
+                    field: "Replay-Original-Timestamp",
+                    reason: "is further in the future than MAX_FUTURE_SKEW_MS allows",
+                });
+            }
+            sleep::decode(body, to_micros(env.stable_time), clock).map(Decoded::Sleep)
         }
         ConsumerKind::Oura => oura::decode(body, env.msg_id, env.clock()).map(Decoded::Oura),
     }
@@ -148,13 +156,22 @@ impl Vendor {
     }
 }
 
+/// The longest `eventId` accepted.
+pub const MAX_EVENT_ID_BYTES: usize = 256;
+
 /// The optional top-level `eventId`: a string when present.
 pub(crate) fn event_id(root: &Map<String, Value>) -> Result<Option<String>, SchemaError> {
     match root.get("eventId") {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.contains('\0') => Err(SchemaError::Invalid {
+        // It names the event's announcements (a `Nats-Msg-Id` header value): header-safe and
+        // bounded, or the event is refused.
+        Some(Value::String(s)) if s.chars().any(char::is_control) => Err(SchemaError::Invalid {
             field: "eventId",
-            reason: "must not contain NUL",
+            reason: "must not contain control characters",
+        }),
+        Some(Value::String(s)) if s.len() > MAX_EVENT_ID_BYTES => Err(SchemaError::Invalid {
+            field: "eventId",
+            reason: "longer than 256 bytes",
         }),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(_) => Err(SchemaError::Invalid {

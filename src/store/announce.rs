@@ -11,6 +11,20 @@ use sqlx::Row;
 use super::{HRV_NORMALIZED_SUBJECT, SLEEP_NORMALIZED_SUBJECT};
 use crate::pipeline::{to_json, AsStr, HrvRecord, SleepRecord};
 
+/// An optional field's source columns (`<prefix>_at`, `_stream`, `_seq`), when set.
+type Source = Option<(DateTime<Utc>, String, i64)>;
+
+fn source(row: &PgRow, prefix: &str) -> Result<Source, sqlx::Error> {
+    let at: Option<DateTime<Utc>> = row.try_get(format!("{prefix}_at").as_str())?;
+    let stream: Option<String> = row.try_get(format!("{prefix}_stream").as_str())?;
+    let seq: Option<i64> = row.try_get(format!("{prefix}_seq").as_str())?;
+    Ok(at.map(|at| (at, stream.unwrap_or_default(), seq.unwrap_or_default())))
+}
+
+fn borrowed(s: &Source) -> Option<(DateTime<Utc>, &str, i64)> {
+    s.as_ref().map(|(at, stream, seq)| (*at, stream.as_str(), *seq))
+}
+
 /// Times are stored in microseconds; published with milliseconds when that is exact (as they
 /// always were), else with microseconds.
 fn rfc3339(at: DateTime<Utc>) -> String {
@@ -37,6 +51,12 @@ pub trait StoredRow: Sized {
     fn key(&self) -> (&str, NaiveDate);
     /// The order key of the event its required fields came from.
     fn order(&self) -> (DateTime<Utc>, &str, i64);
+    /// The order keys of the events its optional fields came from (`None`: never carried).
+    fn optional_sources(&self) -> Vec<Option<(DateTime<Utc>, &str, i64)>>;
+    /// Whether the event with this order key gave the row any of its fields.
+    fn holds(&self, key: (DateTime<Utc>, &str, i64)) -> bool {
+        self.order() == key || self.optional_sources().contains(&Some(key))
+    }
     /// Changed by the statement that returned it (not bookkeeping only).
     fn changed(&self) -> bool;
     fn version(&self) -> i64;
@@ -56,6 +76,7 @@ pub struct HrvRow {
     captured_at: DateTime<Utc>,
     source_stream: String,
     source_seq: i64,
+    vendor_source: Source,
     version: i64,
     changed: bool,
 }
@@ -91,6 +112,7 @@ impl HrvRow {
             captured_at: r.captured_at,
             source_stream: String::new(),
             source_seq: 0,
+            vendor_source: None,
             version,
             changed: true,
         }
@@ -111,6 +133,7 @@ impl StoredRow for HrvRow {
                 .try_get::<Option<String>, _>("source_stream")?
                 .unwrap_or_default(),
             source_seq: row.try_get::<Option<i64>, _>("source_seq")?.unwrap_or_default(),
+            vendor_source: source(row, "vendor")?,
             version: row.try_get("version")?,
             changed: row.try_get::<Option<bool>, _>("changed")?.unwrap_or(false),
         })
@@ -122,6 +145,10 @@ impl StoredRow for HrvRow {
 
     fn order(&self) -> (DateTime<Utc>, &str, i64) {
         (self.captured_at, self.source_stream.as_str(), self.source_seq)
+    }
+
+    fn optional_sources(&self) -> Vec<Option<(DateTime<Utc>, &str, i64)>> {
+        vec![borrowed(&self.vendor_source)]
     }
 
     fn changed(&self) -> bool {
@@ -159,6 +186,8 @@ pub struct SleepRow {
     captured_at: DateTime<Utc>,
     source_stream: String,
     source_seq: i64,
+    vendor_source: Source,
+    quality_source: Source,
     version: i64,
     changed: bool,
 }
@@ -192,6 +221,8 @@ impl SleepRow {
             captured_at: r.captured_at,
             source_stream: String::new(),
             source_seq: 0,
+            vendor_source: None,
+            quality_source: None,
             version,
             changed: true,
         }
@@ -211,6 +242,8 @@ impl StoredRow for SleepRow {
                 .try_get::<Option<String>, _>("source_stream")?
                 .unwrap_or_default(),
             source_seq: row.try_get::<Option<i64>, _>("source_seq")?.unwrap_or_default(),
+            vendor_source: source(row, "vendor")?,
+            quality_source: source(row, "quality")?,
             version: row.try_get("version")?,
             changed: row.try_get::<Option<bool>, _>("changed")?.unwrap_or(false),
         })
@@ -222,6 +255,10 @@ impl StoredRow for SleepRow {
 
     fn order(&self) -> (DateTime<Utc>, &str, i64) {
         (self.captured_at, self.source_stream.as_str(), self.source_seq)
+    }
+
+    fn optional_sources(&self) -> Vec<Option<(DateTime<Utc>, &str, i64)>> {
+        vec![borrowed(&self.vendor_source), borrowed(&self.quality_source)]
     }
 
     fn changed(&self) -> bool {
@@ -269,6 +306,7 @@ mod tests {
             captured_at: at("2025-03-01T05:30:00Z"),
             source_stream: "AA_CORE_HOT".into(),
             source_seq: 3,
+            vendor_source: None,
             version: 2,
             changed: true,
         };
@@ -304,6 +342,8 @@ mod tests {
             captured_at: at("2025-03-01T08:00:00Z"),
             source_stream: "AA_CORE_HOT".into(),
             source_seq: 9,
+            vendor_source: None,
+            quality_source: Some((at("2025-03-01T07:00:00Z"), "AA_CORE_HOT".into(), 4)),
             version: 1,
             changed: false,
         };
@@ -315,5 +355,9 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&row.body()).unwrap();
         assert!(v["record"].get("qualityScore").is_none());
         assert_eq!(row.order(), (at("2025-03-01T08:00:00Z"), "AA_CORE_HOT", 9));
+        // The event that gave the quality is a source of the row too; an unrelated one is not.
+        assert!(row.holds((at("2025-03-01T07:00:00Z"), "AA_CORE_HOT", 4)));
+        assert!(row.holds((at("2025-03-01T08:00:00Z"), "AA_CORE_HOT", 9)));
+        assert!(!row.holds((at("2025-03-01T07:00:00Z"), "AA_CORE_HOT", 5)));
     }
 }

@@ -82,6 +82,16 @@ impl Table {
         cols
     }
 
+    /// The order key columns of the events the row's fields came from: the row's own
+    /// position, then each optional field's.
+    fn sources(&self) -> Vec<String> {
+        let mut cols = vec!["source_stream".to_string(), "source_seq".to_string()];
+        for (_, _, p, _) in self.optional {
+            cols.extend([format!("{p}_at"), format!("{p}_stream"), format!("{p}_seq")]);
+        }
+        cols
+    }
+
     /// `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO UPDATE` applying the per-field rule.
     /// A row is updated when any of its order keys moves forward; its `version` grows, and
     /// `changed_tx` takes the current transaction, only when a published value changes, so
@@ -194,10 +204,11 @@ impl Table {
              SELECT {select}, 1, pg_current_xact_id() FROM UNNEST({params}) AS x({aliases})
              ON CONFLICT (user_id, date) DO UPDATE SET {set}
              WHERE {cond}
-             RETURNING user_id, date, {published}, source_stream, source_seq, version, changed_tx = pg_current_xact_id() AS changed",
+             RETURNING user_id, date, {published}, {sources}, version, changed_tx = pg_current_xact_id() AS changed",
             set = set.join(",\n                 "),
             cond = any_newer.join(" OR "),
             published = published.join(", "),
+            sources = self.sources().join(", "),
         )
     }
 
@@ -206,9 +217,10 @@ impl Table {
     pub fn select_sql(&self) -> String {
         let t = self.name;
         format!(
-            "SELECT user_id, date, {published}, source_stream, source_seq, version, false AS changed
+            "SELECT user_id, date, {published}, {sources}, version, false AS changed
              FROM {t} WHERE (user_id, date) IN (SELECT * FROM UNNEST($1::text[], $2::date[]))",
-            published = self.published().join(", ")
+            published = self.published().join(", "),
+            sources = self.sources().join(", "),
         )
     }
 }

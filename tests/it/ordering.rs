@@ -209,6 +209,16 @@ async fn input_edges_are_refused_or_reported_at_decode() {
         hrv_event("future", "2025-03-01", 40.0, "9999-12-31T00:00:00Z"),
     )
     .await;
+    // An eventId names the event's announcements (a header value): a line break in it would
+    // make the publish panic, so it is refused at decode.
+    publish(
+        &js,
+        HRV_SUBJECT,
+        json!({"eventId": "evt\r\nInjected: 1", "payload": {"userId": "crlf", "date": "2025-03-01",
+               "rMSSD": 40.0, "capturedAt": "2025-03-01T06:00:00Z"}})
+        .to_string(),
+    )
+    .await;
     publish(
         &js,
         OURA_SUBJECT,
@@ -217,8 +227,8 @@ async fn input_edges_are_refused_or_reported_at_decode() {
         .to_string(),
     )
     .await;
-    wait_for("three dead letters", Duration::from_secs(15), || async {
-        stream_messages(&js, "AA_DLQ").await == 3
+    wait_for("four dead letters", Duration::from_secs(15), || async {
+        stream_messages(&js, "AA_DLQ").await == 4
     })
     .await;
     wait_drained(&js, "AA_VENDOR_HOT", "normalize-oura").await;
@@ -261,6 +271,17 @@ async fn input_edges_are_refused_or_reported_at_decode() {
         1,
         "its valid section is derived"
     );
+    // The daemon is alive and consuming.
+    publish(
+        &js,
+        HRV_SUBJECT,
+        hrv_event("after", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
+    wait_for("the next event stored", Duration::from_secs(10), || async {
+        count(&pool, "SELECT count(*) FROM hrv_data WHERE user_id = 'after'").await == 1
+    })
+    .await;
     let m = app.metrics().await;
     assert_eq!(
         metric_value(
