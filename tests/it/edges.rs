@@ -570,3 +570,67 @@ async fn a_consumer_that_settles_nothing_while_holding_messages_fails_liveness()
     .await;
     app.stop().await.unwrap();
 }
+
+/// Item 8, stream pull mode: a backlog arriving while the pipeline is full, then the broker
+/// restarted under the `messages()` stream. Every event is stored long before ack_wait, and no
+/// delivered message is released unsettled. (A scenario test: the code before the fix passed it
+/// too; the drop on a non-heartbeat error was not reproduced against a real server.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_mode_keeps_what_its_stream_buffered_through_a_broker_restart() {
+    const N: usize = 30;
+    let mut nats = NatsServer::start().await;
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(with(
+        base_vars(&nats, &db.url),
+        &[
+            ("HRV_PULL_MODE", "stream"),
+            ("HRV_PIPELINE_DEPTH", "1"),
+            ("HRV_BATCH_SIZE", "5"),
+            ("NORMALIZE_HRV_ACK_WAIT_MS", "60000"),
+            ("DATABASE_STATEMENT_TIMEOUT_MS", "60000"),
+        ],
+    ))
+    .await;
+    app.wait_ready().await;
+    let js = nats.js().await;
+    let mut locker = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE hrv_data IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    for i in 0..N {
+        publish(
+            &js,
+            HRV_SUBJECT,
+            hrv_event(
+                &format!("streamed-{i}"),
+                "2025-03-01",
+                40.0,
+                "2025-03-01T06:00:00Z",
+            ),
+        )
+        .await;
+    }
+    wait_for(
+        "deliveries held by the daemon",
+        Duration::from_secs(10),
+        || async { consumer_info(&js, "AA_CORE_HOT", DURABLE).await.num_ack_pending >= 10 },
+    )
+    .await;
+    nats.restart().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+    let released = Instant::now();
+    // Far less than the 60 s ack_wait: nothing the stream buffered waited for it.
+    wait_for("every row", Duration::from_secs(30), || async {
+        hrv_rows(&db.url, "streamed").await == N as i64
+    })
+    .await;
+    eprintln!(
+        "stream mode: all stored {:?} after the lock was released",
+        released.elapsed()
+    );
+    assert_eq!(unsettled(&app.metrics().await), 0.0);
+    app.stop().await.unwrap();
+}
