@@ -808,13 +808,15 @@ impl Worker {
                 .with_label_values(&[self.cc.kind.as_str()])
                 .observe(p.received as f64);
             if failed {
-                if let Some(mut next) = prefetched.take() {
-                    flight.take_buffered(&mut next.batch, &next.db_down);
-                }
+                // A prefetched pull is kept: it is read next, and ends by itself if the
+                // connection it was made on is gone.
                 if let Some(end) = self
                     .after_error(b, &mut consecutive_errors, shutdown, flight)
                     .await
                 {
+                    if let Some(mut next) = prefetched.take() {
+                        flight.release_source(&mut next.batch).await;
+                    }
                     return end;
                 }
                 continue;
