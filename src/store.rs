@@ -234,44 +234,23 @@ fn order_of<'a>(entries: &[BatchEntry<'a>], entry: usize, at: DateTime<Utc>) -> 
     }
 }
 
-fn merge_hrv<'c, 'a>(
-    cands: &'c [Cand<'a, HrvRecord>],
+/// Merges one table's candidates by the per-field rule; `carries(r)[j]`: `r` carries optional
+/// field `j` of the table.
+fn merge_rows<'c, 'a, R: Keyed>(
+    cands: &'c [Cand<'a, R>],
     entries: &[BatchEntry<'_>],
-) -> Rows<'c, 'a, HrvRecord> {
-    let keys: Vec<_> = cands
-        .iter()
-        .map(|c| (c.record.user_id.as_str(), c.record.date))
-        .collect();
+    carries: impl Fn(&R) -> Vec<bool>,
+    optional: usize,
+) -> Rows<'c, 'a, R> {
+    let keys: Vec<_> = cands.iter().map(|c| c.record.key()).collect();
     let order: Vec<_> = cands
         .iter()
-        .map(|c| order_of(entries, c.entry, c.record.captured_at))
+        .map(|c| order_of(entries, c.entry, c.record.captured_at()))
         .collect();
-    let carries: Vec<_> = cands.iter().map(|c| vec![c.record.vendor.is_some()]).collect();
+    let carries: Vec<_> = cands.iter().map(|c| carries(c.record)).collect();
     Rows {
         cands,
-        merged: merge::merge(&keys, &order, &carries, 1),
-    }
-}
-
-fn merge_sleep<'c, 'a>(
-    cands: &'c [Cand<'a, SleepRecord>],
-    entries: &[BatchEntry<'_>],
-) -> Rows<'c, 'a, SleepRecord> {
-    let keys: Vec<_> = cands
-        .iter()
-        .map(|c| (c.record.user_id.as_str(), c.record.date))
-        .collect();
-    let order: Vec<_> = cands
-        .iter()
-        .map(|c| order_of(entries, c.entry, c.record.captured_at))
-        .collect();
-    let carries: Vec<_> = cands
-        .iter()
-        .map(|c| vec![c.record.vendor.is_some(), c.record.quality_score.is_some()])
-        .collect();
-    Rows {
-        cands,
-        merged: merge::merge(&keys, &order, &carries, 2),
+        merged: merge::merge(&keys, &order, &carries, optional),
     }
 }
 
@@ -317,8 +296,13 @@ async fn write_batch_once(
     for c in &sleeps {
         has_record[c.entry] = true;
     }
-    let hrv_rows = merge_hrv(&hrvs, entries);
-    let sleep_rows = merge_sleep(&sleeps, entries);
+    let hrv_rows = merge_rows(&hrvs, entries, |r| vec![r.vendor.is_some()], 1);
+    let sleep_rows = merge_rows(
+        &sleeps,
+        entries,
+        |r| vec![r.vendor.is_some(), r.quality_score.is_some()],
+        2,
+    );
     let mut used = vec![false; entries.len()];
     hrv_rows.mark_used(&mut used);
     sleep_rows.mark_used(&mut used);

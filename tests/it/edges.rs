@@ -413,6 +413,23 @@ async fn a_held_last_delivery_is_kept_through_shutdown_until_its_dead_letter_is_
     );
 }
 
+/// Probes liveness and readiness every second until a minute after `since`: the times
+/// liveness failed, and how many probes found the daemon ready.
+async fn probe_for_a_minute(app: &TestApp, since: Instant) -> (Vec<Duration>, usize) {
+    let mut live_failures = Vec::new();
+    let mut ready_ok = 0;
+    while since.elapsed() < Duration::from_secs(60) {
+        if app.get("/health/live").await.0 != 200 {
+            live_failures.push(since.elapsed());
+        }
+        if app.get("/health/ready").await.0 == 200 {
+            ready_ok += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    (live_failures, ready_ok)
+}
+
 /// Item 9, NATS. A 60 s broker outage: readiness 503 throughout, liveness 200 throughout (no
 /// restart storm), and everything published before and after is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,17 +440,7 @@ async fn liveness_holds_through_a_sixty_second_nats_outage() {
     app.wait_ready().await;
     nats.kill();
     let down = Instant::now();
-    let mut live_failures = Vec::new();
-    let mut ready_ok = 0;
-    while down.elapsed() < Duration::from_secs(60) {
-        if app.get("/health/live").await.0 != 200 {
-            live_failures.push(down.elapsed());
-        }
-        if app.get("/health/ready").await.0 == 200 {
-            ready_ok += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-    }
+    let (live_failures, ready_ok) = probe_for_a_minute(&app, down).await;
     assert!(live_failures.is_empty(), "liveness failed at {live_failures:?}");
     assert_eq!(ready_ok, 0, "not ready while NATS is down");
     nats.restart().await;
@@ -483,17 +490,7 @@ async fn liveness_holds_through_a_sixty_second_database_outage() {
         )
         .await;
     }
-    let mut live_failures = Vec::new();
-    let mut ready_ok = 0;
-    while down.elapsed() < Duration::from_secs(60) {
-        if app.get("/health/live").await.0 != 200 {
-            live_failures.push(down.elapsed());
-        }
-        if app.get("/health/ready").await.0 == 200 {
-            ready_ok += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-    }
+    let (live_failures, ready_ok) = probe_for_a_minute(&app, down).await;
     assert!(live_failures.is_empty(), "liveness failed at {live_failures:?}");
     assert_eq!(ready_ok, 0, "not ready while the database is down");
     proxy.restore().await;
