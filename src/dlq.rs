@@ -331,7 +331,8 @@ mod tests {
                 msg_id: Some("ingest-1".into())
             }
         );
-        // Field by field fallback: unparseable or absent values are the message's own.
+        // Unparseable or absent values are the message's own; a position is a stream and a
+        // sequence together, never half of the first origin and half of the replay.
         let mut r = HeaderMap::new();
         r.insert(REPLAYED_FROM, "AA_DLQ:7");
         r.insert(REPLAY_ORIGINAL_STREAM, "AA_LEGACY");
@@ -340,12 +341,18 @@ mod tests {
         assert_eq!(
             event_origin(Some(&r), "AA_CORE_HOT", 90, own_time),
             EventOrigin {
-                stream: "AA_LEGACY".into(),
+                stream: "AA_CORE_HOT".into(),
                 seq: 90,
                 time: own_time,
                 msg_id: None
             }
         );
+        r.insert(REPLAY_ORIGINAL_SEQUENCE, "41");
+        assert_eq!(
+            event_origin(Some(&r), "AA_CORE_HOT", 90, own_time).stream,
+            "AA_LEGACY"
+        );
+        assert_eq!(event_origin(Some(&r), "AA_CORE_HOT", 90, own_time).seq, 41);
     }
 
     #[test]
