@@ -333,6 +333,9 @@ async fn execute(cmd: DlqCommand) -> Result<u8, DlqError> {
 }
 
 /// Connects once, without the daemon's endless retry: an operator command should fail fast.
+/// Connects as the daemon does ([`crate::app::connect_nats`]: credentials in `NATS_URL`, the
+/// explicit variables, the TLS CA check), then waits briefly for the connection: an operator
+/// command needs an answer now, not a background reconnect.
 async fn connect(cfg: &NatsConfig) -> Result<async_nats::Client, DlqError> {
     let servers = cfg
         .urls
@@ -344,34 +347,13 @@ async fn connect(cfg: &NatsConfig) -> Result<async_nats::Client, DlqError> {
         servers: servers.clone(),
         source,
     };
-    let mut o = async_nats::ConnectOptions::new()
-        .name("normalize-service-dlq")
-        .connection_timeout(Duration::from_secs(5))
-        .request_timeout(Some(Duration::from_secs(10)));
-    if let Some(path) = &cfg.creds_file {
-        o = o
-            .credentials_file(path)
-            .await
-            .map_err(|e| fail(anyhow::anyhow!("NATS_CREDS_FILE: cannot read {path}: {e}")))?;
-    }
-    if let (Some(user), Some(password)) = (&cfg.user, &cfg.password) {
-        o = o.user_and_password(user.clone(), password.clone());
-    }
-    if let Some(token) = &cfg.token {
-        o = o.token(token.clone());
-    }
-    if let Some(ca) = &cfg.tls_ca_file {
-        o = o.add_root_certificates(ca.into()).require_tls(true);
-    }
-    let addrs: Vec<async_nats::ServerAddr> = cfg
-        .urls
-        .iter()
-        .map(|u| u.parse::<async_nats::ServerAddr>())
-        .collect::<Result<_, _>>()
-        .map_err(|e| fail(e.into()))?;
-    let client = o.connect(addrs).await.map_err(|e| fail(e.into()))?;
-    if client.connection_state() != State::Connected {
-        return Err(fail(anyhow::anyhow!("not connected")));
+    let client = crate::app::connect_nats(cfg).await.map_err(fail)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while client.connection_state() != State::Connected {
+        if tokio::time::Instant::now() > deadline {
+            return Err(fail(anyhow::anyhow!("not connected within 5 s")));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(client)
 }

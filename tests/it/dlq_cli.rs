@@ -714,3 +714,42 @@ async fn a_second_generation_replay_keeps_the_first_origin_and_time() {
     );
     app.stop().await.unwrap();
 }
+
+/// The CLI connects as the daemon does: credentials embedded in `NATS_URL` are honoured (they
+/// were ignored, so `NATS_URL=nats://user:pw@host … dlq list` failed authentication), and never
+/// printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_nats_url_are_honoured() {
+    let password = "url-secret-7f3a";
+    let nats = NatsServer::start_with(&format!(
+        "authorization {{\n  user: svc\n  password: \"{password}\"\n}}\n"
+    ))
+    .await;
+    let client = async_nats::ConnectOptions::with_user_and_password("svc".into(), password.into())
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let js = jetstream::new(client);
+    js.create_stream(normalize_service::topology::dlq_spec(&Default::default(), 1).to_config())
+        .await
+        .unwrap();
+    let url = format!("nats://svc:{password}@127.0.0.1:{}", nats.port);
+    let vars = with(
+        base_vars(&nats, "postgres://postgres@127.0.0.1:5432/unused"),
+        &[("NATS_URL", url.as_str())],
+    );
+    let list = cli_json(&vars, &["list"], 0).await;
+    assert_eq!(list["count"], 0);
+    // A wrong password in the URL is refused with a clear error that does not show it.
+    let wrong = with(
+        vars.clone(),
+        &[(
+            "NATS_URL",
+            format!("nats://svc:not-{password}@127.0.0.1:{}", nats.port).as_str(),
+        )],
+    );
+    let r = cli(&wrong, &["list"]).await;
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("credentials"), "{}", r.stderr);
+    assert!(!r.stderr.contains(password), "{}", r.stderr);
+}
