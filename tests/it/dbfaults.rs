@@ -8,8 +8,6 @@
 
 use std::time::Duration;
 
-use sqlx::{Connection, PgConnection};
-
 use crate::support::*;
 
 const STREAM: &str = "AA_CORE_HOT";
@@ -57,12 +55,7 @@ async fn a_statement_blocked_by_a_lock_is_retried_not_pinned() {
     app.wait_ready().await;
 
     // Another session holds the table: every write of the daemon waits on this lock.
-    let mut locker = PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("LOCK TABLE hrv_data IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = lock_hrv_data(&db.url).await;
 
     let js = nats.js().await;
     publish(
@@ -115,12 +108,7 @@ async fn a_timeout_on_the_last_delivery_is_a_max_deliver_dead_letter() {
     ))
     .await;
     app.wait_ready().await;
-    let mut locker = PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("LOCK TABLE hrv_data IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = lock_hrv_data(&db.url).await;
 
     let js = nats.js().await;
     let seq = publish(

@@ -232,12 +232,7 @@ async fn slow_writes_with_a_full_pipeline_leave_nothing_unsettled() {
     .await;
     app.wait_ready().await;
     let js = nats.js().await;
-    let mut locker = PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("LOCK TABLE hrv_data IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = lock_hrv_data(&db.url).await;
     // Published apart, so the pull delivers them as separate sub-batches: the first blocks on
     // the lock and fills the pipeline, the rest arrive while it waits.
     for i in 0..N {
@@ -523,12 +518,7 @@ async fn a_consumer_that_settles_nothing_while_holding_messages_fails_liveness()
     .await;
     app.wait_ready().await;
     let js = nats.js().await;
-    let mut locker = PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("LOCK TABLE hrv_data IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = lock_hrv_data(&db.url).await;
     publish(
         &js,
         HRV_SUBJECT,
@@ -590,12 +580,7 @@ async fn stream_mode_keeps_what_its_stream_buffered_through_a_broker_restart() {
     .await;
     app.wait_ready().await;
     let js = nats.js().await;
-    let mut locker = PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("LOCK TABLE hrv_data IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = lock_hrv_data(&db.url).await;
     for i in 0..N {
         publish(
             &js,

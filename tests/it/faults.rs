@@ -621,12 +621,7 @@ async fn progress_acks_cover_writes_slower_than_ack_wait() {
     ))
     .await;
     app.wait_ready().await;
-    let mut locker = PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("LOCK TABLE hrv_data IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = lock_hrv_data(&db.url).await;
     let js = nats.js().await;
     for i in 0..N {
         publish(

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sqlx::{Connection, PgConnection};
 use tokio::io::AsyncWriteExt;
 
 use crate::support::*;
@@ -132,12 +131,7 @@ async fn sigterm_with_a_batch_blocked_on_a_table_lock_exits_by_the_deadline() {
     let nats = NatsServer::start().await;
     let db = TestDb::new().await;
     let mut daemon = Daemon::start(&nats, &db, &[]).await;
-    let mut locker = PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("LOCK TABLE hrv_data IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = lock_hrv_data(&db.url).await;
     let js = nats.js().await;
     publish(
         &js,

@@ -450,6 +450,18 @@ pub async fn stream_contents(js: &jetstream::Context, name: &str) -> Vec<jetstre
     out
 }
 
+/// Another session holding `hrv_data` in an open transaction: every write of the daemon waits
+/// on this lock until the test sends `COMMIT` on the returned connection.
+pub async fn lock_hrv_data(db_url: &str) -> PgConnection {
+    let mut locker = PgConnection::connect(db_url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE hrv_data IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    locker
+}
+
 /// A TCP proxy to PostgreSQL that a test can cut (connection refused, live connections
 /// dropped) and restore on the same port: a database outage without stopping the server.
 pub struct DbProxy {
