@@ -1,7 +1,7 @@
-//! The deployment kit against the code it describes: `.env.example` and the README list exactly
-//! the variables the config reads; every metric and label that `monitoring/alerts.yml` and the
-//! Grafana dashboard use exists in a live `/metrics` scrape; logs are JSON lines by default and
-//! never carry the passwords of `DATABASE_URL` / `NATS_URL`.
+//! The deployment kit against the code it describes: `.env.example` and docs/CONFIGURATION.md list
+//! exactly the variables the config reads; every metric and label that `monitoring/alerts.yml`
+//! and the Grafana dashboard use exists in a live `/metrics` scrape; logs are JSON lines by
+//! default and never carry the passwords of `DATABASE_URL` / `NATS_URL`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
@@ -51,12 +51,12 @@ fn env_file_names(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Variable names in the first column of the README's configuration table (backticked, brace
-/// groups expanded).
+/// Variable names in the first column of the table in docs/CONFIGURATION.md's `## Variables`
+/// section (backticked, brace groups expanded).
 fn readme_config_names(readme: &str) -> BTreeSet<String> {
     let start = readme
-        .find("\n## Configuration")
-        .expect("README has a '## Configuration' section");
+        .find("\n## Variables")
+        .expect("docs/CONFIGURATION.md has a '## Variables' section");
     let section = &readme[start + 1..];
     let end = section[3..].find("\n## ").map_or(section.len(), |i| i + 3);
     section[..end]
@@ -119,9 +119,9 @@ fn deploy_env_reference_lists_exactly_the_variables_the_config_reads() {
     }
     problems.extend(reference_diff(".env.example", &read, &seen));
     problems.extend(reference_diff(
-        "README.md (Configuration table)",
+        "docs/CONFIGURATION.md (Variables table)",
         &read,
-        &readme_config_names(&repo_file("README.md")),
+        &readme_config_names(&repo_file("docs/CONFIGURATION.md")),
     ));
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
@@ -133,7 +133,7 @@ fn deploy_env_reference_check_detects_missing_and_unknown_variables() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let readme = "# x\n\n## Configuration\n\n| variable | default |\n|---|---|\n| `NATS_URL` | `nats://h:4222` |\n| `{HRV,OURA}_BATCH_SIZE` | 10 |\n\n## HTTP\n| `PORT` | x |\n";
+    let readme = "# x\n\n## Variables\n\n| variable | default |\n|---|---|\n| `NATS_URL` | `nats://h:4222` |\n| `{HRV,OURA}_BATCH_SIZE` | 10 |\n\n## HTTP\n| `PORT` | x |\n";
     let listed = readme_config_names(readme);
     assert_eq!(
         listed.iter().cloned().collect::<Vec<_>>(),
