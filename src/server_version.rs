@@ -1,8 +1,8 @@
 //! The nats-server version the daemon is connected to, and the known server bugs that version
 //! implies for this daemon (pure, so the comparison is unit-tested).
 
-/// First releases without the NAK-requeue bug (docs/RELIABILITY.md, "nats-server 2.9: a NAKed
-/// message waits for ack_wait"): 2.10.16 on the 2.10 line, and every 2.11.0 and later.
+/// First releases without the NAK-requeue bug (docs/RELIABILITY.md, "nats-server before 2.10.16:
+/// a NAKed message waits for ack_wait"): 2.10.16 on the 2.10 line, and every 2.11.0 and later.
 pub const NAK_REQUEUE_FIXED_IN: (u64, u64, u64) = (2, 10, 16);
 
 /// `(major, minor, patch)` of a server version string as `INFO` reports it (`2.9.10`,
