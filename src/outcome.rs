@@ -1,4 +1,5 @@
-//! The one place that decides what happens to a message: ack, NAK with delay, or dead-letter.
+//! The one place that decides what happens to a message: ack, NAK with delay, or dead-letter
+//! ([`decide`]); and, when its dead letter cannot be stored, NAK, hold or give up ([`unstored`]).
 //!
 //! Pure: it sees a classified result, the delivery count and the limits, and nothing else.
 
@@ -114,6 +115,49 @@ pub fn decide(result: Result<(), Class>, delivered: i64, max_deliver: i64, backo
     }
 }
 
+/// What to do with a message whose dead letter could not be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unstored {
+    /// NAK with this delay (never ack or TERM it): the server redelivers it and the dead
+    /// letter is tried again then.
+    Nak(Duration),
+    /// The server will not redeliver it: keep it (progress ack) and try the dead letter again
+    /// after this wait.
+    Hold(Duration),
+    /// The shutdown deadline is near: give the held message up (an ERROR naming it, counted in
+    /// `normalize_held_messages_abandoned_total`); the server will not redeliver it.
+    GiveUp,
+}
+
+/// How long before the process's shutdown deadline a held message is given up: time for every
+/// held message's ERROR and counter before the process is stopped.
+pub const GIVE_UP_MARGIN: Duration = Duration::from_millis(1500);
+
+/// Decides the fate of a message whose dead letter failed to be stored for the `attempt`-th
+/// time (1-based), on its `delivered`-th delivery. `last_delivery`: the durable's own finite
+/// `max_deliver` is reached, so a NAK would lose it. `shutdown_left`: `None` while the process
+/// runs; during a shutdown, the time left before the process's deadline.
+pub fn unstored(
+    last_delivery: bool,
+    delivered: i64,
+    attempt: i64,
+    backoff: &[Duration],
+    ack_wait: Duration,
+    shutdown_left: Option<Duration>,
+) -> Unstored {
+    let delay = crate::config::retry_delay(backoff, delivered.max(attempt));
+    if !last_delivery {
+        return Unstored::Nak(delay);
+    }
+    // Retried within a third of ack_wait, so the progress acks keep it ours.
+    let hold = delay.min(ack_wait / 3).max(Duration::from_millis(10));
+    match shutdown_left.map(|left| left.saturating_sub(GIVE_UP_MARGIN)) {
+        None => Unstored::Hold(hold),
+        Some(left) if left.is_zero() => Unstored::GiveUp,
+        Some(left) => Unstored::Hold(hold.min(left)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +186,39 @@ mod tests {
             decide(Err(Class::Transient), 7, 5, &B),
             Action::DeadLetter(Reason::MaxDeliver)
         );
+    }
+
+    #[test]
+    fn unstored_dead_letter_table() {
+        use Unstored::{GiveUp, Hold, Nak};
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        let wait = s(30);
+        // (last delivery, delivered, attempt, ack_wait, time left in a shutdown, expected)
+        let table: [(bool, i64, i64, Duration, Option<Duration>, Unstored); 12] = [
+            // Not a last delivery: NAK with the backoff of the delivery (or of the attempt).
+            (false, 1, 1, wait, None, Nak(B[0])),
+            (false, 2, 1, wait, None, Nak(B[1])),
+            (false, 1, 5, wait, None, Nak(B[1])),
+            (false, 1, 1, wait, Some(s(10)), Nak(B[0])),
+            (false, 1, 1, wait, Some(ms(0)), Nak(B[0])),
+            // A last delivery is held, retried within a third of ack_wait, never below 10 ms.
+            (true, 1, 1, wait, None, Hold(B[0])),
+            (true, 3, 1, ms(30), None, Hold(ms(10))),
+            (true, 3, 1, ms(15), None, Hold(ms(10))),
+            // In a shutdown: held until GIVE_UP_MARGIN before the deadline, then given up.
+            (true, 1, 1, wait, Some(s(10)), Hold(B[0])),
+            (true, 1, 1, wait, Some(GIVE_UP_MARGIN + ms(5)), Hold(ms(5))),
+            (true, 1, 1, wait, Some(GIVE_UP_MARGIN), GiveUp),
+            (true, 1, 1, wait, Some(ms(200)), GiveUp),
+        ];
+        for (i, (last, delivered, attempt, ack_wait, left, expected)) in table.into_iter().enumerate() {
+            assert_eq!(
+                unstored(last, delivered, attempt, &B, ack_wait, left),
+                expected,
+                "row {i}"
+            );
+        }
     }
 
     #[test]

@@ -4,10 +4,10 @@
 //! `captured_at`, then highest stream sequence) → write each table with one multi-row statement
 //! (in one transaction when there are several) → send every normalized event without awaiting
 //! each PubAck in turn ([`Worker::stage`]) → await the PubAcks → settle each message as
-//! [`decide`] says → flush the acks once ([`Worker::settle_batch`]).
+//! [`decide`] says (through [`super::settle`]) → flush the acks once ([`Worker::settle_batch`]).
 //!
 //! Each batch runs on its own task, and up to `*_PIPELINE_DEPTH` batches are in flight at once
-//! ([`InFlight`]): batch N+1 is decoded and written while batch N commits and settles.
+//! (`super::flight`): batch N+1 is decoded and written while batch N commits and settles.
 //!
 //! A batch statement that fails for a non-transient reason is retried message by message (one
 //! transaction each), so only the bad records are dead-lettered. A transient failure is shared
@@ -16,18 +16,16 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use chrono::Utc;
-use futures::{FutureExt, Stream, StreamExt};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::delivery::{progress_all, Delivery, Ledger};
-use super::{Letter, Worker};
-use crate::dlq::{EventOrigin, Origin, Reason};
-use crate::metrics::MessageResult;
+use super::delivery::Delivery;
+use super::settle::{self, Dlq, Report, Settler};
+use super::worker::Worker;
+use crate::dlq::{EventOrigin, Origin};
 use crate::outcome::{decide, Action, Failure};
 use crate::pipeline::{self, Decoded, Envelope};
 use crate::store::{self, BatchEntry, Normalized, Source};
@@ -45,49 +43,6 @@ fn identity<'a>(origin: &'a EventOrigin, event_id: Option<&'a str>, position: &'
         .unwrap_or(position)
 }
 
-/// How long to wait for the next message of a burst before processing what is in hand. A
-/// pull's messages arrive back to back; this only joins them into one write, it never holds
-/// a partial batch for longer than this.
-const GATHER_WINDOW: Duration = Duration::from_millis(1);
-
-/// How gathering a sub-batch ended.
-pub(super) enum Gathered<E> {
-    /// The pull may deliver more.
-    Open,
-    /// The pull (or stream) ended.
-    Ended,
-    /// The pull ended with an error.
-    Failed(E),
-}
-
-/// Takes what has already arrived (and what arrives within [`GATHER_WINDOW`] of the previous
-/// message), up to `max` messages in total in `into`, each wrapped by `ledger` at once.
-pub(super) async fn gather<S, E>(
-    source: &mut S,
-    into: &mut Vec<Delivery>,
-    max: usize,
-    ledger: &Ledger,
-) -> Gathered<E>
-where
-    S: Stream<Item = Result<jetstream::Message, E>> + Unpin,
-{
-    while into.len() < max {
-        let next = match source.next().now_or_never() {
-            Some(n) => n,
-            None => match tokio::time::timeout(GATHER_WINDOW, source.next()).await {
-                Ok(n) => n,
-                Err(_) => return Gathered::Open,
-            },
-        };
-        match next {
-            Some(Ok(msg)) => into.push(ledger.receive(msg)),
-            Some(Err(e)) => return Gathered::Failed(e),
-            None => return Gathered::Ended,
-        }
-    }
-    Gathered::Open
-}
-
 /// One message of the batch being processed.
 struct Item {
     d: Delivery,
@@ -102,7 +57,7 @@ struct Item {
 
 /// A batch whose rows are committed and whose normalized events are sent: what remains is
 /// awaiting their PubAcks, settling every message and flushing the acks ([`Worker::settle_batch`]).
-pub(super) struct Staged {
+struct Staged {
     items: Vec<Item>,
     results: Vec<Result<(), Failure>>,
     /// PubAcks still to await, with the item they belong to.
@@ -117,99 +72,22 @@ pub(super) struct Staged {
 type Decided<'a> = (&'a Item, Result<(), Failure>, Action, Option<Report>);
 
 /// The sections of an Oura webhook that could not be used, and why.
-struct Report {
-    sections: Vec<&'static str>,
-    error: String,
-}
-
-impl Report {
-    fn of(d: &Decoded) -> Option<Report> {
-        let Decoded::Oura(w) = d else {
-            return None;
-        };
-        if w.invalid_sections.is_empty() {
-            return None;
-        }
-        Some(Report {
-            sections: w.invalid_sections.iter().map(|s| s.section).collect(),
-            error: w
-                .invalid_sections
-                .iter()
-                .map(|s| format!("{}: {}", s.section, s.error))
-                .collect::<Vec<_>>()
-                .join("; "),
-        })
+fn report_of(d: &Decoded) -> Option<Report> {
+    let Decoded::Oura(w) = d else {
+        return None;
+    };
+    if w.invalid_sections.is_empty() {
+        return None;
     }
-}
-
-/// The batches between "received" and "settled", each processed and settled on its own task,
-/// at most `depth` at once: batch N+1 is decoded and written while batch N's commit, PubAcks and
-/// acks complete. Each batch acks only its own messages after its own commit, so overlapping
-/// them changes nothing of the delivery guarantees; same-key writes in concurrent batches are
-/// ordered by PostgreSQL's row locks and the upserts' `captured_at` condition.
-pub(super) struct InFlight {
-    /// Aborted when dropped: if the shutdown deadline abandons the loop, its batches stop too
-    /// (their messages were not acked, so JetStream redelivers them).
-    tasks: JoinSet<()>,
-    depth: usize,
-}
-
-impl InFlight {
-    pub(super) fn new(depth: usize) -> InFlight {
-        InFlight {
-            tasks: JoinSet::new(),
-            depth: depth.max(1),
-        }
-    }
-
-    /// How many more batches may start now.
-    pub(super) fn free(&self) -> usize {
-        self.depth.saturating_sub(self.tasks.len())
-    }
-
-    pub(super) fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
-        self.tasks.spawn(task);
-    }
-
-    /// Waits for every batch in flight to be settled.
-    pub(super) async fn drain(&mut self) {
-        while !self.tasks.is_empty() {
-            self.next().await;
-        }
-    }
-
-    /// Waits for one batch to finish. A panic in a batch is a bug, never a message's fault:
-    /// it is re-raised here, ending the consumer as it did before batches had their own tasks.
-    pub(super) async fn next(&mut self) {
-        if let Some(Err(e)) = self.tasks.join_next().await {
-            if e.is_panic() {
-                std::panic::resume_unwind(e.into_panic());
-            }
-            tracing::debug!(error = %e, "a batch task was cancelled; its messages will be redelivered");
-        }
-    }
-}
-
-/// How often a held message gets a progress ack: a third of the durable's ack_wait.
-pub(super) fn progress_every(ack_wait: Duration) -> Duration {
-    (ack_wait / 3).max(Duration::from_millis(100))
-}
-
-/// Awaits `work`, sending a progress ack every ack_wait / 3 for each message in `msgs` that is
-/// not settled yet.
-async fn progress_while<'m, T>(
-    msgs: impl Iterator<Item = &'m Delivery> + Clone,
-    ack_wait: Duration,
-    work: impl Future<Output = T>,
-) -> T {
-    tokio::pin!(work);
-    let every = progress_every(ack_wait);
-    loop {
-        tokio::select! {
-            r = &mut work => return r,
-            _ = tokio::time::sleep(every) => progress_all(msgs.clone()).await,
-        }
-    }
+    Some(Report {
+        sections: w.invalid_sections.iter().map(|s| s.section).collect(),
+        error: w
+            .invalid_sections
+            .iter()
+            .map(|s| format!("{}: {}", s.section, s.error))
+            .collect::<Vec<_>>()
+            .join("; "),
+    })
 }
 
 impl Worker {
@@ -229,14 +107,8 @@ impl Worker {
     /// Processes a batch up to the point where only settling remains: decode, write and commit,
     /// send the normalized events. `db_down` short-circuits the rest of a pull once the
     /// database is found unreachable, so a pull is NAKed in milliseconds, not pool timeouts.
-    pub(super) async fn stage(
-        &self,
-        received: Vec<Delivery>,
-        b: &Binding,
-        db_down: &AtomicBool,
-    ) -> Option<Staged> {
+    async fn stage(&self, received: Vec<Delivery>, b: &Binding, db_down: &AtomicBool) -> Option<Staged> {
         let started = received.first().map_or_else(Instant::now, |r| r.at);
-        let kind = self.cc.kind;
         let mut items = Vec::with_capacity(received.len());
         for d in received {
             let meta = d.msg.info().map(|i| {
@@ -252,7 +124,7 @@ impl Worker {
                 Err(e) => {
                     // Nothing says where it came from: it is dead-lettered (never dropped) and
                     // terminated through its reply subject.
-                    tracing::warn!(consumer = %kind, error = %e, "message without JetStream metadata; dead-lettering it");
+                    tracing::warn!(error = %e, "message without JetStream metadata; dead-lettering it");
                     (b.stream.clone(), 0, 1, Utc::now())
                 }
             };
@@ -288,7 +160,7 @@ impl Worker {
 
     /// Awaits a staged batch's PubAcks, settles each message as [`decide`] says, and flushes
     /// the acks once.
-    pub(super) async fn settle_batch(&self, staged: Staged, b: &Binding, shutdown: &CancellationToken) {
+    async fn settle_batch(&self, staged: Staged, b: &Binding, shutdown: &CancellationToken) {
         let Staged {
             items,
             mut results,
@@ -324,16 +196,25 @@ impl Worker {
         let (letters, others): (Vec<_>, Vec<_>) = decided
             .into_iter()
             .partition(|(_, _, action, report)| matches!(action, Action::DeadLetter(_)) || report.is_some());
+        let settler = self.settler(b, shutdown);
         let settle_all = async {
             for (item, result, action, report) in others.into_iter().chain(letters) {
-                self.settle(item, result, action, report, b, shutdown).await;
+                let subject = item.d.msg.subject.to_string();
+                let origin = Origin {
+                    subject: &subject,
+                    stream: &item.stream,
+                    seq: item.seq,
+                    durable: &b.durable,
+                    delivered: item.delivered,
+                    published: item.d.msg.info().ok().map(|i| crate::dlq::published_at(&i)),
+                };
+                settler
+                    .settle(&item.d, &origin, result.as_ref().err(), action, report)
+                    .await;
             }
         };
         self.keep_ours(&items, b, settle_all).await;
-        // Acks are fire-and-forget publishes: push them out together, once per batch.
-        if let Err(e) = self.shared.js.client().flush().await {
-            tracing::debug!(consumer = %self.cc.kind, error = %e, "flushing acks failed; they will be sent on reconnect or redelivered");
-        }
+        settle::flush(&self.shared.js).await;
         self.shared
             .metrics
             .batch_duration
@@ -345,7 +226,28 @@ impl Worker {
     /// a slow batch (a database lock, a slow disk) must not be redelivered under us.
     async fn keep_ours<T>(&self, items: &[Item], b: &Binding, work: impl Future<Output = T>) -> T {
         let ack_wait = b.consumer.cached_info().config.ack_wait;
-        progress_while(items.iter().map(|it| &it.d), ack_wait, work).await
+        settle::progress_while(items.iter().map(|it| &it.d), ack_wait, work).await
+    }
+
+    /// Settles this binding's messages, dead letters going to the consumer's DLQ subjects.
+    fn settler<'a>(&'a self, b: &'a Binding, shutdown: &'a CancellationToken) -> Settler<'a, Dlq<'a>> {
+        let config = &self.shared.config;
+        Settler {
+            kind: self.cc.kind,
+            metrics: &self.shared.metrics,
+            health: &self.shared.health,
+            letters: Dlq {
+                js: &self.shared.js,
+                prefix: &self.cc.dlq_prefix,
+            },
+            backoff: &config.retry_backoff,
+            ack_wait: b.consumer.cached_info().config.ack_wait,
+            server_max_deliver: b.server_max_deliver,
+            shutdown_timeout: config.shutdown_timeout,
+            metric_subject: &self.cc.filter_subject,
+            durable: &b.durable,
+            shutdown,
+        }
     }
 
     /// Decode, write, send: one result per item, in order, and the PubAcks to await.
@@ -386,7 +288,7 @@ impl Worker {
                 }
             }
         }
-        let reports: Vec<Option<Report>> = decoded.iter().map(|d| d.as_ref().and_then(Report::of)).collect();
+        let reports: Vec<Option<Report>> = decoded.iter().map(|d| d.as_ref().and_then(report_of)).collect();
         let valid: Vec<usize> = (0..items.len()).filter(|&i| decoded[i].is_some()).collect();
         if valid.is_empty() {
             return (results, Vec::new(), reports);
@@ -460,7 +362,7 @@ impl Worker {
                     .collect()
             }
             Err(e) => {
-                tracing::warn!(consumer = %kind, error = %e, size = entries.len(), "batch write failed; retrying its messages one by one");
+                tracing::warn!(error = %e, size = entries.len(), "batch write failed; retrying its messages one by one");
                 m.batch_unrolled.with_label_values(&[kind]).inc();
                 self.write_one_by_one(&entries).await
             }
@@ -542,101 +444,5 @@ impl Worker {
             max_deliver,
             &self.shared.config.retry_backoff,
         )
-    }
-
-    /// Settles one message as decided and counts it.
-    async fn settle(
-        &self,
-        item: &Item,
-        result: Result<(), Failure>,
-        action: Action,
-        report: Option<Report>,
-        b: &Binding,
-        shutdown: &CancellationToken,
-    ) {
-        let kind = self.cc.kind;
-        let d = &item.d;
-        let (stream, seq, delivered) = (item.stream.as_str(), item.seq, item.delivered);
-        let m = &self.shared.metrics;
-        let metric_subject = self.cc.filter_subject.as_str();
-        let subject = d.msg.subject.to_string();
-        let origin = Origin {
-            subject: &subject,
-            stream,
-            seq,
-            durable: &b.durable,
-            delivered,
-            published: d.msg.info().ok().map(|i| crate::dlq::published_at(&i)),
-        };
-        let count_letter = |reason: Reason| {
-            m.dlq_messages
-                .with_label_values(&[kind.as_str(), reason.as_str(), metric_subject, stream, &b.durable])
-                .inc()
-        };
-        let settled: MessageResult = match (action, report) {
-            // Stored without its invalid sections: the dead letter that names them comes
-            // first, then the ack (a NAK, to try again, when it cannot be stored).
-            (Action::Ack, Some(report)) => {
-                let reason = Reason::SchemaInvalid;
-                if self
-                    .dead_letter(
-                        d,
-                        &origin,
-                        Letter {
-                            reason,
-                            error: &report.error,
-                            terminate: false,
-                        },
-                        b,
-                        shutdown,
-                    )
-                    .await
-                {
-                    count_letter(reason);
-                    for section in report.sections {
-                        m.count_oura_invalid_section(section);
-                    }
-                    MessageResult::Success
-                } else {
-                    MessageResult::Retry
-                }
-            }
-            (Action::Ack, None) => {
-                d.ack().await;
-                MessageResult::Success
-            }
-            (Action::Nak(delay), _) => {
-                if let Err(f) = &result {
-                    tracing::debug!(consumer = %kind, stream = %stream, seq, delivered, error = %f, "transient failure; NAK with delay");
-                }
-                d.nak(Some(delay)).await;
-                MessageResult::Retry
-            }
-            (Action::DeadLetter(reason), _) => {
-                let error = match &result {
-                    Err(f) => f.to_string(),
-                    Ok(()) => String::new(),
-                };
-                let letter = Letter {
-                    reason,
-                    error: &error,
-                    terminate: true,
-                };
-                if self.dead_letter(d, &origin, letter, b, shutdown).await {
-                    count_letter(reason);
-                    if reason == Reason::SchemaInvalid {
-                        MessageResult::SchemaInvalid
-                    } else {
-                        MessageResult::Dlq
-                    }
-                } else {
-                    MessageResult::Retry
-                }
-            }
-        };
-        m.count_message(kind, settled, metric_subject, stream, &b.durable);
-        m.processing_duration
-            .with_label_values(&[kind.as_str(), stream, &b.durable])
-            .observe(d.at.elapsed().as_secs_f64());
     }
 }

@@ -1,28 +1,25 @@
-//! A delivered message and the daemon's promise to settle it.
-//!
-//! Every message a pull hands us is wrapped in a [`Delivery`] at once. Settling it (ack, NAK,
-//! TERM) goes through the wrapper, which records that it happened; a progress ack is sent only
-//! for a message that is not settled yet (a progress ack after a delayed NAK would reset the
-//! NAK's delay to a whole `ack_wait`). A `Delivery` dropped without being settled is counted in
+//! The ledger of delivered messages: every message a pull hands us is wrapped in a [`Delivery`]
+//! at once, which records whether it has been settled (by [`super::settle`], the only code that
+//! acks, NAKs or TERMs). A `Delivery` dropped without being settled is counted in
 //! `normalize_messages_released_unsettled_total` and logged: that counter staying at 0 is the
 //! proof that no delivered message is left for `ack_wait` to find.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream;
 use prometheus::IntCounter;
 
+use super::settle::AckTarget;
 use crate::config::ConsumerKind;
 use crate::health::Health;
 
 /// What a binding's deliveries report to: the unsettled counter of the binding and the
 /// consumer's activity (messages held, last settled) for `/health` and the stuck check.
 #[derive(Clone)]
-pub(crate) struct Ledger {
+pub(super) struct Ledger {
     pub kind: ConsumerKind,
-    pub stream: Arc<str>,
     pub unsettled: IntCounter,
     pub health: Arc<Health>,
     /// The durable's own finite `max_deliver`: a delivery that reaches it is the last one.
@@ -31,7 +28,7 @@ pub(crate) struct Ledger {
 
 impl Ledger {
     /// Wraps a message just received from a pull.
-    pub fn receive(&self, msg: jetstream::Message) -> Delivery {
+    pub fn receive<M: AckTarget>(&self, msg: M) -> Delivery<M> {
         self.health.activity(self.kind).held(1);
         Delivery {
             msg,
@@ -43,15 +40,15 @@ impl Ledger {
 }
 
 /// A message delivered to this process, not necessarily settled yet.
-pub(crate) struct Delivery {
-    pub msg: jetstream::Message,
+pub(super) struct Delivery<M: AckTarget = jetstream::Message> {
+    pub msg: M,
     /// When it arrived (for the processing-time histogram).
     pub at: Instant,
     settled: AtomicBool,
     ledger: Ledger,
 }
 
-impl Delivery {
+impl<M: AckTarget> Delivery<M> {
     pub fn is_settled(&self) -> bool {
         self.settled.load(Ordering::Acquire)
     }
@@ -59,14 +56,15 @@ impl Delivery {
     /// The server will not deliver it again (its durable has a finite `max_deliver` and this
     /// delivery reached it): it must be processed or dead-lettered, never released by a NAK.
     pub fn is_last_delivery(&self) -> bool {
-        match (self.ledger.server_max_deliver, self.msg.info()) {
-            (Some(max), Ok(info)) => info.delivered >= max,
+        match (self.ledger.server_max_deliver, self.msg.delivered()) {
+            (Some(max), Some(delivered)) => delivered >= max,
             _ => false,
         }
     }
 
-    /// Records the settlement once; returns false when it was already settled.
-    fn mark_settled(&self) -> bool {
+    /// Records the settlement once; returns false when it was already settled. Only
+    /// [`super::settle`] calls it, with the ack, NAK or TERM it sends.
+    pub(super) fn mark_settled(&self) -> bool {
         if self.settled.swap(true, Ordering::AcqRel) {
             return false;
         }
@@ -75,50 +73,9 @@ impl Delivery {
         activity.settled_now();
         true
     }
-
-    /// Acks (the effect is committed). An ack lost on the way is a redelivery, stored
-    /// idempotently.
-    pub async fn ack(&self) {
-        self.send(AckKind::Ack, "ack").await;
-    }
-
-    /// NAKs with a delay (`None`: redeliver now).
-    pub async fn nak(&self, delay: Option<Duration>) {
-        self.send(AckKind::Nak(delay), "nak").await;
-    }
-
-    /// Terminates (its dead letter is stored).
-    pub async fn term(&self) {
-        self.send(AckKind::Term, "term").await;
-    }
-
-    async fn send(&self, kind: AckKind, what: &'static str) {
-        if !self.mark_settled() {
-            return;
-        }
-        if let Err(e) = self.msg.ack_with(kind).await {
-            tracing::warn!(consumer = %self.ledger.kind, error = %e, settle = what, "settling a message failed; JetStream redelivers it after ack_wait");
-        }
-    }
-
-    /// Asks the server for another `ack_wait`, unless the message is already settled.
-    pub async fn progress(&self) {
-        if self.is_settled() {
-            return;
-        }
-        if let Err(e) = self.msg.ack_with(AckKind::Progress).await {
-            tracing::debug!(consumer = %self.ledger.kind, error = %e, "progress ack failed");
-        }
-    }
-
-    /// Marks a message settled without telling the server: only for a message that has no
-    /// JetStream reply subject (nothing could settle it).
-    pub fn forget(&self) {
-        self.mark_settled();
-    }
 }
 
-impl Drop for Delivery {
+impl<M: AckTarget> Drop for Delivery<M> {
     fn drop(&mut self) {
         if self.is_settled() {
             return;
@@ -126,17 +83,10 @@ impl Drop for Delivery {
         let activity = self.ledger.health.activity(self.ledger.kind);
         activity.held(-1);
         self.ledger.unsettled.inc();
-        let seq = self.msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let seq = self.msg.stream_sequence().unwrap_or(0);
         tracing::warn!(
-            consumer = %self.ledger.kind, stream = %self.ledger.stream, seq,
+            seq,
             "a delivered message was released without ack, NAK or TERM; JetStream redelivers it after ack_wait"
         );
-    }
-}
-
-/// Sends a progress ack for every message of `msgs` that is not settled yet.
-pub(crate) async fn progress_all<'m>(msgs: impl Iterator<Item = &'m Delivery>) {
-    for d in msgs {
-        d.progress().await;
     }
 }

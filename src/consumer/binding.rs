@@ -1,0 +1,396 @@
+//! A consumer's supervisor: binds (retrying with backoff), runs each binding's loop on its own
+//! task, binds again when a binding disappears, and in multi mode follows the subjects from
+//! stream to stream, draining the durables left behind.
+
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::intake::LoopEnd;
+use super::worker::{sleep_or_cancel, Shared, Worker};
+use crate::config::ConsumerConfig;
+use crate::topology::{self, Binding};
+
+/// A binding with its running loop's task and stop token.
+struct Running {
+    binding: Binding,
+    task: tokio::task::Id,
+    token: CancellationToken,
+    /// Consecutive rebind ticks a draining durable was seen with nothing pending or unacked.
+    drained_ticks: u32,
+}
+
+/// The consume loops of one consumer's bindings (the active one and those being drained),
+/// each on its own task, so that the binding checks between them (NATS requests that can take
+/// seconds while the server is unreachable) never hold up reading a pull.
+type Loops = JoinSet<LoopEnd>;
+
+/// Which binding loop ended; a panic in it (a bug, never a message's fault) ends the consumer.
+fn reraise(r: Result<(tokio::task::Id, LoopEnd), tokio::task::JoinError>) -> tokio::task::Id {
+    match r {
+        Ok((id, _)) => id,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => e.id(),
+    }
+}
+
+/// The wait before the next bind attempt after `previous`: doubling, at most 15 s.
+fn next_bind_backoff(previous: Duration) -> Duration {
+    (previous * 2).min(Duration::from_secs(15))
+}
+
+impl Worker {
+    /// Runs until `shutdown` is cancelled: binds (retrying with backoff while nothing can be
+    /// bound), consumes, binds again if the binding disappears, and — in multi mode — moves to
+    /// whichever of primary and legacy stream captures the filter subject, draining the old
+    /// durable until it has nothing pending or unacked. No restart is needed at any migration step.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let span = tracing::info_span!("consumer", consumer = %self.cc.kind);
+        self.supervise(shutdown).instrument(span).await
+    }
+
+    async fn supervise(self, shutdown: CancellationToken) {
+        let kind = self.cc.kind;
+        // Never bind before migrations have run: a missing table would dead-letter everything.
+        while !self.shared.health.database_ready() {
+            if !sleep_or_cancel(Duration::from_millis(200), &shutdown).await {
+                return;
+            }
+        }
+        let mut loops = Loops::new();
+        let mut active: Option<Running> = None;
+        let mut draining: Vec<Running> = Vec::new();
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            if active.is_none() && !shutdown.is_cancelled() {
+                match topology::bind(&self.shared.js, &self.shared.config, &self.cc).await {
+                    Ok(b) => {
+                        backoff = Duration::from_millis(250);
+                        let previous = draining
+                            .iter()
+                            .position(|r| r.binding.stream == b.stream && !r.token.is_cancelled());
+                        match previous {
+                            // Bound again where we were draining: that loop becomes the active one.
+                            Some(i) => active = Some(draining.remove(i)),
+                            None => {
+                                self.on_bound(&b, None);
+                                active = Some(self.spawn_binding(&mut loops, b, &shutdown));
+                            }
+                        }
+                        if let Some(a) = &active {
+                            self.adopt_stranded(a, &mut draining, &mut loops, &shutdown).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "consumer not bound; retrying");
+                        self.shared.health.update(kind, |s| {
+                            s.stream = None;
+                            s.bind_error = Some(e.to_string());
+                        });
+                    }
+                }
+            }
+            self.report_bindings(active.as_ref(), &draining);
+            let wait = if active.is_some() {
+                self.shared.config.rebind_interval
+            } else {
+                let w = backoff;
+                backoff = next_bind_backoff(backoff);
+                w
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    while let Some(r) = loops.join_next_with_id().await {
+                        reraise(r);
+                    }
+                    tracing::info!("consumer stopped");
+                    return;
+                }
+                Some(r) = loops.join_next_with_id(), if !loops.is_empty() => {
+                    let id = reraise(r);
+                    if let Some(a) = active.as_ref().filter(|a| a.task == id) {
+                        // The active loop ends by itself only when its binding is gone.
+                        tracing::warn!(stream = %a.binding.stream, "binding lost; binding again");
+                        active = None;
+                        self.shared.health.update(kind, |s| s.stream = None);
+                    } else if let Some(i) = draining.iter().position(|r| r.task == id) {
+                        let r = draining.remove(i);
+                        tracing::info!(stream = %r.binding.stream, "finished draining the previous durable");
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {
+                    if let Some(current) = active.take() {
+                        let current = self.rebalance(current, &mut draining, &mut loops, &shutdown).await;
+                        self.adopt_stranded(&current, &mut draining, &mut loops, &shutdown).await;
+                        active = Some(current);
+                    }
+                    self.stop_drained(&mut draining).await;
+                }
+            }
+        }
+    }
+
+    /// Starts a binding's loop on its own task; its intake stops with the returned token,
+    /// its batches only with the process (`shutdown`).
+    fn spawn_binding(&self, loops: &mut Loops, binding: Binding, shutdown: &CancellationToken) -> Running {
+        let worker = self.clone();
+        let token = shutdown.child_token();
+        let (b, intake, root) = (binding.clone(), token.clone(), shutdown.clone());
+        let span = tracing::info_span!("binding", stream = %binding.stream, durable = %binding.durable);
+        let task = loops
+            .spawn(async move { worker.run_binding(b, intake, root).await }.instrument(span))
+            .id();
+        Running {
+            binding,
+            task,
+            token,
+            drained_ticks: 0,
+        }
+    }
+
+    /// Consumes one binding until it ends; keeps its gauges and info refresher for that time.
+    async fn run_binding(
+        &self,
+        binding: Binding,
+        token: CancellationToken,
+        root: CancellationToken,
+    ) -> LoopEnd {
+        let kind = self.cc.kind;
+        let info_stop = token.child_token();
+        let refresher = tokio::spawn(
+            refresh_info(
+                self.shared.clone(),
+                self.cc.clone(),
+                binding.clone(),
+                info_stop.clone(),
+            )
+            .in_current_span(),
+        );
+        let end = self.consume(&binding, &token, &root).await;
+        info_stop.cancel();
+        let _ = refresher.await;
+        self.shared
+            .metrics
+            .consumer_bound
+            .with_label_values(&[kind.as_str(), &binding.stream, &binding.durable])
+            .set(0);
+        end
+    }
+
+    /// Multi mode: if the stream that captures the filter subject is no longer the active one,
+    /// make it active and keep the old binding running as a draining one.
+    async fn rebalance(
+        &self,
+        current: Running,
+        draining: &mut Vec<Running>,
+        loops: &mut Loops,
+        shutdown: &CancellationToken,
+    ) -> Running {
+        if self.shared.config.mode != crate::config::StreamMode::Multi {
+            return current;
+        }
+        let Some(target) = topology::capturing_stream(&self.shared.js, &self.shared.config, &self.cc).await
+        else {
+            return current;
+        };
+        if target == current.binding.stream {
+            return current;
+        }
+        let primary = self.shared.config.streams.primary(self.cc.primary).to_string();
+        let reusable = draining
+            .iter()
+            .position(|r| r.binding.stream == target && !r.token.is_cancelled());
+        let next = if let Some(i) = reusable {
+            draining.remove(i)
+        } else {
+            match topology::bind_on(&self.shared.js, &self.shared.config, &self.cc, &target).await {
+                Ok(Some(mut b)) => {
+                    b.fallback = b.stream != primary;
+                    self.spawn_binding(loops, b, shutdown)
+                }
+                Ok(None) => return current,
+                Err(e) => {
+                    tracing::warn!(stream = %target, error = %e, "cannot bind the capturing stream yet");
+                    return current;
+                }
+            }
+        };
+        tracing::info!(
+            from = %current.binding.stream, to = %next.binding.stream,
+            "subjects moved: consuming the new stream and draining the old durable"
+        );
+        self.on_bound(&next.binding, Some(&current.binding.stream));
+        draining.push(current);
+        next
+    }
+
+    /// Starts draining this consumer's durable on any other stream it may have lived on
+    /// (primary or legacy, whatever the mode) that still has pending or unacked messages: a
+    /// backlog left behind when the subjects moved while no daemon was watching (a deploy or a
+    /// rollback during the migration) would otherwise never be delivered. Checked after every
+    /// bind and on every rebind tick; the loop stops when the durable is drained
+    /// ([`Worker::stop_drained`]).
+    async fn adopt_stranded(
+        &self,
+        active: &Running,
+        draining: &mut Vec<Running>,
+        loops: &mut Loops,
+        shutdown: &CancellationToken,
+    ) {
+        let streams = &self.shared.config.streams;
+        let primary = streams.primary(self.cc.primary).to_string();
+        for name in [primary.clone(), streams.legacy.clone()] {
+            if name == active.binding.stream
+                || draining
+                    .iter()
+                    .any(|r| r.binding.stream == name && !r.token.is_cancelled())
+            {
+                continue;
+            }
+            let b = match topology::existing_durable(&self.shared.js, &self.cc, &name).await {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::debug!(stream = %name, error = %e, "cannot look for a stranded durable");
+                    continue;
+                }
+            };
+            let info = b.consumer.cached_info();
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                continue;
+            }
+            tracing::info!(
+                stream = %name, durable = %b.durable,
+                pending = info.num_pending, ack_pending = info.num_ack_pending,
+                "the durable on a stream the subjects left still has messages; draining it"
+            );
+            let m = &self.shared.metrics;
+            m.consumer_bound
+                .with_label_values(&[self.cc.kind.as_str(), &name, &b.durable])
+                .set(1);
+            m.touch_binding(self.cc.kind, &self.cc.filter_subject, &name, &b.durable);
+            let mut b = b;
+            b.fallback = name != primary;
+            draining.push(self.spawn_binding(loops, b, shutdown));
+        }
+        self.report_bindings(Some(active), draining);
+    }
+
+    /// Stops draining loops whose durable has nothing pending or unacked.
+    /// A durable seen drained on this many consecutive rebind ticks is done: one empty look is
+    /// not enough while publishes may still reach its stream (a weighted shift sends a subject
+    /// to both streams).
+    const DRAINED_TICKS: u32 = 3;
+
+    async fn stop_drained(&self, draining: &mut [Running]) {
+        for r in draining {
+            if r.token.is_cancelled() {
+                continue;
+            }
+            match r.binding.consumer.get_info().await {
+                Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {
+                    r.drained_ticks += 1;
+                    if r.drained_ticks >= Self::DRAINED_TICKS {
+                        r.token.cancel();
+                    }
+                }
+                Ok(_) => r.drained_ticks = 0,
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn report_bindings(&self, active: Option<&Running>, draining: &[Running]) {
+        let names: Vec<String> = draining.iter().map(|r| r.binding.stream.clone()).collect();
+        self.shared.health.update(self.cc.kind, |s| {
+            if let Some(a) = active {
+                s.stream = Some(a.binding.stream.clone());
+                s.fallback = a.binding.fallback;
+                s.bind_error = None;
+            }
+            s.draining = names;
+        });
+    }
+
+    /// A new active binding; `from` is the stream it replaces (live rebinding).
+    fn on_bound(&self, b: &Binding, from: Option<&str>) {
+        let kind = self.cc.kind;
+        let m = &self.shared.metrics;
+        let primary = self.shared.config.streams.primary(self.cc.primary).to_string();
+        if b.fallback && from.is_none() {
+            tracing::warn!(from = %primary, to = %b.stream, durable = %b.durable, "primary stream or durable absent; bound to the fallback stream");
+        } else {
+            tracing::info!(stream = %b.stream, durable = %b.durable, "consumer bound");
+        }
+        // Count every move between primary and fallback: the initial fallback and each switch.
+        if b.fallback || from.is_some() {
+            let from = from.unwrap_or(&primary);
+            m.stream_fallback
+                .with_label_values(&[kind.as_str(), from, &b.stream])
+                .inc();
+        }
+        m.consumer_bound
+            .with_label_values(&[kind.as_str(), &b.stream, &b.durable])
+            .set(1);
+        m.touch_binding(kind, &self.cc.filter_subject, &b.stream, &b.durable);
+        self.shared.health.update(kind, |s| {
+            s.stream = Some(b.stream.clone());
+            s.durable = b.durable.clone();
+            s.fallback = b.fallback;
+            s.bind_error = None;
+            s.last_progress = Some(Instant::now());
+            s.stalled = false;
+        });
+    }
+}
+
+/// Refreshes pending / ack-pending / redelivered from consumer info every
+/// `CONSUMER_INFO_INTERVAL_MS`, for the gauges and `/health`.
+async fn refresh_info(shared: Shared, cc: ConsumerConfig, b: Binding, stop: CancellationToken) {
+    let labels = [cc.kind.as_str(), b.stream.as_str(), b.durable.as_str()];
+    loop {
+        match b.consumer.get_info().await {
+            Ok(info) => {
+                let m = &shared.metrics;
+                m.consumer_pending
+                    .with_label_values(&labels)
+                    .set(info.num_pending as i64);
+                m.consumer_ack_pending
+                    .with_label_values(&labels)
+                    .set(info.num_ack_pending as i64);
+                m.consumer_redelivered
+                    .with_label_values(&labels)
+                    .set(info.num_redelivered as i64);
+                shared.health.update(cc.kind, |s| {
+                    s.pending = info.num_pending;
+                    s.ack_pending = info.num_ack_pending as u64;
+                    s.redelivered = info.num_redelivered as u64;
+                });
+            }
+            Err(e) => tracing::debug!(error = %e, "consumer info unavailable"),
+        }
+        if !sleep_or_cancel(shared.config.consumer_info_interval, &stop).await {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_backoff_doubles_up_to_15_s() {
+        let ms = Duration::from_millis;
+        let mut wait = ms(250);
+        let mut seen = Vec::new();
+        for _ in 0..9 {
+            seen.push(wait);
+            wait = next_bind_backoff(wait);
+        }
+        let expected = [250, 500, 1000, 2000, 4000, 8000, 15000, 15000, 15000].map(ms);
+        assert_eq!(seen, expected);
+    }
+}
