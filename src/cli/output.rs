@@ -28,7 +28,7 @@ pub trait Failure: Error + 'static {
     fn exit_code(&self) -> u8;
 }
 
-/// Text being built for stdout; written at once by [`print`].
+/// Text being built for stdout; written at once by [`print()`].
 #[derive(Debug, Default)]
 pub struct Text(String);
 
@@ -85,7 +85,7 @@ fn print_line(s: &str) {
     print(&t);
 }
 
-/// A line on stderr; like [`print`], never panics.
+/// A line on stderr; like [`print()`], never panics.
 pub fn eprint_line(s: &str) {
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "{s}");

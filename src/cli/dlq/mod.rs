@@ -9,7 +9,7 @@
 //! delete failed), 2 usage or configuration error, 3 not found (the dead-letter stream is missing,
 //! or a requested sequence does not exist). When several apply, 1 wins over 3.
 //!
-//! [`letters`] reads, replays and deletes; [`replay`] builds a replay's headers; [`print`]
+//! `letters` reads, replays and deletes; `replay` builds a replay's headers; `print`
 //! renders the answers.
 
 use std::process::ExitCode;

@@ -17,8 +17,8 @@
 //! - rollback phase2 / phase1: the reverse moves; the new durables are kept (never deleted), and
 //!   a multi-mode daemon drains them.
 //!
-//! [`phase`] is the pure core (classification, refusals, subject lists), [`steps`] runs one
-//! function per step, [`verify`] holds the checks and the end-to-end probe.
+//! `phase` is the pure core (classification, refusals, subject lists), `steps` runs one
+//! function per step, `verify` holds the checks and the end-to-end probe.
 
 use std::process::ExitCode;
 

@@ -110,7 +110,7 @@ pub async fn verify<T: Serialize>(
 pub const PROBE_USER: &str = "migration-probe";
 
 /// The sample event a probe publishes for `kind`, identified by `id` and captured at `now`;
-/// its row is found by [`probe_rows`].
+/// its row is found by `probe_rows`.
 pub fn sample_event(kind: ConsumerKind, id: &str, now: DateTime<Utc>) -> Value {
     let ts = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let date = now.format("%Y-%m-%d").to_string();
