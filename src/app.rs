@@ -11,11 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_nats::ConnectErrorKind;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, NatsConfig};
+use crate::config::Config;
 use crate::consumer::{sleep_or_cancel, Shared, Worker};
 use crate::health::Health;
 use crate::http::{self, HttpState};
@@ -27,128 +26,6 @@ pub struct Application {
     nats: async_nats::Client,
     listener: tokio::net::TcpListener,
     metrics_listener: Option<tokio::net::TcpListener>,
-}
-
-/// Connects to NATS. Wrong credentials or TLS settings stop start-up with a clear error; an
-/// unreachable server does not: the client keeps trying and readiness says disconnected.
-pub async fn connect_nats(cfg: &NatsConfig) -> anyhow::Result<async_nats::Client> {
-    let options = || async {
-        let mut o = async_nats::ConnectOptions::new()
-            .name("normalize-service")
-            .connection_timeout(Duration::from_secs(5))
-            .max_reconnects(None::<usize>);
-        if let Some(path) = &cfg.creds_file {
-            o = o
-                .credentials_file(path)
-                .await
-                .with_context(|| format!("NATS_CREDS_FILE: cannot read credentials file {path}"))?;
-        }
-        if let (Some(user), Some(password)) = (&cfg.user, &cfg.password) {
-            o = o.user_and_password(user.clone(), password.clone());
-        }
-        if let Some(token) = &cfg.token {
-            o = o.token(token.clone());
-        }
-        // async-nats ignores credentials embedded in the URLs; honour them (as the previous
-        // service did) unless the explicit variables are set.
-        if cfg.user.is_none() && cfg.token.is_none() && cfg.creds_file.is_none() {
-            match url_credentials(&cfg.urls) {
-                Some((user, Some(password))) => o = o.user_and_password(user, password),
-                Some((token, None)) => o = o.token(token),
-                None => {}
-            }
-        }
-        if let Some(ca) = &cfg.tls_ca_file {
-            if !std::path::Path::new(ca).is_file() {
-                anyhow::bail!("NATS_TLS_CA_FILE: {ca} is not a readable file");
-            }
-            o = o.add_root_certificates(ca.into()).require_tls(true);
-        }
-        anyhow::Ok(o)
-    };
-    // The credentials were taken from the URLs above; async-nats gets the URLs without them
-    // because it logs server addresses verbatim at debug level.
-    let urls: Vec<async_nats::ServerAddr> = cfg
-        .urls
-        .iter()
-        .map(|u| without_credentials(u).parse::<async_nats::ServerAddr>())
-        .collect::<Result<_, _>>()
-        .context("NATS_URL: cannot parse server address")?;
-    let shown = cfg
-        .urls
-        .iter()
-        .map(|u| crate::redact::redact_url(u))
-        .collect::<Vec<_>>()
-        .join(",");
-    match options().await?.connect(urls.clone()).await {
-        Ok(client) => {
-            tracing::info!(servers = %shown, "connected to NATS");
-            Ok(client)
-        }
-        Err(e) if e.kind() == ConnectErrorKind::Tls || is_tls_failure(&e) => Err(anyhow::anyhow!(
-            "TLS to NATS failed (check NATS_TLS_CA_FILE and the tls:// URL in NATS_URL): {e}"
-        )),
-        Err(e) => match e.kind() {
-            ConnectErrorKind::Io | ConnectErrorKind::TimedOut | ConnectErrorKind::Dns | ConnectErrorKind::MaxReconnects => {
-                tracing::warn!(servers = %shown, error = %e, "NATS unreachable at start; retrying in the background");
-                Ok(options().await?.retry_on_initial_connect().connect(urls).await?)
-            }
-            ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => Err(anyhow::anyhow!(
-                "NATS refused the credentials (check NATS_USER/NATS_PASSWORD, NATS_TOKEN or NATS_CREDS_FILE): {e}"
-            )),
-            ConnectErrorKind::Tls => Err(anyhow::anyhow!("TLS to NATS failed: {e}")),
-            ConnectErrorKind::ServerParse => Err(anyhow::anyhow!("NATS_URL: {e}")),
-        },
-    }
-}
-
-/// `user:password` (or a lone token) from the first URL of `NATS_URL` that carries any,
-/// percent-decoded.
-fn url_credentials(urls: &[String]) -> Option<(String, Option<String>)> {
-    let decode = |s: &str| {
-        percent_encoding::percent_decode_str(s)
-            .decode_utf8_lossy()
-            .into_owned()
-    };
-    urls.iter().find_map(|u| {
-        let u = url::Url::parse(u).ok()?;
-        if u.username().is_empty() {
-            return None;
-        }
-        Some((decode(u.username()), u.password().map(decode)))
-    })
-}
-
-fn without_credentials(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut u) if !u.username().is_empty() => {
-            let _ = u.set_password(None);
-            let _ = u.set_username("");
-            u.to_string()
-        }
-        _ => raw.to_string(),
-    }
-}
-
-/// async-nats reports a failed TLS handshake (e.g. an untrusted certificate) as an I/O error;
-/// the rustls error inside says what it is. Retrying would never help, so it stops start-up.
-fn is_tls_failure(e: &async_nats::ConnectError) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(err) = source {
-        if err.is::<async_nats::rustls::Error>() {
-            return true;
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
-            {
-                return true;
-            }
-        }
-        source = err.source();
-    }
-    false
 }
 
 impl Application {
@@ -163,7 +40,7 @@ impl Application {
                 .map(|c| (c.kind, c.durable.clone(), c.expires, c.ack_wait))
                 .collect::<Vec<_>>(),
         ));
-        let nats = connect_nats(&config.nats).await?;
+        let nats = crate::nats::connect(&config.nats).await?;
         let js = async_nats::jetstream::new(nats.clone());
         let pool = store::lazy_pool(&config).context("DATABASE_URL")?;
         // Every batch in flight holds a connection while it writes; a pool smaller than that

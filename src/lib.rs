@@ -15,9 +15,8 @@
 //! - [`health`]    shared consumer state and the `/health` JSON
 //! - [`http`]      axum router: /health, /health/live, /health/ready, /metrics
 //! - [`app`]       `Application::build` then `run_until_stopped`
-//! - [`cli`]       clap commands
-//! - [`ops`]       `topology` and `migrate` operator commands
-//! - [`dlq_cli`]   `dlq` operator commands
+//! - [`nats`]      the one NATS connect (credentials, TLS CA check) for daemon and commands
+//! - [`cli`]       clap commands and the operator commands `topology`, `migrate`, `dlq`
 //! - [`shutdown`]  signals → cancellation token
 //! - [`server_version`] the connected nats-server's version and its known bugs
 
@@ -26,12 +25,11 @@ pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod dlq;
-pub mod dlq_cli;
 pub mod health;
 pub mod http;
 pub mod logging;
 pub mod metrics;
-pub mod ops;
+pub mod nats;
 pub mod outcome;
 pub mod pipeline;
 pub mod redact;

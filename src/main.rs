@@ -2,7 +2,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use normalize_service::cli::{Cli, Command};
+use normalize_service::cli::output::error_text;
+use normalize_service::cli::{self, Cli, Command};
 use normalize_service::config::Config;
 use normalize_service::{app::Application, logging, shutdown};
 use tokio_util::sync::CancellationToken;
@@ -13,9 +14,9 @@ async fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run().await,
         Command::Healthcheck { timeout } => healthcheck(timeout).await,
-        Command::Topology { command } => normalize_service::ops::topology(command).await,
-        Command::Migrate { command } => normalize_service::ops::migrate(command).await,
-        Command::Dlq { command } => normalize_service::dlq_cli::run(command).await,
+        Command::Topology { command } => cli::topology::run(command).await,
+        Command::Migrate { command } => cli::migrate::run(command).await,
+        Command::Dlq { command } => cli::dlq::run(command).await,
     }
 }
 
@@ -42,8 +43,10 @@ async fn run() -> ExitCode {
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "start-up failed");
-            eprintln!("normalize-service: start-up failed: {e:#}");
+            // The causes once each (a NATS error repeats its source in its own message).
+            let e = error_text(e.as_ref());
+            tracing::error!(error = e, "start-up failed");
+            eprintln!("normalize-service: start-up failed: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -4,6 +4,7 @@
 
 mod batch;
 mod consumers;
+mod credentials;
 mod daemon;
 mod dbfaults;
 mod deploy;

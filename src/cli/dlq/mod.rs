@@ -1,0 +1,346 @@
+//! `normalize-service dlq …`: inspect, replay and purge dead letters.
+//!
+//! Owns the operator side of the dead-letter stream (`STREAM_DLQ_NAME`, `AA_DLQ`): reading dead
+//! letters back with their `Dlq-*` headers, republishing the original bytes to the original subject,
+//! and deleting them. The publishing side is [`crate::dlq`].
+//!
+//! Exit codes (scripts rely on them; keep `EXIT_CODES_HELP` and docs/DLQ.md in step):
+//! 0 success, 1 operational failure (NATS unreachable, a request timed out, a replay publish or a
+//! delete failed), 2 usage or configuration error, 3 not found (the dead-letter stream is missing,
+//! or a requested sequence does not exist). When several apply, 1 wins over 3.
+//!
+//! `letters` reads, replays and deletes; `replay` builds a replay's headers; `print`
+//! renders the answers.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use chrono::{DateTime, Utc};
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::cli::output::{self, Failure, EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_FOUND};
+use crate::config::{Config, ConfigError, ConsumerKind};
+
+mod letters;
+mod print;
+mod replay;
+
+pub use letters::{consumer_of, DeadLetter};
+pub use replay::replay_headers;
+
+use letters::{exit_code_for, Dlq, ItemResult};
+
+const EXIT_CODES_HELP: &str = "Exit codes: 0 success; 1 operational failure (NATS unreachable, a \
+request timed out, a replay publish or a delete failed); 2 usage or configuration error; 3 not \
+found (the dead-letter stream is missing or a requested sequence does not exist). 1 wins over 3.";
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// One line per dead letter: sequence, time, consumer, reason, origin, deliveries, error.
+    #[command(after_help = EXIT_CODES_HELP)]
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Show at most N dead letters (the oldest matching first).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Print one JSON document on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Headers and body of one dead letter (the body pretty-printed when it is JSON).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Show {
+        /// Sequence of the dead letter in the dead-letter stream.
+        seq: u64,
+        /// Print one JSON document on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Republish dead letters to their original subject with JetStream (awaiting the PubAck).
+    ///
+    /// The original bytes and headers are sent with `Nats-Msg-Id: replay:<dlq stream>:<seq>` (so a
+    /// repeated replay inside the duplicate window is deduplicated) and `Dlq-Replayed-From`. The
+    /// store is idempotent and never lets an older `capturedAt` overwrite a newer row, so a replay
+    /// cannot duplicate or regress data. The dead letter is kept unless --purge-replayed is given.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Replay {
+        #[command(flatten)]
+        select: Selection,
+        /// Only say what would be replayed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Delete each dead letter once its replay was acknowledged by JetStream.
+        #[arg(long)]
+        purge_replayed: bool,
+        /// Print one JSON document on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete dead letters. Without --yes, only says what would be removed.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Purge {
+        #[command(flatten)]
+        select: Selection,
+        /// Really delete (otherwise nothing is removed).
+        #[arg(long)]
+        yes: bool,
+        /// Print one JSON document on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counts of dead letters by consumer and reason.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Stats {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Print one JSON document on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which dead letters a command applies to; all given filters must match.
+#[derive(Debug, Clone, Default, Args)]
+pub struct FilterArgs {
+    /// Only dead letters of this consumer (by dead-letter subject prefix, else `Dlq-Durable`).
+    #[arg(long, value_enum)]
+    pub consumer: Option<ConsumerArg>,
+    /// Only dead letters with this reason (`Dlq-Reason`).
+    #[arg(long, value_enum)]
+    pub reason: Option<ReasonArg>,
+    /// Only dead letters stored at or after T: RFC 3339 (2025-03-01T00:00:00Z) or a duration ago
+    /// (90s, 30m, 2h, 7d, 1w).
+    #[arg(long, value_name = "T", value_parser = parse_since)]
+    pub since: Option<Since>,
+}
+
+impl FilterArgs {
+    fn is_empty(&self) -> bool {
+        self.consumer.is_none() && self.reason.is_none() && self.since.is_none()
+    }
+}
+
+/// Either explicit sequences, or filters, or `--all`; never nothing (that would be a footgun).
+#[derive(Debug, Clone, Args)]
+#[group(id = "selection", required = true, multiple = true, args = ["seqs", "consumer", "reason", "since", "all"])]
+pub struct Selection {
+    /// Sequences of dead letters in the dead-letter stream.
+    #[arg(value_name = "SEQ", conflicts_with_all = ["consumer", "reason", "since", "all"])]
+    pub seqs: Vec<u64>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Every dead letter in the stream.
+    #[arg(long, conflicts_with_all = ["consumer", "reason", "since"])]
+    pub all: bool,
+}
+
+/// `--consumer`; mirrors [`ConsumerKind`] (defined with the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConsumerArg {
+    Hrv,
+    Sleep,
+    Oura,
+}
+
+impl ConsumerArg {
+    fn kind(self) -> ConsumerKind {
+        match self {
+            ConsumerArg::Hrv => ConsumerKind::Hrv,
+            ConsumerArg::Sleep => ConsumerKind::Sleep,
+            ConsumerArg::Oura => ConsumerKind::Oura,
+        }
+    }
+}
+
+/// `--reason`; mirrors [`crate::dlq::Reason`] (defined with the dead-letter publishing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReasonArg {
+    SchemaInvalid,
+    NonRetryable,
+    MaxDeliver,
+}
+
+impl ReasonArg {
+    fn reason(self) -> crate::dlq::Reason {
+        match self {
+            ReasonArg::SchemaInvalid => crate::dlq::Reason::SchemaInvalid,
+            ReasonArg::NonRetryable => crate::dlq::Reason::NonRetryable,
+            ReasonArg::MaxDeliver => crate::dlq::Reason::MaxDeliver,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        self.reason().as_str()
+    }
+}
+
+/// A `--since` bound: an absolute instant, or a duration before "now" (resolved when used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    At(DateTime<Utc>),
+    Ago(Duration),
+}
+
+impl Since {
+    fn resolve(self, now: DateTime<Utc>) -> DateTime<Utc> {
+        match self {
+            Since::At(t) => t,
+            Since::Ago(d) => chrono::Duration::from_std(d)
+                .ok()
+                .and_then(|d| now.checked_sub_signed(d))
+                .unwrap_or(DateTime::<Utc>::MIN_UTC),
+        }
+    }
+}
+
+/// A `--since` value that is neither.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{input:?} is neither an RFC 3339 time nor a duration like 30m, 2h, 7d")]
+pub struct InvalidSince {
+    input: String,
+}
+
+/// RFC 3339, or a duration ([`crate::cli::parse_duration`]: 30m, 2h, 7d, 1w, …).
+pub fn parse_since(s: &str) -> Result<Since, InvalidSince> {
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(Since::At(t.with_timezone(&Utc)));
+    }
+    crate::cli::parse_duration(s)
+        .map(Since::Ago)
+        .ok_or_else(|| InvalidSince { input: s.into() })
+}
+
+/// Why a command could not do its job; each variant maps to one exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    #[error("configuration error")]
+    Config(#[from] ConfigError),
+    #[error(
+        "the dead-letter stream {stream} does not exist on this NATS server (set STREAM_DLQ_NAME if \
+         it has another name; the daemon or `topology apply` creates it)"
+    )]
+    StreamMissing { stream: String },
+    #[error("no dead letter with sequence {seq} in {stream}")]
+    NotFound { stream: String, seq: u64 },
+    #[error("cannot connect to NATS at {servers}")]
+    Connect {
+        servers: String,
+        #[source]
+        source: crate::nats::ConnectError,
+    },
+    #[error("NATS request failed while {doing}")]
+    Nats {
+        doing: &'static str,
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+impl Failure for DlqError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            DlqError::Config(_) => EXIT_CONFIG,
+            DlqError::StreamMissing { .. } | DlqError::NotFound { .. } => EXIT_NOT_FOUND,
+            DlqError::Connect { .. } | DlqError::Nats { .. } => EXIT_FAILED,
+        }
+    }
+}
+
+impl DlqError {
+    fn nats(doing: &'static str, e: impl Into<async_nats::Error>) -> DlqError {
+        DlqError::Nats {
+            doing,
+            source: e.into(),
+        }
+    }
+}
+
+pub async fn run(cmd: DlqCommand) -> ExitCode {
+    match execute(cmd).await {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => output::fail("normalize-service dlq", &e),
+    }
+}
+
+/// Runs one command; `Ok` carries the exit code of a command that reported per-item results.
+async fn execute(cmd: DlqCommand) -> Result<u8, DlqError> {
+    let config = Config::from_env()?;
+    let client = crate::nats::connect_now(&config.nats, crate::nats::COMMAND_WAIT)
+        .await
+        .map_err(|source| DlqError::Connect {
+            servers: crate::nats::servers(&config.nats),
+            source,
+        })?;
+    let js = jetstream::new(client.clone());
+    let dlq = Dlq::open(&js, &config).await?;
+    let code = match cmd {
+        DlqCommand::List { filter, limit, json } => {
+            let mut letters = dlq.scan(&filter).await?;
+            if let Some(n) = limit {
+                letters.truncate(n);
+            }
+            print::list(&dlq.name, &letters, json);
+            0
+        }
+        DlqCommand::Show { seq, json } => {
+            let letter = dlq.get(seq).await?.ok_or_else(|| DlqError::NotFound {
+                stream: dlq.name.clone(),
+                seq,
+            })?;
+            print::show(&letter, json);
+            0
+        }
+        DlqCommand::Stats { filter, json } => {
+            let letters = dlq.scan(&filter).await?;
+            print::stats(&dlq.name, &letters, json);
+            0
+        }
+        DlqCommand::Replay {
+            select,
+            dry_run,
+            purge_replayed,
+            json,
+        } => {
+            let (letters, missing) = dlq.select(&select).await?;
+            let mut results: Vec<ItemResult> = missing.iter().map(|&s| ItemResult::not_found(s)).collect();
+            for l in &letters {
+                results.push(if dry_run {
+                    ItemResult::planned(l, "would-replay")
+                } else {
+                    dlq.replay(&js, l, purge_replayed).await
+                });
+            }
+            results.sort_by_key(|r| r.dlq_sequence);
+            print::results("replay", &dlq.name, &results, json);
+            exit_code_for(&results)
+        }
+        DlqCommand::Purge { select, yes, json } => {
+            let (letters, missing) = dlq.select(&select).await?;
+            let mut results: Vec<ItemResult> = missing.iter().map(|&s| ItemResult::not_found(s)).collect();
+            for l in &letters {
+                results.push(if yes {
+                    dlq.purge(l).await
+                } else {
+                    ItemResult::planned(l, "would-purge")
+                });
+            }
+            results.sort_by_key(|r| r.dlq_sequence);
+            print::results("purge", &dlq.name, &results, json);
+            if !yes && !letters.is_empty() && !json {
+                output::eprint_line("nothing was removed: add --yes to purge these dead letters");
+            }
+            exit_code_for(&results)
+        }
+    };
+    // Replays and deletes are already acknowledged; this only makes the goodbye tidy.
+    if let Err(e) = client.drain().await {
+        tracing::debug!(error = %e, "draining the connection failed");
+    }
+    Ok(code)
+}
+
+#[cfg(test)]
+mod tests;

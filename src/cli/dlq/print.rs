@@ -1,0 +1,197 @@
+//! The answers of the `dlq` commands, as text or one JSON document, printed through
+//! [`crate::cli::output`] (so `dlq list | head` ends quietly).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use async_nats::header::HeaderMap;
+use serde_json::{json, Value};
+
+use super::letters::{rfc3339, DeadLetter, ItemResult, Summary};
+use crate::cli::output::{self, outln, Text};
+
+fn one_line(s: &str, max: usize) -> String {
+    let flat = crate::dlq::header_safe(s, usize::MAX);
+    if flat.chars().count() <= max {
+        flat
+    } else {
+        let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
+pub(super) fn list(stream: &str, letters: &[DeadLetter], json: bool) {
+    if json {
+        let items: Vec<Summary<'_>> = letters.iter().map(DeadLetter::summary).collect();
+        output::print_json(&json!({"stream": stream, "count": items.len(), "deadLetters": items}));
+        return;
+    }
+    output::print(&list_text(stream, letters));
+}
+
+fn list_text(stream: &str, letters: &[DeadLetter]) -> Text {
+    let mut t = Text::default();
+    if letters.is_empty() {
+        outln!(t, "no dead letters in {stream} match");
+        return t;
+    }
+    outln!(
+        t,
+        "{:>8}  {:<24}  {:<8}  {:<14}  {:<45}  {:>5}  ERROR",
+        "SEQ",
+        "TIME",
+        "CONSUMER",
+        "REASON",
+        "ORIGINAL (subject stream:seq)",
+        "DELIV"
+    );
+    for l in letters {
+        let s = l.summary();
+        let origin = format!(
+            "{} {}:{}",
+            s.original_subject.unwrap_or("?"),
+            s.original_stream.unwrap_or("?"),
+            s.original_sequence
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "?".into())
+        );
+        outln!(
+            t,
+            "{:>8}  {:<24}  {:<8}  {:<14}  {:<45}  {:>5}  {}",
+            s.sequence,
+            s.time,
+            s.consumer,
+            s.reason,
+            origin,
+            s.delivery_count
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "?".into()),
+            one_line(s.error.unwrap_or(""), 160)
+        );
+    }
+    t
+}
+
+/// The body for display: parsed JSON when it is JSON, else text, else hex.
+pub(super) fn body_view(payload: &[u8]) -> (&'static str, Value) {
+    if let Ok(v) = serde_json::from_slice::<Value>(payload) {
+        return ("json", v);
+    }
+    match std::str::from_utf8(payload) {
+        Ok(s) => ("text", Value::String(s.to_string())),
+        Err(_) => {
+            let mut hex = String::with_capacity(payload.len() * 2);
+            for b in payload {
+                let _ = write!(hex, "{b:02x}");
+            }
+            ("hex", Value::String(hex))
+        }
+    }
+}
+
+fn headers_json(h: &HeaderMap) -> BTreeMap<String, Vec<String>> {
+    h.iter()
+        .map(|(k, vs)| (k.to_string(), vs.iter().map(|v| v.as_str().to_string()).collect()))
+        .collect()
+}
+
+pub(super) fn show(l: &DeadLetter, json: bool) {
+    let (encoding, body) = body_view(&l.payload);
+    if json {
+        output::print_json(&json!({
+            "summary": l.summary(),
+            "headers": headers_json(&l.headers),
+            "bodyEncoding": encoding,
+            "body": body,
+        }));
+        return;
+    }
+    let mut t = Text::default();
+    outln!(t, "Sequence: {}", l.seq);
+    outln!(t, "Stored:   {}", rfc3339(l.time));
+    outln!(t, "Subject:  {}", l.subject);
+    outln!(t, "Consumer: {}", l.consumer_str());
+    outln!(t, "Size:     {} bytes", l.payload.len());
+    outln!(t);
+    for (name, values) in headers_json(&l.headers) {
+        for v in values {
+            outln!(t, "{name}: {v}");
+        }
+    }
+    outln!(t);
+    match (encoding, body) {
+        ("json", v) => outln!(t, "{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        ("text", Value::String(s)) => outln!(t, "{s}"),
+        (_, Value::String(hex)) => outln!(t, "(not UTF-8; hex) {hex}"),
+        (_, v) => outln!(t, "{v}"),
+    }
+    output::print(&t);
+}
+
+pub(super) fn stats(stream: &str, letters: &[DeadLetter], json: bool) {
+    let mut by: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
+    for l in letters {
+        *by.entry(l.consumer_str())
+            .or_default()
+            .entry(l.reason())
+            .or_default() += 1;
+    }
+    let first = letters.first().map(|l| rfc3339(l.time));
+    let last = letters.last().map(|l| rfc3339(l.time));
+    if json {
+        output::print_json(
+            &json!({"stream": stream, "total": letters.len(), "byConsumer": by, "oldest": first, "newest": last}),
+        );
+        return;
+    }
+    let mut t = Text::default();
+    outln!(t, "{} dead letters in {stream}", letters.len());
+    if let (Some(f), Some(l)) = (first, last) {
+        outln!(t, "oldest {f}, newest {l}");
+    }
+    for (consumer, reasons) in &by {
+        for (reason, n) in reasons {
+            outln!(t, "{consumer:<8} {reason:<16} {n:>8}");
+        }
+    }
+    output::print(&t);
+}
+
+pub(super) fn results(action: &str, stream: &str, results: &[ItemResult], json: bool) {
+    if json {
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        for r in results {
+            *counts.entry(r.result).or_default() += 1;
+        }
+        output::print_json(
+            &json!({"stream": stream, "action": action, "counts": counts, "results": results}),
+        );
+        return;
+    }
+    output::print(&results_text(action, stream, results));
+}
+
+fn results_text(action: &str, stream: &str, results: &[ItemResult]) -> Text {
+    let mut t = Text::default();
+    if results.is_empty() {
+        outln!(t, "no dead letters in {stream} match: nothing to {action}");
+        return t;
+    }
+    for r in results {
+        let mut line = format!("{:>8}  {:<12}", r.dlq_sequence, r.result);
+        if let Some(s) = &r.original_subject {
+            let _ = write!(line, "  {s}");
+        }
+        if let Some(to) = &r.replayed_to {
+            let _ = write!(line, "  -> {}:{}", to.stream, to.sequence);
+        }
+        if r.purged && action == "replay" {
+            line.push_str("  (dead letter purged)");
+        }
+        if let Some(e) = &r.error {
+            let _ = write!(line, "  error: {}", one_line(e, 200));
+        }
+        outln!(t, "{line}");
+    }
+    t
+}

@@ -1,0 +1,135 @@
+//! `migrate plan|phase0..3|rollback|verify`: the 1 → 3 stream migration, phase by phase.
+//!
+//! The migration moves subjects between streams. JetStream refuses overlapping subjects
+//! (10065), so a subject moves only by removing it from the old stream, then adding it to the
+//! new one; publishes in between (about a millisecond) fail with "no responders" and must be
+//! retried by the publisher with the same `Nats-Msg-Id`. Durables can be created on the new
+//! stream only once it holds the subject (10093 on 2.9). Every step is idempotent: it looks at
+//! the current state and does only what is missing.
+//!
+//! Phases:
+//! - phase0: create `AA_DLQ`, and `AA_CORE_HOT` / `AA_VENDOR_HOT` parked on a placeholder subject
+//!   (their own name), so the later moves are two quick stream updates.
+//! - phase1: move `vendor.>` legacy → `AA_VENDOR_HOT`, create the oura durable there.
+//! - phase2: move `athlete-ally.>`, `sleep.*` legacy → `AA_CORE_HOT`, create hrv/sleep durables.
+//! - phase3: delete the legacy stream once it holds no subjects, no consumer has anything pending
+//!   and no message is newer than the quiet period.
+//! - rollback phase2 / phase1: the reverse moves; the new durables are kept (never deleted), and
+//!   a multi-mode daemon drains them.
+//!
+//! `phase` is the pure core (classification, refusals, subject lists), `steps` runs one
+//! function per step, `verify` holds the checks and the end-to-end probe.
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+use crate::cli::output::{finish, Report, EXIT_REFUSED};
+use crate::cli::server::{subjects_state, Ctx, OpsError};
+
+mod phase;
+mod steps;
+mod verify;
+
+pub use phase::{
+    classify, core_subjects, placeholder, step_for_subject, vendor_subjects, Phase, PhaseStep, RollbackStep,
+    Step, Subjects,
+};
+pub use verify::{sample_event, PROBE_USER};
+
+#[derive(Debug, Clone, Args)]
+pub struct StepArgs {
+    /// Show what would be done and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Confirm a step that moves subjects or deletes a stream.
+    #[arg(long)]
+    pub yes: bool,
+    #[arg(long)]
+    pub json: bool,
+    /// Skip the end-to-end probe (publish a probe event, see its row and the durable's ack floor).
+    #[arg(long)]
+    pub no_probe: bool,
+    /// Seconds to wait for the probe's row.
+    #[arg(long, default_value_t = 30)]
+    pub probe_timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// The current phase and the next command.
+    Plan {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create AA_DLQ and park AA_CORE_HOT / AA_VENDOR_HOT on placeholder subjects.
+    Phase0(StepArgs),
+    /// Move vendor.> to AA_VENDOR_HOT and create the oura durable there.
+    Phase1(StepArgs),
+    /// Move athlete-ally.> and sleep.* to AA_CORE_HOT and create the hrv/sleep durables there.
+    Phase2(StepArgs),
+    /// Delete the drained, quiet legacy stream.
+    Phase3 {
+        #[command(flatten)]
+        step: StepArgs,
+        /// Refuse while the legacy stream has a message newer than this (e.g. 14d, 2h, 0s).
+        #[arg(long, default_value = "14d")]
+        quiet_period: String,
+    },
+    /// Reverse a subject move (the new durables are kept until drained).
+    Rollback {
+        #[arg(value_enum)]
+        phase: RollbackStep,
+        #[command(flatten)]
+        step: StepArgs,
+    },
+    /// Run a phase's checks alone.
+    Verify {
+        #[arg(value_enum)]
+        phase: PhaseStep,
+        #[command(flatten)]
+        step: StepArgs,
+    },
+}
+
+pub async fn run(cmd: MigrateCommand) -> ExitCode {
+    let forward = |p, args: StepArgs| (Step::Forward(p), args);
+    let (step, args) = match cmd {
+        MigrateCommand::Plan { json } => return finish(plan().await, json),
+        MigrateCommand::Verify { phase, step } => {
+            let json = step.json;
+            return finish(verify::verify_only(phase, step).await, json);
+        }
+        MigrateCommand::Phase3 { step, quiet_period } => {
+            let json = step.json;
+            let result = match crate::cli::parse_duration(&quiet_period) {
+                Some(quiet) => steps::run(Step::Forward(PhaseStep::Phase3), step, quiet).await,
+                None => Err(OpsError::QuietPeriod { input: quiet_period }),
+            };
+            return finish(result, json);
+        }
+        MigrateCommand::Phase0(args) => forward(PhaseStep::Phase0, args),
+        MigrateCommand::Phase1(args) => forward(PhaseStep::Phase1, args),
+        MigrateCommand::Phase2(args) => forward(PhaseStep::Phase2, args),
+        MigrateCommand::Rollback { phase, step } => (Step::Rollback(phase), step),
+    };
+    let json = args.json;
+    finish(steps::run(step, args, std::time::Duration::ZERO).await, json)
+}
+
+async fn plan() -> Result<Report<()>, OpsError> {
+    let c = Ctx::open().await?;
+    let state = subjects_state(&c.js).await?;
+    let phase = classify(&state, &c.config.streams);
+    let mut report = Report::new("migrate plan");
+    report.next = phase.next_command().map(String::from);
+    if let Phase::Mixed(_) = phase {
+        report.ok = false;
+        report.exit = EXIT_REFUSED;
+    }
+    report.phase_after = Some(phase);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,320 @@
+//! The migration's pure core: which phase a server's subject ownership corresponds to, the
+//! steps and what each must leave behind, and the refusals and subject lists of a move.
+
+use std::collections::BTreeMap;
+
+use clap::ValueEnum;
+use serde::Serialize;
+
+use crate::config::{StreamNames, StreamRole};
+use crate::topology;
+
+/// Subjects of each existing stream (by name).
+pub type Subjects = BTreeMap<String, Vec<String>>;
+
+pub fn core_subjects() -> Vec<String> {
+    vec!["athlete-ally.>".into(), "sleep.*".into()]
+}
+
+pub fn vendor_subjects() -> Vec<String> {
+    vec!["vendor.>".into()]
+}
+
+/// The subject a parked stream holds: its own name (JetStream's default), which overlaps nothing.
+pub fn placeholder(name: &str) -> Vec<String> {
+    vec![name.to_string()]
+}
+
+pub fn holds_all(state: &Subjects, stream: &str, subjects: &[String]) -> bool {
+    state
+        .get(stream)
+        .is_some_and(|have| subjects.iter().all(|s| have.contains(s)))
+}
+
+pub fn holds_any(state: &Subjects, stream: &str, subjects: &[String]) -> bool {
+    state
+        .get(stream)
+        .is_some_and(|have| subjects.iter().any(|s| have.contains(s)))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// No streams at all: a new installation (`topology apply`).
+    Empty,
+    /// The legacy stream holds everything; phase0 not done.
+    Legacy,
+    /// phase0 done: new streams parked, DLQ present.
+    Prepared,
+    /// phase1 done: vendor.> on the vendor stream.
+    VendorMoved,
+    /// phase2 done: everything on the new streams; the legacy stream still exists.
+    CoreMoved,
+    /// phase3 done: the legacy stream is gone.
+    Migrated,
+    /// Anything else; the text says what is odd.
+    Mixed(String),
+}
+
+impl Phase {
+    pub fn describe(&self) -> String {
+        match self {
+            Phase::Empty => "no streams yet (new installation)".into(),
+            Phase::Legacy => "legacy single-stream topology; phase0 not run".into(),
+            Phase::Prepared => "phase0 done: new streams parked, AA_DLQ present".into(),
+            Phase::VendorMoved => "phase1 done: vendor.> on the vendor stream".into(),
+            Phase::CoreMoved => {
+                "phase2 done: all subjects on the new streams; legacy stream still present".into()
+            }
+            Phase::Migrated => "phase3 done: three-stream topology".into(),
+            Phase::Mixed(why) => format!("mixed state: {why}"),
+        }
+    }
+
+    pub fn next_command(&self) -> Option<&'static str> {
+        match self {
+            Phase::Empty => Some("normalize-service topology apply --mode multi"),
+            Phase::Legacy => Some("normalize-service migrate phase0"),
+            Phase::Prepared => Some("normalize-service migrate phase1 --yes"),
+            Phase::VendorMoved => Some("normalize-service migrate phase2 --yes"),
+            Phase::CoreMoved => Some("normalize-service migrate phase3 --yes (after the legacy durables drain and the quiet period)"),
+            Phase::Migrated => None,
+            Phase::Mixed(_) => None,
+        }
+    }
+}
+
+pub fn classify(state: &Subjects, n: &StreamNames) -> Phase {
+    let core = core_subjects();
+    let vendor = vendor_subjects();
+    let legacy_exists = state.contains_key(&n.legacy);
+    let new_exist =
+        state.contains_key(&n.core) && state.contains_key(&n.vendor) && state.contains_key(&n.dlq);
+    if state.is_empty() {
+        return Phase::Empty;
+    }
+    let core_on_legacy = holds_all(state, &n.legacy, &core);
+    let vendor_on_legacy = holds_all(state, &n.legacy, &vendor);
+    let core_on_new = holds_all(state, &n.core, &core);
+    let vendor_on_new = holds_all(state, &n.vendor, &vendor);
+    match (
+        legacy_exists,
+        core_on_legacy,
+        vendor_on_legacy,
+        core_on_new,
+        vendor_on_new,
+    ) {
+        (true, true, true, false, false) => {
+            if new_exist {
+                Phase::Prepared
+            } else {
+                Phase::Legacy
+            }
+        }
+        (true, true, false, false, true) => Phase::VendorMoved,
+        (true, false, false, true, true)
+            if !holds_any(state, &n.legacy, &[core.clone(), vendor.clone()].concat()) =>
+        {
+            Phase::CoreMoved
+        }
+        (false, _, _, true, true) => Phase::Migrated,
+        (true, false, true, true, false) => Phase::Mixed(format!(
+            "core subjects on {} but vendor.> still on {}: run `migrate phase1` or `migrate rollback phase2`",
+            n.core, n.legacy
+        )),
+        _ => Phase::Mixed(format!("unexpected subject ownership: {state:?}")),
+    }
+}
+
+/// Which migration step moves a subject off the legacy stream.
+pub fn step_for_subject(subject: &str) -> &'static str {
+    if vendor_subjects().iter().any(|s| s == subject) {
+        "normalize-service migrate phase1"
+    } else {
+        "normalize-service migrate phase2"
+    }
+}
+
+/// A forward step (`migrate phaseN`, `migrate verify phaseN`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PhaseStep {
+    Phase0,
+    Phase1,
+    Phase2,
+    Phase3,
+}
+
+/// A subject move `migrate rollback` reverses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RollbackStep {
+    Phase1,
+    Phase2,
+}
+
+impl PhaseStep {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PhaseStep::Phase0 => "phase0",
+            PhaseStep::Phase1 => "phase1",
+            PhaseStep::Phase2 => "phase2",
+            PhaseStep::Phase3 => "phase3",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Forward(PhaseStep),
+    Rollback(RollbackStep),
+}
+
+/// The subject group a move step handles, the new stream's role, and its direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub group: Vec<String>,
+    pub role: StreamRole,
+    /// legacy → new stream; otherwise new stream → legacy (a rollback).
+    pub forward: bool,
+}
+
+impl Step {
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Forward(PhaseStep::Phase0) => "migrate phase0",
+            Step::Forward(PhaseStep::Phase1) => "migrate phase1",
+            Step::Forward(PhaseStep::Phase2) => "migrate phase2",
+            Step::Forward(PhaseStep::Phase3) => "migrate phase3",
+            Step::Rollback(RollbackStep::Phase1) => "migrate rollback phase1",
+            Step::Rollback(RollbackStep::Phase2) => "migrate rollback phase2",
+        }
+    }
+}
+
+impl Move {
+    /// The group of the `role` stream, moved legacy → new (`forward`) or back.
+    pub fn new(role: StreamRole, forward: bool) -> Move {
+        let group = match role {
+            StreamRole::Core => core_subjects(),
+            StreamRole::Vendor => vendor_subjects(),
+        };
+        Move { group, role, forward }
+    }
+}
+
+/// What a step leaves behind, to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expect {
+    /// Where `vendor.>` must be; `None` = not this step's business.
+    pub vendor_home: Option<String>,
+    pub core_home: Option<String>,
+    pub new_streams: bool,
+    pub exactly_three: bool,
+}
+
+pub fn expect_for(step: Step, n: &StreamNames) -> Expect {
+    let (vendor_home, core_home, new_streams, exactly_three) = match step {
+        Step::Rollback(RollbackStep::Phase1) => (Some(&n.legacy), None, false, false),
+        Step::Rollback(RollbackStep::Phase2) => (None, Some(&n.legacy), false, false),
+        Step::Forward(PhaseStep::Phase0) => (None, None, true, false),
+        Step::Forward(PhaseStep::Phase1) => (Some(&n.vendor), None, true, false),
+        Step::Forward(PhaseStep::Phase2) => (Some(&n.vendor), Some(&n.core), true, false),
+        Step::Forward(PhaseStep::Phase3) => (Some(&n.vendor), Some(&n.core), true, true),
+    };
+    Expect {
+        vendor_home: vendor_home.cloned(),
+        core_home: core_home.cloned(),
+        new_streams,
+        exactly_three,
+    }
+}
+
+/// The streams a move takes its subjects `from` and gives them `to`.
+pub fn move_ends(m: &Move, n: &StreamNames) -> (String, String) {
+    let new_stream = n.primary(m.role).to_string();
+    if m.forward {
+        (n.legacy.clone(), new_stream)
+    } else {
+        (new_stream, n.legacy.clone())
+    }
+}
+
+/// Why a move step must not start in `state`, if it must not.
+pub fn move_refusal(step: Step, m: &Move, state: &Subjects, n: &StreamNames) -> Option<String> {
+    let (_, to) = move_ends(m, n);
+    if !state.contains_key(&n.dlq) {
+        return Some(format!(
+            "{} missing: run `normalize-service migrate phase0` first",
+            n.dlq
+        ));
+    }
+    if !state.contains_key(&to) {
+        return Some(format!(
+            "stream {to} missing: {}",
+            if m.forward {
+                "run `normalize-service migrate phase0` first"
+            } else {
+                "cannot roll back to a deleted legacy stream; recreate it with `topology apply --mode single` after moving subjects off the new streams"
+            }
+        ));
+    }
+    match step {
+        Step::Forward(PhaseStep::Phase2) if !holds_all(state, &n.vendor, &vendor_subjects()) => Some(
+            "vendor.> is not on the vendor stream yet: run `normalize-service migrate phase1` first".into(),
+        ),
+        Step::Rollback(RollbackStep::Phase1) if holds_all(state, &n.core, &core_subjects()) => Some(
+            "core subjects are on the core stream: run `normalize-service migrate rollback phase2` first"
+                .into(),
+        ),
+        Step::Forward(_) | Step::Rollback(_) => None,
+    }
+}
+
+/// Whether the move is already done: the group is on `to` and nowhere on `from`.
+pub fn already_moved(m: &Move, state: &Subjects, from: &str, to: &str) -> bool {
+    holds_all(state, to, &m.group) && !holds_any(state, from, &m.group)
+}
+
+/// A stream other than the two ends whose subjects overlap the group (JetStream would refuse
+/// the move, and this migration does not manage that stream).
+pub fn unmanaged_overlap<'a>(m: &Move, state: &'a Subjects, from: &str, to: &str) -> Option<&'a str> {
+    state
+        .iter()
+        .find(|(name, subs)| {
+            name.as_str() != from
+                && name.as_str() != to
+                && m.group
+                    .iter()
+                    .any(|g| subs.iter().any(|s| topology::patterns_overlap(s, g)))
+        })
+        .map(|(name, _)| name.as_str())
+}
+
+/// The subjects `from` and `to` hold after the move: `from` keeps the rest (or its placeholder
+/// when nothing is left), `to` drops its placeholder and gains the group.
+pub fn moved_subjects(m: &Move, state: &Subjects, from: &str, to: &str) -> (Vec<String>, Vec<String>) {
+    let from_subjects: Vec<String> = state
+        .get(from)
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| !m.group.contains(s))
+        .collect();
+    let from_subjects = if from_subjects.is_empty() {
+        placeholder(from)
+    } else {
+        from_subjects
+    };
+    let mut to_subjects: Vec<String> = state
+        .get(to)
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| s != to)
+        .collect();
+    for g in &m.group {
+        if !to_subjects.contains(g) {
+            to_subjects.push(g.clone());
+        }
+    }
+    (from_subjects, to_subjects)
+}

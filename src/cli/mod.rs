@@ -1,0 +1,105 @@
+//! Command line: `run` (the default), `healthcheck`, and the operator commands `topology`,
+//! `migrate` and `dlq`.
+//!
+//! - [`output`]   one EPIPE-safe writer for text and `--json`, the report model, exit codes
+//! - [`server`]   the operator commands' NATS context, typed error and read-only queries
+//! - [`topology`] `topology apply|status`
+//! - [`migrate`]  `migrate plan|phase0..3|rollback|verify`: pure phase classification, one
+//!   function per step, the checks and the end-to-end probe
+//! - [`dlq`]      `dlq list|show|replay|purge|stats`
+//!
+//! The daemon never imports this module; it shares [`crate::nats`] and [`crate::topology`].
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+pub mod dlq;
+pub mod migrate;
+pub mod output;
+pub mod server;
+pub mod topology;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "normalize-service",
+    version,
+    about = "Normalizes raw health events from NATS JetStream into PostgreSQL"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (the default). All configuration comes from the environment.
+    Run,
+    /// Exit 0 when GET /health/ready on 127.0.0.1:$PORT answers 200, else 1 (for HEALTHCHECK).
+    Healthcheck {
+        /// Seconds to wait for an answer.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
+    /// Create, update or inspect the streams and durables (never deletes).
+    Topology {
+        #[command(subcommand)]
+        command: topology::TopologyCommand,
+    },
+    /// Walk the 1 → 3 stream migration safely, phase by phase.
+    Migrate {
+        #[command(subcommand)]
+        command: migrate::MigrateCommand,
+    },
+    /// Inspect, replay and purge dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+    },
+}
+
+/// The one duration syntax of the operator commands: `<n><unit>` with unit `ms`, `s`, `m`,
+/// `h`, `d` or `w` (`14d`, `2h`, `30m`, `45s`), or a bare `0`. `None` when malformed or too large.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    let secs_per_unit = match unit {
+        "ms" => return Some(Duration::from_millis(n)),
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return None,
+    };
+    n.checked_mul(secs_per_unit).map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("14d"), Some(Duration::from_secs(14 * 86_400)));
+        assert_eq!(parse_duration("0s"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("90m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1w"), Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        for bad in ["", "x", "5", "5y", "m", "-5m", "1.5h", "99999999999999999999d"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse_duration("999999999999999999d"), None, "overflow");
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
