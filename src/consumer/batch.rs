@@ -264,7 +264,7 @@ impl Worker {
         let mut results: Vec<Result<(), Failure>> = Vec::with_capacity(items.len());
         let mut decoded: Vec<Option<Decoded>> = Vec::with_capacity(items.len());
         for it in items {
-            // A DLQ replay carries the first publisher's id separately (see dlq_cli).
+            // A DLQ replay carries the first publisher's id separately (see `dlq::event_origin`).
             if it.seq == 0 {
                 decoded.push(None);
                 results.push(Err(Failure::NoMetadata));
