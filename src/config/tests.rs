@@ -186,3 +186,11 @@ fn unrelated_and_blank_variables_are_ignored() {
     assert_eq!(c.port, 4102);
     assert_eq!(c.host, "h");
 }
+
+#[test]
+fn stream_modes_are_cli_values() {
+    use clap::ValueEnum;
+    for mode in [StreamMode::Single, StreamMode::Multi] {
+        assert_eq!(StreamMode::from_str(mode.as_str(), false), Ok(mode));
+    }
+}

@@ -16,7 +16,7 @@ use super::tables::{self, SourceKey};
 use super::unnest::{self, seq_i64, RowValues};
 use super::{BatchEntry, Written};
 use crate::metrics::Metrics;
-use crate::pipeline::{Decoded, OuraWebhook, StoredRow};
+use crate::pipeline::{Decoded, HrvRecord, OuraWebhook, SleepRecord, StoredRow};
 
 /// How many times a batch write is tried when PostgreSQL reports a deadlock.
 pub const DEADLOCK_ATTEMPTS: u32 = 5;
@@ -71,27 +71,15 @@ struct Rows<'a, R: 'static> {
 /// `..` wherever it is walked, so a new table cannot be left out of any step.
 struct Batch<'a> {
     hooks: Vec<(usize, &'a OuraWebhook)>,
-    hrv: Rows<'a, crate::pipeline::HrvRecord>,
-    sleep: Rows<'a, crate::pipeline::SleepRecord>,
-}
-
-fn order_of<'a>(entries: &[BatchEntry<'a>], entry: usize, at: DateTime<Utc>) -> OrderKey<'a> {
-    let s = &entries[entry].source;
-    OrderKey {
-        at,
-        stream: s.stream,
-        seq: s.seq,
-    }
+    hrv: Rows<'a, HrvRecord>,
+    sleep: Rows<'a, SleepRecord>,
 }
 
 impl<'a, R> Rows<'a, R> {
     /// Collapses the candidates by the per-field rule; rows come out in key order.
     fn merge(table: &'static Table<R>, cands: Vec<Cand<'a, R>>, entries: &[BatchEntry<'a>]) -> Rows<'a, R> {
-        let keys: Vec<_> = cands
-            .iter()
-            .map(|c| ((table.user_id)(c.record), (table.date)(c.record)))
-            .collect();
-        let order: Vec<_> = cands.iter().map(|c| self_order(table, c, entries)).collect();
+        let keys: Vec<_> = cands.iter().map(|c| table.key(c.record)).collect();
+        let order: Vec<_> = cands.iter().map(|c| cand_order(table, c, entries)).collect();
         let carries: Vec<Vec<bool>> = cands
             .iter()
             .map(|c| table.optional.iter().map(|o| o.value.carried(c.record)).collect())
@@ -101,8 +89,7 @@ impl<'a, R> Rows<'a, R> {
     }
 
     fn key(&self, i: usize) -> (&'a str, NaiveDate) {
-        let r = self.cands[i].record;
-        ((self.table.user_id)(r), (self.table.date)(r))
+        self.table.key(self.cands[i].record)
     }
 
     /// Marks every entry whose record gives a field to a row, and every entry with a record.
@@ -132,7 +119,7 @@ impl<'a, R> Rows<'a, R> {
         let placed = |i: usize| {
             (
                 self.cands[i].record,
-                self_order(self.table, &self.cands[i], entries),
+                cand_order(self.table, &self.cands[i], entries),
             )
         };
         let values: Vec<RowValues<'a, R>> = self
@@ -225,8 +212,14 @@ impl<'a, R> Rows<'a, R> {
     }
 }
 
-fn self_order<'a, R>(table: &Table<R>, c: &Cand<'a, R>, entries: &[BatchEntry<'a>]) -> OrderKey<'a> {
-    order_of(entries, c.entry, (table.captured_at)(c.record))
+/// A candidate's place in the order: its record's time and its entry's stream position.
+fn cand_order<'a, R>(table: &Table<R>, c: &Cand<'a, R>, entries: &[BatchEntry<'a>]) -> OrderKey<'a> {
+    let s = &entries[c.entry].source;
+    OrderKey {
+        at: (table.captured_at)(c.record),
+        stream: s.stream,
+        seq: s.seq,
+    }
 }
 
 /// A row as the upsert (or the re-read) returns it: the row as stored, and the bookkeeping

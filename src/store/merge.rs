@@ -149,6 +149,11 @@ pub struct Statements {
 }
 
 impl<R> Table<R> {
+    /// A record's row key.
+    pub fn key<'r>(&self, r: &'r R) -> (&'r str, NaiveDate) {
+        ((self.user_id)(r), (self.date)(r))
+    }
+
     /// The columns a normalized event carries (a change of any is a stored change).
     fn published(&self) -> Vec<&'static str> {
         let mut cols: Vec<&'static str> = self.required.iter().map(|c| c.column).collect();

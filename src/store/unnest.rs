@@ -61,8 +61,8 @@ pub struct RowValues<'a, R> {
 pub fn upsert<'a, R>(table: &'a Table<R>, rows: &[RowValues<'a, R>]) -> Query<'a, Postgres, PgArguments> {
     let main = || rows.iter().map(|r| r.main);
     let mut params = vec![
-        Param::Text(main().map(|(r, _)| (table.user_id)(r)).collect()),
-        Param::Date(main().map(|(r, _)| (table.date)(r)).collect()),
+        Param::Text(main().map(|(r, _)| table.key(r).0).collect()),
+        Param::Date(main().map(|(r, _)| table.key(r).1).collect()),
         Param::Time(main().map(|(_, k)| k.at).collect()),
         Param::Text(main().map(|(_, k)| k.stream).collect()),
         Param::Int8(main().map(|(_, k)| seq_i64(k.seq)).collect()),
