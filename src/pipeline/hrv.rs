@@ -145,16 +145,7 @@ impl NormalizedRow for HrvRow {
 
 /// A valid raw HRV event of `user_id` captured `at`, identified by `event_id`.
 pub(crate) fn probe_event(event_id: &str, user_id: &str, at: DateTime<Utc>) -> Value {
-    json!({
-        "eventId": event_id,
-        "payload": {
-            "userId": user_id,
-            "date": at.format("%Y-%m-%d").to_string(),
-            "rMSSD": 1.0,
-            "capturedAt": at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            "raw": {"source": "probe"},
-        },
-    })
+    super::probe_core_event(event_id, user_id, at, ("rMSSD", json!(1.0)))
 }
 
 #[cfg(test)]

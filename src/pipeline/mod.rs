@@ -72,6 +72,21 @@ impl Decoded {
     }
 }
 
+/// A core event for the migration probe: `{"eventId", "payload": {"userId", "date",
+/// "capturedAt", "raw": {"source": "probe"}, <measure>}}`, of `user_id` captured `at`.
+fn probe_core_event(event_id: &str, user_id: &str, at: DateTime<Utc>, measure: (&str, Value)) -> Value {
+    let mut payload = serde_json::json!({
+        "userId": user_id,
+        "date": at.format("%Y-%m-%d").to_string(),
+        "capturedAt": at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "raw": {"source": "probe"},
+    });
+    if let Value::Object(fields) = &mut payload {
+        fields.insert(measure.0.to_string(), measure.1);
+    }
+    serde_json::json!({"eventId": event_id, "payload": payload})
+}
+
 /// What the decoder may know about the message besides its body.
 #[derive(Debug, Clone, Copy)]
 pub struct Envelope<'a> {
