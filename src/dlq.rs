@@ -7,9 +7,9 @@
 //! It also owns an event's origin across dead-letter/replay rounds ([`event_origin`],
 //! [`idempotency_msg_id`]): a dead letter carries the original's time and identity
 //! (`Dlq-Original-Timestamp`, `Dlq-Original-Msg-Id`), a replay carries the first origin
-//! (`Replay-Original-*`, set by [`crate::dlq_cli::replay_headers`]), and the consumer reads them
-//! back here, so an event keeps its time, position and identity however many rounds it goes
-//! through (docs/CONTRACT.md).
+//! (`Replay-Original-*`, set by [`replay_headers`] when `dlq replay` publishes it), and the
+//! consumer reads them back here, so an event keeps its time, position and identity however many
+//! rounds it goes through (docs/CONTRACT.md).
 
 use async_nats::header::HeaderMap;
 use async_nats::jetstream::{self, context::PublishError, message::PublishMessage};
@@ -85,6 +85,61 @@ pub fn idempotency_msg_id(headers: Option<&HeaderMap>) -> Option<&str> {
     h.get(name).map(|v| v.as_str())
 }
 
+/// Headers a replay must not carry: the dead letter's own identity and bookkeeping, and publish
+/// expectations that were meant for the first publish.
+fn replay_drops(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower == "nats-msg-id" || lower.starts_with("dlq-") || lower.starts_with("nats-expected-")
+}
+
+/// The message a replay publishes: the original headers, a deduplicating id derived from the
+/// dead letter, where it came from, and the event's first origin (`Replay-Original-Msg-Id`,
+/// `-Stream`, `-Sequence`, `-Timestamp`), which the consumer uses as the event's identity, position
+/// and default time ([`event_origin`]). Each is the letter's inherited `Replay-Original-*` header
+/// when it has one (the letter of a replay inherits the replay's headers), else its
+/// `Dlq-Original-*` one, so the first origin survives any number of dead-letter/replay rounds.
+pub fn replay_headers(dead: &HeaderMap, dlq_stream: &str, dlq_seq: u64) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, values) in dead.iter() {
+        if replay_drops(name.as_ref()) {
+            continue;
+        }
+        for v in values {
+            out.append(name.clone(), v.clone());
+        }
+    }
+    let header = |name: &str| {
+        dead.get(name)
+            .map(|v| v.as_str())
+            .filter(|v| !v.trim().is_empty())
+    };
+    // The letter of a replay: its `Dlq-Original-Msg-Id` may be the replay's own id (letters
+    // written before dead letters kept the event's identity), never the event's.
+    let of_a_replay = dead.get(REPLAYED_FROM).is_some();
+    let msg_id = header(REPLAY_ORIGINAL_MSG_ID).or_else(|| {
+        if of_a_replay {
+            None
+        } else {
+            header("Dlq-Original-Msg-Id")
+        }
+    });
+    if let Some(id) = msg_id {
+        out.insert(REPLAY_ORIGINAL_MSG_ID, id);
+    }
+    for (replay_name, dlq_name) in [
+        (REPLAY_ORIGINAL_STREAM, "Dlq-Original-Stream"),
+        (REPLAY_ORIGINAL_SEQUENCE, "Dlq-Original-Sequence"),
+        (REPLAY_ORIGINAL_TIMESTAMP, "Dlq-Original-Timestamp"),
+    ] {
+        if let Some(v) = header(replay_name).or_else(|| header(dlq_name)) {
+            out.insert(replay_name, v);
+        }
+    }
+    out.insert("Nats-Msg-Id", format!("replay:{dlq_stream}:{dlq_seq}").as_str());
+    out.insert(REPLAYED_FROM, format!("{dlq_stream}:{dlq_seq}").as_str());
+    out
+}
+
 /// A JetStream message's timestamp (the time the stream stored the publish) as a chrono time.
 pub fn published_at(info: &jetstream::message::Info<'_>) -> DateTime<Utc> {
     let t = info.published;
@@ -96,8 +151,9 @@ pub fn precise_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Nanos, true)
 }
 
-/// Why a message was dead-lettered; the last token of the dead-letter subject.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a message was dead-lettered; the last token of the dead-letter subject (and the value
+/// the CLI's `--reason` takes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Reason {
     SchemaInvalid,
     NonRetryable,
@@ -361,5 +417,103 @@ mod tests {
         let capped = header_safe(&long, 1024);
         assert!(capped.len() <= 1024);
         assert!(capped.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn reasons_are_cli_values() {
+        use clap::ValueEnum;
+        for r in [Reason::SchemaInvalid, Reason::NonRetryable, Reason::MaxDeliver] {
+            assert_eq!(Reason::from_str(r.as_str(), false), Ok(r));
+        }
+    }
+
+    #[test]
+    fn replay_headers_keep_the_original_and_drop_bookkeeping() {
+        let mut dead = HeaderMap::new();
+        dead.insert("Nats-Msg-Id", "dlq:AA_CORE_HOT:7");
+        dead.insert("Dlq-Reason", "max-deliver");
+        dead.insert("Dlq-Original-Msg-Id", "ingest-42");
+        dead.insert("dlq-error", "lower-case too");
+        dead.insert("Nats-Expected-Last-Sequence", "3");
+        dead.insert("Trace-Id", "t1");
+        dead.append("Multi", "a");
+        dead.append("Multi", "b");
+        let h = replay_headers(&dead, "AA_DLQ", 12);
+        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "replay:AA_DLQ:12");
+        assert_eq!(h.get(REPLAYED_FROM).unwrap().as_str(), "AA_DLQ:12");
+        assert_eq!(h.get(REPLAY_ORIGINAL_MSG_ID).unwrap().as_str(), "ingest-42");
+        assert_eq!(h.get("Trace-Id").unwrap().as_str(), "t1");
+        assert_eq!(h.get_all("Multi").count(), 2);
+        for gone in [
+            "Dlq-Reason",
+            "Dlq-Original-Msg-Id",
+            "dlq-error",
+            "Nats-Expected-Last-Sequence",
+        ] {
+            assert!(h.get(gone).is_none(), "{gone}");
+        }
+    }
+
+    #[test]
+    fn replays_are_keyed_by_the_first_publishers_id() {
+        let mut first = HeaderMap::new();
+        first.insert("Nats-Msg-Id", "ingest-42");
+        assert_eq!(idempotency_msg_id(Some(&first)), Some("ingest-42"));
+        assert_eq!(idempotency_msg_id(None), None);
+        let mut dead = HeaderMap::new();
+        dead.insert("Dlq-Original-Msg-Id", "ingest-42");
+        let replay = replay_headers(&dead, "AA_DLQ", 3);
+        assert_eq!(idempotency_msg_id(Some(&replay)), Some("ingest-42"));
+        let anonymous = replay_headers(&HeaderMap::new(), "AA_DLQ", 4);
+        assert_eq!(idempotency_msg_id(Some(&anonymous)), None);
+    }
+
+    /// The dead letter the daemon writes for `msg`.
+    fn letter_of(msg: &HeaderMap, stream: &str, seq: u64, published: &str) -> HeaderMap {
+        let origin = Origin {
+            subject: "athlete-ally.sleep.raw-received",
+            stream,
+            seq,
+            durable: "d",
+            delivered: 1,
+            published: DateTime::parse_from_rfc3339(published)
+                .ok()
+                .map(|t| t.with_timezone(&Utc)),
+        };
+        dead_letter_headers(Some(msg), &origin, Reason::NonRetryable, "e")
+    }
+
+    #[test]
+    fn the_first_origin_survives_two_rounds() {
+        let mut first = HeaderMap::new();
+        first.insert("Nats-Msg-Id", "ingest-42");
+        let first_at = "2025-03-01T06:00:00.123456789Z";
+        let letter1 = letter_of(&first, "AA_CORE_HOT", 17, first_at);
+        let replay1 = replay_headers(&letter1, "AA_DLQ", 3);
+        // The replay is stored at AA_CORE_HOT:90 an hour later and dead-lettered again.
+        let letter2 = letter_of(&replay1, "AA_CORE_HOT", 90, "2025-03-01T07:00:00Z");
+        let replay2 = replay_headers(&letter2, "AA_DLQ", 8);
+        for (name, value) in [
+            (REPLAY_ORIGINAL_MSG_ID, "ingest-42"),
+            (REPLAY_ORIGINAL_STREAM, "AA_CORE_HOT"),
+            (REPLAY_ORIGINAL_SEQUENCE, "17"),
+            (REPLAY_ORIGINAL_TIMESTAMP, first_at),
+        ] {
+            assert_eq!(replay2.get(name).map(|v| v.as_str()), Some(value), "{name}");
+            assert_eq!(replay2.get_all(name).count(), 1, "{name} repeated");
+        }
+        let published = DateTime::from_timestamp(1_740_816_000, 0).unwrap();
+        let origin = event_origin(Some(&replay2), "AA_CORE_HOT", 120, published);
+        assert_eq!((origin.stream.as_str(), origin.seq), ("AA_CORE_HOT", 17));
+        assert_eq!(precise_time(origin.time), first_at);
+        assert_eq!(origin.msg_id.as_deref(), Some("ingest-42"));
+        // A letter written before dead letters kept the event's identity: its
+        // Dlq-Original-Msg-Id is the replay's own id, and it is not taken for the event's.
+        let mut old = HeaderMap::new();
+        old.insert(REPLAYED_FROM, "AA_DLQ:4");
+        old.insert("Dlq-Original-Msg-Id", "replay:AA_DLQ:4");
+        assert!(replay_headers(&old, "AA_DLQ", 10)
+            .get(REPLAY_ORIGINAL_MSG_ID)
+            .is_none());
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
-use crate::config::{ConsumerKind, StreamMode};
+use crate::config::{ConsumerKind, PerKind, StreamMode};
 
 /// One consumer's state, as reported on `/health`.
 #[derive(Debug, Clone, Default)]
@@ -46,10 +46,8 @@ pub struct ConsumerState {
 pub struct Health {
     pub mode: StreamMode,
     consumers: Mutex<BTreeMap<ConsumerKind, ConsumerState>>,
-    /// Per consumer, updated on every delivery and settlement without taking the lock.
-    activity: BTreeMap<ConsumerKind, Activity>,
-    /// The fallback for a kind without a consumer (never reported).
-    no_activity: Activity,
+    /// Per consumer kind, updated on every delivery and settlement without taking the lock.
+    activity: PerKind<Activity>,
     shutting_down: AtomicBool,
     /// When the shutdown must be complete (`SHUTDOWN_TIMEOUT_MS` after it began).
     shutdown_deadline: Mutex<Option<Instant>>,
@@ -177,11 +175,7 @@ impl Health {
         Health {
             mode,
             consumers: Mutex::new(map),
-            activity: ConsumerKind::ALL
-                .iter()
-                .map(|k| (*k, Activity::new(epoch)))
-                .collect(),
-            no_activity: Activity::new(epoch),
+            activity: PerKind::new(|_| Activity::new(epoch)),
             shutting_down: AtomicBool::new(false),
             shutdown_deadline: Mutex::new(None),
             database_ready: AtomicBool::new(false),
@@ -190,7 +184,7 @@ impl Health {
     }
 
     pub fn activity(&self, kind: ConsumerKind) -> &Activity {
-        self.activity.get(&kind).unwrap_or(&self.no_activity)
+        &self.activity[kind]
     }
 
     /// Set by the watchdog from the NATS connection state and a database ping.

@@ -11,7 +11,7 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::config::ConsumerKind;
+use crate::config::{ConsumerKind, PerKind};
 
 /// What happened to one message, as counted in `normalize_<consumer>_messages_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,12 +42,8 @@ impl MessageResult {
 
 pub struct Metrics {
     registry: Registry,
-    /// Messages handled by the HRV consumer, by outcome.
-    hrv_messages: IntCounterVec,
-    /// Messages handled by the sleep consumer, by outcome.
-    sleep_messages: IntCounterVec,
-    /// Messages handled by the Oura consumer, by outcome.
-    oura_messages: IntCounterVec,
+    /// Messages handled by each consumer, by outcome: `normalize_<kind>_messages_total`.
+    messages: PerKind<IntCounterVec>,
     /// Dead letters whose PubAck was received (stored by JetStream).
     pub dlq_messages: IntCounterVec,
     /// Dead-letter publishes that failed; the original stays unacked and is retried.
@@ -133,24 +129,14 @@ impl Metrics {
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ];
         let m = Metrics {
-            hrv_messages: counter(
-                &registry,
-                "normalize_hrv_messages_total",
-                "HRV messages handled, by result",
-                MESSAGE_LABELS,
-            )?,
-            sleep_messages: counter(
-                &registry,
-                "normalize_sleep_messages_total",
-                "Sleep messages handled, by result",
-                MESSAGE_LABELS,
-            )?,
-            oura_messages: counter(
-                &registry,
-                "normalize_oura_messages_total",
-                "Oura webhook messages handled, by result",
-                MESSAGE_LABELS,
-            )?,
+            messages: PerKind::try_new(|kind| {
+                counter(
+                    &registry,
+                    &format!("normalize_{kind}_messages_total"),
+                    &format!("{} messages handled, by result", kind.spec().messages),
+                    MESSAGE_LABELS,
+                )
+            })?,
             dlq_messages: counter(
                 &registry,
                 "dlq_messages_total",
@@ -314,14 +300,6 @@ impl Metrics {
         Ok(m)
     }
 
-    fn messages(&self, kind: ConsumerKind) -> &IntCounterVec {
-        match kind {
-            ConsumerKind::Hrv => &self.hrv_messages,
-            ConsumerKind::Sleep => &self.sleep_messages,
-            ConsumerKind::Oura => &self.oura_messages,
-        }
-    }
-
     pub fn count_message(
         &self,
         kind: ConsumerKind,
@@ -330,7 +308,7 @@ impl Metrics {
         stream: &str,
         durable: &str,
     ) {
-        self.messages(kind)
+        self.messages[kind]
             .with_label_values(&[result.as_str(), subject, stream, durable])
             .inc();
     }
@@ -338,8 +316,7 @@ impl Metrics {
     /// Creates the zero-valued series of a new binding so dashboards and alerts see them at once.
     pub fn touch_binding(&self, kind: ConsumerKind, subject: &str, stream: &str, durable: &str) {
         for r in MessageResult::ALL {
-            self.messages(kind)
-                .with_label_values(&[r.as_str(), subject, stream, durable]);
+            self.messages[kind].with_label_values(&[r.as_str(), subject, stream, durable]);
         }
         let labels = [kind.as_str(), stream, durable];
         self.pull_errors.with_label_values(&labels);
@@ -394,8 +371,14 @@ mod tests {
             .with_label_values(&["hrv", "AA_CORE_HOT", "d"])
             .set(1);
         m.count_oura_invalid_section(crate::pipeline::oura::SECTION_SLEEP);
+        for kind in [ConsumerKind::Sleep, ConsumerKind::Oura] {
+            m.touch_binding(kind, "s", "AA_CORE_HOT", "d");
+        }
         let text = m.render();
         for name in [
+            "# HELP normalize_hrv_messages_total HRV messages handled, by result",
+            "# HELP normalize_sleep_messages_total Sleep messages handled, by result",
+            "# HELP normalize_oura_messages_total Oura webhook messages handled, by result",
             "normalize_hrv_messages_total{durable=\"d\",result=\"success\",stream=\"AA_CORE_HOT\",subject=\"athlete-ally.hrv.raw-received\"} 1",
             "normalize_consumer_bound",
             "normalize_consumer_stalled",

@@ -165,7 +165,7 @@ fn has_nul(v: &Value) -> bool {
                     todo.push(v);
                 }
             }
-            _ => {}
+            Value::String(_) | Value::Null | Value::Bool(_) | Value::Number(_) => {}
         }
     }
     false
@@ -219,18 +219,28 @@ pub fn sha256_hex(body: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A valid webhook of `user_id` sent `at`, without sections (its message id is its identity).
+pub(crate) fn probe_event(user_id: &str, at: DateTime<Utc>) -> Value {
+    serde_json::json!({
+        "user_id": user_id,
+        "timestamp": at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "data": {},
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::Shape::{self, Invalid, Missing, NotObject};
 
     fn decode(body: &[u8], msg_id: Option<&str>) -> Result<OuraWebhook, SchemaError> {
         super::decode(body, msg_id, crate::pipeline::test_envelope().clock())
     }
 
-    fn sections(w: &OuraWebhook) -> Vec<(&'static str, String)> {
+    fn sections(w: &OuraWebhook) -> Vec<(&'static str, Shape)> {
         w.invalid_sections
             .iter()
-            .map(|s| (s.section, s.error.to_string()))
+            .map(|s| (s.section, Shape::of(&s.error)))
             .collect()
     }
 
@@ -270,21 +280,25 @@ mod tests {
 
     #[test]
     fn schema_invalid_webhooks() {
-        for (body, needle) in [
-            (&b"[]"[..], "body is not a JSON object"),
-            (br#""text""#, "body is not a JSON object"),
-            (br#"{"timestamp":"2025-03-01T00:00:00Z"}"#, "user_id"),
-            (br#"{"user_id":"a\u0000b"}"#, "user_id"),
-            (br#"{"user_id":"u","note":"x\u0000"}"#, "NUL"),
-            (br#"{"user_id":"u","x\u0000":1}"#, "NUL"),
+        let nul = Invalid("body", "must not contain NUL (\\u0000) in any string or key");
+        for (body, shape) in [
+            (&b"[]"[..], NotObject("body")),
+            (br#""text""#, NotObject("body")),
+            (br#"{"timestamp":"2025-03-01T00:00:00Z"}"#, Missing("user_id")),
+            (
+                br#"{"user_id":"a\u0000b"}"#,
+                Invalid("user_id", "must not contain NUL (U+0000)"),
+            ),
+            (br#"{"user_id":"u","note":"x\u0000"}"#, nul),
+            (br#"{"user_id":"u","x\u0000":1}"#, nul),
             (
                 br#"{"user_id":"u","data":{"hrv":{"tags":[{"k":"\u0000"}]}}}"#,
-                "NUL",
+                nul,
             ),
-            (br#"{"user_id":"u","data":{"hrv":{"\u0000":1}}}"#, "NUL"),
+            (br#"{"user_id":"u","data":{"hrv":{"\u0000":1}}}"#, nul),
         ] {
-            let e = decode(body, None).unwrap_err().to_string();
-            assert!(e.contains(needle), "{}: {e}", String::from_utf8_lossy(body));
+            let e = decode(body, None).unwrap_err();
+            assert_eq!(Shape::of(&e), shape, "{}", String::from_utf8_lossy(body));
         }
         // An escaped backslash before u0000 is not a NUL.
         assert!(decode(br#"{"user_id":"u","note":"\\u0000"}"#, None).is_ok());
@@ -292,64 +306,92 @@ mod tests {
 
     #[test]
     fn invalid_sections_are_reported_and_the_rest_is_kept() {
-        /// Body, HRV derived, sleep derived, (invalid section, text its error contains).
-        type Case<'a> = (&'a [u8], bool, bool, &'a [(&'a str, &'a str)]);
+        let bad_time = Invalid("timestamp", "must be an RFC 3339 timestamp with offset");
+        /// Body, HRV derived, sleep derived, the invalid sections and their errors.
+        type Case<'a> = (&'a [u8], bool, bool, Vec<(&'a str, Shape)>);
         let cases: &[Case<'_>] = &[
             (
                 br#"{"user_id":"u","data":{"hrv":{"rmssd":0},"sleep":{"duration":7}},"timestamp":"2025-03-01T00:00:00Z"}"#,
                 false,
                 true,
-                &[("data.hrv", "data.hrv.rmssd")],
+                vec![("data.hrv", Invalid("data.hrv.rmssd", "must be greater than 0"))],
             ),
             (
                 br#"{"user_id":"u","data":{"hrv":{"rmssd":4}}}"#,
                 false,
                 false,
-                &[("data.hrv", "timestamp")],
+                vec![("data.hrv", Missing("timestamp"))],
             ),
             (
                 br#"{"user_id":"u","timestamp":"2025-03-01T00:00:00Z","data":{"hrv":{"rmssd":4},"sleep":{"duration":25}}}"#,
                 true,
                 false,
-                &[("data.sleep", "data.sleep.duration")],
+                vec![(
+                    "data.sleep",
+                    Invalid("data.sleep.duration", "must be between 0 and 1440 minutes"),
+                )],
             ),
             (
                 br#"{"user_id":"u","timestamp":"yesterday","data":{"hrv":{"rmssd":4},"sleep":{"duration":7}}}"#,
                 false,
                 false,
-                &[("data.hrv", "timestamp"), ("data.sleep", "timestamp")],
+                vec![("data.hrv", bad_time), ("data.sleep", bad_time)],
             ),
             (
                 br#"{"user_id":"u","timestamp":"2030-01-01T00:00:00Z","data":{"sleep":{"duration":7}}}"#,
                 false,
                 false,
-                &[("data.sleep", "MAX_FUTURE_SKEW_MS")],
+                vec![(
+                    "data.sleep",
+                    Invalid(
+                        "timestamp",
+                        "is further in the future than MAX_FUTURE_SKEW_MS allows",
+                    ),
+                )],
             ),
             (
                 br#"{"user_id":"u","timestamp":"2025-03-01T00:00:00Z","data":{"hrv":[1],"sleep":"x"}}"#,
                 false,
                 false,
-                &[("data.hrv", "data.hrv"), ("data.sleep", "data.sleep")],
+                vec![
+                    ("data.hrv", NotObject("data.hrv")),
+                    ("data.sleep", NotObject("data.sleep")),
+                ],
             ),
-            (br#"{"user_id":"u","data":7}"#, false, false, &[("data", "data")]),
+            (
+                br#"{"user_id":"u","data":7}"#,
+                false,
+                false,
+                vec![("data", NotObject("data"))],
+            ),
         ];
         for (body, hrv, sleep, invalid) in cases {
             let w = decode(body, Some("id")).unwrap_or_else(|e| panic!("{e}"));
             let shown = String::from_utf8_lossy(body);
             assert_eq!(w.hrv.is_some(), *hrv, "{shown}");
             assert_eq!(w.sleep.is_some(), *sleep, "{shown}");
-            let got = sections(&w);
-            assert_eq!(got.len(), invalid.len(), "{shown}: {got:?}");
-            for ((section, error), (want_section, needle)) in got.iter().zip(invalid.iter()) {
-                assert_eq!(section, want_section, "{shown}");
-                assert!(error.contains(needle), "{shown}: {error}");
-            }
+            assert_eq!(&sections(&w), invalid, "{shown}");
             // The raw body is kept whole.
             assert_eq!(w.payload, serde_json::from_slice::<Value>(body).unwrap());
         }
         // A bad timestamp without sections is no error at all: nothing needed it.
         let w = decode(br#"{"user_id":"u","timestamp":"nope"}"#, None).unwrap();
         assert!(w.invalid_sections.is_empty() && w.timestamp.is_none());
+    }
+
+    #[test]
+    fn the_probe_event_is_a_valid_webhook() {
+        let t = DateTime::parse_from_rfc3339("2025-03-01T05:30:00.123456Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let body = probe_event("migration-probe", t).to_string();
+        assert_eq!(
+            body,
+            r#"{"data":{},"timestamp":"2025-03-01T05:30:00.123456Z","user_id":"migration-probe"}"#
+        );
+        let w = decode(body.as_bytes(), Some("migration-probe:oura:1")).unwrap();
+        assert_eq!(w.idempotency_key, "migration-probe:oura:1");
+        assert!(w.invalid_sections.is_empty() && w.hrv.is_none() && w.sleep.is_none());
     }
 
     #[test]

@@ -10,8 +10,12 @@
 //! the set of events, whatever batches they arrived in.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::postgres::PgRow;
+
+use crate::pipeline::StoredRow;
 
 /// An event's place in the order: time (µs, as stored), then stream name (byte order), then
 /// stream sequence. Field order is comparison order.
@@ -62,31 +66,115 @@ pub fn merge<K: Ord + Clone>(
     rows.into_values().collect()
 }
 
-/// A table written by the per-field upsert. Columns bound, in order: `user_id`, `date`,
-/// `captured_at`, `source_stream`, `source_seq`, each required column, then per optional field
-/// its value, `<prefix>_at`, `<prefix>_stream`, `<prefix>_seq`.
-pub struct Table {
+/// A table written by the per-field upsert, described once: the columns bound (from which both
+/// the SQL and its parameters are derived) and how a returned row reads back. Columns bound, in
+/// order: `user_id`, `date`, `captured_at`, `source_stream`, `source_seq`, each required column,
+/// then per optional field its value, `<prefix>_at`, `<prefix>_stream`, `<prefix>_seq`.
+pub struct Table<R: 'static> {
     pub name: &'static str,
-    /// (column, element type of its array parameter)
-    pub required: &'static [(&'static str, &'static str)],
-    /// (column, element type, bookkeeping prefix, value inserted when no event carried it)
-    pub optional: &'static [(&'static str, &'static str, &'static str, Option<&'static str>)],
+    /// The row key and the record's time (its place in the order, with its stream position).
+    pub user_id: fn(&R) -> &str,
+    pub date: fn(&R) -> NaiveDate,
+    pub captured_at: fn(&R) -> DateTime<Utc>,
+    pub required: &'static [Required<R>],
+    pub optional: &'static [Optional<R>],
+    /// The row as stored, from the columns the statements return.
+    pub row: fn(&PgRow) -> Result<StoredRow, sqlx::Error>,
+    /// The statements, built once from the above (`LazyLock::new(|| TABLE.statements())`).
+    pub sql: LazyLock<Statements>,
 }
 
-impl Table {
+/// A column every record has.
+pub struct Required<R: 'static> {
+    pub column: &'static str,
+    pub value: Value<R>,
+}
+
+/// A column some records carry; it keeps the value of the newest event that carried it, with
+/// that event's order key in `<prefix>_at`, `_stream`, `_seq`.
+pub struct Optional<R: 'static> {
+    pub column: &'static str,
+    pub prefix: &'static str,
+    /// SQL inserted when no event of a new row carried it (`None`: NULL).
+    pub default: Option<&'static str>,
+    pub value: OptionalValue<R>,
+}
+
+/// How a required column is read from a record, and its SQL type.
+pub enum Value<R: 'static> {
+    Float8(fn(&R) -> f64),
+    Int4(fn(&R) -> i32),
+    Bool(fn(&R) -> bool),
+}
+
+/// How an optional column is read from a record (`None`: not carried), and its SQL type.
+pub enum OptionalValue<R: 'static> {
+    Int4(fn(&R) -> Option<i32>),
+    Text(fn(&R) -> Option<&str>),
+}
+
+impl<R> Value<R> {
+    fn sql_type(&self) -> &'static str {
+        match self {
+            Value::Float8(_) => "float8",
+            Value::Int4(_) => "int4",
+            Value::Bool(_) => "bool",
+        }
+    }
+}
+
+impl<R> OptionalValue<R> {
+    fn sql_type(&self) -> &'static str {
+        match self {
+            OptionalValue::Int4(_) => "int4",
+            OptionalValue::Text(_) => "text",
+        }
+    }
+
+    /// Whether the record carries the field.
+    pub fn carried(&self, r: &R) -> bool {
+        match self {
+            OptionalValue::Int4(get) => get(r).is_some(),
+            OptionalValue::Text(get) => get(r).is_some(),
+        }
+    }
+}
+
+/// The statements of a table.
+pub struct Statements {
+    /// The per-field upsert of [`Table::upsert_sql`].
+    pub upsert: String,
+    /// The re-read of [`Table::select_sql`].
+    pub select: String,
+}
+
+impl<R> Table<R> {
+    /// A record's row key.
+    pub fn key<'r>(&self, r: &'r R) -> (&'r str, NaiveDate) {
+        ((self.user_id)(r), (self.date)(r))
+    }
+
     /// The columns a normalized event carries (a change of any is a stored change).
     fn published(&self) -> Vec<&'static str> {
-        let mut cols: Vec<&'static str> = self.required.iter().map(|(c, _)| *c).collect();
+        let mut cols: Vec<&'static str> = self.required.iter().map(|c| c.column).collect();
         cols.push("captured_at");
-        cols.extend(self.optional.iter().map(|(c, ..)| *c));
+        cols.extend(self.optional.iter().map(|o| o.column));
         cols
+    }
+
+    /// Both statements (for [`Table::sql`]).
+    pub fn statements(&self) -> Statements {
+        Statements {
+            upsert: self.upsert_sql(),
+            select: self.select_sql(),
+        }
     }
 
     /// The order key columns of the events the row's fields came from: the row's own
     /// position, then each optional field's.
     fn sources(&self) -> Vec<String> {
         let mut cols = vec!["source_stream".to_string(), "source_seq".to_string()];
-        for (_, _, p, _) in self.optional {
+        for p in self.optional.iter().map(|o| o.prefix) {
             cols.extend([format!("{p}_at"), format!("{p}_stream"), format!("{p}_seq")]);
         }
         cols
@@ -104,9 +192,14 @@ impl Table {
             ("source_stream".into(), "text"),
             ("source_seq".into(), "int8"),
         ];
-        cols.extend(self.required.iter().map(|(c, ty)| (c.to_string(), *ty)));
-        for (c, ty, p, _) in self.optional {
-            cols.push((c.to_string(), ty));
+        cols.extend(
+            self.required
+                .iter()
+                .map(|c| (c.column.to_string(), c.value.sql_type())),
+        );
+        for o in self.optional {
+            let p = o.prefix;
+            cols.push((o.column.to_string(), o.value.sql_type()));
             cols.push((format!("{p}_at"), "timestamptz"));
             cols.push((format!("{p}_stream"), "text"));
             cols.push((format!("{p}_seq"), "int8"));
@@ -120,12 +213,17 @@ impl Table {
             .join(", ");
         let select = cols
             .iter()
-            .map(
-                |(c, _)| match self.optional.iter().find(|(o, ..)| o == c).and_then(|(.., d)| *d) {
+            .map(|(c, _)| {
+                match self
+                    .optional
+                    .iter()
+                    .find(|o| o.column == c.as_str())
+                    .and_then(|o| o.default)
+                {
                     Some(default) => format!("COALESCE(x.{c}, {default})"),
                     None => format!("x.{c}"),
-                },
-            )
+                }
+            })
             .collect::<Vec<_>>()
             .join(", ");
         let t = self.name;
@@ -144,14 +242,15 @@ impl Table {
         let mut new_value: Vec<(String, String)> = Vec::new();
         for c in ["captured_at", "source_stream", "source_seq"]
             .into_iter()
-            .chain(self.required.iter().map(|(c, _)| *c))
+            .chain(self.required.iter().map(|c| c.column))
         {
             new_value.push((
                 c.to_string(),
                 format!("CASE WHEN {main_newer} THEN EXCLUDED.{c} ELSE {t}.{c} END"),
             ));
         }
-        for (c, _, p, _) in self.optional {
+        for o in self.optional {
+            let (c, p) = (o.column, o.prefix);
             let cond = newer(p);
             for col in [
                 c.to_string(),
@@ -197,7 +296,7 @@ impl Table {
             "updated_at = CASE WHEN {changed} THEN now() ELSE {t}.updated_at END"
         ));
         let mut any_newer = vec![main_newer.clone()];
-        any_newer.extend(self.optional.iter().map(|(_, _, p, _)| newer(p)));
+        any_newer.extend(self.optional.iter().map(|o| newer(o.prefix)));
         let aliases = names.join(", ");
         format!(
             "INSERT INTO {t} ({aliases}, version, changed_tx)
@@ -224,25 +323,6 @@ impl Table {
         )
     }
 }
-
-pub static HRV: Table = Table {
-    name: "hrv_data",
-    required: &[
-        ("rmssd", "float8"),
-        ("ln_rmssd", "float8"),
-        ("readiness_score", "float8"),
-    ],
-    optional: &[("vendor", "text", "vendor", Some("'unknown'"))],
-};
-
-pub static SLEEP: Table = Table {
-    name: "sleep_data",
-    required: &[("duration_minutes", "int4"), ("captured_at_defaulted", "bool")],
-    optional: &[
-        ("vendor", "text", "vendor", Some("'unknown'")),
-        ("quality_score", "int4", "quality", None),
-    ],
-};
 
 #[cfg(test)]
 mod tests {
@@ -362,19 +442,5 @@ mod tests {
                 "case {case}: keys {keys:?} order {order:?} carries {carries:?}"
             );
         }
-    }
-
-    #[test]
-    fn the_sql_names_every_column_once_and_compares_bytewise() {
-        let sql = HRV.upsert_sql();
-        assert!(sql.contains("INSERT INTO hrv_data (user_id, date, captured_at, source_stream, source_seq, rmssd, ln_rmssd, readiness_score, vendor, vendor_at, vendor_stream, vendor_seq, version, changed_tx)"));
-        assert!(sql.contains("$12::int8[]"));
-        assert!(!sql.contains("$13"));
-        assert!(sql.contains("COALESCE(x.vendor, 'unknown')"));
-        assert!(sql.contains("COLLATE \"C\""));
-        let sleep = SLEEP.upsert_sql();
-        assert!(sleep.contains("$15::int8[]"));
-        assert!(sleep.contains("x.quality_score"));
-        assert!(!sleep.contains("COALESCE(x.quality_score"));
     }
 }

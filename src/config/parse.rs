@@ -1,0 +1,126 @@
+//! Validators of single values: names, subjects, URLs, lists. Each error names the variable and
+//! what would have been accepted.
+
+use std::time::Duration;
+
+use super::vars::Var;
+use super::{ConfigError, DEFAULT_DATABASE_URL, DEFAULT_NATS_URL};
+
+pub(super) fn durable_name(var: &'static str, v: &str) -> Result<String, ConfigError> {
+    let ok = !v.is_empty()
+        && v.len() <= 200
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(v.to_string())
+    } else {
+        Err(ConfigError {
+            var,
+            shown: format!("{v:?}"),
+            expected: "a durable name of letters, digits, '-' and '_' (no dots, spaces or wildcards)".into(),
+        })
+    }
+}
+
+pub(super) fn stream_name(var: &'static str, v: Option<&str>, default: &str) -> Result<String, ConfigError> {
+    match v {
+        None => Ok(default.to_string()),
+        Some(v) => durable_name(var, v).map_err(|mut e| {
+            e.expected = "a stream name of letters, digits, '-' and '_'".into();
+            e
+        }),
+    }
+}
+
+/// A NATS subject: dot-separated non-empty tokens without wildcards.
+pub(super) fn subject(var: &'static str, v: &str) -> Result<String, ConfigError> {
+    let valid = !v.is_empty()
+        && v.split('.')
+            .all(|t| !t.is_empty() && !t.chars().any(char::is_whitespace) && t != "*" && t != ">");
+    if valid {
+        Ok(v.to_string())
+    } else {
+        Err(ConfigError {
+            var,
+            shown: format!("{v:?}"),
+            expected: "a NATS subject of non-empty dot-separated tokens without spaces or wildcards".into(),
+        })
+    }
+}
+
+/// A dead-letter subject prefix: a subject under `dlq.`, which the DLQ stream captures.
+pub(super) fn dlq_prefix(var: &'static str, v: &str) -> Result<String, ConfigError> {
+    let v = subject(var, v)?;
+    if !v.starts_with("dlq.") {
+        return Err(ConfigError {
+            var,
+            shown: format!("{v:?}"),
+            expected: "a subject starting with \"dlq.\" (the AA_DLQ stream captures dlq.>)".into(),
+        });
+    }
+    Ok(v)
+}
+
+pub(super) fn database_url(v: Option<&str>) -> Result<String, ConfigError> {
+    let url = v.unwrap_or(DEFAULT_DATABASE_URL).to_string();
+    match url::Url::parse(&url) {
+        Ok(u) if u.scheme() == "postgres" || u.scheme() == "postgresql" => Ok(url),
+        _ => Err(ConfigError {
+            var: Var::DatabaseUrl.name(),
+            shown: crate::redact::redact_url(&url),
+            expected: "a postgres:// URL".into(),
+        }),
+    }
+}
+
+pub(super) fn backoff(v: Option<&str>) -> Result<Vec<Duration>, ConfigError> {
+    let list = match v {
+        None => vec![1000, 5000, 15000, 30000],
+        Some(raw) => {
+            let parsed: Result<Vec<u64>, _> = raw.split(',').map(|p| p.trim().parse::<u64>()).collect();
+            match parsed {
+                Ok(list) if !list.is_empty() && list.iter().all(|&n| n <= 3_600_000) => list,
+                _ => {
+                    return Err(ConfigError {
+                        var: Var::NormalizeRetryBackoffMs.name(),
+                        shown: format!("{raw:?}"),
+                        expected: "a comma-separated list of milliseconds, e.g. 1000,5000,15000,30000".into(),
+                    })
+                }
+            }
+        }
+    };
+    Ok(list.into_iter().map(Duration::from_millis).collect())
+}
+
+pub(super) fn nats_urls(v: Option<&str>) -> Result<Vec<String>, ConfigError> {
+    let raw = v.unwrap_or(DEFAULT_NATS_URL);
+    let mut urls = Vec::new();
+    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let with_scheme = if part.contains("://") {
+            part.to_string()
+        } else {
+            format!("nats://{part}")
+        };
+        match url::Url::parse(&with_scheme) {
+            Ok(u) if matches!(u.scheme(), "nats" | "tls" | "ws" | "wss") && u.host_str().is_some() => {
+                urls.push(with_scheme)
+            }
+            _ => {
+                return Err(ConfigError {
+                    var: Var::NatsUrl.name(),
+                    shown: crate::redact::redact_url(part),
+                    expected: "a comma-separated list of nats://host:port (or tls://) URLs".into(),
+                })
+            }
+        }
+    }
+    if urls.is_empty() {
+        return Err(ConfigError {
+            var: Var::NatsUrl.name(),
+            shown: "\"\"".into(),
+            expected: "at least one nats://host:port URL".into(),
+        });
+    }
+    Ok(urls)
+}
