@@ -20,32 +20,26 @@
 //! - [`shutdown`]  signals → cancellation token
 //! - [`server_version`] the connected nats-server's version and its known bugs
 
+// No `_ =>` arm on an enum of ours (a new consumer kind, decoded event or stored row is named by
+// the compiler everywhere it matters), and no result silently dropped with `let _ =`.
+#![warn(clippy::wildcard_enum_match_arm, clippy::let_underscore_must_use)]
+
 pub mod app;
 pub mod cli;
-#[warn(clippy::wildcard_enum_match_arm, clippy::let_underscore_must_use)]
 pub mod config;
 pub mod consumer;
-#[warn(clippy::wildcard_enum_match_arm, clippy::let_underscore_must_use)]
 pub mod dlq;
-#[warn(clippy::wildcard_enum_match_arm, clippy::let_underscore_must_use)]
 pub mod health;
 pub mod http;
 pub mod logging;
-#[warn(clippy::wildcard_enum_match_arm, clippy::let_underscore_must_use)]
 pub mod metrics;
 pub mod nats;
 pub mod outcome;
-#[warn(clippy::wildcard_enum_match_arm, clippy::let_underscore_must_use)]
 pub mod pipeline;
 pub mod redact;
 pub mod server_version;
 pub mod shutdown;
-#[warn(clippy::wildcard_enum_match_arm, clippy::let_underscore_must_use)]
 pub mod store;
 pub mod topology;
-
-// `wildcard_enum_match_arm` (no `_ =>` arm on the consumer kind, the decoded event or a
-// stored row, so a new one is named by the compiler everywhere) and `let_underscore_must_use`
-// are enabled on the modules above that follow them; crate-wide once the other modules do.
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -191,9 +191,12 @@ fn url_credentials(urls: &[String]) -> Option<UrlCredentials> {
 fn without_credentials(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) if !u.username().is_empty() => {
-            let _ = u.set_password(None);
-            let _ = u.set_username("");
-            u.to_string()
+            // Both only fail for URLs that cannot carry credentials at all.
+            if u.set_password(None).is_ok() && u.set_username("").is_ok() {
+                u.to_string()
+            } else {
+                raw.to_string()
+            }
         }
         _ => raw.to_string(),
     }

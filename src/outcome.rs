@@ -93,7 +93,11 @@ pub fn publish_class(kind: PublishErrorKind) -> Class {
         PublishErrorKind::MaxPayloadExceeded
         | PublishErrorKind::WrongLastMessageId
         | PublishErrorKind::WrongLastSequence => Class::Permanent,
-        _ => Class::Transient,
+        PublishErrorKind::StreamNotFound
+        | PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::MaxAckPending
+        | PublishErrorKind::Other => Class::Transient,
     }
 }
 

@@ -27,16 +27,39 @@ pub async fn on_signal(token: CancellationToken) -> bool {
             }
             _ => {
                 tracing::warn!("cannot install signal handlers; falling back to ctrl-c");
-                let _ = tokio::signal::ctrl_c().await;
+                if wait_for_ctrl_c(&token).await.is_none() {
+                    return false;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        if wait_for_ctrl_c(&token).await.is_none() {
+            return false;
+        }
     }
     token.cancel();
     true
+}
+
+/// Waits for ctrl-c; `None` when the token was cancelled first, or when no handler can be
+/// installed at all (then only the token stops the process: a failed handler is not a signal).
+async fn wait_for_ctrl_c(token: &CancellationToken) -> Option<()> {
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => match r {
+            Ok(()) => {
+                tracing::info!(signal = "SIGINT", "shutting down");
+                Some(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for ctrl-c either; stop the process by other means");
+                token.cancelled().await;
+                None
+            }
+        },
+        _ = token.cancelled() => None,
+    }
 }
 
 /// Starts a plain thread (independent of the async runtime, which may be what is stuck) that

@@ -268,9 +268,10 @@ pub async fn bind_on(
     let stream = match js.get_stream(stream_name).await {
         Ok(s) => s,
         Err(e) => {
-            let code = match e.kind() {
-                jetstream::context::GetStreamErrorKind::JetStream(je) => Some(je.error_code()),
-                _ => None,
+            let code = if let jetstream::context::GetStreamErrorKind::JetStream(je) = e.kind() {
+                Some(je.error_code())
+            } else {
+                None
             };
             if is_not_found(code) {
                 return Ok(None);
@@ -284,9 +285,10 @@ pub async fn bind_on(
     {
         Ok(c) => c,
         Err(e) => {
-            let code = match e.kind() {
-                jetstream::stream::ConsumerErrorKind::JetStream(je) => Some(je.error_code()),
-                _ => None,
+            let code = if let jetstream::stream::ConsumerErrorKind::JetStream(je) = e.kind() {
+                Some(je.error_code())
+            } else {
+                None
             };
             if !is_not_found(code) {
                 return Err(BindError::Nats(Box::new(e)));
@@ -331,9 +333,10 @@ pub async fn existing_durable(
     {
         Ok(c) => Ok(Some(binding_of(c, cc, stream_name))),
         Err(e) => {
-            let code = match e.kind() {
-                jetstream::stream::ConsumerErrorKind::JetStream(je) => Some(je.error_code()),
-                _ => None,
+            let code = if let jetstream::stream::ConsumerErrorKind::JetStream(je) = e.kind() {
+                Some(je.error_code())
+            } else {
+                None
             };
             if is_not_found(code) {
                 Ok(None)
@@ -440,7 +443,7 @@ pub async fn binding_gone(binding: &Binding) -> bool {
             match e.kind() {
                 K::NotFound | K::StreamNotFound => true,
                 K::JetStream(je) => is_not_found(Some(je.error_code())),
-                _ => false,
+                K::InvalidName | K::Offline | K::Request | K::TimedOut | K::NoResponders => false,
             }
         }
     }

@@ -10,7 +10,7 @@ use normalize_service::config::ConsumerKind;
 use normalize_service::pipeline::{
     self, oura, Decoded, Envelope, HrvRecord, SchemaError, SleepRecord, Vendor,
 };
-use normalize_service::store::announce::{HrvRow, SleepRow, StoredRow};
+use normalize_service::pipeline::{HrvRow, NormalizedRow as StoredRow, SleepRow};
 use serde_json::{Map, Value};
 
 /// The daemon's default `MAX_PAYLOAD_BYTES`.

@@ -34,8 +34,10 @@ pub struct Text(String);
 
 impl Text {
     pub fn line(&mut self, args: fmt::Arguments<'_>) {
-        // Writing into a String cannot fail.
-        let _ = fmt::Write::write_fmt(&mut self.0, args);
+        match args.as_str() {
+            Some(s) => self.0.push_str(s),
+            None => self.0.push_str(&fmt::format(args)),
+        }
         self.0.push('\n');
     }
 
@@ -59,8 +61,11 @@ pub(crate) use outln;
 /// quietly instead of panicking as `println!` does; the exit code is the command's own.
 pub fn print(text: &Text) {
     let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_str().as_bytes());
-    let _ = out.flush();
+    if let Err(e) = out.write_all(text.as_str().as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprint_line(&format!("cannot write the output: {e}"));
+        }
+    }
 }
 
 /// One JSON document on one line (`dlq`).
@@ -88,7 +93,8 @@ fn print_line(s: &str) {
 /// A line on stderr; like [`print()`], never panics.
 pub fn eprint_line(s: &str) {
     let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "{s}");
+    // Nowhere is left to report a failing stderr.
+    writeln!(err, "{s}").ok();
 }
 
 /// The error and its causes, `outer: inner: innermost`. A cause whose text already ends the

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use async_nats::jetstream::stream;
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 use serde::Serialize;
 
 use crate::cli::migrate::{self, classify, step_for_subject, vendor_subjects, Subjects};
@@ -14,29 +14,13 @@ use crate::cli::server::{consumer_infos, stream_infos, subjects_state, Ctx, OpsE
 use crate::config::{Config, ConsumerConfig, StreamMode};
 use crate::topology::{self, StreamSpec};
 
-/// `--mode`; mirrors [`StreamMode`] (defined with the configuration).
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ModeArg {
-    Single,
-    Multi,
-}
-
-impl ModeArg {
-    pub fn mode(self) -> StreamMode {
-        match self {
-            ModeArg::Single => StreamMode::Single,
-            ModeArg::Multi => StreamMode::Multi,
-        }
-    }
-}
-
 #[derive(Debug, Subcommand)]
 pub enum TopologyCommand {
     /// Create or update streams and durables to the spec tables (never deletes); shows the diff
     /// first and refuses changes that would overlap another stream's subjects.
     Apply {
         #[arg(long, value_enum)]
-        mode: ModeArg,
+        mode: StreamMode,
         /// Replicas for the streams (default: STREAM_REPLICAS).
         #[arg(long)]
         replicas: Option<usize>,
@@ -60,7 +44,7 @@ pub async fn run(cmd: TopologyCommand) -> ExitCode {
             replicas,
             dry_run,
             json,
-        } => finish(apply(mode.mode(), replicas, dry_run).await, json),
+        } => finish(apply(mode, replicas, dry_run).await, json),
         TopologyCommand::Status { json } => finish(status().await, json),
     }
 }

@@ -27,20 +27,17 @@ use super::settle::{self, Dlq, Report, Settler};
 use super::worker::Worker;
 use crate::dlq::{EventOrigin, Origin};
 use crate::outcome::{decide, Action, Failure};
-use crate::pipeline::{self, Decoded, Envelope};
-use crate::store::{self, BatchEntry, Normalized, Source};
+use crate::pipeline::{self, Decoded, Envelope, Normalized, StoredRow};
+use crate::store::{self, BatchEntry, Source};
 use crate::topology::Binding;
 
-/// An event's identity (docs/CONTRACT.md): its publisher's id, else its `eventId`, else its
-/// first position.
-fn identity<'a>(origin: &'a EventOrigin, event_id: Option<&'a str>, position: &'a str) -> &'a str {
-    let usable = |id: &&str| !id.trim().is_empty();
-    origin
-        .msg_id
-        .as_deref()
-        .filter(usable)
-        .or(event_id.filter(usable))
-        .unwrap_or(position)
+/// The normalized events an entry publishes: each row it stored (or must re-announce), rendered
+/// under the entry's identity.
+fn announcements(stored: &[StoredRow], entry: &BatchEntry<'_>) -> Vec<Normalized> {
+    stored
+        .iter()
+        .map(|row| row.announcement(entry.source.identity))
+        .collect()
 }
 
 /// One message of the batch being processed.
@@ -313,15 +310,7 @@ impl Worker {
                     source: Source {
                         stream: &items[i].origin.stream,
                         seq: items[i].origin.seq,
-                        identity: match d {
-                            Decoded::Oura(w) => w.idempotency_key.as_str(),
-                            Decoded::Hrv(r) => {
-                                identity(&items[i].origin, r.event_id.as_deref(), &positions[i])
-                            }
-                            Decoded::Sleep(r) => {
-                                identity(&items[i].origin, r.event_id.as_deref(), &positions[i])
-                            }
-                        },
+                        identity: d.identity(items[i].origin.msg_id.as_deref(), &positions[i]),
                         // A replay is a redelivery too: its first deliveries may have committed
                         // a change whose announcement was lost.
                         redelivered: items[i].delivered > 1
@@ -338,7 +327,7 @@ impl Worker {
         let m = &self.shared.metrics;
         let kind = self.cc.kind.as_str();
         // Per valid item: the events to publish, or why it failed.
-        let written: Vec<Result<Vec<Normalized>, Failure>> = match store::write_batch(
+        let written: Vec<Result<Vec<Normalized>, Failure>> = match store::upsert_batch(
             &self.shared.pool,
             m,
             &entries,
@@ -352,7 +341,11 @@ impl Worker {
                         .with_label_values(&[kind])
                         .inc_by(superseded as u64);
                 }
-                outcomes.into_iter().map(|o| Ok(o.normalized)).collect()
+                outcomes
+                    .iter()
+                    .zip(&entries)
+                    .map(|(o, e)| Ok(announcements(&o.stored, e)))
+                    .collect()
             }
             Err(e) if store::is_transient(&e) || entries.len() == 1 => {
                 let shared = Arc::new(e);
@@ -386,8 +379,8 @@ impl Worker {
                 out.push(Err(Failure::DatabaseSkipped));
                 continue;
             }
-            let r = store::write(&self.shared.pool, &self.shared.metrics, e).await;
-            out.push(r.map_err(|err| {
+            let r = store::upsert(&self.shared.pool, &self.shared.metrics, e).await;
+            out.push(r.map(|stored| announcements(&stored, e)).map_err(|err| {
                 if crate::outcome::unreachable_error(&err) {
                     unreachable = true;
                 }

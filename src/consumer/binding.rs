@@ -170,7 +170,9 @@ impl Worker {
         );
         let end = self.consume(&binding, &token, &root).await;
         info_stop.cancel();
-        let _ = refresher.await;
+        if let Err(e) = refresher.await {
+            tracing::debug!(error = %e, "the info refresher ended abnormally");
+        }
         self.shared
             .metrics
             .consumer_bound

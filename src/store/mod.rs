@@ -27,15 +27,8 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::{Decoded, StoredRow};
 
-pub use crate::pipeline::Normalized;
 pub use batch::{upsert_batch, DEADLOCK_ATTEMPTS};
 pub use tables::probe_rows;
-
-/// The stored rows under their first home's names (`fuzz/src/invariants.rs` imports them from
-/// here); they belong to `pipeline`, which renders them.
-pub mod announce {
-    pub use crate::pipeline::{HrvRow, NormalizedRow as StoredRow, SleepRow};
-}
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -174,48 +167,6 @@ pub async fn upsert(
 ) -> Result<Vec<StoredRow>, sqlx::Error> {
     let mut out = upsert_batch(pool, metrics, std::slice::from_ref(entry)).await?;
     Ok(out.pop().map(|w| w.stored).unwrap_or_default())
-}
-
-/// [`Written`] with its rows rendered as the entry's normalized events: what the consumer
-/// publishes.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct EntryOutcome {
-    pub normalized: Vec<Normalized>,
-    pub superseded: bool,
-}
-
-/// [`upsert_batch`], each entry's rows rendered as its normalized events.
-pub async fn write_batch(
-    pool: &PgPool,
-    metrics: &Metrics,
-    entries: &[BatchEntry<'_>],
-) -> Result<Vec<EntryOutcome>, sqlx::Error> {
-    let written = upsert_batch(pool, metrics, entries).await?;
-    Ok(written
-        .into_iter()
-        .zip(entries)
-        .map(|(w, e)| EntryOutcome {
-            normalized: announcements(&w.stored, e),
-            superseded: w.superseded,
-        })
-        .collect())
-}
-
-/// [`upsert`], the rows rendered as the entry's normalized events.
-pub async fn write(
-    pool: &PgPool,
-    metrics: &Metrics,
-    entry: &BatchEntry<'_>,
-) -> Result<Vec<Normalized>, sqlx::Error> {
-    let stored = upsert(pool, metrics, entry).await?;
-    Ok(announcements(&stored, entry))
-}
-
-fn announcements(stored: &[StoredRow], entry: &BatchEntry<'_>) -> Vec<Normalized> {
-    stored
-        .iter()
-        .map(|row| row.announcement(entry.source.identity))
-        .collect()
 }
 
 /// Whether a database error is worth retrying: the connection or pool failed, or the server

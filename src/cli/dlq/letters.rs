@@ -5,10 +5,10 @@ use async_nats::jetstream::{self, message::PublishMessage, message::StreamMessag
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
-use super::replay::replay_headers;
 use super::{DlqError, FilterArgs, Selection};
 use crate::cli::output::{EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK};
 use crate::config::{Config, ConsumerKind};
+use crate::dlq::replay_headers;
 
 /// One dead letter as read back from the stream.
 #[derive(Debug, Clone)]
@@ -55,7 +55,7 @@ impl DeadLetter {
     }
 
     fn matches(&self, f: &FilterArgs, since: Option<DateTime<Utc>>) -> bool {
-        f.consumer.is_none_or(|c| self.consumer == Some(c.kind()))
+        f.consumer.is_none_or(|c| self.consumer == Some(c))
             && f.reason.is_none_or(|r| self.reason() == r.as_str())
             && since.is_none_or(|t| self.time >= t)
     }
@@ -113,14 +113,15 @@ impl Dlq {
                 stream,
                 config: config.clone(),
             }),
-            Err(e) => match e.kind() {
-                jetstream::context::GetStreamErrorKind::JetStream(j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
-                {
+            Err(e) => {
+                let missing = matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND);
+                if missing {
                     Err(DlqError::StreamMissing { stream: name })
+                } else {
+                    Err(DlqError::nats("looking up the dead-letter stream", e))
                 }
-                _ => Err(DlqError::nats("looking up the dead-letter stream", e)),
-            },
+            }
         }
     }
 

@@ -9,7 +9,7 @@
 //! delete failed), 2 usage or configuration error, 3 not found (the dead-letter stream is missing,
 //! or a requested sequence does not exist). When several apply, 1 wins over 3.
 //!
-//! `letters` reads, replays and deletes; `replay` builds a replay's headers; `print`
+//! `letters` reads, replays and deletes (a replay's headers come from [`crate::dlq::replay_headers`]); `print`
 //! renders the answers.
 
 use std::process::ExitCode;
@@ -17,17 +17,15 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 
 use crate::cli::output::{self, Failure, EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_FOUND};
 use crate::config::{Config, ConfigError, ConsumerKind};
 
 mod letters;
 mod print;
-mod replay;
 
 pub use letters::{consumer_of, DeadLetter};
-pub use replay::replay_headers;
 
 use letters::{exit_code_for, Dlq, ItemResult};
 
@@ -106,10 +104,10 @@ pub enum DlqCommand {
 pub struct FilterArgs {
     /// Only dead letters of this consumer (by dead-letter subject prefix, else `Dlq-Durable`).
     #[arg(long, value_enum)]
-    pub consumer: Option<ConsumerArg>,
+    pub consumer: Option<ConsumerKind>,
     /// Only dead letters with this reason (`Dlq-Reason`).
     #[arg(long, value_enum)]
-    pub reason: Option<ReasonArg>,
+    pub reason: Option<crate::dlq::Reason>,
     /// Only dead letters stored at or after T: RFC 3339 (2025-03-01T00:00:00Z) or a duration ago
     /// (90s, 30m, 2h, 7d, 1w).
     #[arg(long, value_name = "T", value_parser = parse_since)]
@@ -134,46 +132,6 @@ pub struct Selection {
     /// Every dead letter in the stream.
     #[arg(long, conflicts_with_all = ["consumer", "reason", "since"])]
     pub all: bool,
-}
-
-/// `--consumer`; mirrors [`ConsumerKind`] (defined with the configuration).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ConsumerArg {
-    Hrv,
-    Sleep,
-    Oura,
-}
-
-impl ConsumerArg {
-    fn kind(self) -> ConsumerKind {
-        match self {
-            ConsumerArg::Hrv => ConsumerKind::Hrv,
-            ConsumerArg::Sleep => ConsumerKind::Sleep,
-            ConsumerArg::Oura => ConsumerKind::Oura,
-        }
-    }
-}
-
-/// `--reason`; mirrors [`crate::dlq::Reason`] (defined with the dead-letter publishing).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ReasonArg {
-    SchemaInvalid,
-    NonRetryable,
-    MaxDeliver,
-}
-
-impl ReasonArg {
-    fn reason(self) -> crate::dlq::Reason {
-        match self {
-            ReasonArg::SchemaInvalid => crate::dlq::Reason::SchemaInvalid,
-            ReasonArg::NonRetryable => crate::dlq::Reason::NonRetryable,
-            ReasonArg::MaxDeliver => crate::dlq::Reason::MaxDeliver,
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        self.reason().as_str()
-    }
 }
 
 /// A `--since` bound: an absolute instant, or a duration before "now" (resolved when used).

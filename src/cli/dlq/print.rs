@@ -2,7 +2,6 @@
 //! [`crate::cli::output`] (so `dlq list | head` ends quietly).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use async_nats::header::HeaderMap;
 use serde_json::{json, Value};
@@ -80,9 +79,11 @@ pub(super) fn body_view(payload: &[u8]) -> (&'static str, Value) {
     match std::str::from_utf8(payload) {
         Ok(s) => ("text", Value::String(s.to_string())),
         Err(_) => {
+            const DIGITS: &[u8; 16] = b"0123456789abcdef";
             let mut hex = String::with_capacity(payload.len() * 2);
-            for b in payload {
-                let _ = write!(hex, "{b:02x}");
+            for b in payload.iter() {
+                hex.push(char::from(DIGITS[usize::from(b >> 4)]));
+                hex.push(char::from(DIGITS[usize::from(b & 0xf)]));
             }
             ("hex", Value::String(hex))
         }
@@ -180,16 +181,18 @@ fn results_text(action: &str, stream: &str, results: &[ItemResult]) -> Text {
     for r in results {
         let mut line = format!("{:>8}  {:<12}", r.dlq_sequence, r.result);
         if let Some(s) = &r.original_subject {
-            let _ = write!(line, "  {s}");
+            line.push_str("  ");
+            line.push_str(s);
         }
         if let Some(to) = &r.replayed_to {
-            let _ = write!(line, "  -> {}:{}", to.stream, to.sequence);
+            line.push_str(&format!("  -> {}:{}", to.stream, to.sequence));
         }
         if r.purged && action == "replay" {
             line.push_str("  (dead letter purged)");
         }
         if let Some(e) = &r.error {
-            let _ = write!(line, "  error: {}", one_line(e, 200));
+            line.push_str("  error: ");
+            line.push_str(&one_line(e, 200));
         }
         outln!(t, "{line}");
     }

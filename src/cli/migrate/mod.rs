@@ -35,7 +35,7 @@ pub use phase::{
     classify, core_subjects, placeholder, step_for_subject, vendor_subjects, Phase, PhaseStep, RollbackStep,
     Step, Subjects,
 };
-pub use verify::{sample_event, PROBE_USER};
+pub use verify::PROBE_USER;
 
 #[derive(Debug, Clone, Args)]
 pub struct StepArgs {

@@ -1,7 +1,6 @@
 use chrono::{DateTime, Utc};
 
 use super::phase::*;
-use super::sample_event;
 use crate::config::{ConsumerKind, StreamNames, StreamRole};
 
 fn st(entries: &[(&str, &[&str])]) -> Subjects {
@@ -154,14 +153,19 @@ fn what_each_step_leaves_behind() {
 fn every_sample_event_decodes() {
     let now: DateTime<Utc> = Utc::now();
     let env = crate::pipeline::Envelope {
-        msg_id: Some("probe-id"),
+        msg_id: None,
         stable_time: now,
         now,
         max_future_skew: chrono::Duration::hours(1),
         max_payload_bytes: 1024 * 1024,
     };
     for kind in ConsumerKind::ALL {
-        let body = sample_event(kind, "probe-id", now).to_string();
+        let id = crate::pipeline::probe_msg_id(kind, super::PROBE_USER, now);
+        let body = crate::pipeline::probe_event(kind, super::PROBE_USER, now).to_string();
+        let env = crate::pipeline::Envelope {
+            msg_id: Some(&id),
+            ..env
+        };
         let decoded = crate::pipeline::decode(kind, body.as_bytes(), env);
         assert!(decoded.is_ok(), "{kind}: {decoded:?}");
     }

@@ -5,9 +5,8 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde::Serialize;
-use serde_json::{json, Value};
 
 use super::phase::{
     classify, core_subjects, expect_for, holds_all, vendor_subjects, Expect, PhaseStep, Step,
@@ -109,58 +108,6 @@ pub async fn verify<T: Serialize>(
 
 pub const PROBE_USER: &str = "migration-probe";
 
-/// The sample event a probe publishes for `kind`, identified by `id` and captured at `now`;
-/// its row is found by `probe_rows`.
-pub fn sample_event(kind: ConsumerKind, id: &str, now: DateTime<Utc>) -> Value {
-    let ts = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let date = now.format("%Y-%m-%d").to_string();
-    match kind {
-        ConsumerKind::Hrv => json!({"eventId": id, "payload": {
-            "userId": PROBE_USER, "date": date, "rMSSD": 1.0, "capturedAt": ts,
-            "raw": {"source": "probe"}}}),
-        ConsumerKind::Sleep => json!({"eventId": id, "payload": {
-            "userId": PROBE_USER, "date": date, "durationMinutes": 1, "capturedAt": ts,
-            "raw": {"source": "probe"}}}),
-        ConsumerKind::Oura => json!({"user_id": PROBE_USER, "timestamp": ts, "data": {}}),
-    }
-}
-
-/// How many rows the probe event `id` published at `now` left (0 until it is stored).
-async fn probe_rows(
-    pool: &sqlx::PgPool,
-    kind: ConsumerKind,
-    id: &str,
-    now: DateTime<Utc>,
-) -> Result<i64, sqlx::Error> {
-    let since = now - chrono::Duration::milliseconds(1);
-    let by_user =
-        |table: &str| format!("SELECT count(*) FROM {table} WHERE user_id = $1 AND captured_at >= $2");
-    match kind {
-        ConsumerKind::Hrv => {
-            sqlx::query_scalar::<_, i64>(&by_user("hrv_data"))
-                .bind(PROBE_USER)
-                .bind(since)
-                .fetch_one(pool)
-                .await
-        }
-        ConsumerKind::Sleep => {
-            sqlx::query_scalar::<_, i64>(&by_user("sleep_data"))
-                .bind(PROBE_USER)
-                .bind(since)
-                .fetch_one(pool)
-                .await
-        }
-        ConsumerKind::Oura => {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM vendor_webhook_events WHERE idempotency_key = $1",
-            )
-            .bind(id)
-            .fetch_one(pool)
-            .await
-        }
-    }
-}
-
 /// Why a probe failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -200,12 +147,8 @@ async fn probe(
     timeout: Duration,
 ) -> Result<String, ProbeError> {
     let now = Utc::now();
-    let id = format!(
-        "{PROBE_USER}:{}:{}",
-        cc.kind,
-        now.timestamp_nanos_opt().unwrap_or_default()
-    );
-    let body = sample_event(cc.kind, &id, now);
+    let id = crate::pipeline::probe_msg_id(cc.kind, PROBE_USER, now);
+    let body = crate::pipeline::probe_event(cc.kind, PROBE_USER, now);
     let msg = jetstream::message::PublishMessage::build()
         .payload(body.to_string().into())
         .message_id(id.clone());
@@ -224,7 +167,10 @@ async fn probe(
     }
     let deadline = started + timeout;
     loop {
-        let rows = probe_rows(pool, cc.kind, &id, now).await.unwrap_or(0);
+        let since = now - chrono::Duration::milliseconds(1);
+        let rows = crate::store::probe_rows(pool, cc.kind, PROBE_USER, &id, since)
+            .await
+            .unwrap_or(0);
         let floor = match c.js.get_stream(home).await {
             Ok(s) => s
                 .consumer_info(&cc.durable)
