@@ -2,23 +2,35 @@
 //! consumers, validates and normalizes them, upserts them into PostgreSQL, publishes a
 //! normalized-stored event, and dead-letters what it cannot process.
 //!
-//! Map of the modules:
+//! Map of the modules (the one map; the README links here):
 //!
-//! - [`config`]    env → validated typed `Config` (errors name the variable)
+//! The daemon, in the order a message meets it:
+//! - [`config`]    env → validated typed `Config`; `config::kinds` is the per-event-type table
+//!   (`ConsumerKind`, its variables, durables, subjects) from which the variable list, the
+//!   consumers, the metrics and the CLI values derive; errors name the variable
+//! - [`nats`]      the one NATS connect (URL credentials, token, TLS CA check) for daemon and commands
 //! - [`topology`]  stream/durable specs, provisioning, binding with fallback
-//! - [`consumer`]  the pull loop: fetch, dispatch, settle, watchdog progress
-//! - [`outcome`]   the one place that decides ack / nak with delay / dead-letter
-//! - [`pipeline`]  one file per event type: decode + validate + normalize (pure)
-//! - [`store`]     PostgreSQL: pool, migrations, one function per statement
-//! - [`dlq`]       dead-letter publishing
+//! - [`consumer`]  the pull loops: `binding` (bind, rebind, drain), `intake` (fetch/stream, gather),
+//!   `flight` (pipeline room), `batch` (decode → write → publish → decide), `settle` (the only
+//!   code that acks, NAKs, TERMs, sends progress acks or dead letters), `delivery` (the ledger)
+//! - [`outcome`]   pure decisions: ack / NAK with delay / dead-letter, and what to do when a dead
+//!   letter cannot be stored
+//! - [`pipeline`]  one file per event type: decode + validate + normalize, its stored row, its
+//!   normalized subject and body, its migration-probe sample (pure)
+//! - [`store`]     PostgreSQL: pool, migrations, one generic batch upsert (collapse, key order,
+//!   UNNEST) over each table's description in `store::tables`
+//! - [`dlq`]       dead letters: envelope, publishing, replay headers and the event's first origin
 //! - [`metrics`]   one `Metrics` struct owning the registry
-//! - [`health`]    shared consumer state and the `/health` JSON
+//! - [`health`]    shared consumer state, stall detection and the `/health` JSON
 //! - [`http`]      axum router: /health, /health/live, /health/ready, /metrics
 //! - [`app`]       `Application::build` then `run_until_stopped`
-//! - [`nats`]      the one NATS connect (credentials, TLS CA check) for daemon and commands
-//! - [`cli`]       clap commands and the operator commands `topology`, `migrate`, `dlq`
-//! - [`shutdown`]  signals → cancellation token
+//! - [`shutdown`]  signals → cancellation token, and the hard deadline
 //! - [`server_version`] the connected nats-server's version and its known bugs
+//!
+//! The operator commands, which the daemon never imports:
+//! - [`cli`]       clap commands; `cli::output` (one EPIPE-safe printer, `--json`, exit codes),
+//!   `cli::topology`, `cli::migrate` (pure phase classification, one function per step,
+//!   verification and probes), `cli::dlq` (list, show, replay, purge, stats)
 
 // No `_ =>` arm on an enum of ours (a new consumer kind, decoded event or stored row is named by
 // the compiler everywhere it matters), and no result silently dropped with `let _ =`.

@@ -2,7 +2,7 @@
 //!
 //! Every variable the service reads is listed once ([`vars`] for the service-wide ones, the kind
 //! table [`kinds`] for the per-consumer ones); [`VARIABLES`] is derived from them, and
-//! `.env.example` and the README are checked against it. Parsing errors name the variable and
+//! `.env.example` and docs/CONFIGURATION.md are checked against it. Parsing errors name the variable and
 //! the accepted values.
 
 mod kinds;

@@ -1,6 +1,6 @@
 //! The variables the service reads, listed once: [`Var`] for the service-wide ones, the kind
 //! table ([`super::kinds`]) for the per-consumer ones. [`VARIABLES`], the reference list that
-//! `.env.example` and the README are checked against, and [`Env`], which reads values, are both
+//! `.env.example` and docs/CONFIGURATION.md are checked against, and [`Env`], which reads values, are both
 //! derived from them, so no variable can be read without being listed or listed without being
 //! read (a unit test checks the second).
 
@@ -137,7 +137,7 @@ pub fn kind_vars(kind: ConsumerKind) -> &'static KindVars {
 }
 
 /// Every variable the service reads: the service-wide ones, then each consumer kind's. Checked
-/// against `.env.example` and the README by an integration test.
+/// against `.env.example` and docs/CONFIGURATION.md by an integration test.
 pub static VARIABLES: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
     let per_kind = ConsumerKind::ALL.into_iter().flat_map(|k| kind_vars(k).names());
     Var::ALL.iter().map(|v| v.name()).chain(per_kind).collect()
