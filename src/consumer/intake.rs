@@ -67,8 +67,10 @@ async fn next_of(pull: &mut Option<Pull>) -> Next {
 /// What woke the intake loop.
 enum Wake<N> {
     Shutdown,
-    BatchDone,
-    Progress,
+    /// No message: a batch finished (`tick` false) or the progress tick came (`tick` true).
+    Idle {
+        tick: bool,
+    },
     Next(N),
 }
 
@@ -136,6 +138,15 @@ fn error_backoff(consecutive: u32) -> Duration {
 }
 
 impl Worker {
+    /// A wake without messages (a batch finished, or the progress tick): the loop's liveness,
+    /// and on the tick progress acks to the messages waiting for pipeline room.
+    async fn idle_tick(&self, tick: bool, flight: &mut Flight) {
+        if tick {
+            flight.progress_waiting().await;
+        }
+        self.progress(false, false);
+    }
+
     fn progress(&self, pulled: bool, messages: bool) {
         let now = Utc::now();
         self.shared.health.update(self.cc.kind, |s| {
@@ -272,12 +283,12 @@ impl Worker {
             let wake = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Wake::Shutdown,
-                _ = flight.batches.next(), if flight.full() => Wake::BatchDone,
-                _ = tokio::time::sleep_until(due), if flight.has_waiting() => Wake::Progress,
+                _ = flight.batches.next(), if flight.full() => Wake::Idle { tick: false },
+                _ = tokio::time::sleep_until(due), if flight.has_waiting() => Wake::Idle { tick: true },
                 n = next_of(&mut current), if current.is_some() => Wake::Next(n),
                 // A full pipeline of slow but working batches is not a stalled loop (a wedged
                 // batch is the stuck check's business).
-                _ = tokio::time::sleep(self.cc.expires), if flight.full() => Wake::BatchDone,
+                _ = tokio::time::sleep(self.cc.expires), if flight.full() => Wake::Idle { tick: false },
             };
             let next = match wake {
                 Wake::Shutdown => {
@@ -286,13 +297,8 @@ impl Worker {
                     }
                     return LoopEnd::Shutdown;
                 }
-                Wake::BatchDone => {
-                    self.progress(false, false);
-                    continue;
-                }
-                Wake::Progress => {
-                    flight.progress_waiting().await;
-                    self.progress(false, false);
+                Wake::Idle { tick } => {
+                    self.idle_tick(tick, flight).await;
                     continue;
                 }
                 Wake::Next(n) => n,
@@ -485,10 +491,10 @@ impl Worker {
             let wake = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Wake::Shutdown,
-                _ = flight.batches.next(), if flight.full() => Wake::BatchDone,
-                _ = tokio::time::sleep_until(due), if flight.has_waiting() => Wake::Progress,
+                _ = flight.batches.next(), if flight.full() => Wake::Idle { tick: false },
+                _ = tokio::time::sleep_until(due), if flight.has_waiting() => Wake::Idle { tick: true },
                 n = tokio::time::timeout(self.cc.expires, stream.next()), if read => Wake::Next(n),
-                _ = tokio::time::sleep(self.cc.expires), if flight.full() => Wake::BatchDone,
+                _ = tokio::time::sleep(self.cc.expires), if flight.full() => Wake::Idle { tick: false },
             };
             // The "batch" of stream mode is one expiry period: the database short-circuit is
             // reset after it, so the database is tried again.
@@ -498,13 +504,8 @@ impl Worker {
             }
             let next = match wake {
                 Wake::Shutdown => return StreamEnd::Shutdown,
-                Wake::BatchDone => {
-                    self.progress(false, false);
-                    continue;
-                }
-                Wake::Progress => {
-                    flight.progress_waiting().await;
-                    self.progress(false, false);
+                Wake::Idle { tick } => {
+                    self.idle_tick(tick, flight).await;
                     continue;
                 }
                 Wake::Next(n) => n,
