@@ -5,7 +5,9 @@
 //!
 //! `benches/throughput.rs` includes this file too (`#[path]`), so the benchmark runs its
 //! servers and daemons exactly as the tests do.
-
+//!
+//! A test that runs in both stream modes is written once, `async fn name(mode: &str)`, with
+//! `per_mode!(name)` above it (`test_cases!` for other cases), so a failure names its mode.
 //!
 //! Parts: `servers` (nats-server, database, database proxy), `stack` (the builder, the daemon
 //! in-process), `process` (the daemon as a child process, the CLI), `streams` (publishing,
