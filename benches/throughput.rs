@@ -1,7 +1,8 @@
 //! Throughput benchmark (not a test): `cargo bench --bench throughput`.
 //!
-//! Every scenario gets its own nats-server (free port, temp store) and a fresh database, is
-//! preloaded with N HRV events (pipelined publishes), then drained by
+//! Every scenario gets its own nats-server (free port, temp store) and a fresh database, started
+//! by the integration tests' harness (`tests/it/support.rs`), is preloaded with N HRV events
+//! (pipelined publishes), then drained by
 //! - the daemon binary (`normalize-service run`, a child process) at several `HRV_BATCH_SIZE`s,
 //!   normalized-event publishing on, and
 //! - a bare fetch → one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO UPDATE` → ack loop (this
@@ -25,9 +26,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::future::IntoFuture;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, AckKind};
@@ -36,7 +35,14 @@ use futures::StreamExt;
 use normalize_service::config::StreamNames;
 use normalize_service::topology;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
+
+// The integration tests' harness: the same servers and the same daemon runner.
+#[allow(dead_code, unused_imports, unused_macros)]
+#[path = "../tests/it/support.rs"]
+mod support;
+
+use support::{vars, DaemonProcess, Stack};
 
 const SUBJECT: &str = "athlete-ally.hrv.raw-received";
 const STREAM: &str = "AA_CORE_HOT";
@@ -47,103 +53,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Nats {
-    port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Nats {
-    fn start() -> Nats {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let conf = dir.path().join("nats.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n}}\n",
-                dir.path().join("js").display()
-            ),
-        )
-        .unwrap();
-        let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "/usr/sbin/nats-server".into());
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Nats {
-            port,
-            child,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-struct Db {
-    name: String,
-    url: String,
-}
-
-impl Db {
-    async fn create() -> Db {
-        let name = format!(
-            "nsbench_{}_{}",
-            std::process::id(),
-            Utc::now().timestamp_nanos_opt().unwrap_or(0)
-        );
-        let mut conn = PgConnection::connect(&admin_url()).await.unwrap();
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        let base = admin_url().rsplit_once('/').unwrap().0.to_string();
-        Db {
-            url: format!("{base}/{name}"),
-            name,
-        }
-    }
-
-    async fn drop_db(self) {
-        if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))
-                .execute(&mut conn)
-                .await;
-        }
-    }
 }
 
 fn event(i: u64) -> String {
@@ -269,63 +178,32 @@ fn histogram_mean_ms(text: &str, name: &str, label: &str) -> f64 {
     }
 }
 
-fn daemon_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_normalize-service"))
+/// The daemon as a process with the service's defaults (not the tests' tuned ones), on the
+/// stack's servers; `depth`: `HRV_PIPELINE_DEPTH`, or the daemon's default when `None`.
+fn start_daemon(stack: &Stack, batch: usize, depth: Option<usize>) -> DaemonProcess {
+    let batch = batch.to_string();
+    let mut vars = vars(&[
+        ("NATS_URL", &stack.nats.url()),
+        ("DATABASE_URL", &stack.db.url),
+        ("HOST", "127.0.0.1"),
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "warn"),
+        ("HRV_BATCH_SIZE", &batch),
+    ]);
+    if let Some(d) = depth {
+        vars.insert("HRV_PIPELINE_DEPTH".into(), d.to_string());
+    }
+    DaemonProcess::spawn_showing_stderr(&vars)
 }
 
-struct Daemon {
-    child: Child,
-    metrics_port: u16,
+/// SIGTERM, and SIGKILL if the daemon is still running 30 s later.
+async fn stop_daemon(mut daemon: DaemonProcess) {
+    let _ = daemon.terminate(Duration::from_secs(30)).await;
 }
 
-impl Daemon {
-    /// `depth`: `HRV_PIPELINE_DEPTH`, or the daemon's default when `None`.
-    fn start(nats: &Nats, db: &Db, batch: usize, depth: Option<usize>) -> Daemon {
-        let port = free_port();
-        let metrics_port = free_port();
-        let mut cmd = Command::new(daemon_bin());
-        cmd.arg("run")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("NATS_URL", nats.url())
-            .env("DATABASE_URL", &db.url)
-            .env("HOST", "127.0.0.1")
-            .env("PORT", port.to_string())
-            .env("METRICS_PORT", metrics_port.to_string())
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "warn")
-            .env("HRV_BATCH_SIZE", batch.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        if let Some(d) = depth {
-            cmd.env("HRV_PIPELINE_DEPTH", d.to_string());
-        }
-        let child = cmd.spawn().expect("daemon starts");
-        Daemon { child, metrics_port }
-    }
-
-    async fn metrics(&self) -> String {
-        normalize_service::http::http_get("127.0.0.1", self.metrics_port, "/metrics", Duration::from_secs(5))
-            .await
-            .map(|(_, b)| b)
-            .unwrap_or_default()
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The nats-server's process id, for its CPU time.
+fn nats_pid(stack: &Stack) -> u32 {
+    stack.nats.pid().expect("nats-server runs")
 }
 
 /// Quantile from a Prometheus histogram (cumulative buckets), interpolated linearly inside the
@@ -369,15 +247,15 @@ fn histogram_quantile(text: &str, name: &str, q: f64) -> f64 {
     f64::NAN
 }
 
-async fn setup(n: u64) -> (Nats, Db, jetstream::Context, PgPool) {
-    let nats = Nats::start();
-    let db = Db::create().await;
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = jetstream::new(client);
+/// Own servers (the tests' harness) with the core stream, migrated, and preloaded with `n`
+/// events.
+async fn setup(n: u64) -> (Stack, jetstream::Context, PgPool) {
+    let stack = Stack::start().await;
+    let js = stack.js.clone();
     js.create_stream(topology::core_spec(&StreamNames::default(), 1).to_config())
         .await
         .unwrap();
-    let pool = PgPool::connect(&db.url).await.unwrap();
+    let pool = stack.pool().await;
     normalize_service::store::MIGRATOR.run(&pool).await.unwrap();
     let took = preload(&js, n).await;
     eprintln!(
@@ -385,13 +263,13 @@ async fn setup(n: u64) -> (Nats, Db, jetstream::Context, PgPool) {
         took.as_secs_f64(),
         n as f64 / took.as_secs_f64()
     );
-    (nats, db, js, pool)
+    (stack, js, pool)
 }
 
 async fn run_daemon(n: u64, batch: usize, depth: Option<usize>) -> Figures {
-    let (nats, db, js, pool) = setup(n).await;
-    let daemon = Daemon::start(&nats, &db, batch, depth);
-    let (nats_cpu0, pid) = (cpu_secs(nats.child.id()), daemon.child.id());
+    let (stack, js, pool) = setup(n).await;
+    let daemon = start_daemon(&stack, batch, depth);
+    let (nats_cpu0, pid) = (cpu_secs(nats_pid(&stack)), daemon.pid());
     let daemon_cpu0 = cpu_secs(pid);
     let took = time_drain(&js, &pool, DURABLE, n).await;
     let text = daemon.metrics().await;
@@ -407,7 +285,7 @@ async fn run_daemon(n: u64, batch: usize, depth: Option<usize>) -> Figures {
         histogram_mean_ms(&text, "normalize_batch_duration_seconds", "consumer=\"hrv\""),
         histogram_mean_ms(&text, "normalize_db_write_duration_seconds", "table=\"hrv_data\""),
         cpu_secs(pid) - daemon_cpu0,
-        cpu_secs(nats.child.id()) - nats_cpu0,
+        cpu_secs(nats_pid(&stack)) - nats_cpu0,
         pg_cpu,
         took.as_secs_f64()
     );
@@ -421,14 +299,13 @@ async fn run_daemon(n: u64, batch: usize, depth: Option<usize>) -> Figures {
         secs: took.as_secs_f64(),
         p50_ms: histogram_quantile(&text, name, 0.5),
         p99_ms: histogram_quantile(&text, name, 0.99),
-        rss_mib: vm_hwm_mib(daemon.child.id()),
+        rss_mib: vm_hwm_mib(daemon.pid()),
     };
     let normalized = topology_count(&js, "athlete-ally.hrv.normalized-stored").await;
     assert_eq!(normalized, n, "one normalized event per event");
-    daemon.stop();
+    stop_daemon(daemon).await;
     pool.close().await;
-    db.drop_db().await;
-    drop(nats);
+    drop(stack);
     f
 }
 
@@ -543,20 +420,20 @@ async fn bare_child(nats_url: &str, db_url: &str, batch: usize, n: u64) {
 }
 
 async fn run_bare(n: u64, batch: usize) -> Figures {
-    let (nats, db, js, pool) = setup(n).await;
+    let (stack, js, pool) = setup(n).await;
     let exe = std::env::current_exe().unwrap();
-    let nats_cpu0 = cpu_secs(nats.child.id());
+    let nats_cpu0 = cpu_secs(nats_pid(&stack));
     let child = Command::new(exe)
         .arg("--bare")
-        .arg(nats.url())
-        .arg(&db.url)
+        .arg(stack.nats.url())
+        .arg(&stack.db.url)
         .arg(batch.to_string())
         .arg(n.to_string())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let took = time_drain(&js, &pool, "bare", n).await;
-    let nats_cpu = cpu_secs(nats.child.id()) - nats_cpu0;
+    let nats_cpu = cpu_secs(nats_pid(&stack)) - nats_cpu0;
     let out = child.wait_with_output().unwrap();
     let line = String::from_utf8_lossy(&out.stdout).to_string();
     let parts: Vec<f64> = line
@@ -577,8 +454,7 @@ async fn run_bare(n: u64, batch: usize) -> Figures {
         took.as_secs_f64()
     );
     pool.close().await;
-    db.drop_db().await;
-    drop(nats);
+    drop(stack);
     Figures {
         label: format!("bare loop batch={batch}"),
         events: n,
@@ -592,10 +468,10 @@ async fn run_bare(n: u64, batch: usize) -> Figures {
 /// `k` daemon instances on the same durable drain the preload together (issue #7's scale-out
 /// figure): events/s, and how many messages each instance settled.
 async fn run_instances(n: u64, batch: usize, depth: Option<usize>, k: usize) -> (Figures, Vec<f64>) {
-    let (nats, db, js, pool) = setup(n).await;
+    let (stack, js, pool) = setup(n).await;
     // Started back to back; each needs the same time to connect and bind, so the skew is a
     // few milliseconds of a run of seconds.
-    let daemons: Vec<Daemon> = (0..k).map(|_| Daemon::start(&nats, &db, batch, depth)).collect();
+    let daemons: Vec<DaemonProcess> = (0..k).map(|_| start_daemon(&stack, batch, depth)).collect();
     let took = time_drain(&js, &pool, DURABLE, n).await;
     let mut shares = Vec::with_capacity(k);
     let mut rss: f64 = 0.0;
@@ -607,14 +483,13 @@ async fn run_instances(n: u64, batch: usize, depth: Option<usize>, k: usize) -> 
                 .and_then(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
                 .unwrap_or(0.0),
         );
-        rss = rss.max(vm_hwm_mib(d.child.id()));
+        rss = rss.max(vm_hwm_mib(d.pid()));
     }
     for d in daemons {
-        d.stop();
+        stop_daemon(d).await;
     }
     pool.close().await;
-    db.drop_db().await;
-    drop(nats);
+    drop(stack);
     let f = Figures {
         label: format!("{k} instance(s), batch {batch}"),
         events: n,
@@ -629,8 +504,8 @@ async fn run_instances(n: u64, batch: usize, depth: Option<usize>, k: usize) -> 
 /// A steady `rate` events/s for `secs` through the daemon: publish → normalized event received
 /// (published by the daemon after the commit), so an upper bound of publish → committed row.
 async fn run_steady(batch: usize, rate: u64, secs: u64) -> (f64, f64, f64, u64) {
-    let (nats, db, js, pool) = setup(0).await;
-    let daemon = Daemon::start(&nats, &db, batch, None);
+    let (stack, js, pool) = setup(0).await;
+    let daemon = start_daemon(&stack, batch, None);
     // Ready when the durable exists.
     let stream = js.get_stream(STREAM).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -639,7 +514,7 @@ async fn run_steady(batch: usize, rate: u64, secs: u64) -> (f64, f64, f64, u64) 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let client = async_nats::connect(nats.url()).await.unwrap();
+    let client = stack.nats.client().await;
     let mut sub = client
         .subscribe("athlete-ally.hrv.normalized-stored")
         .await
@@ -696,12 +571,11 @@ async fn run_steady(batch: usize, rate: u64, secs: u64) -> (f64, f64, f64, u64) 
             lat[((lat.len() as f64 - 1.0) * p).round() as usize]
         }
     };
-    let rss = vm_hwm_mib(daemon.child.id());
+    let rss = vm_hwm_mib(daemon.pid());
     let out = (q(0.5), q(0.99), rss, received);
-    daemon.stop();
+    stop_daemon(daemon).await;
     pool.close().await;
-    db.drop_db().await;
-    drop(nats);
+    drop(stack);
     out
 }
 

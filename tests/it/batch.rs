@@ -38,28 +38,27 @@ async fn normalized_events(js: &jetstream::Context) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_key_in_a_batch_newest_wins_and_all_are_acked() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let js = nats.js().await;
-    create_core_stream(&js).await;
+    let stack = Stack::start().await;
+    let js = &stack.js;
+    create_core_stream(js).await;
     // Key "dup": the newest capturedAt (second message) wins. Key "tie": same capturedAt, the
     // highest stream sequence wins. Written one at a time in stream order, both keys would
     // have been written twice and announced twice.
-    let _dup1 = publish(&js, HRV_SUBJECT, hrv("dup", 10.0, "2025-03-01T06:00:00Z")).await;
-    let dup2 = publish(&js, HRV_SUBJECT, hrv("dup", 20.0, "2025-03-01T08:00:00Z")).await;
-    let _dup3 = publish(&js, HRV_SUBJECT, hrv("dup", 30.0, "2025-03-01T07:00:00Z")).await;
-    let _tie1 = publish(&js, HRV_SUBJECT, hrv("tie", 40.0, "2025-03-01T05:00:00Z")).await;
-    let tie2 = publish(&js, HRV_SUBJECT, hrv("tie", 50.0, "2025-03-01T05:00:00Z")).await;
-    let solo = publish(&js, HRV_SUBJECT, hrv("solo", 60.0, "2025-03-01T05:00:00Z")).await;
+    let _dup1 = publish(js, HRV_SUBJECT, hrv("dup", 10.0, "2025-03-01T06:00:00Z")).await;
+    let dup2 = publish(js, HRV_SUBJECT, hrv("dup", 20.0, "2025-03-01T08:00:00Z")).await;
+    let _dup3 = publish(js, HRV_SUBJECT, hrv("dup", 30.0, "2025-03-01T07:00:00Z")).await;
+    let _tie1 = publish(js, HRV_SUBJECT, hrv("tie", 40.0, "2025-03-01T05:00:00Z")).await;
+    let tie2 = publish(js, HRV_SUBJECT, hrv("tie", 50.0, "2025-03-01T05:00:00Z")).await;
+    let solo = publish(js, HRV_SUBJECT, hrv("solo", 60.0, "2025-03-01T05:00:00Z")).await;
 
-    let app = TestApp::spawn(base_vars(&nats, &db.url)).await;
+    let app = stack.spawn_app().await;
     wait_for("durable bound", Duration::from_secs(20), || async {
-        consumer_backlog(&js, STREAM, DURABLE).await.is_some()
+        consumer_backlog(js, STREAM, DURABLE).await.is_some()
     })
     .await;
-    wait_drained(&js, STREAM, DURABLE).await;
+    wait_drained(js, STREAM, DURABLE).await;
 
-    let pool = db.pool().await;
+    let pool = stack.pool().await;
     let rows = sqlx::query("SELECT user_id, rmssd, source_seq FROM hrv_data ORDER BY user_id")
         .fetch_all(&pool)
         .await
@@ -79,11 +78,11 @@ async fn same_key_in_a_batch_newest_wins_and_all_are_acked() {
 
     // One normalized event per stored row: the superseded records were acked unannounced.
     wait_for("normalized events", Duration::from_secs(10), || async {
-        normalized_events(&js).await.len() >= 3
+        normalized_events(js).await.len() >= 3
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let events = normalized_events(&js).await;
+    let events = normalized_events(js).await;
     let mut announced: Vec<(String, f64)> = events
         .iter()
         .map(|v| {
@@ -103,7 +102,7 @@ async fn same_key_in_a_batch_newest_wins_and_all_are_acked() {
         ]
     );
 
-    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0, "nothing dead-lettered");
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 0, "nothing dead-lettered");
     let metrics = app.metrics().await;
     assert_eq!(
         metric_value(&metrics, "normalize_hrv_messages_total", &[("result", "success")]),
@@ -128,26 +127,23 @@ async fn same_key_in_a_batch_newest_wins_and_all_are_acked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_constraint_violation_mid_batch_dead_letters_only_that_record() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
     // First run: migrations and topology.
-    let app = TestApp::spawn(base_vars(&nats, &db.url)).await;
-    app.wait_ready().await;
+    let (stack, app) = Stack::builder().app().await;
     app.stop().await.unwrap();
     // A non-transient failure the decoder cannot foresee (SQLSTATE 23514), on this test's own
     // database only.
-    let pool = db.pool().await;
+    let pool = stack.pool().await;
     sqlx::query("ALTER TABLE hrv_data ADD CONSTRAINT test_rmssd_cap CHECK (rmssd < 1000)")
         .execute(&pool)
         .await
         .unwrap();
 
-    let js = nats.js().await;
+    let js = &stack.js;
     let mut seqs = Vec::new();
     for (i, rmssd) in [41.0, 42.0, 5000.0, 44.0, 45.0].into_iter().enumerate() {
         seqs.push(
             publish(
-                &js,
+                js,
                 HRV_SUBJECT,
                 hrv(&format!("u{i}"), rmssd, "2025-03-01T06:00:00Z"),
             )
@@ -156,12 +152,12 @@ async fn a_constraint_violation_mid_batch_dead_letters_only_that_record() {
     }
     let bad = seqs[2];
 
-    let app = TestApp::spawn(base_vars(&nats, &db.url)).await;
+    let app = stack.spawn_app().await;
     wait_for("dead letter", Duration::from_secs(20), || async {
-        stream_messages(&js, "AA_DLQ").await >= 1
+        stream_messages(js, "AA_DLQ").await >= 1
     })
     .await;
-    wait_drained(&js, STREAM, DURABLE).await;
+    wait_drained(js, STREAM, DURABLE).await;
 
     let users: Vec<String> = sqlx::query_scalar("SELECT user_id FROM hrv_data ORDER BY user_id")
         .fetch_all(&pool)
@@ -174,7 +170,7 @@ async fn a_constraint_violation_mid_batch_dead_letters_only_that_record() {
     );
 
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let letters = stream_contents(&js, "AA_DLQ").await;
+    let letters = stream_contents(js, "AA_DLQ").await;
     assert_eq!(letters.len(), 1, "only the bad record is dead-lettered");
     let l = &letters[0];
     assert_eq!(l.subject.as_str(), "dlq.normalize.hrv.raw-received.non-retryable");
@@ -188,7 +184,7 @@ async fn a_constraint_violation_mid_batch_dead_letters_only_that_record() {
     assert_eq!(h("Dlq-Original-Sequence"), bad.to_string());
     assert_eq!(h("Dlq-Delivery-Count"), "1", "dead-lettered at once, not retried");
 
-    let events = normalized_events(&js).await;
+    let events = normalized_events(js).await;
     assert_eq!(events.len(), 4, "one normalized event per stored row");
 
     let metrics = app.metrics().await;
@@ -219,10 +215,12 @@ async fn a_constraint_violation_mid_batch_dead_letters_only_that_record() {
 async fn concurrent_batches_sharing_keys_keep_the_newest_and_never_deadlock() {
     const KEYS: usize = 12;
     const PER_KEY: usize = 60;
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let js = nats.js().await;
-    create_core_stream(&js).await;
+    let stack = Stack::builder()
+        .env(&[("HRV_BATCH_SIZE", "6"), ("HRV_PIPELINE_DEPTH", "4")])
+        .start()
+        .await;
+    let js = &stack.js;
+    create_core_stream(js).await;
 
     // Event j of key k is captured at minute perm(j): a different order per key, so the
     // newest of a key is anywhere in the stream. Keys are interleaved in a shuffled order
@@ -257,18 +255,14 @@ async fn concurrent_batches_sharing_keys_keep_the_newest_and_never_deadlock() {
         ack.await.unwrap();
     }
 
-    let vars = with(
-        base_vars(&nats, &db.url),
-        &[("HRV_BATCH_SIZE", "6"), ("HRV_PIPELINE_DEPTH", "4")],
-    );
-    let app = TestApp::spawn(vars).await;
+    let app = stack.spawn_app().await;
     wait_for("durable bound", Duration::from_secs(20), || async {
-        consumer_backlog(&js, STREAM, DURABLE).await.is_some()
+        consumer_backlog(js, STREAM, DURABLE).await.is_some()
     })
     .await;
-    wait_drained(&js, STREAM, DURABLE).await;
+    wait_drained(js, STREAM, DURABLE).await;
 
-    let pool = db.pool().await;
+    let pool = stack.pool().await;
     let rows = sqlx::query("SELECT user_id, rmssd, to_char(captured_at AT TIME ZONE 'UTC', 'HH24:MI') AS at FROM hrv_data ORDER BY user_id")
         .fetch_all(&pool)
         .await
@@ -313,7 +307,7 @@ async fn concurrent_batches_sharing_keys_keep_the_newest_and_never_deadlock() {
         info.num_redelivered, 0,
         "nothing was redelivered (no deadlock, no NAK)"
     );
-    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0, "nothing dead-lettered");
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 0, "nothing dead-lettered");
     // Not even a deadlock retried inside a write (PostgreSQL counts them per database; its
     // statistics are flushed within a second of a transaction's end).
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -8,16 +8,6 @@ use sqlx::Row;
 
 use crate::support::*;
 
-const MODES: [&str; 2] = ["single", "multi"];
-
-fn streams(mode: &str) -> (&'static str, &'static str) {
-    if mode == "single" {
-        ("ATHLETE_ALLY_EVENTS", "ATHLETE_ALLY_EVENTS")
-    } else {
-        ("AA_CORE_HOT", "AA_VENDOR_HOT")
-    }
-}
-
 fn sleep_event(user: &str, date: &str, minutes: f64, source: &str) -> String {
     json!({"payload": {"userId": user, "date": date, "durationMinutes": minutes,
         "capturedAt": "2025-03-01T08:00:00Z", "raw": {"source": source, "qualityScore": 82.6}}})
@@ -35,248 +25,226 @@ fn webhook(user: &str, hrv: Option<f64>, sleep_hours: Option<f64>) -> String {
     json!({"user_id": user, "timestamp": "2025-03-01T07:00:00Z", "data": data}).to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sleep_valid_invalid_and_rounding() {
-    for mode in MODES {
-        let nats = NatsServer::start().await;
-        let db = TestDb::new().await;
-        let app = TestApp::spawn(with(base_vars(&nats, &db.url), &[("EVENT_STREAM_MODE", mode)])).await;
-        app.wait_ready().await;
-        let js = nats.js().await;
-        let (core, _) = streams(mode);
-        publish(&js, SLEEP_SUBJECT, sleep_event("s1", "2025-03-01", 420.5, "Oura")).await;
-        publish(
-            &js,
-            SLEEP_SUBJECT,
-            r#"{"payload":{"userId":"s2","date":"2025-03-01","durationMinutes":2000}}"#,
+per_mode!(sleep_valid_invalid_and_rounding);
+async fn sleep_valid_invalid_and_rounding(mode: &str) {
+    let (stack, app) = Stack::builder().mode(mode).app().await;
+    let js = &stack.js;
+    let core = core_stream(mode);
+    publish(js, SLEEP_SUBJECT, sleep_event("s1", "2025-03-01", 420.5, "Oura")).await;
+    publish(
+        js,
+        SLEEP_SUBJECT,
+        r#"{"payload":{"userId":"s2","date":"2025-03-01","durationMinutes":2000}}"#,
+    )
+    .await;
+    let pool = stack.pool().await;
+    wait_for("sleep row", Duration::from_secs(15), || async {
+        count(&pool, "SELECT count(*) FROM sleep_data").await == 1
+    })
+    .await;
+    wait_drained(js, core, "normalize-sleep-durable").await;
+    let row =
+        sqlx::query("SELECT duration_minutes, quality_score, vendor, captured_at_defaulted FROM sleep_data")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        row.get::<i32, _>("duration_minutes"),
+        421,
+        "420.5 rounds half away from zero"
+    );
+    assert_eq!(row.get::<Option<i32>, _>("quality_score"), Some(83));
+    assert_eq!(row.get::<String, _>("vendor"), "oura");
+    assert!(!row.get::<bool, _>("captured_at_defaulted"));
+    let core_hot = js.get_stream(core).await.unwrap();
+    let n = core_hot
+        .get_last_raw_message_by_subject("athlete-ally.sleep.normalized-stored")
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&n.payload).unwrap();
+    assert_eq!(
+        v["record"]["vendor"], "oura",
+        "same mapping in the row and the event"
+    );
+    assert_eq!(v["record"]["durationMinutes"], 421);
+    assert_eq!(v["record"]["qualityScore"], 83);
+    let letters = stream_contents(js, "AA_DLQ").await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0].subject.as_str(),
+        "dlq.normalize.sleep.raw-received.schema-invalid"
+    );
+
+    // A later event without the optional quality score does not erase the stored one.
+    let later = json!({"payload": {"userId": "s1", "date": "2025-03-01", "durationMinutes": 400,
+            "capturedAt": "2025-03-01T09:00:00Z"}})
+    .to_string();
+    publish(js, SLEEP_SUBJECT, later).await;
+    wait_for("sleep update", Duration::from_secs(15), || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM sleep_data WHERE duration_minutes = 400",
         )
-        .await;
-        let pool = db.pool().await;
-        wait_for("sleep row", Duration::from_secs(15), || async {
-            count(&pool, "SELECT count(*) FROM sleep_data").await == 1
-        })
-        .await;
-        wait_drained(&js, core, "normalize-sleep-durable").await;
-        let row = sqlx::query(
-            "SELECT duration_minutes, quality_score, vendor, captured_at_defaulted FROM sleep_data",
-        )
+        .await
+            == 1
+    })
+    .await;
+    let (q, vendor): (Option<i32>, String) = sqlx::query_as("SELECT quality_score, vendor FROM sleep_data")
         .fetch_one(&pool)
         .await
         .unwrap();
-        assert_eq!(
-            row.get::<i32, _>("duration_minutes"),
-            421,
-            "420.5 rounds half away from zero"
-        );
-        assert_eq!(row.get::<Option<i32>, _>("quality_score"), Some(83));
-        assert_eq!(row.get::<String, _>("vendor"), "oura");
-        assert!(!row.get::<bool, _>("captured_at_defaulted"));
-        let s = js.get_stream(core).await.unwrap();
-        let n = s
-            .get_last_raw_message_by_subject("athlete-ally.sleep.normalized-stored")
+    assert_eq!(q, Some(83));
+    assert_eq!(vendor, "oura");
+    let m = app.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "normalize_sleep_messages_total",
+            &[("result", "success"), ("stream", core)]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "normalize_sleep_messages_total",
+            &[("result", "schema_invalid")]
+        ),
+        Some(1.0)
+    );
+    app.stop().await.unwrap();
+}
+
+per_mode!(oura_webhook_is_stored_once_and_derives_rows);
+async fn oura_webhook_is_stored_once_and_derives_rows(mode: &str) {
+    let (stack, app) = Stack::builder().mode(mode).app().await;
+    let js = &stack.js;
+    let (core, vendor_stream) = (core_stream(mode), vendor_stream(mode));
+    let body = webhook("o1", Some(45.2), None);
+    // Published twice (no Nats-Msg-Id: the body hash is the key) — one raw row, one HRV row.
+    publish(js, OURA_SUBJECT, body.clone()).await;
+    publish(js, OURA_SUBJECT, body.clone()).await;
+    // Same logical webhook retried by ingest with a Nats-Msg-Id outside the dedupe window.
+    publish_with_id(js, OURA_SUBJECT, "hook-2", webhook("o2", None, Some(7.01))).await;
+    // Not an object / no user_id.
+    publish(js, OURA_SUBJECT, "[1,2,3]").await;
+    publish(js, OURA_SUBJECT, r#"{"timestamp":"2025-03-01T07:00:00Z"}"#).await;
+    wait_drained(js, vendor_stream, "normalize-oura").await;
+    let pool = stack.pool().await;
+    wait_for("webhook rows", Duration::from_secs(15), || async {
+        count(&pool, "SELECT count(*) FROM vendor_webhook_events").await == 2
+    })
+    .await;
+    assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 1);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM hrv_data WHERE user_id='o1' AND vendor='oura' AND date='2025-03-01'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM sleep_data").await,
+        1,
+        "sleep-only webhook: only a sleep row"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM hrv_data WHERE user_id='o2'").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM sleep_data WHERE user_id='o2' AND duration_minutes=421"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM vendor_webhook_events WHERE idempotency_key='hook-2'"
+        )
+        .await,
+        1
+    );
+    let payload: serde_json::Value =
+        sqlx::query_scalar("SELECT payload FROM vendor_webhook_events WHERE user_id='o1'")
+            .fetch_one(&pool)
             .await
             .unwrap();
-        let v: Value = serde_json::from_slice(&n.payload).unwrap();
-        assert_eq!(
-            v["record"]["vendor"], "oura",
-            "same mapping in the row and the event"
-        );
-        assert_eq!(v["record"]["durationMinutes"], 421);
-        assert_eq!(v["record"]["qualityScore"], 83);
-        let letters = stream_contents(&js, "AA_DLQ").await;
-        assert_eq!(letters.len(), 1);
-        assert_eq!(
-            letters[0].subject.as_str(),
-            "dlq.normalize.sleep.raw-received.schema-invalid"
-        );
-
-        // A later event without the optional quality score does not erase the stored one.
-        let later = json!({"payload": {"userId": "s1", "date": "2025-03-01", "durationMinutes": 400,
-            "capturedAt": "2025-03-01T09:00:00Z"}})
-        .to_string();
-        publish(&js, SLEEP_SUBJECT, later).await;
-        wait_for("sleep update", Duration::from_secs(15), || async {
-            count(
-                &pool,
-                "SELECT count(*) FROM sleep_data WHERE duration_minutes = 400",
-            )
-            .await
-                == 1
-        })
-        .await;
-        let (q, vendor): (Option<i32>, String) =
-            sqlx::query_as("SELECT quality_score, vendor FROM sleep_data")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        assert_eq!(q, Some(83));
-        assert_eq!(vendor, "oura");
-        let m = app.metrics().await;
-        assert_eq!(
-            metric_value(
-                &m,
-                "normalize_sleep_messages_total",
-                &[("result", "success"), ("stream", core)]
-            ),
-            Some(2.0)
-        );
-        assert_eq!(
-            metric_value(
-                &m,
-                "normalize_sleep_messages_total",
-                &[("result", "schema_invalid")]
-            ),
-            Some(1.0)
-        );
-        app.stop().await.unwrap();
-    }
+    assert_eq!(
+        payload,
+        serde_json::from_str::<Value>(&body).unwrap(),
+        "stored raw"
+    );
+    let letters = stream_contents(js, "AA_DLQ").await;
+    assert_eq!(letters.len(), 2);
+    assert!(letters
+        .iter()
+        .all(|l| l.subject.as_str() == "dlq.vendor.oura.webhook.schema-invalid"));
+    // Derived events are published as normalized events too, vendor `oura`.
+    let core_hot = js.get_stream(core).await.unwrap();
+    let n = core_hot
+        .get_last_raw_message_by_subject("athlete-ally.hrv.normalized-stored")
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&n.payload).unwrap();
+    assert_eq!(v["record"]["vendor"], "oura");
+    assert!(n
+        .headers
+        .get("Nats-Msg-Id")
+        .unwrap()
+        .as_str()
+        .ends_with(":hrv:v1"));
+    let m = app.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "normalize_oura_messages_total",
+            &[
+                ("result", "success"),
+                ("stream", vendor_stream),
+                ("durable", "normalize-oura")
+            ]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "normalize_oura_messages_total",
+            &[("result", "schema_invalid")]
+        ),
+        Some(2.0)
+    );
+    app.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oura_webhook_is_stored_once_and_derives_rows() {
-    for mode in MODES {
-        let nats = NatsServer::start().await;
-        let db = TestDb::new().await;
-        let app = TestApp::spawn(with(base_vars(&nats, &db.url), &[("EVENT_STREAM_MODE", mode)])).await;
-        app.wait_ready().await;
-        let js = nats.js().await;
-        let (core, vendor_stream) = streams(mode);
-        let body = webhook("o1", Some(45.2), None);
-        // Published twice (no Nats-Msg-Id: the body hash is the key) — one raw row, one HRV row.
-        publish(&js, OURA_SUBJECT, body.clone()).await;
-        publish(&js, OURA_SUBJECT, body.clone()).await;
-        // Same logical webhook retried by ingest with a Nats-Msg-Id outside the dedupe window.
-        publish_with_id(&js, OURA_SUBJECT, "hook-2", webhook("o2", None, Some(7.01))).await;
-        // Not an object / no user_id.
-        publish(&js, OURA_SUBJECT, "[1,2,3]").await;
-        publish(&js, OURA_SUBJECT, r#"{"timestamp":"2025-03-01T07:00:00Z"}"#).await;
-        wait_drained(&js, vendor_stream, "normalize-oura").await;
-        let pool = db.pool().await;
-        wait_for("webhook rows", Duration::from_secs(15), || async {
-            count(&pool, "SELECT count(*) FROM vendor_webhook_events").await == 2
-        })
-        .await;
-        assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 1);
-        assert_eq!(
-            count(
-                &pool,
-                "SELECT count(*) FROM hrv_data WHERE user_id='o1' AND vendor='oura' AND date='2025-03-01'"
-            )
-            .await,
-            1
-        );
-        assert_eq!(
-            count(&pool, "SELECT count(*) FROM sleep_data").await,
-            1,
-            "sleep-only webhook: only a sleep row"
-        );
-        assert_eq!(
-            count(&pool, "SELECT count(*) FROM hrv_data WHERE user_id='o2'").await,
-            0
-        );
-        assert_eq!(
-            count(
-                &pool,
-                "SELECT count(*) FROM sleep_data WHERE user_id='o2' AND duration_minutes=421"
-            )
-            .await,
-            1
-        );
-        assert_eq!(
-            count(
-                &pool,
-                "SELECT count(*) FROM vendor_webhook_events WHERE idempotency_key='hook-2'"
-            )
-            .await,
-            1
-        );
-        let payload: serde_json::Value =
-            sqlx::query_scalar("SELECT payload FROM vendor_webhook_events WHERE user_id='o1'")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        assert_eq!(
-            payload,
-            serde_json::from_str::<Value>(&body).unwrap(),
-            "stored raw"
-        );
-        let letters = stream_contents(&js, "AA_DLQ").await;
-        assert_eq!(letters.len(), 2);
-        assert!(letters
-            .iter()
-            .all(|l| l.subject.as_str() == "dlq.vendor.oura.webhook.schema-invalid"));
-        // Derived events are published as normalized events too, vendor `oura`.
-        let s = js.get_stream(core).await.unwrap();
-        let n = s
-            .get_last_raw_message_by_subject("athlete-ally.hrv.normalized-stored")
-            .await
-            .unwrap();
-        let v: Value = serde_json::from_slice(&n.payload).unwrap();
-        assert_eq!(v["record"]["vendor"], "oura");
-        assert!(n
-            .headers
-            .get("Nats-Msg-Id")
-            .unwrap()
-            .as_str()
-            .ends_with(":hrv:v1"));
-        let m = app.metrics().await;
-        assert_eq!(
-            metric_value(
-                &m,
-                "normalize_oura_messages_total",
-                &[
-                    ("result", "success"),
-                    ("stream", vendor_stream),
-                    ("durable", "normalize-oura")
-                ]
-            ),
-            Some(3.0)
-        );
-        assert_eq!(
-            metric_value(
-                &m,
-                "normalize_oura_messages_total",
-                &[("result", "schema_invalid")]
-            ),
-            Some(2.0)
-        );
-        app.stop().await.unwrap();
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_consumer_retries_through_a_database_outage() {
-    for mode in MODES {
-        outage_round(mode).await;
-    }
-}
-
-async fn outage_round(mode: &str) {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let mut proxy = DbProxy::start().await;
-    let app = TestApp::spawn(with(
-        base_vars(&nats, &db.url_via(proxy.port)),
-        &[
+per_mode!(every_consumer_retries_through_a_database_outage);
+async fn every_consumer_retries_through_a_database_outage(mode: &str) {
+    let (stack, app) = Stack::builder()
+        .db_proxy()
+        .env(&[
             ("NORMALIZE_HRV_MAX_DELIVER", "1000"),
             ("NORMALIZE_SLEEP_MAX_DELIVER", "1000"),
             ("NORMALIZE_OURA_MAX_DELIVER", "1000"),
             ("DATABASE_ACQUIRE_TIMEOUT_MS", "500"),
-            ("EVENT_STREAM_MODE", mode),
-        ],
-    ))
-    .await;
-    app.wait_ready().await;
-    proxy.cut();
-    let js = nats.js().await;
+        ])
+        .mode(mode)
+        .app()
+        .await;
+    stack.proxy().cut();
+    let js = &stack.js;
     publish(
-        &js,
+        js,
         HRV_SUBJECT,
         hrv_event("r", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
     )
     .await;
-    publish(&js, SLEEP_SUBJECT, sleep_event("r", "2025-03-01", 400.0, "whoop")).await;
-    publish(&js, OURA_SUBJECT, webhook("r2", Some(30.0), Some(6.0))).await;
+    publish(js, SLEEP_SUBJECT, sleep_event("r", "2025-03-01", 400.0, "whoop")).await;
+    publish(js, OURA_SUBJECT, webhook("r2", Some(30.0), Some(6.0))).await;
     wait_for("retries on every consumer", Duration::from_secs(20), || async {
         let m = app.metrics().await;
         [
@@ -288,9 +256,9 @@ async fn outage_round(mode: &str) {
         .all(|name| metric_value(&m, name, &[("result", "retry")]).unwrap_or(0.0) >= 2.0)
     })
     .await;
-    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
-    proxy.restore().await;
-    let pool = db.pool().await;
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 0);
+    stack.proxy().restore().await;
+    let pool = stack.pool().await;
     wait_for("rows after recovery", Duration::from_secs(30), || async {
         count(&pool, "SELECT count(*) FROM hrv_data").await == 2
             && count(&pool, "SELECT count(*) FROM sleep_data").await == 2
@@ -301,62 +269,51 @@ async fn outage_round(mode: &str) {
         count(&pool, "SELECT count(*) FROM sleep_data WHERE vendor='whoop'").await,
         1
     );
-    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 0);
     app.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poisoned_consumer_does_not_slow_the_others() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let js = nats.js().await;
     // No dead-letter stream: every invalid sleep message keeps coming back.
     let names = normalize_service::config::StreamNames::default();
-    let vars = with(
-        base_vars(&nats, &db.url),
-        &[
-            ("TOPOLOGY_PROVISION", "off"),
-            ("NORMALIZE_RETRY_BACKOFF_MS", "50"),
-        ],
-    );
-    create_topology(
-        &js,
-        &vars,
-        &[
+    let stack = Stack::builder()
+        .env(&[("NORMALIZE_RETRY_BACKOFF_MS", "50")])
+        .topology(vec![
             normalize_service::topology::core_spec(&names, 1),
             normalize_service::topology::vendor_spec(&names, 1),
-        ],
-    )
-    .await;
+        ])
+        .start()
+        .await;
+    let js = &stack.js;
     for i in 0..50 {
-        publish(&js, SLEEP_SUBJECT, format!("poison-{i}")).await;
+        publish(js, SLEEP_SUBJECT, format!("poison-{i}")).await;
     }
-    let app = TestApp::spawn(vars).await;
-    app.wait_ready().await;
+    let app = stack.app().await;
     for i in 0..20 {
         publish(
-            &js,
+            js,
             HRV_SUBJECT,
             hrv_event(&format!("h{i}"), "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
         )
         .await;
-        publish(&js, OURA_SUBJECT, webhook(&format!("o{i}"), None, Some(7.0))).await;
+        publish(js, OURA_SUBJECT, webhook(&format!("o{i}"), None, Some(7.0))).await;
     }
-    let pool = db.pool().await;
+    let pool = stack.pool().await;
     wait_for("hrv and oura keep flowing", Duration::from_secs(20), || async {
         count(&pool, "SELECT count(*) FROM hrv_data").await == 20
             && count(&pool, "SELECT count(*) FROM vendor_webhook_events").await == 20
     })
     .await;
-    wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
-    wait_drained(&js, "AA_VENDOR_HOT", "normalize-oura").await;
+    wait_drained(js, "AA_CORE_HOT", "normalize-hrv-durable").await;
+    wait_drained(js, "AA_VENDOR_HOT", "normalize-oura").await;
     let (code, h) = app.health().await;
     assert_eq!(code, 200);
     assert_eq!(h["status"], "degraded");
     assert_eq!(h["consumers"]["sleep"]["deadLetter"], "unavailable", "{h}");
     assert_eq!(h["consumers"]["hrv"]["deadLetter"], "ok");
     assert_eq!(h["consumers"]["oura"]["deadLetter"], "ok");
-    let (pending, ack_pending) = consumer_backlog(&js, "AA_CORE_HOT", "normalize-sleep-durable")
+    let (pending, ack_pending) = consumer_backlog(js, "AA_CORE_HOT", "normalize-sleep-durable")
         .await
         .unwrap();
     assert_eq!(

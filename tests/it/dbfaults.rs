@@ -34,32 +34,26 @@ async fn redelivered(js: &async_nats::jetstream::Context) -> u64 {
 }
 
 /// A daemon whose HRV consumer retries fast and (almost) never gives up.
-fn vars(nats: &NatsServer, db: &TestDb, extra: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
-    with(
-        with(
-            base_vars(nats, &db.url),
-            &[
-                ("NORMALIZE_RETRY_BACKOFF_MS", "200"),
-                ("NORMALIZE_HRV_MAX_DELIVER", "1000"),
-            ],
-        ),
-        extra,
-    )
+const RETRY_FAST: &[(&str, &str)] = &[
+    ("NORMALIZE_RETRY_BACKOFF_MS", "200"),
+    ("NORMALIZE_HRV_MAX_DELIVER", "1000"),
+];
+
+/// The servers and a daemon that retries fast, with `extra` over that.
+async fn retrying_app(extra: &[(&str, &str)]) -> (Stack, TestApp) {
+    Stack::builder().env(RETRY_FAST).env(extra).app().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_blocked_by_a_lock_is_retried_not_pinned() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(vars(&nats, &db, &[("DATABASE_STATEMENT_TIMEOUT_MS", "1000")])).await;
-    app.wait_ready().await;
+    let (stack, app) = retrying_app(&[("DATABASE_STATEMENT_TIMEOUT_MS", "1000")]).await;
+    let (js, db) = (&stack.js, &stack.db);
 
     // Another session holds the table: every write of the daemon waits on this lock.
     let mut locker = lock_hrv_data(&db.url).await;
 
-    let js = nats.js().await;
     publish(
-        &js,
+        js,
         HRV_SUBJECT,
         hrv_event("locked", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
     )
@@ -69,11 +63,11 @@ async fn a_statement_blocked_by_a_lock_is_retried_not_pinned() {
     wait_for(
         "the blocked write cancelled and its message retried twice",
         Duration::from_secs(20),
-        || async { retries(&app).await >= 2.0 && redelivered(&js).await >= 1 },
+        || async { retries(&app).await >= 2.0 && redelivered(js).await >= 1 },
     )
     .await;
     assert_eq!(
-        stream_messages(&js, "AA_DLQ").await,
+        stream_messages(js, "AA_DLQ").await,
         0,
         "retried, not dead-lettered"
     );
@@ -86,9 +80,9 @@ async fn a_statement_blocked_by_a_lock_is_retried_not_pinned() {
         || async { count(&pool, "SELECT count(*) FROM hrv_data WHERE user_id = 'locked'").await == 1 },
     )
     .await;
-    wait_drained(&js, STREAM, DURABLE).await;
+    wait_drained(js, STREAM, DURABLE).await;
     assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 1);
-    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 0);
     app.stop().await.unwrap();
 }
 
@@ -96,35 +90,28 @@ async fn a_statement_blocked_by_a_lock_is_retried_not_pinned() {
 /// the message becomes a `max-deliver` dead letter, which `dlq replay` brings back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_on_the_last_delivery_is_a_max_deliver_dead_letter() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(vars(
-        &nats,
-        &db,
-        &[
-            ("DATABASE_STATEMENT_TIMEOUT_MS", "500"),
-            ("NORMALIZE_HRV_MAX_DELIVER", "2"),
-        ],
-    ))
+    let (stack, app) = retrying_app(&[
+        ("DATABASE_STATEMENT_TIMEOUT_MS", "500"),
+        ("NORMALIZE_HRV_MAX_DELIVER", "2"),
+    ])
     .await;
-    app.wait_ready().await;
+    let (js, db) = (&stack.js, &stack.db);
     let mut locker = lock_hrv_data(&db.url).await;
 
-    let js = nats.js().await;
     let seq = publish(
-        &js,
+        js,
         HRV_SUBJECT,
         hrv_event("last", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
     )
     .await;
     wait_for("a dead letter", Duration::from_secs(20), || async {
-        stream_messages(&js, "AA_DLQ").await >= 1
+        stream_messages(js, "AA_DLQ").await >= 1
     })
     .await;
     sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
-    wait_drained(&js, STREAM, DURABLE).await;
+    wait_drained(js, STREAM, DURABLE).await;
 
-    let letters = stream_contents(&js, "AA_DLQ").await;
+    let letters = stream_contents(js, "AA_DLQ").await;
     assert_eq!(letters.len(), 1);
     let h = |n: &str| {
         letters[0]
@@ -143,10 +130,8 @@ async fn a_timeout_on_the_last_delivery_is_a_max_deliver_dead_letter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_column_is_retried_until_the_schema_is_fixed() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(vars(&nats, &db, &[])).await;
-    app.wait_ready().await;
+    let (stack, app) = retrying_app(&[]).await;
+    let (js, db) = (&stack.js, &stack.db);
 
     // The table no longer matches the service (SQLSTATE 42703 on every write).
     let pool = db.pool().await;
@@ -155,9 +140,8 @@ async fn a_missing_column_is_retried_until_the_schema_is_fixed() {
         .await
         .unwrap();
 
-    let js = nats.js().await;
     publish(
-        &js,
+        js,
         HRV_SUBJECT,
         hrv_event("schema", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
     )
@@ -169,7 +153,7 @@ async fn a_missing_column_is_retried_until_the_schema_is_fixed() {
     )
     .await;
     assert_eq!(
-        stream_messages(&js, "AA_DLQ").await,
+        stream_messages(js, "AA_DLQ").await,
         0,
         "a schema outage of the database dead-letters nothing"
     );
@@ -185,9 +169,9 @@ async fn a_missing_column_is_retried_until_the_schema_is_fixed() {
         || async { count(&pool, "SELECT count(*) FROM hrv_data WHERE user_id = 'schema'").await == 1 },
     )
     .await;
-    wait_drained(&js, STREAM, DURABLE).await;
+    wait_drained(js, STREAM, DURABLE).await;
     assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 1);
-    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 0);
     app.stop().await.unwrap();
 }
 
@@ -197,9 +181,8 @@ async fn a_missing_column_is_retried_until_the_schema_is_fixed() {
 async fn the_statement_timeout_bounds_the_pool_but_not_migrations() {
     let nats = NatsServer::placeholder();
     let db = TestDb::new().await;
-    let config = normalize_service::config::Config::from_vars(vars(
-        &nats,
-        &db,
+    let config = normalize_service::config::Config::from_vars(with(
+        with(base_vars(&nats, &db.url), RETRY_FAST),
         &[("DATABASE_STATEMENT_TIMEOUT_MS", "1234")],
     ))
     .unwrap();

@@ -4,15 +4,10 @@
 //! default and never carry the passwords of `DATABASE_URL` / `NATS_URL`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_normalize-service");
 
 fn repo_file(rel: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
@@ -507,9 +502,8 @@ fn deploy_metric_check_detects_unknown_metrics_and_labels() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_alerts_and_dashboard_use_metrics_and_labels_the_service_exports() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let js = nats.js().await;
+    let stack = Stack::builder().mode("multi").start().await;
+    let js = &stack.js;
     // A legacy stream next to a multi-mode daemon: every consumer falls back to it, so the
     // fallback counter exists too (provisioning adds only AA_DLQ, which overlaps nothing).
     js.create_stream(async_nats::jetstream::stream::Config {
@@ -519,8 +513,7 @@ async fn deploy_alerts_and_dashboard_use_metrics_and_labels_the_service_exports(
     })
     .await
     .unwrap();
-    let app = TestApp::spawn(with(base_vars(&nats, &db.url), &[("EVENT_STREAM_MODE", "multi")])).await;
-    app.wait_ready().await;
+    let app = stack.app().await;
 
     // One valid and one invalid message per consumer, so the per-message series (durations,
     // database writes, dead letters by reason) exist.
@@ -536,8 +529,8 @@ async fn deploy_alerts_and_dashboard_use_metrics_and_labels_the_service_exports(
         ),
     ];
     for (subject, body) in &valid {
-        publish(&js, subject, body.clone()).await;
-        publish(&js, subject, "not json").await;
+        publish(js, subject, body.clone()).await;
+        publish(js, subject, "not json").await;
     }
     wait_for("both messages of every consumer settled", Duration::from_secs(30), || async {
         let text = app.metrics().await;
@@ -588,73 +581,12 @@ async fn deploy_alerts_and_dashboard_use_metrics_and_labels_the_service_exports(
 
 const SECRET: &str = "s3cretpw";
 
-/// Runs the binary with exactly `vars` (plus PATH), collecting stderr.
-struct Daemon {
-    child: std::process::Child,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Daemon {
-    fn spawn(vars: &HashMap<String, String>) -> Daemon {
-        let mut child = Command::new(BIN)
-            .arg("run")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(vars)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let mut pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        let reader = std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Daemon {
-            child,
-            stderr,
-            reader: Some(reader),
-        }
-    }
-
-    async fn kill_and_collect(mut self) -> (Option<i32>, String) {
-        let _ = self.child.kill();
-        self.wait(Duration::from_secs(10)).await
-    }
-
-    /// Waits for the exit (killing it after `within`) and returns the code and all of stderr.
-    async fn wait(mut self, within: Duration) -> (Option<i32>, String) {
-        let deadline = Instant::now() + within;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("daemon did not exit within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        if let Some(r) = self.reader.take() {
-            r.join().unwrap();
-        }
-        let text = String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned();
-        (status.code(), text)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
+/// Runs the daemon with `vars` until it exits by itself (a test failure after `within`);
+/// returns its exit code and all of its stderr.
+async fn exit_code_and_stderr(vars: &HashMap<String, String>, within: Duration) -> (Option<i32>, String) {
+    let mut daemon = DaemonProcess::spawn(vars);
+    let code = daemon.expect_exit(within).await.code();
+    (code, daemon.stderr())
 }
 
 /// Every line is one JSON object with a timestamp, a level, a target and a message and/or
@@ -697,7 +629,7 @@ fn json_lines(stderr: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn secret_vars(nats: &NatsServer, db: &TestDb, port: u16) -> HashMap<String, String> {
+fn secret_vars(nats: &NatsServer, db: &TestDb) -> HashMap<String, String> {
     let mut vars = base_vars(nats, &db.url);
     // JSON must be the default: the test daemon's base vars ask for pretty logs.
     vars.remove("LOG_FORMAT");
@@ -709,8 +641,6 @@ fn secret_vars(nats: &NatsServer, db: &TestDb, port: u16) -> HashMap<String, Str
         "DATABASE_URL".into(),
         format!("postgres://postgres:{SECRET}@127.0.0.1:5432/{}", db.name),
     );
-    vars.insert("PORT".into(), port.to_string());
-    vars.insert("METRICS_PORT".into(), free_port().to_string());
     // Every level of every crate: a library logging a URL at debug would leak it too.
     vars.insert("RUST_LOG".into(), "debug".into());
     vars
@@ -720,33 +650,21 @@ fn secret_vars(nats: &NatsServer, db: &TestDb, port: u16) -> HashMap<String, Str
 async fn deploy_logs_are_json_lines_and_never_show_passwords() {
     let nats = NatsServer::start_with(&format!("authorization {{ user: user, password: {SECRET} }}")).await;
     let db = TestDb::new().await;
-    let port = free_port();
-    let daemon = Daemon::spawn(&secret_vars(&nats, &db, port));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !matches!(
-        normalize_service::http::http_get("127.0.0.1", port, "/health/ready", Duration::from_secs(2)).await,
-        Ok((200, _))
-    ) {
-        if Instant::now() > deadline {
-            let (_, stderr) = daemon.kill_and_collect().await;
-            panic!("daemon not ready within 30 s (NATS auth from the URL); stderr:\n{stderr}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut daemon = DaemonProcess::spawn(&secret_vars(&nats, &db));
+    if let Err(e) = daemon.try_wait_ready(Duration::from_secs(30)).await {
+        panic!("NATS auth from the URL: {e}");
     }
     for path in ["/health", "/metrics"] {
-        let (code, body) = normalize_service::http::http_get("127.0.0.1", port, path, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let (code, body) =
+            normalize_service::http::http_get("127.0.0.1", daemon.port, path, Duration::from_secs(5))
+                .await
+                .unwrap();
         assert_eq!(code, 200, "{path}");
         assert!(!body.contains(SECRET), "{path} shows the password:\n{body}");
     }
-    let ok = Command::new("kill")
-        .arg("-TERM")
-        .arg(daemon.child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let (code, stderr) = daemon.wait(Duration::from_secs(30)).await;
+    daemon.signal("TERM");
+    let code = daemon.expect_exit(Duration::from_secs(30)).await.code();
+    let stderr = daemon.stderr();
     assert_eq!(code, Some(0), "SIGTERM exits 0; stderr:\n{stderr}");
     assert!(!stderr.contains(SECRET), "a password reached the logs:\n{stderr}");
     let lines = json_lines(&stderr);
@@ -771,12 +689,12 @@ async fn deploy_start_up_errors_never_show_passwords() {
     let db = TestDb::new().await;
 
     // NATS refuses a wrong password: start-up fails, naming the cause, without printing it.
-    let mut vars = secret_vars(&nats, &db, free_port());
+    let mut vars = secret_vars(&nats, &db);
     vars.insert(
         "NATS_URL".into(),
         format!("nats://user:wr0ngpw@127.0.0.1:{}", nats.port),
     );
-    let (code, stderr) = Daemon::spawn(&vars).wait(Duration::from_secs(30)).await;
+    let (code, stderr) = exit_code_and_stderr(&vars, Duration::from_secs(30)).await;
     assert_ne!(code, Some(0), "start-up must fail; stderr:\n{stderr}");
     assert!(
         stderr.contains("NATS_USER"),
@@ -787,9 +705,9 @@ async fn deploy_start_up_errors_never_show_passwords() {
     }
 
     // An invalid DATABASE_URL is a configuration error naming the variable, redacted.
-    let mut vars = secret_vars(&nats, &db, free_port());
+    let mut vars = secret_vars(&nats, &db);
     vars.insert("DATABASE_URL".into(), format!("mysql://app:{SECRET}@db:3306/x"));
-    let (code, stderr) = Daemon::spawn(&vars).wait(Duration::from_secs(30)).await;
+    let (code, stderr) = exit_code_and_stderr(&vars, Duration::from_secs(30)).await;
     assert_eq!(code, Some(2), "configuration error exit code; stderr:\n{stderr}");
     assert!(stderr.contains("DATABASE_URL"), "{stderr}");
     assert!(!stderr.contains(SECRET), "the password reached stderr:\n{stderr}");

@@ -31,7 +31,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -907,61 +906,12 @@ fn build_model(stored: &[Stored], m: Mutant) -> Model {
 
 // --- running one case ----------------------------------------------------------------------
 
-/// The daemon as a child process, SIGKILLed when dropped.
-struct Daemon {
-    child: Option<Child>,
-}
-
-impl Daemon {
-    async fn start(vars: &HashMap<String, String>) -> Result<Daemon, String> {
-        let port: u16 = vars["PORT"].parse().unwrap();
-        let d = Daemon {
-            child: Some(spawn_daemon(vars)),
-        };
-        let ok = poll(Duration::from_secs(30), || async {
-            matches!(
-                normalize_service::http::http_get("127.0.0.1", port, "/health/ready", Duration::from_secs(2))
-                    .await,
-                Ok((200, _))
-            )
-        })
-        .await;
-        if ok {
-            Ok(d)
-        } else {
-            Err("the daemon did not become ready within 30 s".into())
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-async fn poll<F, Fut>(within: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// The daemon as a child process (SIGKILLed when dropped), ready; an error, not a panic, so the
+/// case reports it.
+async fn start_daemon(vars: &HashMap<String, String>) -> Result<DaemonProcess, String> {
+    let mut d = DaemonProcess::spawn(vars);
+    d.try_wait_ready(Duration::from_secs(30)).await?;
+    Ok(d)
 }
 
 async fn drained(js: &jetstream::Context) -> bool {
@@ -1043,23 +993,14 @@ async fn publish_all(
 }
 
 async fn dlq_cli(vars: &HashMap<String, String>, args: &[String]) -> Result<Value, String> {
-    let out = tokio::process::Command::new(BIN)
-        .env_clear()
-        .envs(vars)
-        .arg("dlq")
-        .args(args)
-        .arg("--json")
-        .output()
-        .await
-        .map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(format!(
-            "dlq {args:?} exited {:?}: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr)
-        ));
+    let mut all = vec!["dlq"];
+    all.extend(args.iter().map(String::as_str));
+    all.push("--json");
+    let out = cli(vars, &all).await;
+    if out.code != 0 {
+        return Err(format!("dlq {args:?} exited {}: {}", out.code, out.stderr));
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("dlq {args:?}: not JSON: {e}"))
+    serde_json::from_str(&out.stdout).map_err(|e| format!("dlq {args:?}: not JSON: {e}"))
 }
 
 fn header(m: &jetstream::message::StreamMessage, name: &str) -> Option<String> {
@@ -1143,22 +1084,19 @@ async fn run_case(k: &Knobs, case: u64) -> Result<Outcome, String> {
     rng.shuffle(&mut pubs);
     eprintln!("differential: case {case}: {params:?}, {} messages", pubs.len());
 
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let mut proxy = DbProxy::start().await;
-    let mut vars = with(
-        base_vars(&nats, &db.url_via(proxy.port)),
-        &[
-            ("PORT", &free_port().to_string()),
-            ("METRICS_PORT", &free_port().to_string()),
+    let stack = Stack::builder()
+        .db_proxy()
+        .env(&[
             ("LOG_FORMAT", "json"),
             ("DATABASE_MAX_CONNECTIONS", "16"),
             ("DATABASE_ACQUIRE_TIMEOUT_MS", "500"),
             ("HRV_IDLE_BACKOFF_MS", "20"),
             ("SLEEP_IDLE_BACKOFF_MS", "20"),
             ("OURA_IDLE_BACKOFF_MS", "20"),
-        ],
-    );
+        ])
+        .start()
+        .await;
+    let mut vars = stack.vars.clone();
     for (i, c) in ["HRV", "SLEEP", "OURA"].iter().enumerate() {
         vars.insert(format!("{c}_BATCH_SIZE"), params.batch[i].to_string());
         vars.insert(format!("{c}_PIPELINE_DEPTH"), params.depth[i].to_string());
@@ -1170,11 +1108,11 @@ async fn run_case(k: &Knobs, case: u64) -> Result<Outcome, String> {
             );
         }
     }
-    let js = nats.js().await;
-    let mut daemon = Daemon::start(&vars).await?;
+    let js = &stack.js;
+    let mut daemon = Some(start_daemon(&vars).await?);
     if params.backlog {
         // Everything is published before the daemon consumes anything.
-        daemon.kill();
+        daemon = None;
     }
 
     // The stale wave: the oldest ~third of the timed events, published after the rest is stored.
@@ -1194,30 +1132,30 @@ async fn run_case(k: &Knobs, case: u64) -> Result<Outcome, String> {
     let half = wave1.len() / 2;
     let mut first = wave1;
     let second = first.split_off(half);
-    stored.extend(publish_all(&js, first, params.publishers).await?);
+    stored.extend(publish_all(js, first, params.publishers).await?);
     match params.fault {
-        Fault::None => stored.extend(publish_all(&js, second, params.publishers).await?),
+        Fault::None => stored.extend(publish_all(js, second, params.publishers).await?),
         Fault::Kill => {
             tokio::time::sleep(Duration::from_millis(rng.range(0, 300))).await;
-            daemon.kill();
-            stored.extend(publish_all(&js, second, params.publishers).await?);
+            daemon = None;
+            stored.extend(publish_all(js, second, params.publishers).await?);
         }
         Fault::DbOutage => {
-            proxy.cut();
-            stored.extend(publish_all(&js, second, params.publishers).await?);
+            stack.proxy().cut();
+            stored.extend(publish_all(js, second, params.publishers).await?);
             tokio::time::sleep(Duration::from_millis(2000)).await;
-            proxy.restore().await;
+            stack.proxy().restore().await;
         }
     }
-    if daemon.child.is_none() {
-        daemon = Daemon::start(&vars).await?;
+    if daemon.is_none() {
+        daemon = Some(start_daemon(&vars).await?);
     }
     if !wave2.is_empty() {
-        wait_drained_all(&js).await?;
-        stored.extend(publish_all(&js, wave2, params.publishers).await?);
+        wait_drained_all(js).await?;
+        stored.extend(publish_all(js, wave2, params.publishers).await?);
     }
-    let replayed = replay_transient(&js, &vars).await?;
-    wait_drained_all(&js).await?;
+    let replayed = replay_transient(js, &vars).await?;
+    wait_drained_all(js).await?;
 
     // JetStream timestamps of sleep events without capturedAt (their time in the model).
     let core = js.get_stream(CORE).await.map_err(|e| e.to_string())?;
@@ -1231,15 +1169,15 @@ async fn run_case(k: &Knobs, case: u64) -> Result<Outcome, String> {
     stored.sort_by(|a, b| (&a.stream, a.seq).cmp(&(&b.stream, b.seq)));
 
     let model = build_model(&stored, k.mutant);
-    let pool = db.pool().await;
+    let pool = stack.pool().await;
     let mut failures = Vec::new();
     compare_rows(&pool, &model, k.features, &mut failures).await;
-    compare_dead_letters(&js, &model, &stored, &mut failures).await;
-    compare_normalized(&js, &pool, &model, &mut failures).await;
+    compare_dead_letters(js, &model, &stored, &mut failures).await;
+    compare_normalized(js, &pool, &model, &mut failures).await;
     if k.features.oura {
         compare_webhooks(&pool, &model, &mut failures).await;
     }
-    daemon.kill();
+    drop(daemon);
     pool.close().await;
     Ok(Outcome {
         failures,

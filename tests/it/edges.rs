@@ -77,47 +77,44 @@ fn unsettled(metrics: &str) -> f64 {
 /// dead-lettered (max-deliver), not NAKed into the server's MAX_DELIVERIES advisory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lower_server_max_deliver_dead_letters_the_last_delivery() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let mut proxy = DbProxy::start().await;
-    let vars = with(
-        base_vars(&nats, &db.url_via(proxy.port)),
-        &[
+    let stack = Stack::builder()
+        .db_proxy()
+        .env(&[
             ("TOPOLOGY_PROVISION", "off"),
             ("NORMALIZE_RETRY_BACKOFF_MS", "200"),
             ("DATABASE_ACQUIRE_TIMEOUT_MS", "500"),
-        ],
-    );
-    let js = nats.js().await;
-    topology_with(&js, &vars, true, 2).await;
-    let app = TestApp::spawn(vars).await;
-    app.wait_ready().await;
-    proxy.cut();
+        ])
+        .start()
+        .await;
+    let js = &stack.js;
+    topology_with(js, &stack.vars, true, 2).await;
+    let app = stack.app().await;
+    stack.proxy().cut();
     publish(
-        &js,
+        js,
         HRV_SUBJECT,
         hrv_event("maxdel-1", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
     )
     .await;
     wait_for("one max-deliver dead letter", Duration::from_secs(20), || async {
-        stream_messages(&js, "AA_DLQ").await == 1
+        stream_messages(js, "AA_DLQ").await == 1
     })
     .await;
-    let letters = stream_contents(&js, "AA_DLQ").await;
+    let letters = stream_contents(js, "AA_DLQ").await;
     assert_eq!(
         letters[0].subject.as_str(),
         "dlq.normalize.hrv.raw-received.max-deliver"
     );
     let headers = letters[0].headers.clone();
     assert_eq!(headers.get("Dlq-Delivery-Count").unwrap().as_str(), "2");
-    wait_drained(&js, "AA_CORE_HOT", DURABLE).await;
+    wait_drained(js, "AA_CORE_HOT", DURABLE).await;
     let m = app.metrics().await;
     assert_eq!(
         metric_value(&m, "dlq_messages_total", &[("reason", "max-deliver")]),
         Some(1.0)
     );
-    proxy.restore().await;
-    assert_eq!(hrv_rows(&db.url, "maxdel").await, 0);
+    stack.proxy().restore().await;
+    assert_eq!(hrv_rows(&stack.db.url, "maxdel").await, 0);
     app.stop().await.unwrap();
 }
 
@@ -128,31 +125,24 @@ async fn a_lower_server_max_deliver_dead_letters_the_last_delivery() {
 async fn a_backlog_stranded_on_the_old_durable_is_drained_after_start() {
     const OLD: usize = 20;
     const NEW: usize = 5;
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let js = nats.js().await;
     let n = StreamNames::default();
-    let vars = with(
-        base_vars(&nats, &db.url),
-        &[("EVENT_STREAM_MODE", "single"), ("TOPOLOGY_PROVISION", "off")],
-    );
     // Single mode: the legacy stream and its durables, with a backlog.
-    create_topology(
-        &js,
-        &vars,
-        &[topology::legacy_spec(&n, 1), topology::dlq_spec(&n, 1)],
-    )
-    .await;
+    let stack = Stack::builder()
+        .mode("single")
+        .topology(vec![topology::legacy_spec(&n, 1), topology::dlq_spec(&n, 1)])
+        .start()
+        .await;
+    let (js, db) = (&stack.js, &stack.db);
     for i in 0..OLD {
         publish(
-            &js,
+            js,
             HRV_SUBJECT,
             hrv_event(&format!("strand-{i}"), "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
         )
         .await;
     }
     assert_eq!(
-        consumer_info(&js, "ATHLETE_ALLY_EVENTS", DURABLE)
+        consumer_info(js, "ATHLETE_ALLY_EVENTS", DURABLE)
             .await
             .num_pending,
         OLD as u64
@@ -165,15 +155,11 @@ async fn a_backlog_stranded_on_the_old_durable_is_drained_after_start() {
     core.subjects = vec!["athlete-ally.>".into()];
     js.create_stream(core).await.unwrap();
 
-    let app = TestApp::spawn(with(
-        base_vars(&nats, &db.url),
-        &[("TOPOLOGY_PROVISION", "missing")],
-    ))
-    .await;
+    let app = TestApp::spawn(with(stack.base_vars(), &[("TOPOLOGY_PROVISION", "missing")])).await;
     app.wait_ready().await;
     for i in 0..NEW {
         publish(
-            &js,
+            js,
             HRV_SUBJECT,
             hrv_event(
                 &format!("strand-new-{i}"),
@@ -188,7 +174,7 @@ async fn a_backlog_stranded_on_the_old_durable_is_drained_after_start() {
         hrv_rows(&db.url, "strand").await == (OLD + NEW) as i64
     })
     .await;
-    wait_drained(&js, "ATHLETE_ALLY_EVENTS", DURABLE).await;
+    wait_drained(js, "ATHLETE_ALLY_EVENTS", DURABLE).await;
     let (_, h) = app.health().await;
     assert_eq!(h["consumers"]["hrv"]["stream"], "AA_CORE_HOT");
     let m = app.metrics().await;
@@ -207,7 +193,7 @@ async fn a_backlog_stranded_on_the_old_durable_is_drained_after_start() {
         h["consumers"]["hrv"]["draining"] == serde_json::json!([])
     })
     .await;
-    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 0);
     app.stop().await.unwrap();
 }
 
@@ -217,27 +203,21 @@ async fn a_backlog_stranded_on_the_old_durable_is_drained_after_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_writes_with_a_full_pipeline_leave_nothing_unsettled() {
     const N: usize = 10;
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(with(
-        base_vars(&nats, &db.url),
-        &[
-            ("HRV_PIPELINE_DEPTH", "1"),
-            ("HRV_BATCH_SIZE", "10"),
-            ("HRV_EXPIRES_MS", "3000"),
-            ("NORMALIZE_HRV_ACK_WAIT_MS", "30000"),
-            ("DATABASE_STATEMENT_TIMEOUT_MS", "60000"),
-        ],
-    ))
+    let (stack, app) = Stack::app_with_env(&[
+        ("HRV_PIPELINE_DEPTH", "1"),
+        ("HRV_BATCH_SIZE", "10"),
+        ("HRV_EXPIRES_MS", "3000"),
+        ("NORMALIZE_HRV_ACK_WAIT_MS", "30000"),
+        ("DATABASE_STATEMENT_TIMEOUT_MS", "60000"),
+    ])
     .await;
-    app.wait_ready().await;
-    let js = nats.js().await;
+    let (js, db) = (&stack.js, &stack.db);
     let mut locker = lock_hrv_data(&db.url).await;
     // Published apart, so the pull delivers them as separate sub-batches: the first blocks on
     // the lock and fills the pipeline, the rest arrive while it waits.
     for i in 0..N {
         publish(
-            &js,
+            js,
             HRV_SUBJECT,
             hrv_event(
                 &format!("slowpull-{i}"),
@@ -260,8 +240,8 @@ async fn slow_writes_with_a_full_pipeline_leave_nothing_unsettled() {
     )
     .await;
     eprintln!("all stored {:?} after the lock was released", released.elapsed());
-    wait_drained(&js, "AA_CORE_HOT", DURABLE).await;
-    let info = consumer_info(&js, "AA_CORE_HOT", DURABLE).await;
+    wait_drained(js, "AA_CORE_HOT", DURABLE).await;
+    let info = consumer_info(js, "AA_CORE_HOT", DURABLE).await;
     assert_eq!(info.num_redelivered, 0);
     assert_eq!(
         info.delivered.consumer_sequence, N as u64,
@@ -294,22 +274,19 @@ fn slow_dlq(client: async_nats::Client, delay: Duration) -> tokio::task::JoinHan
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settling_a_batch_of_slow_dead_letters_is_covered_by_progress_acks() {
     const N: usize = 6;
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let vars = with(
-        base_vars(&nats, &db.url),
-        &[
+    let stack = Stack::builder()
+        .env(&[
             ("TOPOLOGY_PROVISION", "off"),
             ("NORMALIZE_HRV_ACK_WAIT_MS", "1500"),
             ("HRV_BATCH_SIZE", "10"),
-        ],
-    );
-    let js = nats.js().await;
-    topology_with(&js, &vars, false, -1).await;
-    let responder = slow_dlq(nats.client().await, Duration::from_millis(700));
-    let app = TestApp::spawn(vars).await;
-    app.wait_ready().await;
-    let client = nats.client().await;
+        ])
+        .start()
+        .await;
+    let js = &stack.js;
+    topology_with(js, &stack.vars, false, -1).await;
+    let responder = slow_dlq(stack.nats.client().await, Duration::from_millis(700));
+    let app = stack.app().await;
+    let client = stack.nats.client().await;
     // Published together so they share one batch: its settling takes N × 0.7 s > ack_wait.
     let mut acks = Vec::new();
     for i in 0..N {
@@ -323,8 +300,8 @@ async fn settling_a_batch_of_slow_dead_letters_is_covered_by_progress_acks() {
         a.await.unwrap();
     }
     client.flush().await.unwrap();
-    wait_drained(&js, "AA_CORE_HOT", DURABLE).await;
-    let info = consumer_info(&js, "AA_CORE_HOT", DURABLE).await;
+    wait_drained(js, "AA_CORE_HOT", DURABLE).await;
+    let info = consumer_info(js, "AA_CORE_HOT", DURABLE).await;
     assert_eq!(info.num_redelivered, 0);
     assert_eq!(
         info.delivered.consumer_sequence, N as u64,
@@ -346,21 +323,18 @@ async fn settling_a_batch_of_slow_dead_letters_is_covered_by_progress_acks() {
 /// stops within the deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_last_delivery_is_kept_through_shutdown_until_its_dead_letter_is_stored() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let vars = with(
-        base_vars(&nats, &db.url),
-        &[
+    let stack = Stack::builder()
+        .env(&[
             ("TOPOLOGY_PROVISION", "off"),
             ("NORMALIZE_HRV_ACK_WAIT_MS", "1500"),
             ("NORMALIZE_RETRY_BACKOFF_MS", "200"),
             ("SHUTDOWN_TIMEOUT_MS", "6000"),
-        ],
-    );
-    let js = nats.js().await;
-    topology_with(&js, &vars, false, 1).await;
-    let app = TestApp::spawn(vars).await;
-    app.wait_ready().await;
+        ])
+        .start()
+        .await;
+    let (js, db) = (&stack.js, &stack.db);
+    topology_with(js, &stack.vars, false, 1).await;
+    let app = stack.app().await;
     // The invalid event first, valid ones right behind it (one batch, or the next ones).
     let mut acks = vec![js.publish(HRV_SUBJECT, "not json".into()).await.unwrap()];
     for i in 0..3 {
@@ -373,7 +347,7 @@ async fn a_held_last_delivery_is_kept_through_shutdown_until_its_dead_letter_is_
     // Held well past 3 x ack_wait without a redelivery; the valid events of its batch are
     // stored and acked meanwhile, not kept behind it.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let info = consumer_info(&js, "AA_CORE_HOT", DURABLE).await;
+    let info = consumer_info(js, "AA_CORE_HOT", DURABLE).await;
     assert_eq!(info.num_ack_pending, 1, "only the last delivery is held");
     assert_eq!(info.num_redelivered, 0);
     assert_eq!(hrv_rows(&db.url, "held").await, 3);
@@ -397,12 +371,12 @@ async fn a_held_last_delivery_is_kept_through_shutdown_until_its_dead_letter_is_
         stopping.elapsed()
     );
     assert_eq!(
-        stream_messages(&js, "AA_DLQ").await,
+        stream_messages(js, "AA_DLQ").await,
         1,
         "dead-lettered during shutdown"
     );
     assert_eq!(
-        consumer_info(&js, "AA_CORE_HOT", DURABLE).await.num_ack_pending,
+        consumer_info(js, "AA_CORE_HOT", DURABLE).await.num_ack_pending,
         0,
         "and terminated"
     );
@@ -429,18 +403,15 @@ async fn probe_for_a_minute(app: &TestApp, since: Instant) -> (Vec<Duration>, us
 /// restart storm), and everything published before and after is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn liveness_holds_through_a_sixty_second_nats_outage() {
-    let mut nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(base_vars(&nats, &db.url)).await;
-    app.wait_ready().await;
-    nats.kill();
+    let (mut stack, app) = Stack::builder().app().await;
+    stack.nats.kill();
     let down = Instant::now();
     let (live_failures, ready_ok) = probe_for_a_minute(&app, down).await;
     assert!(live_failures.is_empty(), "liveness failed at {live_failures:?}");
     assert_eq!(ready_ok, 0, "not ready while NATS is down");
-    nats.restart().await;
+    stack.nats.restart().await;
     app.wait_ready().await;
-    let js = nats.js().await;
+    let js = stack.nats.js().await;
     publish(
         &js,
         HRV_SUBJECT,
@@ -448,7 +419,7 @@ async fn liveness_holds_through_a_sixty_second_nats_outage() {
     )
     .await;
     wait_for("the row after the outage", Duration::from_secs(30), || async {
-        hrv_rows(&db.url, "natsdown").await == 1
+        hrv_rows(&stack.db.url, "natsdown").await == 1
     })
     .await;
     assert_eq!(app.get("/health/live").await.0, 200);
@@ -460,26 +431,22 @@ async fn liveness_holds_through_a_sixty_second_nats_outage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn liveness_holds_through_a_sixty_second_database_outage() {
     const N: usize = 20;
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let mut proxy = DbProxy::start().await;
-    let app = TestApp::spawn(with(
-        base_vars(&nats, &db.url_via(proxy.port)),
-        &[
+    let (stack, app) = Stack::builder()
+        .db_proxy()
+        .env(&[
             ("DATABASE_ACQUIRE_TIMEOUT_MS", "1000"),
             ("NORMALIZE_RETRY_BACKOFF_MS", "1000,2000,4000"),
             ("NORMALIZE_HRV_MAX_DELIVER", "1000"),
             ("NORMALIZE_HRV_ACK_WAIT_MS", "10000"),
-        ],
-    ))
-    .await;
-    app.wait_ready().await;
-    let js = nats.js().await;
-    proxy.cut();
+        ])
+        .app()
+        .await;
+    let (js, db) = (&stack.js, &stack.db);
+    stack.proxy().cut();
     let down = Instant::now();
     for i in 0..N {
         publish(
-            &js,
+            js,
             HRV_SUBJECT,
             hrv_event(&format!("dbdown-{i}"), "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
         )
@@ -488,14 +455,14 @@ async fn liveness_holds_through_a_sixty_second_database_outage() {
     let (live_failures, ready_ok) = probe_for_a_minute(&app, down).await;
     assert!(live_failures.is_empty(), "liveness failed at {live_failures:?}");
     assert_eq!(ready_ok, 0, "not ready while the database is down");
-    proxy.restore().await;
+    stack.proxy().restore().await;
     wait_for(
         "every event after the outage",
         Duration::from_secs(60),
         || async { hrv_rows(&db.url, "dbdown").await == N as i64 },
     )
     .await;
-    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 0);
     assert_eq!(app.get("/health/live").await.0, 200);
     app.stop().await.unwrap();
 }
@@ -506,21 +473,15 @@ async fn liveness_holds_through_a_sixty_second_database_outage() {
 /// block goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_that_settles_nothing_while_holding_messages_fails_liveness() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(with(
-        base_vars(&nats, &db.url),
-        &[
-            ("NORMALIZE_HRV_ACK_WAIT_MS", "1000"),
-            ("DATABASE_STATEMENT_TIMEOUT_MS", "600000"),
-        ],
-    ))
+    let (stack, app) = Stack::app_with_env(&[
+        ("NORMALIZE_HRV_ACK_WAIT_MS", "1000"),
+        ("DATABASE_STATEMENT_TIMEOUT_MS", "600000"),
+    ])
     .await;
-    app.wait_ready().await;
-    let js = nats.js().await;
+    let (js, db) = (&stack.js, &stack.db);
     let mut locker = lock_hrv_data(&db.url).await;
     publish(
-        &js,
+        js,
         HRV_SUBJECT,
         hrv_event("stuck-1", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
     )
@@ -565,22 +526,16 @@ async fn a_consumer_that_settles_nothing_while_holding_messages_fails_liveness()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_mode_keeps_what_its_stream_buffered_through_a_broker_restart() {
     const N: usize = 30;
-    let mut nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(with(
-        base_vars(&nats, &db.url),
-        &[
-            ("HRV_PULL_MODE", "stream"),
-            ("HRV_PIPELINE_DEPTH", "1"),
-            ("HRV_BATCH_SIZE", "5"),
-            ("NORMALIZE_HRV_ACK_WAIT_MS", "60000"),
-            ("DATABASE_STATEMENT_TIMEOUT_MS", "60000"),
-        ],
-    ))
+    let (mut stack, app) = Stack::app_with_env(&[
+        ("HRV_PULL_MODE", "stream"),
+        ("HRV_PIPELINE_DEPTH", "1"),
+        ("HRV_BATCH_SIZE", "5"),
+        ("NORMALIZE_HRV_ACK_WAIT_MS", "60000"),
+        ("DATABASE_STATEMENT_TIMEOUT_MS", "60000"),
+    ])
     .await;
-    app.wait_ready().await;
-    let js = nats.js().await;
-    let mut locker = lock_hrv_data(&db.url).await;
+    let js = stack.js.clone();
+    let mut locker = lock_hrv_data(&stack.db.url).await;
     for i in 0..N {
         publish(
             &js,
@@ -600,13 +555,13 @@ async fn stream_mode_keeps_what_its_stream_buffered_through_a_broker_restart() {
         || async { consumer_info(&js, "AA_CORE_HOT", DURABLE).await.num_ack_pending >= 10 },
     )
     .await;
-    nats.restart().await;
+    stack.nats.restart().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
     let released = Instant::now();
     // Far less than the 60 s ack_wait: nothing the stream buffered waited for it.
     wait_for("every row", Duration::from_secs(30), || async {
-        hrv_rows(&db.url, "streamed").await == N as i64
+        hrv_rows(&stack.db.url, "streamed").await == N as i64
     })
     .await;
     eprintln!(

@@ -171,23 +171,16 @@ async fn normalized_count(js: &jetstream::Context, stream: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_killed_and_restarted_mid_flow() {
     const N: usize = 10_000;
-    let mut nats = NatsServer::start().await;
-    let db = TestDb::new().await;
     // Acks in flight when the server dies are lost; a short ack wait redelivers those messages
     // (processed already, stored idempotently) soon after the restart.
-    let app = TestApp::spawn(with(
-        base_vars(&nats, &db.url),
-        &[("HRV_BATCH_SIZE", "100"), ("NORMALIZE_HRV_ACK_WAIT_MS", "5000")],
-    ))
-    .await;
-    app.wait_ready().await;
-    let js = nats.js().await;
-    let (publisher, published) = publish_events(js.clone(), "nk", N, None);
+    let (mut stack, app) =
+        Stack::app_with_env(&[("HRV_BATCH_SIZE", "100"), ("NORMALIZE_HRV_ACK_WAIT_MS", "5000")]).await;
+    let (publisher, published) = publish_events(stack.js.clone(), "nk", N, None);
     wait_for("a quarter published", Duration::from_secs(60), || async {
         published.load(Ordering::SeqCst) >= N / 4
     })
     .await;
-    nats.kill();
+    stack.nats.kill();
     let outage_started = Instant::now();
     wait_for("/health shows the outage", Duration::from_secs(15), || async {
         let (code, h) = app.health().await;
@@ -195,16 +188,16 @@ async fn nats_killed_and_restarted_mid_flow() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    nats.restart().await;
+    stack.nats.restart().await;
     app.wait_ready().await;
     let recovered_in = outage_started.elapsed();
     let retries = publisher.await.unwrap();
-    let pool = db.pool().await;
+    let pool = stack.pool().await;
     wait_for("every event stored", Duration::from_secs(120), || async {
-        rows(&db.url, "nk").await == N as i64
+        rows(&stack.db.url, "nk").await == N as i64
     })
     .await;
-    let js = nats.js().await;
+    let js = stack.nats.js().await;
     wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
     assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, N as i64);
     assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
@@ -283,95 +276,80 @@ async fn postgres_outage_of_ten_seconds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_sigkilled_mid_batch() {
     const N: usize = 3_000;
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let port = free_port();
-    let vars = with(
-        base_vars(&nats, &db.url),
-        &[
-            ("PORT", &port.to_string()),
-            ("METRICS_PORT", &free_port().to_string()),
-            ("NORMALIZE_HRV_ACK_WAIT_MS", "2000"),
-            ("HRV_BATCH_SIZE", "50"),
-        ],
-    );
-    let mut child = spawn_daemon(&vars);
-    let js = nats.js().await;
+    let stack = Stack::builder()
+        .env(&[("NORMALIZE_HRV_ACK_WAIT_MS", "2000"), ("HRV_BATCH_SIZE", "50")])
+        .start()
+        .await;
+    let mut daemon = DaemonProcess::spawn(&stack.vars);
+    let js = &stack.js;
+    let db = &stack.db;
     let (publisher, _) = publish_events(js.clone(), "sk", N, None);
     wait_for("some rows", Duration::from_secs(60), || async {
         rows(&db.url, "sk").await >= 300
     })
     .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    daemon.kill();
     let at_kill = rows(&db.url, "sk").await;
     publisher.await.unwrap();
-    let mut child = spawn_daemon(&vars);
+    let mut daemon = DaemonProcess::spawn(&stack.vars);
     wait_for(
         "every event stored after restart",
         Duration::from_secs(120),
         || async { rows(&db.url, "sk").await == N as i64 },
     )
     .await;
-    wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
+    wait_drained(js, "AA_CORE_HOT", "normalize-hrv-durable").await;
     assert_eq!(
         count(&db.pool().await, "SELECT count(DISTINCT user_id) FROM hrv_data").await,
         N as i64
     );
     assert_eq!(
-        normalized_count(&js, "AA_CORE_HOT").await,
+        normalized_count(js, "AA_CORE_HOT").await,
         N,
         "no duplicate normalized events"
     );
-    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 0);
     eprintln!("scenario 3: {N} events, SIGKILL at {at_kill} rows, all stored after restart");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    daemon.kill();
 }
 
+test_cases!(several_instances_share_the_durables { two: (2), three: (3) });
 /// 4. Two and three instances on the same durables: every event processed once in effect.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn several_instances_share_the_durables() {
-    for instances in [2usize, 3] {
-        const N: usize = 3_000;
-        let nats = NatsServer::start().await;
-        let db = TestDb::new().await;
-        let js = nats.js().await;
-        let mut apps = Vec::new();
-        for _ in 0..instances {
-            let app = TestApp::spawn(with(base_vars(&nats, &db.url), &[("HRV_BATCH_SIZE", "20")])).await;
-            app.wait_ready().await;
-            apps.push(app);
-        }
-        let (publisher, _) = publish_events(js.clone(), "mi", N, None);
-        publisher.await.unwrap();
-        wait_for("every event stored", Duration::from_secs(120), || async {
-            rows(&db.url, "mi").await == N as i64
-        })
-        .await;
-        wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
-        assert_eq!(
-            normalized_count(&js, "AA_CORE_HOT").await,
-            N,
-            "each event published once"
-        );
-        let mut per_instance = Vec::new();
-        for app in &apps {
-            let m = app.metrics().await;
-            per_instance.push(
-                metric_value(&m, "normalize_hrv_messages_total", &[("result", "success")]).unwrap_or(0.0),
-            );
-        }
-        let total: f64 = per_instance.iter().sum();
-        assert!(total >= N as f64, "{per_instance:?}");
-        assert!(
-            per_instance.iter().filter(|n| **n > 0.0).count() >= 2,
-            "work was shared: {per_instance:?}"
-        );
-        eprintln!("scenario 4: {instances} instances, {N} events, successes per instance {per_instance:?}");
-        for app in apps {
-            app.stop().await.unwrap();
-        }
+async fn several_instances_share_the_durables(instances: usize) {
+    const N: usize = 3_000;
+    let stack = Stack::builder().env(&[("HRV_BATCH_SIZE", "20")]).start().await;
+    let (js, db) = (&stack.js, &stack.db);
+    let mut apps = Vec::new();
+    for _ in 0..instances {
+        apps.push(stack.app().await);
+    }
+    let (publisher, _) = publish_events(js.clone(), "mi", N, None);
+    publisher.await.unwrap();
+    wait_for("every event stored", Duration::from_secs(120), || async {
+        rows(&db.url, "mi").await == N as i64
+    })
+    .await;
+    wait_drained(js, "AA_CORE_HOT", "normalize-hrv-durable").await;
+    assert_eq!(
+        normalized_count(js, "AA_CORE_HOT").await,
+        N,
+        "each event published once"
+    );
+    let mut per_instance = Vec::new();
+    for app in &apps {
+        let m = app.metrics().await;
+        per_instance
+            .push(metric_value(&m, "normalize_hrv_messages_total", &[("result", "success")]).unwrap_or(0.0));
+    }
+    let total: f64 = per_instance.iter().sum();
+    assert!(total >= N as f64, "{per_instance:?}");
+    assert!(
+        per_instance.iter().filter(|n| **n > 0.0).count() >= 2,
+        "work was shared: {per_instance:?}"
+    );
+    eprintln!("scenario 4: {instances} instances, {N} events, successes per instance {per_instance:?}");
+    for app in apps {
+        app.stop().await.unwrap();
     }
 }
 
@@ -380,19 +358,9 @@ async fn several_instances_share_the_durables() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_of_invalid_messages() {
     const N: usize = 20_000;
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let port = free_port();
-    let vars = with(
-        base_vars(&nats, &db.url),
-        &[
-            ("PORT", &port.to_string()),
-            ("METRICS_PORT", &free_port().to_string()),
-            ("HRV_BATCH_SIZE", "100"),
-        ],
-    );
-    let mut child = spawn_daemon(&vars);
-    let js = nats.js().await;
+    let stack = Stack::builder().env(&[("HRV_BATCH_SIZE", "100")]).start().await;
+    let mut daemon = DaemonProcess::spawn(&stack.vars);
+    let (js, db) = (&stack.js, &stack.db);
     let (publisher, _) = publish_events(js.clone(), "st", N, Some(2));
     publisher.await.unwrap();
     wait_for(
@@ -400,16 +368,16 @@ async fn storm_of_invalid_messages() {
         Duration::from_secs(180),
         || async {
             rows(&db.url, "st").await == (N / 2) as i64
-                && stream_messages(&js, "AA_DLQ").await == (N / 2) as u64
+                && stream_messages(js, "AA_DLQ").await == (N / 2) as u64
         },
     )
     .await;
-    wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
-    let letters = stream_contents(&js, "AA_DLQ").await;
+    wait_drained(js, "AA_CORE_HOT", "normalize-hrv-durable").await;
+    let letters = stream_contents(js, "AA_DLQ").await;
     assert!(letters.iter().all(
         |l| l.headers.get("Dlq-Reason").map(|v| v.as_str().to_string()) == Some("schema-invalid".into())
     ));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
     let hwm_kib: u64 = status
         .lines()
         .find(|l| l.starts_with("VmHWM:"))
@@ -424,8 +392,7 @@ async fn storm_of_invalid_messages() {
         hwm_kib < 256 * 1024,
         "peak RSS {hwm_kib} KiB: memory must stay bounded"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    daemon.kill();
 }
 
 /// A three-node JetStream cluster on loopback, each node a process the test can kill.
@@ -510,15 +477,10 @@ async fn stream_leader_killed_in_a_three_node_cluster() {
     // `topology apply --replicas 3` once the cluster has elected its meta leader.
     let mut applied = false;
     for _ in 0..60 {
-        let out = Command::new(BIN)
-            .args(["topology", "apply", "--mode", "multi", "--replicas", "3"])
-            .env_clear()
-            .env("NATS_URL", &url)
-            // Acks sent to a leader that dies are lost; a short ack wait redelivers them soon.
-            .env("NORMALIZE_HRV_ACK_WAIT_MS", "5000")
-            .output()
-            .unwrap();
-        if out.status.success() {
+        // Acks sent to a leader that dies are lost; a short ack wait redelivers them soon.
+        let env = vars(&[("NATS_URL", &url), ("NORMALIZE_HRV_ACK_WAIT_MS", "5000")]);
+        let out = cli(&env, &["topology", "apply", "--mode", "multi", "--replicas", "3"]).await;
+        if out.code == 0 {
             applied = true;
             break;
         }
@@ -607,25 +569,19 @@ async fn stream_leader_killed_in_a_three_node_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_acks_cover_writes_slower_than_ack_wait() {
     const N: usize = 5;
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(with(
-        base_vars(&nats, &db.url),
-        // A write may be slower than ack_wait without reaching the statement timeout; this
-        // test is about the progress acks, so the lock must outlast ack_wait, not the timeout.
-        &[
-            ("NORMALIZE_HRV_ACK_WAIT_MS", "1500"),
-            ("HRV_EXPIRES_MS", "1000"),
-            ("DATABASE_STATEMENT_TIMEOUT_MS", "30000"),
-        ],
-    ))
+    // A write may be slower than ack_wait without reaching the statement timeout; this test is
+    // about the progress acks, so the lock must outlast ack_wait, not the timeout.
+    let (stack, app) = Stack::app_with_env(&[
+        ("NORMALIZE_HRV_ACK_WAIT_MS", "1500"),
+        ("HRV_EXPIRES_MS", "1000"),
+        ("DATABASE_STATEMENT_TIMEOUT_MS", "30000"),
+    ])
     .await;
-    app.wait_ready().await;
+    let (js, db) = (&stack.js, &stack.db);
     let mut locker = lock_hrv_data(&db.url).await;
-    let js = nats.js().await;
     for i in 0..N {
         publish(
-            &js,
+            js,
             HRV_SUBJECT,
             hrv_event(&format!("slow-{i}"), "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
         )
@@ -640,7 +596,7 @@ async fn progress_acks_cover_writes_slower_than_ack_wait() {
         || async { rows(&db.url, "slow").await == N as i64 },
     )
     .await;
-    wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
+    wait_drained(js, "AA_CORE_HOT", "normalize-hrv-durable").await;
     let info = js
         .get_stream("AA_CORE_HOT")
         .await
@@ -653,6 +609,6 @@ async fn progress_acks_cover_writes_slower_than_ack_wait() {
         info.delivered.consumer_sequence, N as u64,
         "each message delivered exactly once: progress acks kept them from redelivery"
     );
-    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 0);
     app.stop().await.unwrap();
 }

@@ -10,6 +10,7 @@ mod dbfaults;
 mod deploy;
 mod differential;
 mod dlq_cli;
+mod dlq_replay;
 mod edges;
 mod faults;
 mod hrv;

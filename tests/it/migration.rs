@@ -3,7 +3,6 @@
 //! JetStream would refuse.
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,32 +14,9 @@ use serde_json::Value;
 
 use crate::support::*;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn cli(vars: &HashMap<String, String>, args: &[&str]) -> Out {
-    let out = Command::new(BIN)
-        .args(args)
-        .env_clear()
-        .envs(vars)
-        .output()
-        .unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).to_string(),
-        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
-    }
-}
-
-fn ok(vars: &HashMap<String, String>, args: &[&str]) -> Value {
-    let mut full: Vec<&str> = args.to_vec();
-    full.push("--json");
-    let out = cli(vars, &full);
-    assert_eq!(out.code, 0, "{args:?} failed:\n{}\n{}", out.stdout, out.stderr);
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}):\n{}", out.stdout))
+/// Runs the CLI with `--json`, which must succeed, and returns its output.
+async fn ok(vars: &HashMap<String, String>, args: &[&str]) -> Value {
+    cli_json(vars, args, 0).await
 }
 
 /// Publishes HRV events and Oura webhooks until stopped, retrying each failed publish with the
@@ -136,11 +112,14 @@ async fn wait_rows(db: &TestDb, prefix: &str, hrv: usize, hooks: usize) {
     assert_eq!(count(&pool, &hook_sql).await, hooks as i64);
 }
 
-fn daemon_vars(nats: &NatsServer, db: &TestDb, mode: &str) -> HashMap<String, String> {
-    with(
-        base_vars(nats, &db.url),
-        &[("EVENT_STREAM_MODE", mode), ("REBIND_INTERVAL_MS", "300")],
-    )
+/// The servers with the legacy stream, and daemons that rebind quickly.
+async fn legacy_stack() -> Stack {
+    let stack = Stack::builder()
+        .env(&[("REBIND_INTERVAL_MS", "300")])
+        .start()
+        .await;
+    legacy_topology(&stack.js).await;
+    stack
 }
 
 fn cli_vars(nats: &NatsServer, db: &TestDb) -> HashMap<String, String> {
@@ -152,20 +131,17 @@ fn cli_vars(nats: &NatsServer, db: &TestDb) -> HashMap<String, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_migration_without_restart_loses_nothing() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let js = nats.js().await;
-    legacy_topology(&js).await;
-    let app = TestApp::spawn(daemon_vars(&nats, &db, "multi")).await;
-    app.wait_ready().await;
+    let stack = legacy_stack().await;
+    let (js, db) = (&stack.js, &stack.db);
+    let app = stack.app_with(&[("EVENT_STREAM_MODE", "multi")]).await;
     assert_eq!(app.health().await.1["stream"], "ATHLETE_ALLY_EVENTS");
-    let cli_env = cli_vars(&nats, &db);
+    let cli_env = cli_vars(&stack.nats, db);
     let publisher = Publisher::start(js.clone(), "fwd");
 
-    let plan = ok(&cli_env, &["migrate", "plan"]);
+    let plan = ok(&cli_env, &["migrate", "plan"]).await;
     assert_eq!(plan["phase_after"], "legacy");
-    ok(&cli_env, &["migrate", "phase0"]);
-    let r = ok(&cli_env, &["migrate", "phase1", "--yes"]);
+    ok(&cli_env, &["migrate", "phase0"]).await;
+    let r = ok(&cli_env, &["migrate", "phase1", "--yes"]).await;
     assert_eq!(r["phase_after"], "vendor-moved", "{r}");
     wait_for(
         "oura consumer on the vendor stream",
@@ -173,7 +149,7 @@ async fn forward_migration_without_restart_loses_nothing() {
         || async { app.health().await.1["consumers"]["oura"]["stream"] == "AA_VENDOR_HOT" },
     )
     .await;
-    let r = ok(&cli_env, &["migrate", "phase2", "--yes"]);
+    let r = ok(&cli_env, &["migrate", "phase2", "--yes"]).await;
     assert_eq!(r["phase_after"], "core-moved", "{r}");
     wait_for(
         "hrv consumer on the core stream",
@@ -185,21 +161,21 @@ async fn forward_migration_without_restart_loses_nothing() {
     )
     .await;
     // Running a step twice is harmless.
-    ok(&cli_env, &["migrate", "phase1", "--yes", "--no-probe"]);
-    ok(&cli_env, &["migrate", "phase0"]);
+    ok(&cli_env, &["migrate", "phase1", "--yes", "--no-probe"]).await;
+    ok(&cli_env, &["migrate", "phase0"]).await;
 
     let (hrv, hooks, retries) = publisher.finish().await;
     assert!(
         hrv > 20 && hooks > 20,
         "the publisher ran through the steps ({hrv}, {hooks}, {retries} retries)"
     );
-    wait_rows(&db, "fwd", hrv, hooks).await;
+    wait_rows(db, "fwd", hrv, hooks).await;
     for durable in [
         "normalize-hrv-durable",
         "normalize-sleep-durable",
         "normalize-oura",
     ] {
-        wait_drained(&js, "ATHLETE_ALLY_EVENTS", durable).await;
+        wait_drained(js, "ATHLETE_ALLY_EVENTS", durable).await;
     }
     wait_for("draining finished", Duration::from_secs(10), || async {
         app.health().await.1["consumers"]["hrv"]["draining"]
@@ -207,23 +183,20 @@ async fn forward_migration_without_restart_loses_nothing() {
             .is_some_and(|a| a.is_empty())
     })
     .await;
-    let r = ok(&cli_env, &["migrate", "phase3", "--yes", "--quiet-period", "0s"]);
+    let r = ok(&cli_env, &["migrate", "phase3", "--yes", "--quiet-period", "0s"]).await;
     assert_eq!(r["phase_after"], "migrated", "{r}");
-    assert_eq!(
-        stream_names(&js).await,
-        ["AA_CORE_HOT", "AA_DLQ", "AA_VENDOR_HOT"]
-    );
+    assert_eq!(stream_names(js).await, ["AA_CORE_HOT", "AA_DLQ", "AA_VENDOR_HOT"]);
     for (stream, durable) in [
         ("AA_CORE_HOT", "normalize-hrv-durable"),
         ("AA_CORE_HOT", "normalize-sleep-durable"),
         ("AA_VENDOR_HOT", "normalize-oura"),
     ] {
         assert!(
-            consumer_backlog(&js, stream, durable).await.is_some(),
+            consumer_backlog(js, stream, durable).await.is_some(),
             "{durable} on {stream}"
         );
     }
-    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0, "nothing dead-lettered");
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 0, "nothing dead-lettered");
     let m = app.metrics().await;
     assert!(
         metric_value(
@@ -238,34 +211,31 @@ async fn forward_migration_without_restart_loses_nothing() {
         "{m}"
     );
     // Phase 3 done twice is harmless too.
-    ok(&cli_env, &["migrate", "phase3", "--yes", "--quiet-period", "0s"]);
+    ok(&cli_env, &["migrate", "phase3", "--yes", "--quiet-period", "0s"]).await;
     app.wait_ready().await;
     app.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_returns_the_daemon_to_legacy_without_restart() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let js = nats.js().await;
-    legacy_topology(&js).await;
-    let app = TestApp::spawn(daemon_vars(&nats, &db, "multi")).await;
-    app.wait_ready().await;
-    let cli_env = cli_vars(&nats, &db);
+    let stack = legacy_stack().await;
+    let (js, db) = (&stack.js, &stack.db);
+    let app = stack.app_with(&[("EVENT_STREAM_MODE", "multi")]).await;
+    let cli_env = cli_vars(&stack.nats, db);
     let publisher = Publisher::start(js.clone(), "rb");
-    ok(&cli_env, &["migrate", "phase0"]);
-    ok(&cli_env, &["migrate", "phase1", "--yes"]);
-    ok(&cli_env, &["migrate", "phase2", "--yes"]);
+    ok(&cli_env, &["migrate", "phase0"]).await;
+    ok(&cli_env, &["migrate", "phase1", "--yes"]).await;
+    ok(&cli_env, &["migrate", "phase2", "--yes"]).await;
     wait_for("on the core stream", Duration::from_secs(10), || async {
         app.health().await.1["stream"] == "AA_CORE_HOT"
     })
     .await;
     // Out of order: rolling back phase1 while the core subjects are moved is refused.
-    let out = cli(&cli_env, &["migrate", "rollback", "phase1", "--yes"]);
+    let out = cli(&cli_env, &["migrate", "rollback", "phase1", "--yes"]).await;
     assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
-    let r = ok(&cli_env, &["migrate", "rollback", "phase2", "--yes"]);
+    let r = ok(&cli_env, &["migrate", "rollback", "phase2", "--yes"]).await;
     assert_eq!(r["phase_after"], "vendor-moved", "{r}");
-    let r = ok(&cli_env, &["migrate", "rollback", "phase1", "--yes"]);
+    let r = ok(&cli_env, &["migrate", "rollback", "phase1", "--yes"]).await;
     assert_eq!(r["phase_after"], "prepared", "{r}");
     wait_for("back on the legacy stream", Duration::from_secs(10), || async {
         let h = app.health().await.1;
@@ -273,41 +243,37 @@ async fn rollback_returns_the_daemon_to_legacy_without_restart() {
     })
     .await;
     let (hrv, hooks, _) = publisher.finish().await;
-    wait_rows(&db, "rb", hrv, hooks).await;
+    wait_rows(db, "rb", hrv, hooks).await;
     // The new durables were kept, and drained by the daemon.
-    wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
-    wait_drained(&js, "AA_VENDOR_HOT", "normalize-oura").await;
-    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
-    let plan = ok(&cli_env, &["migrate", "plan"]);
+    wait_drained(js, "AA_CORE_HOT", "normalize-hrv-durable").await;
+    wait_drained(js, "AA_VENDOR_HOT", "normalize-oura").await;
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 0);
+    let plan = ok(&cli_env, &["migrate", "plan"]).await;
     assert_eq!(plan["phase_after"], "prepared");
     app.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_refuses_overlaps_and_dry_runs_change_nothing() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let js = nats.js().await;
-    let cli_env = cli_vars(&nats, &db);
+    let stack = Stack::start().await;
+    let (js, db) = (&stack.js, &stack.db);
+    let cli_env = cli_vars(&stack.nats, db);
 
     // Empty server: a dry run changes nothing; a real apply creates; a second apply is a no-op.
-    let r = ok(&cli_env, &["topology", "apply", "--mode", "multi", "--dry-run"]);
+    let r = ok(&cli_env, &["topology", "apply", "--mode", "multi", "--dry-run"]).await;
     assert!(
         r["actions"].to_string().contains("create stream AA_CORE_HOT"),
         "{r}"
     );
-    assert!(stream_names(&js).await.is_empty());
-    ok(&cli_env, &["topology", "apply", "--mode", "multi"]);
-    assert_eq!(
-        stream_names(&js).await,
-        ["AA_CORE_HOT", "AA_DLQ", "AA_VENDOR_HOT"]
-    );
-    assert!(consumer_backlog(&js, "AA_CORE_HOT", "normalize-hrv-durable")
+    assert!(stream_names(js).await.is_empty());
+    ok(&cli_env, &["topology", "apply", "--mode", "multi"]).await;
+    assert_eq!(stream_names(js).await, ["AA_CORE_HOT", "AA_DLQ", "AA_VENDOR_HOT"]);
+    assert!(consumer_backlog(js, "AA_CORE_HOT", "normalize-hrv-durable")
         .await
         .is_some());
-    let again = ok(&cli_env, &["topology", "apply", "--mode", "multi"]);
+    let again = ok(&cli_env, &["topology", "apply", "--mode", "multi"]).await;
     assert!(!again["actions"].to_string().contains("create stream"), "{again}");
-    let status = ok(&cli_env, &["topology", "status"]);
+    let status = ok(&cli_env, &["topology", "status"]).await;
     assert_eq!(status["phase_after"], "migrated");
     assert_eq!(status["data"].as_array().unwrap().len(), 3);
 
@@ -315,9 +281,9 @@ async fn apply_refuses_overlaps_and_dry_runs_change_nothing() {
     let nats2 = NatsServer::start().await;
     let js2 = nats2.js().await;
     legacy_topology(&js2).await;
-    let env2 = cli_vars(&nats2, &db);
+    let env2 = cli_vars(&nats2, db);
     let before = stream_names(&js2).await;
-    let out = cli(&env2, &["topology", "apply", "--mode", "multi"]);
+    let out = cli(&env2, &["topology", "apply", "--mode", "multi"]).await;
     assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
     assert!(
         out.stdout.contains("held by stream ATHLETE_ALLY_EVENTS"),
@@ -328,11 +294,11 @@ async fn apply_refuses_overlaps_and_dry_runs_change_nothing() {
     assert!(out.stdout.contains("migrate phase1"), "{}", out.stdout);
     assert_eq!(stream_names(&js2).await, before, "nothing changed");
     // Dry runs of migration steps change nothing either.
-    ok(&env2, &["migrate", "phase0", "--dry-run"]);
+    ok(&env2, &["migrate", "phase0", "--dry-run"]).await;
     assert_eq!(stream_names(&js2).await, before);
     // A subject move without --yes is refused, not performed.
-    ok(&env2, &["migrate", "phase0"]);
-    let out = cli(&env2, &["migrate", "phase1"]);
+    ok(&env2, &["migrate", "phase0"]).await;
+    let out = cli(&env2, &["migrate", "phase1"]).await;
     assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
     let legacy = js2.get_stream("ATHLETE_ALLY_EVENTS").await.unwrap();
     assert!(legacy
@@ -341,36 +307,33 @@ async fn apply_refuses_overlaps_and_dry_runs_change_nothing() {
         .subjects
         .contains(&"vendor.>".to_string()));
     // Phase 3 refuses while the legacy stream holds subjects.
-    let out = cli(&env2, &["migrate", "phase3", "--yes", "--quiet-period", "0s"]);
+    let out = cli(&env2, &["migrate", "phase3", "--yes", "--quiet-period", "0s"]).await;
     assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
     assert!(js2.get_stream("ATHLETE_ALLY_EVENTS").await.is_ok());
     // A bad variable stops the CLI with the variable named.
     let mut bad = env2.clone();
     bad.insert("EVENT_STREAM_MODE".into(), "dual".into());
-    let out = cli(&bad, &["migrate", "plan"]);
+    let out = cli(&bad, &["migrate", "plan"]).await;
     assert_eq!(out.code, 2);
     assert!(out.stderr.contains("EVENT_STREAM_MODE"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn phase3_refuses_while_legacy_has_recent_messages() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let js = nats.js().await;
-    legacy_topology(&js).await;
-    let app = TestApp::spawn(daemon_vars(&nats, &db, "multi")).await;
-    app.wait_ready().await;
-    let cli_env = cli_vars(&nats, &db);
+    let stack = legacy_stack().await;
+    let (js, db) = (&stack.js, &stack.db);
+    let app = stack.app_with(&[("EVENT_STREAM_MODE", "multi")]).await;
+    let cli_env = cli_vars(&stack.nats, db);
     publish(
-        &js,
+        js,
         HRV_SUBJECT,
         hrv_event("q", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
     )
     .await;
-    ok(&cli_env, &["migrate", "phase0"]);
-    ok(&cli_env, &["migrate", "phase1", "--yes"]);
-    ok(&cli_env, &["migrate", "phase2", "--yes"]);
-    let out = cli(&cli_env, &["migrate", "phase3", "--yes"]);
+    ok(&cli_env, &["migrate", "phase0"]).await;
+    ok(&cli_env, &["migrate", "phase1", "--yes"]).await;
+    ok(&cli_env, &["migrate", "phase2", "--yes"]).await;
+    let out = cli(&cli_env, &["migrate", "phase3", "--yes"]).await;
     assert_eq!(out.code, 3, "default quiet period of 14d refuses: {}", out.stdout);
     assert!(out.stdout.contains("quiet-period"), "{}", out.stdout);
     assert!(js.get_stream("ATHLETE_ALLY_EVENTS").await.is_ok());
@@ -379,30 +342,28 @@ async fn phase3_refuses_while_legacy_has_recent_messages() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blue_green_pair_through_the_migration() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let js = nats.js().await;
-    legacy_topology(&js).await;
-    let blue = TestApp::spawn(daemon_vars(&nats, &db, "single")).await;
-    let green = TestApp::spawn(daemon_vars(&nats, &db, "multi")).await;
+    let stack = legacy_stack().await;
+    let (js, db) = (&stack.js, &stack.db);
+    let blue = TestApp::spawn(stack.vars_with(&[("EVENT_STREAM_MODE", "single")])).await;
+    let green = TestApp::spawn(stack.vars_with(&[("EVENT_STREAM_MODE", "multi")])).await;
     blue.wait_ready().await;
     green.wait_ready().await;
-    let cli_env = cli_vars(&nats, &db);
+    let cli_env = cli_vars(&stack.nats, db);
     let publisher = Publisher::start(js.clone(), "bg");
-    ok(&cli_env, &["migrate", "phase0"]);
-    ok(&cli_env, &["migrate", "phase1", "--yes"]);
-    ok(&cli_env, &["migrate", "phase2", "--yes"]);
+    ok(&cli_env, &["migrate", "phase0"]).await;
+    ok(&cli_env, &["migrate", "phase1", "--yes"]).await;
+    ok(&cli_env, &["migrate", "phase2", "--yes"]).await;
     let (hrv, hooks, _) = publisher.finish().await;
-    wait_rows(&db, "bg", hrv, hooks).await;
+    wait_rows(db, "bg", hrv, hooks).await;
     for durable in ["normalize-hrv-durable", "normalize-oura"] {
-        wait_drained(&js, "ATHLETE_ALLY_EVENTS", durable).await;
+        wait_drained(js, "ATHLETE_ALLY_EVENTS", durable).await;
     }
-    wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
-    wait_drained(&js, "AA_VENDOR_HOT", "normalize-oura").await;
+    wait_drained(js, "AA_CORE_HOT", "normalize-hrv-durable").await;
+    wait_drained(js, "AA_VENDOR_HOT", "normalize-oura").await;
     // One normalized event per HRV event across both streams (Nats-Msg-Id dedupes retries).
     let mut normalized = 0;
     for s in ["ATHLETE_ALLY_EVENTS", "AA_CORE_HOT"] {
-        normalized += stream_contents(&js, s)
+        normalized += stream_contents(js, s)
             .await
             .iter()
             .filter(|m| m.subject.as_str() == "athlete-ally.hrv.normalized-stored")
@@ -416,8 +377,8 @@ async fn blue_green_pair_through_the_migration() {
             .count();
     }
     assert_eq!(normalized, hrv, "no event stored twice");
-    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
-    ok(&cli_env, &["migrate", "phase3", "--yes", "--quiet-period", "0s"]);
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 0);
+    ok(&cli_env, &["migrate", "phase3", "--yes", "--quiet-period", "0s"]).await;
     // Blue (single) has lost its stream and says so; green carries on.
     wait_for(
         "blue not ready without its stream",

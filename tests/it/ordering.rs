@@ -56,36 +56,33 @@ async fn announcements(js: &jetstream::Context, subject: &str) -> Vec<(String, V
 /// has the newer duration and the older quality and vendor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn optional_fields_of_an_older_event_survive_a_newer_event_without_them() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let js = nats.js().await;
     // Published before the daemon starts: both arrive in one pull and one batch.
     let older = |u: &str| sleep(u, 300, "2025-03-01T06:00:00Z", Some(55), Some("WHOOP"));
     let newer = |u: &str| sleep(u, 420, "2025-03-01T08:00:00Z", None, None);
-    let app = TestApp::spawn(with(base_vars(&nats, &db.url), &[("SLEEP_BATCH_SIZE", "10")])).await;
-    app.wait_ready().await;
+    let (stack, app) = Stack::app_with_env(&[("SLEEP_BATCH_SIZE", "10")]).await;
+    let (js, db) = (&stack.js, &stack.db);
     // One batch: both published before the pull sees them (a tight burst).
     let a = js.publish(SLEEP_SUBJECT, older("together").into()).await.unwrap();
     let b = js.publish(SLEEP_SUBJECT, newer("together").into()).await.unwrap();
     a.await.unwrap();
     b.await.unwrap();
     // Apart, oldest first.
-    publish(&js, SLEEP_SUBJECT, older("apart")).await;
+    publish(js, SLEEP_SUBJECT, older("apart")).await;
     wait_for("first row", Duration::from_secs(10), || async {
-        sleep_row(&db, "apart").await.is_some()
+        sleep_row(db, "apart").await.is_some()
     })
     .await;
-    publish(&js, SLEEP_SUBJECT, newer("apart")).await;
+    publish(js, SLEEP_SUBJECT, newer("apart")).await;
     // Apart, newest first: the older event still fills the fields the newer one lacks.
-    publish(&js, SLEEP_SUBJECT, newer("reversed")).await;
+    publish(js, SLEEP_SUBJECT, newer("reversed")).await;
     wait_for("first row", Duration::from_secs(10), || async {
-        sleep_row(&db, "reversed").await.is_some()
+        sleep_row(db, "reversed").await.is_some()
     })
     .await;
-    publish(&js, SLEEP_SUBJECT, older("reversed")).await;
-    wait_drained(&js, "AA_CORE_HOT", "normalize-sleep-durable").await;
+    publish(js, SLEEP_SUBJECT, older("reversed")).await;
+    wait_drained(js, "AA_CORE_HOT", "normalize-sleep-durable").await;
     for user in ["together", "apart", "reversed"] {
-        let (minutes, quality, vendor, _) = sleep_row(&db, user).await.unwrap();
+        let (minutes, quality, vendor, _) = sleep_row(db, user).await.unwrap();
         assert_eq!(
             (minutes, quality, vendor.as_str()),
             (420, Some(55), "whoop"),
@@ -94,7 +91,7 @@ async fn optional_fields_of_an_older_event_survive_a_newer_event_without_them() 
     }
     // Every announcement of a row describes it as stored, with increasing versions; the last
     // one equals the final row.
-    let events = announcements(&js, "athlete-ally.sleep.normalized-stored").await;
+    let events = announcements(js, "athlete-ally.sleep.normalized-stored").await;
     for user in ["together", "apart", "reversed"] {
         let mine: Vec<&Value> = events
             .iter()
@@ -102,7 +99,7 @@ async fn optional_fields_of_an_older_event_survive_a_newer_event_without_them() 
             .map(|(_, r)| r)
             .collect();
         let versions: Vec<i64> = mine.iter().map(|r| r["version"].as_i64().unwrap()).collect();
-        let (_, _, _, version) = sleep_row(&db, user).await.unwrap();
+        let (_, _, _, version) = sleep_row(db, user).await.unwrap();
         assert_eq!(versions.iter().max(), Some(&version), "{user}: {versions:?}");
         let last = mine
             .iter()
@@ -121,31 +118,28 @@ async fn optional_fields_of_an_older_event_survive_a_newer_event_without_them() 
 /// and announces each derived row once: the second changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_webhook_announces_nothing_new() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let js = nats.js().await;
-    let app = TestApp::spawn(base_vars(&nats, &db.url)).await;
-    app.wait_ready().await;
+    let (stack, app) = Stack::builder().app().await;
+    let (js, db) = (&stack.js, &stack.db);
     let body = json!({"user_id": "dup-hook", "timestamp": "2025-03-01T07:00:00Z",
                       "data": {"hrv": {"rmssd": 45.2, "sdnn": 52.8}, "sleep": {"duration": 7.5, "score": 83}}})
     .to_string();
-    publish(&js, OURA_SUBJECT, body.clone()).await;
+    publish(js, OURA_SUBJECT, body.clone()).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    publish(&js, OURA_SUBJECT, body).await;
-    wait_drained(&js, "AA_VENDOR_HOT", "normalize-oura").await;
+    publish(js, OURA_SUBJECT, body).await;
+    wait_drained(js, "AA_VENDOR_HOT", "normalize-oura").await;
     let pool = db.pool().await;
     assert_eq!(
         count(&pool, "SELECT count(*) FROM vendor_webhook_events").await,
         1
     );
     assert_eq!(
-        announcements(&js, "athlete-ally.hrv.normalized-stored")
+        announcements(js, "athlete-ally.hrv.normalized-stored")
             .await
             .len(),
         1
     );
     assert_eq!(
-        announcements(&js, "athlete-ally.sleep.normalized-stored")
+        announcements(js, "athlete-ally.sleep.normalized-stored")
             .await
             .len(),
         1
@@ -157,20 +151,17 @@ async fn a_duplicate_webhook_announces_nothing_new() {
 /// in its id; a stale event changes nothing and announces nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_stored_change_has_the_next_version() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let js = nats.js().await;
-    let app = TestApp::spawn(base_vars(&nats, &db.url)).await;
-    app.wait_ready().await;
+    let (stack, app) = Stack::builder().app().await;
+    let js = &stack.js;
     for (rmssd, at) in [
         (40.0, "2025-03-01T06:00:00Z"),
         (41.0, "2025-03-01T07:00:00Z"),
         (39.0, "2025-03-01T05:00:00Z"),
     ] {
-        publish(&js, HRV_SUBJECT, hrv_event("versioned", "2025-03-01", rmssd, at)).await;
-        wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
+        publish(js, HRV_SUBJECT, hrv_event("versioned", "2025-03-01", rmssd, at)).await;
+        wait_drained(js, "AA_CORE_HOT", "normalize-hrv-durable").await;
     }
-    let events = announcements(&js, "athlete-ally.hrv.normalized-stored").await;
+    let events = announcements(js, "athlete-ally.hrv.normalized-stored").await;
     let got: Vec<(i64, f64)> = events
         .iter()
         .map(|(_, r)| (r["version"].as_i64().unwrap(), r["rMSSD"].as_f64().unwrap()))
@@ -190,13 +181,10 @@ async fn every_stored_change_has_the_next_version() {
 /// invalid section with a dead letter and a metric.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn input_edges_are_refused_or_reported_at_decode() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let js = nats.js().await;
-    let app = TestApp::spawn(base_vars(&nats, &db.url)).await;
-    app.wait_ready().await;
+    let (stack, app) = Stack::builder().app().await;
+    let (js, db) = (&stack.js, &stack.db);
     publish(
-        &js,
+        js,
         HRV_SUBJECT,
         json!({"payload": {"userId": "nul\u{0}user", "date": "2025-03-01", "rMSSD": 40.0,
                            "capturedAt": "2025-03-01T06:00:00Z"}})
@@ -204,7 +192,7 @@ async fn input_edges_are_refused_or_reported_at_decode() {
     )
     .await;
     publish(
-        &js,
+        js,
         HRV_SUBJECT,
         hrv_event("future", "2025-03-01", 40.0, "9999-12-31T00:00:00Z"),
     )
@@ -212,7 +200,7 @@ async fn input_edges_are_refused_or_reported_at_decode() {
     // An eventId names the event's announcements (a header value): a line break in it would
     // make the publish panic, so it is refused at decode.
     publish(
-        &js,
+        js,
         HRV_SUBJECT,
         json!({"eventId": "evt\r\nInjected: 1", "payload": {"userId": "crlf", "date": "2025-03-01",
                "rMSSD": 40.0, "capturedAt": "2025-03-01T06:00:00Z"}})
@@ -220,7 +208,7 @@ async fn input_edges_are_refused_or_reported_at_decode() {
     )
     .await;
     publish(
-        &js,
+        js,
         OURA_SUBJECT,
         json!({"user_id": "partial", "timestamp": "2025-03-01T07:00:00Z",
                "data": {"hrv": {"rmssd": -3}, "sleep": {"duration": 7.5, "score": 83}}})
@@ -228,12 +216,12 @@ async fn input_edges_are_refused_or_reported_at_decode() {
     )
     .await;
     wait_for("four dead letters", Duration::from_secs(15), || async {
-        stream_messages(&js, "AA_DLQ").await == 4
+        stream_messages(js, "AA_DLQ").await == 4
     })
     .await;
-    wait_drained(&js, "AA_VENDOR_HOT", "normalize-oura").await;
-    wait_drained(&js, "AA_CORE_HOT", "normalize-hrv-durable").await;
-    let letters = stream_contents(&js, "AA_DLQ").await;
+    wait_drained(js, "AA_VENDOR_HOT", "normalize-oura").await;
+    wait_drained(js, "AA_CORE_HOT", "normalize-hrv-durable").await;
+    let letters = stream_contents(js, "AA_DLQ").await;
     assert!(
         letters
             .iter()
@@ -273,7 +261,7 @@ async fn input_edges_are_refused_or_reported_at_decode() {
     );
     // The daemon is alive and consuming.
     publish(
-        &js,
+        js,
         HRV_SUBJECT,
         hrv_event("after", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
     )

@@ -13,14 +13,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 
 use crate::support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_normalize-service");
 
 /// How long a daemon with wrong settings may take to give up. `connect_nats` uses a 5 s
 /// connection timeout; this is a bound for a hang, not a performance assertion.
@@ -35,129 +32,19 @@ fn secret(kind: &str) -> String {
     format!("{kind}-Zq8{nanos:x}-{}", std::process::id())
 }
 
-/// The daemon as a child process, its stdout and stderr captured to files; killed on drop.
-pub(crate) struct Daemon {
-    child: Child,
-    pub port: u16,
-    pub metrics_port: u16,
-    log_dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    /// Spawns `normalize-service run` with exactly `vars` (plus PATH), on fresh ports, logging
-    /// JSON at debug (async-nats at trace) so the secret checks see everything.
-    pub(crate) fn spawn(mut vars: HashMap<String, String>) -> Daemon {
-        let port = free_port();
-        let metrics_port = free_port();
-        vars.insert("PORT".into(), port.to_string());
-        vars.insert("METRICS_PORT".into(), metrics_port.to_string());
-        vars.entry("RUST_LOG".into())
-            .or_insert_with(|| "debug,async_nats=trace".into());
-        // The production format, whatever the caller's base variables say.
-        vars.insert("LOG_FORMAT".into(), "json".into());
-        let log_dir = tempfile::tempdir().unwrap();
-        let out = std::fs::File::create(log_dir.path().join("stdout")).unwrap();
-        let err = std::fs::File::create(log_dir.path().join("stderr")).unwrap();
-        let child = Command::new(BIN)
-            .arg("run")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(&vars)
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .unwrap();
-        Daemon {
-            child,
-            port,
-            metrics_port,
-            log_dir,
-        }
-    }
-
-    /// Everything the process wrote so far, stdout then stderr.
-    pub(crate) fn output(&self) -> String {
-        let read = |n: &str| std::fs::read_to_string(self.log_dir.path().join(n)).unwrap_or_default();
-        format!("{}{}", read("stdout"), read("stderr"))
-    }
-
-    pub(crate) async fn get(&self, port: u16, path: &str) -> (u16, String) {
-        normalize_service::http::http_get("127.0.0.1", port, path, Duration::from_secs(5))
-            .await
-            .unwrap_or((0, String::new()))
-    }
-
-    pub(crate) async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if self.get(self.port, "/health/ready").await.0 == 200 {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("daemon exited with {status} before ready:\n{}", self.output());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon not ready within 60 s:\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Waits for the process to exit by itself; `None` (and the process is killed) if it does
-    /// not within `within`.
-    pub(crate) async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGTERM, then the exit status (which must be 0).
-    pub(crate) async fn stop(&mut self) {
-        let ok = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let status = self.wait_exit(Duration::from_secs(30)).await;
-        assert_eq!(
-            status.and_then(|s| s.code()),
-            Some(0),
-            "SIGTERM must stop the daemon with 0:\n{}",
-            self.output()
-        );
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Base variables for a daemon process: the test's NATS URL (overridden by callers), its
-/// database, isolated defaults from `support::base_vars`.
-fn vars(nats: &NatsServer, db: &TestDb, extra: &[(&str, &str)]) -> HashMap<String, String> {
-    with(base_vars(nats, &db.url), extra)
+/// The daemon as a child process on fresh ports, logging JSON at debug (async-nats at trace)
+/// unless `vars` sets `RUST_LOG`, so the secret checks see everything.
+fn verbose_daemon(mut vars: HashMap<String, String>) -> DaemonProcess {
+    vars.entry("RUST_LOG".into())
+        .or_insert_with(|| "debug,async_nats=trace".into());
+    // The production format, whatever the caller's base variables say.
+    vars.insert("LOG_FORMAT".into(), "json".into());
+    DaemonProcess::spawn(&vars)
 }
 
 /// The right settings: ready, one event stored, secrets and payload data nowhere.
 async fn accepted(vars: HashMap<String, String>, js: &jetstream::Context, db: &TestDb, secrets: &[&str]) {
-    let mut daemon = Daemon::spawn(vars);
+    let mut daemon = verbose_daemon(vars);
     daemon.wait_ready().await;
 
     // A distinctive user id and event id: payload data that must never reach /health.
@@ -190,7 +77,7 @@ async fn accepted(vars: HashMap<String, String>, js: &jetstream::Context, db: &T
         (daemon.port, "/metrics"),
         (daemon.metrics_port, "/metrics"),
     ] {
-        let (code, body) = daemon.get(port, path).await;
+        let (code, body) = daemon.get_on(port, path).await;
         assert_eq!(code, 200, "{path} on {port}: {body}");
         exposed.push((path, body));
     }
@@ -229,7 +116,7 @@ async fn accepted(vars: HashMap<String, String>, js: &jetstream::Context, db: &T
 /// The wrong settings: a non-zero exit on its own, a message containing every `needles`
 /// (case-insensitive), and no secret.
 async fn refused(vars: HashMap<String, String>, needles: &[&str], secrets: &[&str]) -> String {
-    let mut daemon = Daemon::spawn(vars);
+    let mut daemon = verbose_daemon(vars);
     let status = daemon.wait_exit(REFUSAL_BOUND).await;
     let out = daemon.output();
     let status = status.unwrap_or_else(|| {
@@ -250,56 +137,45 @@ async fn refused(vars: HashMap<String, String>, needles: &[&str], secrets: &[&st
 async fn user_and_password() {
     let password = secret("pw");
     let wrong = secret("wrongpw");
-    let nats = NatsServer::start_with(&format!(
-        "authorization {{\n  user: svc\n  password: \"{password}\"\n}}\n"
-    ))
-    .await;
-    let client = async_nats::ConnectOptions::with_user_and_password("svc".into(), password.clone())
-        .connect(nats.url())
-        .await
-        .unwrap();
-    let js = jetstream::new(client);
-    let db = TestDb::new().await;
+    let stack = stack_with_password(&password).await;
 
     accepted(
-        vars(&nats, &db, &[("NATS_USER", "svc"), ("NATS_PASSWORD", &password)]),
-        &js,
-        &db,
+        stack.vars_with(&[("NATS_USER", "svc"), ("NATS_PASSWORD", &password)]),
+        &stack.js,
+        &stack.db,
         &[&password],
     )
     .await;
 
     let needles = ["NATS refused the credentials", "NATS_PASSWORD"];
     refused(
-        vars(&nats, &db, &[("NATS_USER", "svc"), ("NATS_PASSWORD", &wrong)]),
+        stack.vars_with(&[("NATS_USER", "svc"), ("NATS_PASSWORD", &wrong)]),
         &needles,
         &[&password, &wrong],
     )
     .await;
     refused(
-        vars(
-            &nats,
-            &db,
-            &[("NATS_USER", "intruder"), ("NATS_PASSWORD", &password)],
-        ),
+        stack.vars_with(&[("NATS_USER", "intruder"), ("NATS_PASSWORD", &password)]),
         &needles,
         &[&password],
     )
     .await;
     // No credentials at all against a server that requires them.
-    refused(vars(&nats, &db, &[]), &needles, &[&password]).await;
+    refused(stack.vars_with(&[]), &needles, &[&password]).await;
 }
 
-async fn server_with_password(password: &str) -> (NatsServer, jetstream::Context) {
-    let nats = NatsServer::start_with(&format!(
-        "authorization {{\n  user: svc\n  password: \"{password}\"\n}}\n"
-    ))
-    .await;
-    let client = async_nats::ConnectOptions::with_user_and_password("svc".into(), password.into())
-        .connect(nats.url())
+/// Own servers, the nats-server requiring user `svc` with `password`.
+async fn stack_with_password(password: &str) -> Stack {
+    Stack::builder()
+        .nats_conf(&format!(
+            "authorization {{\n  user: svc\n  password: \"{password}\"\n}}\n"
+        ))
+        .nats_client(async_nats::ConnectOptions::with_user_and_password(
+            "svc".into(),
+            password.into(),
+        ))
+        .start()
         .await
-        .unwrap();
-    (nats, jetstream::new(client))
 }
 
 /// Credentials embedded in NATS_URL (`nats://user:pass@host`, which the README documents as
@@ -307,31 +183,35 @@ async fn server_with_password(password: &str) -> (NatsServer, jetstream::Context
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_in_nats_url() {
     let password = secret("pw");
-    let (nats, js) = server_with_password(&password).await;
-    let db = TestDb::new().await;
-    let url = format!("nats://svc:{password}@127.0.0.1:{}", nats.port);
-    accepted(vars(&nats, &db, &[("NATS_URL", &url)]), &js, &db, &[&password]).await;
+    let stack = stack_with_password(&password).await;
+    let url = format!("nats://svc:{password}@127.0.0.1:{}", stack.nats.port);
+    accepted(
+        stack.vars_with(&[("NATS_URL", &url)]),
+        &stack.js,
+        &stack.db,
+        &[&password],
+    )
+    .await;
 }
 
 /// At the default log level, a password in NATS_URL appears nowhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_in_nats_url_is_not_logged_at_the_default_level() {
     let password = secret("pw");
-    let (nats, _js) = server_with_password(&password).await;
-    let db = TestDb::new().await;
-    let url = format!("nats://svc:{password}@127.0.0.1:{}", nats.port);
-    let mut v = vars(&nats, &db, &[("NATS_URL", &url)]);
+    let stack = stack_with_password(&password).await;
+    let url = format!("nats://svc:{password}@127.0.0.1:{}", stack.nats.port);
+    let mut v = stack.vars_with(&[("NATS_URL", &url)]);
     v.insert("RUST_LOG".into(), "info".into());
-    let mut daemon = Daemon::spawn(v);
+    let mut daemon = verbose_daemon(v);
     // Either outcome is acceptable here; only the secret matters.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline && daemon.get(daemon.port, "/health/ready").await.0 != 200 {
-        if daemon.child.try_wait().unwrap().is_some() {
+    while Instant::now() < deadline && daemon.get("/health/ready").await.0 != 200 {
+        if daemon.exited().is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (_, health) = daemon.get(daemon.port, "/health").await;
+    let (_, health) = daemon.get("/health").await;
     let _ = daemon.wait_exit(Duration::from_millis(1)).await;
     let out = daemon.output();
     assert!(!out.contains(&password), "password logged:\n{out}");
@@ -346,24 +226,28 @@ async fn password_in_nats_url_is_not_logged_at_the_default_level() {
 async fn token() {
     let token = secret("tok");
     let wrong = secret("wrongtok");
-    let nats = NatsServer::start_with(&format!("authorization {{\n  token: \"{token}\"\n}}\n")).await;
-    let client = async_nats::ConnectOptions::with_token(token.clone())
-        .connect(nats.url())
-        .await
-        .unwrap();
-    let js = jetstream::new(client);
-    let db = TestDb::new().await;
+    let stack = Stack::builder()
+        .nats_conf(&format!("authorization {{\n  token: \"{token}\"\n}}\n"))
+        .nats_client(async_nats::ConnectOptions::with_token(token.clone()))
+        .start()
+        .await;
 
-    accepted(vars(&nats, &db, &[("NATS_TOKEN", &token)]), &js, &db, &[&token]).await;
+    accepted(
+        stack.vars_with(&[("NATS_TOKEN", &token)]),
+        &stack.js,
+        &stack.db,
+        &[&token],
+    )
+    .await;
 
     let needles = ["NATS refused the credentials", "NATS_TOKEN"];
     refused(
-        vars(&nats, &db, &[("NATS_TOKEN", &wrong)]),
+        stack.vars_with(&[("NATS_TOKEN", &wrong)]),
         &needles,
         &[&token, &wrong],
     )
     .await;
-    refused(vars(&nats, &db, &[]), &needles, &[&token]).await;
+    refused(stack.vars_with(&[]), &needles, &[&token]).await;
 }
 
 /// A CA and a server certificate for 127.0.0.1 and localhost, as PEM files in `dir`; returns
@@ -405,46 +289,49 @@ pub(crate) fn generate_tls(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf
     (ca_path, cert_path, key_path)
 }
 
-/// A nats-server that requires TLS with a certificate of a freshly generated CA, and a
-/// JetStream context of a client that trusts that CA.
-async fn tls_server(dir: &Path) -> (NatsServer, PathBuf, jetstream::Context) {
+/// Own servers, the nats-server requiring TLS with a certificate of a freshly generated CA
+/// (returned), the stack's client trusting that CA.
+async fn tls_stack(dir: &Path) -> (Stack, PathBuf) {
     let (ca, cert, key) = generate_tls(dir, "good");
-    let nats = NatsServer::start_with(&format!(
-        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  timeout: 5\n}}\n",
-        cert.display(),
-        key.display()
-    ))
-    .await;
-    let client = async_nats::ConnectOptions::new()
-        .add_root_certificates(ca.clone())
-        .require_tls(true)
-        .connect(format!("tls://127.0.0.1:{}", nats.port))
-        .await
-        .unwrap();
-    (nats, ca, jetstream::new(client))
+    let stack = Stack::builder()
+        .nats_conf(&format!(
+            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  timeout: 5\n}}\n",
+            cert.display(),
+            key.display()
+        ))
+        .nats_client(
+            async_nats::ConnectOptions::new()
+                .add_root_certificates(ca.clone())
+                .require_tls(true),
+        )
+        .start()
+        .await;
+    (stack, ca)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_the_right_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let (nats, ca, js) = tls_server(dir.path()).await;
-    let db = TestDb::new().await;
-    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let (stack, ca) = tls_stack(dir.path()).await;
+    let url = format!("tls://127.0.0.1:{}", stack.nats.port);
     let ca = ca.display().to_string();
     accepted(
-        vars(&nats, &db, &[("NATS_URL", &url), ("NATS_TLS_CA_FILE", &ca)]),
-        &js,
-        &db,
+        stack.vars_with(&[("NATS_URL", &url), ("NATS_TLS_CA_FILE", &ca)]),
+        &stack.js,
+        &stack.db,
         &[],
     )
     .await;
 
     // localhost is in the certificate too.
     let db2 = TestDb::new().await;
-    let url = format!("tls://localhost:{}", nats.port);
+    let url = format!("tls://localhost:{}", stack.nats.port);
     accepted(
-        vars(&nats, &db2, &[("NATS_URL", &url), ("NATS_TLS_CA_FILE", &ca)]),
-        &js,
+        with(
+            base_vars(&stack.nats, &db2.url),
+            &[("NATS_URL", &url), ("NATS_TLS_CA_FILE", &ca)],
+        ),
+        &stack.js,
         &db2,
         &[],
     )
@@ -452,9 +339,9 @@ async fn tls_with_the_right_ca() {
 
     // A CA file that does not exist is a configuration error named as such.
     let missing = dir.path().join("missing-ca.pem").display().to_string();
-    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let url = format!("tls://127.0.0.1:{}", stack.nats.port);
     refused(
-        vars(&nats, &db, &[("NATS_URL", &url), ("NATS_TLS_CA_FILE", &missing)]),
+        stack.vars_with(&[("NATS_URL", &url), ("NATS_TLS_CA_FILE", &missing)]),
         &["NATS_TLS_CA_FILE"],
         &[],
     )
@@ -466,43 +353,37 @@ async fn tls_with_the_right_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_an_untrusted_certificate_stops_start_up() {
     let dir = tempfile::tempdir().unwrap();
-    let (nats, _ca, _js) = tls_server(dir.path()).await;
+    let (stack, _ca) = tls_stack(dir.path()).await;
     let (other_ca, _, _) = generate_tls(dir.path(), "other");
-    let db = TestDb::new().await;
-    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let url = format!("tls://127.0.0.1:{}", stack.nats.port);
     let other_ca = other_ca.display().to_string();
     refused(
-        vars(&nats, &db, &[("NATS_URL", &url), ("NATS_TLS_CA_FILE", &other_ca)]),
+        stack.vars_with(&[("NATS_URL", &url), ("NATS_TLS_CA_FILE", &other_ca)]),
         &["TLS", "NATS_TLS_CA_FILE"],
         &[],
     )
     .await;
     // No CA at all: the server demands TLS, the system roots do not know the test CA.
-    refused(vars(&nats, &db, &[]), &["TLS"], &[]).await;
+    refused(stack.vars_with(&[]), &["TLS"], &[]).await;
 }
 
 /// With an untrusted certificate the daemon never connects and never becomes ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_an_untrusted_certificate_never_connects() {
     let dir = tempfile::tempdir().unwrap();
-    let (nats, _ca, _js) = tls_server(dir.path()).await;
+    let (stack, _ca) = tls_stack(dir.path()).await;
     let (other_ca, _, _) = generate_tls(dir.path(), "other");
-    let db = TestDb::new().await;
-    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let url = format!("tls://127.0.0.1:{}", stack.nats.port);
     let other_ca = other_ca.display().to_string();
-    let mut daemon = Daemon::spawn(vars(
-        &nats,
-        &db,
-        &[("NATS_URL", &url), ("NATS_TLS_CA_FILE", &other_ca)],
-    ));
+    let mut daemon = verbose_daemon(stack.vars_with(&[("NATS_URL", &url), ("NATS_TLS_CA_FILE", &other_ca)]));
     let deadline = Instant::now() + Duration::from_secs(12);
     let mut status = None;
     while Instant::now() < deadline {
-        if let Some(s) = daemon.child.try_wait().unwrap() {
+        if let Some(s) = daemon.exited() {
             status = Some(s);
             break;
         }
-        let (code, _) = daemon.get(daemon.port, "/health/ready").await;
+        let (code, _) = daemon.get("/health/ready").await;
         assert_ne!(
             code,
             200,

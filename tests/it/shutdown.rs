@@ -3,8 +3,6 @@
 //! doing, and at once when nothing is in flight. The daemon runs as a child process and the
 //! test measures from the signal to the exit.
 
-use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
@@ -15,111 +13,41 @@ const DEADLINE: Duration = Duration::from_millis(4000);
 /// What the process may take past `SHUTDOWN_TIMEOUT_MS`.
 const GRACE: Duration = Duration::from_secs(2);
 
-struct Daemon {
-    child: Child,
-    log: tempfile::NamedTempFile,
-    port: u16,
-    metrics_port: u16,
-}
-
-impl Daemon {
-    async fn start(nats: &NatsServer, db: &TestDb, extra: &[(&str, &str)]) -> Daemon {
-        let port = free_port();
-        let metrics_port = free_port();
-        let mut vars: HashMap<String, String> = with(
-            base_vars(nats, &db.url),
-            &[
-                ("PORT", &port.to_string()),
-                ("METRICS_PORT", &metrics_port.to_string()),
-                ("SHUTDOWN_TIMEOUT_MS", &DEADLINE.as_millis().to_string()),
-            ],
-        );
-        vars = with(vars, extra);
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(BIN)
-            .arg("run")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(&vars)
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap();
-        let d = Daemon {
-            child,
-            log,
-            port,
-            metrics_port,
-        };
-        wait_for("daemon process ready", Duration::from_secs(30), || async {
-            matches!(
-                normalize_service::http::http_get(
-                    "127.0.0.1",
-                    d.port,
-                    "/health/ready",
-                    Duration::from_secs(2)
-                )
-                .await,
-                Ok((200, _))
-            )
-        })
+/// Own servers and the daemon as a process with `SHUTDOWN_TIMEOUT_MS` = `DEADLINE`, ready.
+async fn start() -> (Stack, DaemonProcess) {
+    let stack = Stack::builder()
+        .env(&[("SHUTDOWN_TIMEOUT_MS", &DEADLINE.as_millis().to_string())])
+        .start()
         .await;
-        d
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    /// Sends SIGTERM and returns the exit code and the time from the signal to the exit;
-    /// panics (after killing the process) if it is still running `DEADLINE` + 10 s later.
-    async fn sigterm_and_wait(&mut self) -> (Option<i32>, Duration) {
-        let ok = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let sent = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code(), sent.elapsed());
-            }
-            if sent.elapsed() > DEADLINE + Duration::from_secs(10) {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "daemon still running {:?} after SIGTERM (SHUTDOWN_TIMEOUT_MS={}); logs:\n{}",
-                    sent.elapsed(),
-                    DEADLINE.as_millis(),
-                    self.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    let daemon = stack.daemon().await;
+    (stack, daemon)
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Sends SIGTERM and returns the exit code and the time from the signal to the exit; panics
+/// (after killing the process) if it is still running `DEADLINE` + 10 s later.
+async fn sigterm_and_wait(daemon: &mut DaemonProcess) -> (Option<i32>, Duration) {
+    let (status, took) = daemon.terminate(DEADLINE + Duration::from_secs(10)).await;
+    match status {
+        Some(status) => (status.code(), took),
+        None => panic!(
+            "daemon still running {took:?} after SIGTERM (SHUTDOWN_TIMEOUT_MS={}); logs:\n{}",
+            DEADLINE.as_millis(),
+            daemon.stderr()
+        ),
     }
 }
 
 /// Healthy servers, nothing in flight: a prompt, clean stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_when_idle_exits_zero_promptly() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let mut daemon = Daemon::start(&nats, &db, &[]).await;
-    let (code, took) = daemon.sigterm_and_wait().await;
+    let (_stack, mut daemon) = start().await;
+    let (code, took) = sigterm_and_wait(&mut daemon).await;
     eprintln!("idle, healthy: exit {code:?} {took:?} after SIGTERM");
-    assert_eq!(code, Some(0), "logs:\n{}", daemon.logs());
+    assert_eq!(code, Some(0), "logs:\n{}", daemon.stderr());
     assert!(
         took < DEADLINE,
         "nothing in flight, yet the stop took {took:?}; logs:\n{}",
-        daemon.logs()
+        daemon.stderr()
     );
 }
 
@@ -128,18 +56,16 @@ async fn sigterm_when_idle_exits_zero_promptly() {
 /// blocked statement) must not hold the process past it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_batch_blocked_on_a_table_lock_exits_by_the_deadline() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let mut daemon = Daemon::start(&nats, &db, &[]).await;
+    let (stack, mut daemon) = start().await;
+    let (js, db) = (&stack.js, &stack.db);
     let mut locker = lock_hrv_data(&db.url).await;
-    let js = nats.js().await;
     publish(
-        &js,
+        js,
         HRV_SUBJECT,
         hrv_event("locked", "2025-03-01", 42.0, "2025-03-01T06:00:00Z"),
     )
     .await;
-    let pool = db.pool().await;
+    let pool = stack.pool().await;
     let blocked = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND wait_event_type = 'Lock'",
         db.name
@@ -151,9 +77,9 @@ async fn sigterm_with_a_batch_blocked_on_a_table_lock_exits_by_the_deadline() {
     )
     .await;
 
-    let (code, took) = daemon.sigterm_and_wait().await;
+    let (code, took) = sigterm_and_wait(&mut daemon).await;
     eprintln!("batch blocked on a lock: exit {code:?} {took:?} after SIGTERM");
-    let logs = daemon.logs();
+    let logs = daemon.stderr();
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
     assert!(took < DEADLINE + GRACE, "stop took {took:?}; logs:\n{logs}");
     assert_eq!(
@@ -163,7 +89,7 @@ async fn sigterm_with_a_batch_blocked_on_a_table_lock_exits_by_the_deadline() {
     );
     // The message was not settled, so it is still there to be redelivered.
     assert_eq!(
-        consumer_backlog(&js, "AA_CORE_HOT", "normalize-hrv-durable").await,
+        consumer_backlog(js, "AA_CORE_HOT", "normalize-hrv-durable").await,
         Some((0, 1)),
         "the unsettled message stays pending ack"
     );
@@ -173,9 +99,7 @@ async fn sigterm_with_a_batch_blocked_on_a_table_lock_exits_by_the_deadline() {
 /// graceful shutdown would wait for it forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_half_sent_http_request_exits_promptly() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let mut daemon = Daemon::start(&nats, &db, &[]).await;
+    let (_stack, mut daemon) = start().await;
     let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", daemon.metrics_port))
         .await
         .unwrap();
@@ -185,10 +109,10 @@ async fn sigterm_with_a_half_sent_http_request_exits_promptly() {
     // Let the server accept it and start reading the request.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let (code, took) = daemon.sigterm_and_wait().await;
+    let (code, took) = sigterm_and_wait(&mut daemon).await;
     eprintln!("half-sent HTTP request: exit {code:?} {took:?} after SIGTERM");
     drop(slow);
-    let logs = daemon.logs();
+    let logs = daemon.stderr();
     assert!(took < DEADLINE + GRACE, "stop took {took:?}; logs:\n{logs}");
     assert!(
         took < DEADLINE,
@@ -201,10 +125,8 @@ async fn sigterm_with_a_half_sent_http_request_exits_promptly() {
 /// so the stop must not wait for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_nats_unreachable_and_nothing_in_flight_exits_promptly() {
-    let mut nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let mut daemon = Daemon::start(&nats, &db, &[]).await;
-    nats.kill();
+    let (mut stack, mut daemon) = start().await;
+    stack.nats.kill();
     wait_for("the daemon sees NATS gone", Duration::from_secs(10), || async {
         normalize_service::http::http_get("127.0.0.1", daemon.port, "/health/ready", Duration::from_secs(2))
             .await
@@ -212,9 +134,9 @@ async fn sigterm_with_nats_unreachable_and_nothing_in_flight_exits_promptly() {
     })
     .await;
 
-    let (code, took) = daemon.sigterm_and_wait().await;
+    let (code, took) = sigterm_and_wait(&mut daemon).await;
     eprintln!("NATS unreachable, nothing in flight: exit {code:?} {took:?} after SIGTERM");
-    let logs = daemon.logs();
+    let logs = daemon.stderr();
     assert!(took < DEADLINE + GRACE, "stop took {took:?}; logs:\n{logs}");
     assert!(
         took < DEADLINE,
@@ -228,9 +150,7 @@ async fn sigterm_with_nats_unreachable_and_nothing_in_flight_exits_promptly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_sent_http_request_is_disconnected_after_the_header_read_timeout() {
     use tokio::io::AsyncReadExt;
-    let nats = NatsServer::start().await;
-    let db = TestDb::new().await;
-    let mut daemon = Daemon::start(&nats, &db, &[]).await;
+    let (_stack, mut daemon) = start().await;
     for port in [daemon.metrics_port, daemon.port] {
         let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
@@ -260,6 +180,6 @@ async fn a_half_sent_http_request_is_disconnected_after_the_header_read_timeout(
     .await
     .unwrap();
     assert_eq!(code, 200);
-    let (code, _) = daemon.sigterm_and_wait().await;
-    assert_eq!(code, Some(0), "logs:\n{}", daemon.logs());
+    let (code, _) = sigterm_and_wait(&mut daemon).await;
+    assert_eq!(code, Some(0), "logs:\n{}", daemon.stderr());
 }

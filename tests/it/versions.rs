@@ -78,78 +78,70 @@ async fn server_under_test_reports_its_version() {
     );
 }
 
+per_mode!(complete_flow_on_the_server_under_test);
 /// One event of each kind plus a malformed one, through the daemon on the server under test:
 /// every event ends as exactly one row or one dead letter, the durables carry the singular
 /// `filter_subject` (the only form 2.9 honours) and it really filters on this server version.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn complete_flow_on_the_server_under_test() {
+async fn complete_flow_on_the_server_under_test(mode: &str) {
     let (version, _) = binary_version();
-    for mode in ["multi", "single"] {
-        let nats = NatsServer::start().await;
-        let db = TestDb::new().await;
-        let app = TestApp::spawn(with(base_vars(&nats, &db.url), &[("EVENT_STREAM_MODE", mode)])).await;
-        app.wait_ready().await;
-        let js = nats.js().await;
-        let (core, vendor) = if mode == "single" {
-            ("ATHLETE_ALLY_EVENTS", "ATHLETE_ALLY_EVENTS")
-        } else {
-            ("AA_CORE_HOT", "AA_VENDOR_HOT")
-        };
+    let (stack, app) = Stack::builder().mode(mode).app().await;
+    let js = &stack.js;
+    let (core, vendor) = (core_stream(mode), vendor_stream(mode));
 
-        publish(
-            &js,
-            HRV_SUBJECT,
-            hrv_event("v-hrv", "2025-03-01", 48.0, "2025-03-01T06:00:00Z"),
-        )
-        .await;
-        publish(
-            &js,
-            SLEEP_SUBJECT,
-            json!({"payload": {"userId": "v-sleep", "date": "2025-03-01", "durationMinutes": 431.6,
+    publish(
+        js,
+        HRV_SUBJECT,
+        hrv_event("v-hrv", "2025-03-01", 48.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
+    publish(
+        js,
+        SLEEP_SUBJECT,
+        json!({"payload": {"userId": "v-sleep", "date": "2025-03-01", "durationMinutes": 431.6,
                 "capturedAt": "2025-03-01T08:00:00Z", "raw": {"source": "whoop", "qualityScore": 91}}})
-            .to_string(),
-        )
-        .await;
-        publish_with_id(
-            &js,
-            OURA_SUBJECT,
-            "oura-v-1",
-            json!({"user_id": "v-oura", "timestamp": "2025-03-01T07:00:00Z",
+        .to_string(),
+    )
+    .await;
+    publish_with_id(
+        js,
+        OURA_SUBJECT,
+        "oura-v-1",
+        json!({"user_id": "v-oura", "timestamp": "2025-03-01T07:00:00Z",
                 "data": {"hrv": {"rmssd": 45.2}, "sleep": {"duration": 7.5, "score": 83}}})
-            .to_string(),
-        )
-        .await;
-        publish(
-            &js,
-            HRV_SUBJECT,
-            r#"{"payload":{"userId":"v-bad","date":"2025-02-30"}}"#,
-        )
-        .await;
+        .to_string(),
+    )
+    .await;
+    publish(
+        js,
+        HRV_SUBJECT,
+        r#"{"payload":{"userId":"v-bad","date":"2025-02-30"}}"#,
+    )
+    .await;
 
-        let pool = db.pool().await;
-        wait_for("rows and the dead letter", Duration::from_secs(30), || async {
-            count(&pool, "SELECT count(*) FROM hrv_data").await == 2
-                && count(&pool, "SELECT count(*) FROM sleep_data").await == 2
-                && count(&pool, "SELECT count(*) FROM vendor_webhook_events").await == 1
-                && stream_messages(&js, "AA_DLQ").await == 1
-        })
-        .await;
-        for (stream, durable) in [
-            (core, "normalize-hrv-durable"),
-            (core, "normalize-sleep-durable"),
-            (vendor, "normalize-oura"),
-        ] {
-            wait_drained(&js, stream, durable).await;
-        }
-        assert_eq!(
-            count(
-                &pool,
-                "SELECT count(*) FROM hrv_data WHERE user_id IN ('v-hrv','v-oura')"
-            )
-            .await,
-            2
-        );
-        assert_eq!(
+    let pool = stack.pool().await;
+    wait_for("rows and the dead letter", Duration::from_secs(30), || async {
+        count(&pool, "SELECT count(*) FROM hrv_data").await == 2
+            && count(&pool, "SELECT count(*) FROM sleep_data").await == 2
+            && count(&pool, "SELECT count(*) FROM vendor_webhook_events").await == 1
+            && stream_messages(js, "AA_DLQ").await == 1
+    })
+    .await;
+    for (stream, durable) in [
+        (core, "normalize-hrv-durable"),
+        (core, "normalize-sleep-durable"),
+        (vendor, "normalize-oura"),
+    ] {
+        wait_drained(js, stream, durable).await;
+    }
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM hrv_data WHERE user_id IN ('v-hrv','v-oura')"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
             count(
                 &pool,
                 "SELECT count(*) FROM sleep_data WHERE (user_id, duration_minutes) IN (('v-sleep', 432), ('v-oura', 450))"
@@ -157,36 +149,35 @@ async fn complete_flow_on_the_server_under_test() {
             .await,
             2
         );
-        let dlq = stream_contents(&js, "AA_DLQ").await;
-        assert_eq!(dlq.len(), 1);
-        assert_eq!(
-            dlq[0].subject.as_str(),
-            "dlq.normalize.hrv.raw-received.schema-invalid"
-        );
-        assert_eq!(
-            &dlq[0].payload[..],
-            br#"{"payload":{"userId":"v-bad","date":"2025-02-30"}}"#,
-            "the dead letter carries the original body"
-        );
+    let dlq = stream_contents(js, "AA_DLQ").await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(
+        dlq[0].subject.as_str(),
+        "dlq.normalize.hrv.raw-received.schema-invalid"
+    );
+    assert_eq!(
+        &dlq[0].payload[..],
+        br#"{"payload":{"userId":"v-bad","date":"2025-02-30"}}"#,
+        "the dead letter carries the original body"
+    );
 
-        // Filters: singular (the client is built without async-nats's `server_2_10` feature, so
-        // it cannot send the plural form 2.9 ignores), and effective. The hrv durable saw exactly the two hrv events
-        // although its stream also holds sleep events and normalized events.
-        for (stream, durable, subject, delivered) in [
-            (core, "normalize-hrv-durable", HRV_SUBJECT, 2),
-            (core, "normalize-sleep-durable", SLEEP_SUBJECT, 1),
-            (vendor, "normalize-oura", OURA_SUBJECT, 1),
-        ] {
-            let s = js.get_stream(stream).await.unwrap();
-            let info = s.consumer_info(durable).await.unwrap();
-            assert_eq!(info.config.filter_subject, subject, "v{version} {mode} {durable}");
-            assert_eq!(
-                info.delivered.consumer_sequence, delivered,
-                "v{version} {mode} {durable}: the filter must restrict deliveries"
-            );
-        }
-        app.stop().await.unwrap();
+    // Filters: singular (the client is built without async-nats's `server_2_10` feature, so
+    // it cannot send the plural form 2.9 ignores), and effective. The hrv durable saw exactly the two hrv events
+    // although its stream also holds sleep events and normalized events.
+    for (stream, durable, subject, delivered) in [
+        (core, "normalize-hrv-durable", HRV_SUBJECT, 2),
+        (core, "normalize-sleep-durable", SLEEP_SUBJECT, 1),
+        (vendor, "normalize-oura", OURA_SUBJECT, 1),
+    ] {
+        let s = js.get_stream(stream).await.unwrap();
+        let info = s.consumer_info(durable).await.unwrap();
+        assert_eq!(info.config.filter_subject, subject, "v{version} {mode} {durable}");
+        assert_eq!(
+            info.delivered.consumer_sequence, delivered,
+            "v{version} {mode} {durable}: the filter must restrict deliveries"
+        );
     }
+    app.stop().await.unwrap();
 }
 
 /// Overlapping subjects are refused with 10065 on every version (the migration order depends on
@@ -241,8 +232,8 @@ async fn jetstream_error_codes_the_daemon_relies_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncovered_primary_falls_back_on_every_version() {
     use async_nats::jetstream::stream;
-    let nats = NatsServer::start().await;
-    let js = nats.js().await;
+    let stack = Stack::builder().mode("multi").start().await;
+    let js = &stack.js;
     js.create_stream(stream::Config {
         name: "ATHLETE_ALLY_EVENTS".into(),
         subjects: vec!["athlete-ally.>".into(), "vendor.>".into(), "sleep.*".into()],
@@ -260,21 +251,19 @@ async fn uncovered_primary_falls_back_on_every_version() {
         .await
         .unwrap();
     }
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(with(base_vars(&nats, &db.url), &[("EVENT_STREAM_MODE", "multi")])).await;
-    app.wait_ready().await;
+    let app = stack.app().await;
     publish(
-        &js,
+        js,
         HRV_SUBJECT,
         hrv_event("fb", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
     )
     .await;
-    let pool = db.pool().await;
+    let pool = stack.pool().await;
     wait_for("row via the legacy stream", Duration::from_secs(30), || async {
         count(&pool, "SELECT count(*) FROM hrv_data").await == 1
     })
     .await;
-    wait_drained(&js, "ATHLETE_ALLY_EVENTS", "normalize-hrv-durable").await;
+    wait_drained(js, "ATHLETE_ALLY_EVENTS", "normalize-hrv-durable").await;
     let (_, health) = app.health().await;
     assert_eq!(
         health["consumers"]["hrv"]["stream"], "ATHLETE_ALLY_EVENTS",
@@ -282,13 +271,13 @@ async fn uncovered_primary_falls_back_on_every_version() {
     );
     assert_eq!(health["consumers"]["hrv"]["fallback"], true, "{health}");
     assert!(
-        consumer_backlog(&js, "AA_CORE_HOT", "normalize-hrv-durable")
+        consumer_backlog(js, "AA_CORE_HOT", "normalize-hrv-durable")
             .await
             .is_none(),
         "no durable with an uncovered filter was created on the primary"
     );
     assert_eq!(count(&pool, "SELECT count(*) FROM hrv_data").await, 1);
-    assert_eq!(stream_messages(&js, "AA_DLQ").await, 0);
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 0);
     app.stop().await.unwrap();
 }
 
