@@ -18,27 +18,6 @@ const COMMANDS: &[&[&str]] = &[
     &["migrate", "plan", "--json"],
 ];
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-async fn run(vars: &HashMap<String, String>, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(BIN)
-        .env_clear()
-        .envs(vars)
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 fn vars(nats: &NatsServer, extra: &[(&str, &str)]) -> HashMap<String, String> {
     // None of these commands touches the database.
     with(
@@ -56,7 +35,7 @@ async fn three_streams(js: &jetstream::Context) {
 
 async fn all_succeed(vars: &HashMap<String, String>, secrets: &[&str]) {
     for args in COMMANDS {
-        let r = run(vars, args).await;
+        let r = cli(vars, args).await;
         assert_eq!(r.code, 0, "{args:?}\nstdout: {}\nstderr: {}", r.stdout, r.stderr);
         let doc: Value = serde_json::from_str(&r.stdout)
             .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {}", r.stdout));
@@ -74,7 +53,7 @@ async fn all_succeed(vars: &HashMap<String, String>, secrets: &[&str]) {
 /// `needles` and no secret.
 async fn all_refused(vars: &HashMap<String, String>, needles: &[&str], secrets: &[&str]) {
     for args in COMMANDS {
-        let r = run(vars, args).await;
+        let r = cli(vars, args).await;
         assert_eq!(r.code, 1, "{args:?}\nstdout: {}\nstderr: {}", r.stdout, r.stderr);
         for n in needles {
             assert!(

@@ -19,7 +19,7 @@ use async_nats::jetstream;
 
 use crate::support::*;
 
-/// How long a daemon with wrong settings may take to give up. `connect_nats` uses a 5 s
+/// How long a daemon with wrong settings may take to give up. `nats::connect` uses a 5 s
 /// connection timeout; this is a bound for a hang, not a performance assertion.
 const REFUSAL_BOUND: Duration = Duration::from_secs(30);
 
@@ -178,7 +178,7 @@ async fn stack_with_password(password: &str) -> Stack {
         .await
 }
 
-/// Credentials embedded in NATS_URL (`nats://user:pass@host`, which the README documents as
+/// Credentials embedded in NATS_URL (`nats://user:pass@host`, which docs/CONFIGURATION.md documents as
 /// redacted and the previous service accepted) authenticate, and never reach the logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_in_nats_url() {
