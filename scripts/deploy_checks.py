@@ -198,12 +198,12 @@ def check_dockerfile():
 
 
 def config_variables():
-    src = (ROOT / "src/config.rs").read_text()
-    m = re.search(r"pub const VARIABLES: &\[&str\] = &\[(.*?)\];", src, re.S)
-    if not m:
-        problem("src/config.rs: VARIABLES not found")
-        return set()
-    return set(re.findall(r'"([A-Z0-9_]+)"', m.group(1)))
+    # `.env.example` lists exactly the variables the service reads: the integration test
+    # `deploy::` compares it with `config::VARIABLES`, which is derived from the config tables.
+    names = set(re.findall(r"^([A-Z][A-Z0-9_]*)=", (ROOT / ".env.example").read_text(), re.M))
+    if not names:
+        problem(".env.example: no variables found")
+    return names
 
 
 def as_list(v):
@@ -331,7 +331,7 @@ def check_compose(docker):
         if builds_our_image(svc):
             for key in env_of(svc):
                 if key not in known_vars:
-                    problem(f"compose {name}: sets {key}, which the service does not read (src/config.rs VARIABLES)")
+                    problem(f"compose {name}: sets {key}, which the service does not read (.env.example, checked against config::VARIABLES)")
         # Host ports are unique (profiles included: the pair runs next to the default stack).
         for host, _ in port_pairs(svc):
             if host:
@@ -614,7 +614,7 @@ MUTATIONS = [
 
 def selftest():
     tmp = Path(tempfile.mkdtemp(prefix="deploy-selftest-"))
-    files = ["Dockerfile", ".dockerignore", "docker-compose.yml", "src/config.rs", "Cargo.toml", "Cargo.lock"]
+    files = ["Dockerfile", ".dockerignore", "docker-compose.yml", ".env.example", "Cargo.toml", "Cargo.lock"]
     try:
         shutil.copytree(ROOT / "monitoring", tmp / "monitoring")
         shutil.copytree(ROOT / "src", tmp / "src")
