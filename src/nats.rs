@@ -191,12 +191,10 @@ fn url_credentials(urls: &[String]) -> Option<UrlCredentials> {
 fn without_credentials(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) if !u.username().is_empty() => {
-            // Both only fail for URLs that cannot carry credentials at all.
-            if u.set_password(None).is_ok() && u.set_username("").is_ok() {
-                u.to_string()
-            } else {
-                raw.to_string()
-            }
+            // Both fail only for URLs without a host, which carry no credentials to remove.
+            u.set_password(None).ok();
+            u.set_username("").ok();
+            u.to_string()
         }
         _ => raw.to_string(),
     }

@@ -47,7 +47,7 @@ impl Worker {
     /// whichever of primary and legacy stream captures the filter subject, draining the old
     /// durable until it has nothing pending or unacked. No restart is needed at any migration step.
     pub async fn run(self, shutdown: CancellationToken) {
-        let span = tracing::info_span!("consumer", consumer = %self.cc.kind);
+        let span = tracing::error_span!("consumer", consumer = %self.cc.kind);
         self.supervise(shutdown).instrument(span).await
     }
 
@@ -138,7 +138,7 @@ impl Worker {
         let worker = self.clone();
         let token = shutdown.child_token();
         let (b, intake, root) = (binding.clone(), token.clone(), shutdown.clone());
-        let span = tracing::info_span!("binding", stream = %binding.stream, durable = %binding.durable);
+        let span = tracing::error_span!("binding", stream = %binding.stream, durable = %binding.durable);
         let task = loops
             .spawn(async move { worker.run_binding(b, intake, root).await }.instrument(span))
             .id();

@@ -206,7 +206,7 @@ impl Worker {
         };
         let (worker, binding, root) = (Arc::new(self.clone()), Arc::new(b.clone()), root.clone());
         let start: Start = Box::new(move |msgs, db_down| {
-            let span = tracing::info_span!("batch", messages = msgs.len());
+            let span = tracing::error_span!("batch", messages = msgs.len());
             let batch = worker
                 .clone()
                 .run_batch(msgs, binding.clone(), db_down, root.clone());

@@ -376,8 +376,8 @@ impl<L> Settler<'_, L> {
                         .with_label_values(&[kind.as_str(), origin.stream, self.durable])
                         .inc();
                     tracing::error!(
-                        seq = origin.seq, subject = %origin.subject, delivered = origin.delivered,
-                        reason = reason.as_str(),
+                        stream = %origin.stream, seq = origin.seq, subject = %origin.subject,
+                        delivered = origin.delivered, reason = reason.as_str(),
                         "shutdown: giving up a held last delivery whose dead letter could not be stored; the server will not redeliver it: republish it from the stream at this sequence (docs/OPERATIONS.md)"
                     );
                     d.forget();
