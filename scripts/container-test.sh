@@ -119,7 +119,7 @@ cleanup() {
     [ "$FAILED" -eq 1 ] || printf '   FAIL exit %s at %s\n' "$rc" "${ERR_AT:-?}" >&2
     show_logs
   fi
-  P rm -f -t 0 "$NAME" "$NAME-cli" >/dev/null 2>&1
+  P rm -f --ignore -t 0 "$NAME" "$NAME-cli" >/dev/null 2>&1
   for pid in $LOCKER_PID $PROM_PID $NATS_PID; do
     kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
   done
