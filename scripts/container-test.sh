@@ -152,14 +152,23 @@ ms() { date +%s%3N; }
 
 # --- 2. base images and the build ----------------------------------------------------------------------
 section "base images"
-scripts/container-base-images.sh
+# The stand-in rust image carries the machine's toolchain; when that is not the version the
+# Dockerfile names, the build asks for the machine's version, so every name stays true.
+DOCKERFILE_RUST="$(sed -n 's/^ARG RUST_VERSION=//p' Dockerfile | head -n1)"
+MACHINE_RUST="$(rustc --version | awk '{ split($2, v, "."); print v[1] "." v[2] }')"
+BUILD_ARGS=()
+if [ "$MACHINE_RUST" != "$DOCKERFILE_RUST" ]; then
+  info "the machine's Rust is $MACHINE_RUST, the Dockerfile's $DOCKERFILE_RUST: building with --build-arg RUST_VERSION=$MACHINE_RUST"
+  BUILD_ARGS=(--build-arg "RUST_VERSION=$MACHINE_RUST")
+fi
+scripts/container-base-images.sh "$MACHINE_RUST"
 
 section "podman build -t $IMAGE ."
 # The build stage is tagged too, so that pruning the images earlier builds left without a name
 # keeps its layers: they are the cache of the next build (the dependency layer above all).
 BUILD_IMAGE="$IMAGE-build"
 build_start=$SECONDS
-BUILD=(build --format docker --isolation chroot --network host)
+BUILD=(build --format docker --isolation chroot --network host ${BUILD_ARGS[@]+"${BUILD_ARGS[@]}"})
 if ! { P "${BUILD[@]}" --target build -t "$BUILD_IMAGE" . && P "${BUILD[@]}" -t "$IMAGE" .; } >"$WORK/build.log" 2>&1; then
   fail "podman build failed (log above)"
 fi
@@ -167,6 +176,12 @@ build_secs=$((SECONDS - build_start))
 steps=$(grep -E 'STEP [0-9]+/[0-9]+: ' "$WORK/build.log" | grep -cv ': FROM ' || true)
 cached=$(grep -c -- '--> Using cache' "$WORK/build.log" || true)
 ok "built in ${build_secs} s ($cached of $steps steps from the layer cache; the build stage is counted twice)"
+# The dependency layer: the first RUN that builds the stub crate.
+if awk '/STEP [0-9]+\/[0-9]+: RUN .*cargo build/ { getline; exit !/Using cache/ }' "$WORK/build.log"; then
+  info "dependency layer (Cargo.toml + Cargo.lock): from the cache, no dependency rebuilt"
+else
+  info "dependency layer (Cargo.toml + Cargo.lock): built"
+fi
 grep -E 'STEP [0-9]+/[0-9]+: RUN|Finished .release' "$WORK/build.log" | cut -c1-110 | sed 's/^/         | /'
 P image prune -f >/dev/null 2>&1 || true
 
