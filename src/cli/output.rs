@@ -139,6 +139,9 @@ pub struct Report<T: Serialize> {
     pub checks: Vec<Item>,
     pub data: Option<T>,
     pub next: Option<String>,
+    /// Set instead of `next` when a check failed: the command that undoes or finishes the
+    /// step, and where the runbook is.
+    pub rollback: Option<String>,
 }
 
 impl<T: Serialize> Report<T> {
@@ -153,6 +156,7 @@ impl<T: Serialize> Report<T> {
             checks: Vec::new(),
             data: None,
             next: None,
+            rollback: None,
         }
     }
 
@@ -218,6 +222,9 @@ impl<T: Serialize> Report<T> {
         }
         if let Some(n) = &self.next {
             outln!(t, "  next: {n}");
+        }
+        if let Some(r) = &self.rollback {
+            outln!(t, "  rollback: {r}");
         }
         t
     }

@@ -390,3 +390,65 @@ async fn blue_green_pair_through_the_migration() {
     blue.stop().await.unwrap();
     green.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_step_points_to_the_rollback_not_the_next_phase() {
+    let stack = legacy_stack().await;
+    let (js, db) = (&stack.js, &stack.db);
+    let cli_env = cli_vars(&stack.nats, db);
+    ok(&cli_env, &["migrate", "phase0"]).await;
+
+    // No daemon runs, so the probe after the move fails: exit 1, the rollback, no next phase.
+    let out = cli(&cli_env, &["migrate", "phase1", "--yes", "--probe-timeout", "1"]).await;
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("FAILED"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("rollback: normalize-service migrate rollback phase1 --yes"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("docs/MIGRATION.md#a-step-failed"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("next:"), "{}", out.stdout);
+    assert!(!out.stdout.contains("phase2 --yes"), "{}", out.stdout);
+    let out = cli(&cli_env, &["migrate", "verify", "phase1", "--probe-timeout", "1"]).await;
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("migrate rollback phase1 --yes"),
+        "{}",
+        out.stdout
+    );
+
+    // The printed rollback works.
+    ok(
+        &cli_env,
+        &["migrate", "rollback", "phase1", "--yes", "--no-probe"],
+    )
+    .await;
+    let legacy = js.get_stream("ATHLETE_ALLY_EVENTS").await.unwrap();
+    assert!(legacy
+        .cached_info()
+        .config
+        .subjects
+        .contains(&"vendor.>".to_string()));
+
+    // A move interrupted between remove and add: `plan` says the state is mixed (exit 3) and
+    // re-running the same step finishes it (docs/MIGRATION.md, "A step failed").
+    let mut cfg = legacy.cached_info().config.clone();
+    cfg.subjects.retain(|s| s != "vendor.>");
+    js.update_stream(cfg).await.unwrap();
+    let out = cli(&cli_env, &["migrate", "plan"]).await;
+    assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("mixed state"), "{}", out.stdout);
+    ok(&cli_env, &["migrate", "phase1", "--yes", "--no-probe"]).await;
+    let vendor = js.get_stream("AA_VENDOR_HOT").await.unwrap();
+    assert!(vendor
+        .cached_info()
+        .config
+        .subjects
+        .contains(&"vendor.>".to_string()));
+}

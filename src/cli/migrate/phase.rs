@@ -188,7 +188,31 @@ impl Step {
             Step::Rollback(RollbackStep::Phase2) => "migrate rollback phase2",
         }
     }
+
+    /// What to run when this step's checks or probes failed: never the next phase. A forward
+    /// move is undone by its rollback; the other steps are re-run once the cause is fixed.
+    pub fn recovery(self) -> &'static str {
+        match self {
+            Step::Forward(PhaseStep::Phase0) => {
+                "fix the cause, then re-run `normalize-service migrate phase0` (nothing moved; it is idempotent)"
+            }
+            Step::Forward(PhaseStep::Phase1) => "normalize-service migrate rollback phase1 --yes",
+            Step::Forward(PhaseStep::Phase2) => "normalize-service migrate rollback phase2 --yes",
+            Step::Forward(PhaseStep::Phase3) => {
+                "fix the cause, then re-run `normalize-service migrate phase3 --yes` (see `migrate plan`)"
+            }
+            Step::Rollback(RollbackStep::Phase1) => {
+                "fix the cause, then re-run `normalize-service migrate rollback phase1 --yes`"
+            }
+            Step::Rollback(RollbackStep::Phase2) => {
+                "fix the cause, then re-run `normalize-service migrate rollback phase2 --yes`"
+            }
+        }
+    }
 }
+
+/// Where the runbook for a failed step is.
+pub const FAILED_STEP_DOCS: &str = "docs/MIGRATION.md#a-step-failed";
 
 impl Move {
     /// The group of the `role` stream, moved legacy → new (`forward`) or back.

@@ -8,11 +8,11 @@ use async_nats::jetstream;
 
 use super::phase::{
     already_moved, classify, expect_for, move_ends, move_refusal, moved_subjects, placeholder,
-    unmanaged_overlap, Move, Phase, PhaseStep, RollbackStep, Step, Subjects,
+    unmanaged_overlap, Move, Phase, PhaseStep, RollbackStep, Step, Subjects, FAILED_STEP_DOCS,
 };
 use super::verify::verify;
 use super::StepArgs;
-use crate::cli::output::Report;
+use crate::cli::output::{Report, EXIT_FAILED};
 use crate::cli::server::{consumer_infos, consumers_of, subjects_state, Ctx, OpsError};
 use crate::config::StreamRole;
 use crate::topology;
@@ -51,6 +51,7 @@ pub async fn run(step: Step, args: StepArgs, quiet: Duration) -> Result<Report<(
         }
     };
     if let Flow::Stop = flow {
+        point_back(step, &mut report);
         return Ok(report);
     }
     if !args.dry_run && report.ok {
@@ -60,7 +61,18 @@ pub async fn run(step: Step, args: StepArgs, quiet: Duration) -> Result<Report<(
     let after = classify(&state, &c.config.streams);
     report.next = after.next_command().map(String::from);
     report.phase_after = Some(after);
+    point_back(step, &mut report);
     Ok(report)
+}
+
+/// A step whose check, probe or move failed (exit 1) never points forward: it names the
+/// rollback (or the re-run) and the runbook instead. A refusal (exit 3) changed nothing and
+/// keeps its own explanation.
+pub(super) fn point_back(step: Step, report: &mut Report<()>) {
+    if report.exit == EXIT_FAILED {
+        report.next = None;
+        report.rollback = Some(format!("{} (runbook: {FAILED_STEP_DOCS})", step.recovery()));
+    }
 }
 
 /// phase0: `AA_DLQ`, and the core and vendor streams parked on their placeholder subjects.

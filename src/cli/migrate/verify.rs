@@ -24,6 +24,7 @@ pub async fn verify_only(phase: PhaseStep, args: StepArgs) -> Result<Report<()>,
     report.phase_before = Some(classify(&state, &c.config.streams));
     let expect = expect_for(Step::Forward(phase), &c.config.streams);
     verify(&c, &expect, &args, &mut report).await?;
+    super::steps::point_back(Step::Forward(phase), &mut report);
     Ok(report)
 }
 
