@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod batch;
+mod cli_ux;
 mod consumers;
 mod credentials;
 mod daemon;
