@@ -230,16 +230,59 @@ impl<T: Serialize> Report<T> {
     }
 }
 
+/// Columns aligned to their widest cell (headers included), two spaces apart; the columns
+/// flagged in `right` are right-aligned (numbers). Trailing spaces are trimmed.
+pub fn table(headers: &[&str], right: &[bool], rows: &[Vec<String>]) -> Vec<String> {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, cell) in cells.enumerate() {
+            let w = widths.get(i).copied().unwrap_or(0);
+            let pad = " ".repeat(w.saturating_sub(cell.chars().count()));
+            if i > 0 {
+                l.push_str("  ");
+            }
+            if right.get(i).copied().unwrap_or(false) {
+                l.push_str(&pad);
+                l.push_str(cell);
+            } else {
+                l.push_str(cell);
+                l.push_str(&pad);
+            }
+        }
+        l.trim_end().to_string()
+    };
+    let mut out = vec![line(&mut headers.iter().copied())];
+    for row in rows {
+        out.push(line(&mut row.iter().map(String::as_str)));
+    }
+    out
+}
+
 /// Prints a `topology` / `migrate` result and returns the exit code: the report (text, or
 /// pretty JSON with `--json`), or the error on stderr (and `{"ok": false, "error": …}` on stdout
 /// with `--json`).
 pub fn finish<T: Serialize, E: Failure>(result: Result<Report<T>, E>, json: bool) -> ExitCode {
+    finish_with(result, json, Report::render)
+}
+
+/// [`finish`] with the text form drawn by `render`.
+pub fn finish_with<T: Serialize, E: Failure>(
+    result: Result<Report<T>, E>,
+    json: bool,
+    render: impl Fn(&Report<T>) -> Text,
+) -> ExitCode {
     match result {
         Ok(report) => {
             if json {
                 print_json_pretty(&report);
             } else {
-                print(&report.render());
+                print(&render(&report));
             }
             ExitCode::from(report.exit)
         }

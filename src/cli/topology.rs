@@ -9,7 +9,7 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use crate::cli::migrate::{self, classify, step_for_subject, vendor_subjects, Subjects};
-use crate::cli::output::{finish, Report, EXIT_REFUSED};
+use crate::cli::output::{finish, finish_with, outln, table, Report, Text, EXIT_REFUSED};
 use crate::cli::server::{consumer_infos, stream_infos, subjects_state, Ctx, OpsError};
 use crate::config::{Config, ConsumerConfig, StreamMode};
 use crate::topology::{self, StreamSpec};
@@ -45,7 +45,7 @@ pub async fn run(cmd: TopologyCommand) -> ExitCode {
             dry_run,
             json,
         } => finish(apply(mode, replicas, dry_run).await, json),
-        TopologyCommand::Status { json } => finish(status().await, json),
+        TopologyCommand::Status { json } => finish_with(status().await, json, status_text),
     }
 }
 
@@ -111,12 +111,90 @@ async fn status() -> Result<Report<Vec<StreamStatus>>, OpsError> {
             consumers,
         });
     }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    for s in &mut out {
+        s.consumers.sort_by(|a, b| a.name.cmp(&b.name));
+    }
     let state: Subjects = out.iter().map(|s| (s.name.clone(), s.subjects.clone())).collect();
     let phase = classify(&state, &c.config.streams);
     report.next = phase.next_command().map(String::from);
     report.phase_after = Some(phase);
     report.data = Some(out);
     Ok(report)
+}
+
+/// `topology status` as text: the phase, one aligned row per stream and one per durable,
+/// sorted by name (as `nats stream report` does), and the next step.
+pub fn status_text(report: &Report<Vec<StreamStatus>>) -> Text {
+    let mut t = Text::default();
+    outln!(
+        t,
+        "{}: {}",
+        report.command,
+        if report.ok { "ok" } else { "NOT OK" }
+    );
+    if let Some(p) = &report.phase_after {
+        outln!(t, "phase: {}", p.describe());
+    }
+    let streams = report.data.as_deref().unwrap_or_default();
+    outln!(t);
+    if streams.is_empty() {
+        outln!(t, "no streams");
+    } else {
+        let rows: Vec<Vec<String>> = streams
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    s.subjects.join(", "),
+                    s.messages.to_string(),
+                    s.bytes.to_string(),
+                    s.consumers.len().to_string(),
+                ]
+            })
+            .collect();
+        let headers = ["STREAM", "SUBJECTS", "MESSAGES", "BYTES", "CONSUMERS"];
+        for l in table(&headers, &[false, false, true, true, true], &rows) {
+            outln!(t, "{l}");
+        }
+        let rows: Vec<Vec<String>> = streams
+            .iter()
+            .flat_map(|s| {
+                s.consumers.iter().map(|c| {
+                    vec![
+                        s.name.clone(),
+                        c.name.clone(),
+                        c.filter_subject.clone(),
+                        c.pending.to_string(),
+                        c.ack_pending.to_string(),
+                        c.redelivered.to_string(),
+                    ]
+                })
+            })
+            .collect();
+        if !rows.is_empty() {
+            outln!(t);
+            let headers = [
+                "STREAM",
+                "DURABLE",
+                "FILTER",
+                "PENDING",
+                "ACK PENDING",
+                "REDELIVERED",
+            ];
+            for l in table(&headers, &[false, false, false, true, true, true], &rows) {
+                outln!(t, "{l}");
+            }
+        }
+    }
+    for c in &report.checks {
+        outln!(t, "check   {} — {}", c.what, c.status);
+    }
+    if let Some(n) = &report.next {
+        outln!(t);
+        outln!(t, "next: {n}");
+    }
+    t
 }
 
 /// How an existing stream differs from its spec, for the fields that can change in place.
@@ -178,6 +256,20 @@ fn overlap_advice(config: &Config, holder: &str, spec: &str, subject: &str) -> S
     }
 }
 
+/// Sets planned action `i` to its outcome; a failure is also a failed check.
+fn done(report: &mut Report<()>, i: usize, what: String, result: Result<(), String>) {
+    let status = match &result {
+        Ok(()) => "done".to_string(),
+        Err(_) => "FAILED".to_string(),
+    };
+    if let Some(a) = report.actions.get_mut(i) {
+        a.status = status;
+    }
+    if let Err(e) = result {
+        report.check(what, false, e);
+    }
+}
+
 async fn apply(mode: StreamMode, replicas: Option<usize>, dry_run: bool) -> Result<Report<()>, OpsError> {
     let c = Ctx::open().await?;
     let replicas = replicas.unwrap_or(c.config.replicas);
@@ -220,7 +312,7 @@ async fn apply(mode: StreamMode, replicas: Option<usize>, dry_run: bool) -> Resu
                     ),
                     "planned",
                 );
-                changes.push(Change::Create(spec));
+                changes.push((report.actions.len() - 1, Change::Create(spec)));
             }
             Some(info) => {
                 let drift = stream_drift(&info.config, &spec);
@@ -239,11 +331,12 @@ async fn apply(mode: StreamMode, replicas: Option<usize>, dry_run: bool) -> Resu
                         format!("~ update stream {}: {}", spec.name, drift.join(", ")),
                         "planned",
                     );
-                    changes.push(Change::Update(spec));
+                    changes.push((report.actions.len() - 1, Change::Update(spec)));
                 }
             }
         }
     }
+    let mut durables = Vec::new();
     for cc in &c.config.consumers {
         let stream = consumer_stream(&c.config, mode, cc);
         if c.has_durable(stream, &cc.durable).await {
@@ -259,6 +352,7 @@ async fn apply(mode: StreamMode, replicas: Option<usize>, dry_run: bool) -> Resu
                 ),
                 "planned",
             );
+            durables.push((report.actions.len() - 1, cc, stream.to_string()));
         }
     }
     if report.exit == EXIT_REFUSED {
@@ -269,7 +363,8 @@ async fn apply(mode: StreamMode, replicas: Option<usize>, dry_run: bool) -> Resu
         report.action("dry run", "nothing changed");
         return Ok(report);
     }
-    for change in changes {
+    // Each planned action is shown once, its status becoming the outcome.
+    for (i, change) in changes {
         let (verb, spec, result) = match change {
             Change::Create(spec) => {
                 let r = c.js.create_stream(spec.to_config()).await.map(|_| ());
@@ -280,16 +375,89 @@ async fn apply(mode: StreamMode, replicas: Option<usize>, dry_run: bool) -> Resu
                 ("update", spec, r.map_err(|e| e.to_string()))
             }
         };
-        match result {
-            Ok(()) => report.action(format!("{verb} stream {}", spec.name), "done"),
-            Err(e) => report.check(format!("{verb} stream {}", spec.name), false, e),
-        }
+        done(&mut report, i, format!("{verb} stream {}", spec.name), result);
     }
-    for cc in &c.config.consumers {
-        let stream = consumer_stream(&c.config, mode, cc).to_string();
-        c.ensure_durable(cc, &stream, &mut report).await;
+    for (i, cc, stream) in durables {
+        let result = match c.js.get_stream(&stream).await {
+            Ok(s) => s
+                .create_consumer(topology::durable_config(cc))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(format!("stream: {e}")),
+        };
+        done(
+            &mut report,
+            i,
+            format!("create durable {} on {stream}", cc.durable),
+            result,
+        );
     }
     let state = subjects_state(&c.js).await?;
     report.phase_after = Some(migrate::classify(&state, &c.config.streams));
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::migrate::Phase;
+
+    fn consumer(name: &str, filter: &str, pending: u64) -> ConsumerStatus {
+        ConsumerStatus {
+            name: name.into(),
+            filter_subject: filter.into(),
+            pending,
+            ack_pending: 2,
+            redelivered: 0,
+            ack_floor: 0,
+            last_active: None,
+        }
+    }
+
+    fn stream(name: &str, subjects: &[&str], messages: u64, consumers: Vec<ConsumerStatus>) -> StreamStatus {
+        StreamStatus {
+            name: name.into(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            messages,
+            bytes: messages * 100,
+            first_seq: 1,
+            first_time: None,
+            last_seq: messages,
+            last_time: None,
+            replicas: 1,
+            consumers,
+        }
+    }
+
+    #[test]
+    fn status_is_an_aligned_table_not_json() {
+        let mut report: Report<Vec<StreamStatus>> = Report::new("topology status");
+        report.phase_after = Some(Phase::Migrated);
+        report.data = Some(vec![
+            stream(
+                "AA_CORE_HOT",
+                &["athlete-ally.>", "sleep.*"],
+                1234,
+                vec![
+                    consumer("normalize-hrv-durable", "athlete-ally.hrv.raw-received", 15),
+                    consumer("normalize-sleep-durable", "sleep.raw-received", 0),
+                ],
+            ),
+            stream("AA_DLQ", &["dlq.>"], 7, vec![]),
+        ]);
+        let expected = "\
+topology status: ok
+phase: phase3 done: three-stream topology
+
+STREAM       SUBJECTS                 MESSAGES   BYTES  CONSUMERS
+AA_CORE_HOT  athlete-ally.>, sleep.*      1234  123400          2
+AA_DLQ       dlq.>                           7     700          0
+
+STREAM       DURABLE                  FILTER                         PENDING  ACK PENDING  REDELIVERED
+AA_CORE_HOT  normalize-hrv-durable    athlete-ally.hrv.raw-received       15            2            0
+AA_CORE_HOT  normalize-sleep-durable  sleep.raw-received                   0            2            0
+";
+        assert_eq!(status_text(&report).as_str(), expected);
+    }
 }

@@ -13,6 +13,38 @@ use crate::support::*;
 async fn dead_letters(js: &jetstream::Context, vars: &HashMap<String, String>, n: usize) {
     let r = cli(vars, &["topology", "apply", "--mode", "multi"]).await;
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    // Each action once, its status the outcome.
+    assert_eq!(
+        r.stdout.matches("create stream AA_CORE_HOT").count(),
+        1,
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        r.stdout.matches("create durable normalize-hrv-durable").count(),
+        1,
+        "{}",
+        r.stdout
+    );
+    let status = cli(vars, &["topology", "status"]).await;
+    assert_eq!(status.code, 0, "{}{}", status.stdout, status.stderr);
+    assert!(
+        status.stdout.contains("\nphase: phase3 done"),
+        "{}",
+        status.stdout
+    );
+    assert!(
+        !status.stdout.contains('{'),
+        "a table, not JSON: {}",
+        status.stdout
+    );
+    let rows: Vec<&str> = status.stdout.lines().filter(|l| l.starts_with("AA_")).collect();
+    assert_eq!(
+        rows.len(),
+        3 + 3,
+        "three streams, three durables: {}",
+        status.stdout
+    );
     let mut acks = Vec::with_capacity(n);
     for i in 0..n {
         let body = format!("{{broken hrv event number {i} with some padding to make the line longer");
