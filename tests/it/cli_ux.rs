@@ -94,7 +94,43 @@ async fn a_closed_pipe_ends_quietly_with_exit_0() {
     // Far more than a pipe buffer (64 KiB) of text, so the writer meets the closed pipe.
     dead_letters(&stack.js, &vars, 1500).await;
 
-    let (first, code, stderr) = piped_into_head(&vars, &["dlq", "list"]).await;
+    // Newest first, 50 by default, with a footer; --oldest and --limit 0 for the rest.
+    let page = cli(&vars, &["dlq", "list"]).await;
+    assert_eq!(page.code, 0, "{}", page.stderr);
+    let lines: Vec<&str> = page.stdout.lines().collect();
+    assert_eq!(lines.len(), 1 + 50 + 1, "{}", page.stdout);
+    assert!(
+        lines[1].trim_start().starts_with("1500 "),
+        "newest first: {}",
+        lines[1]
+    );
+    assert!(
+        lines[51].starts_with("showing 50 of 1500 dead letters"),
+        "{}",
+        lines[51]
+    );
+    let oldest = cli_json(&vars, &["dlq", "list", "--oldest", "--limit", "3"], 0).await;
+    assert_eq!(
+        (oldest["count"].as_u64(), oldest["total"].as_u64()),
+        (Some(3), Some(1500))
+    );
+    assert_eq!(oldest["deadLetters"][0]["sequence"], 1);
+
+    // Replaying more than 100 needs --yes; a script (no terminal) is refused with exit 2.
+    let r = cli(&vars, &["dlq", "replay", "--all"]).await;
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("1500 dead letters") && r.stderr.contains("--yes"),
+        "{}",
+        r.stderr
+    );
+    let dry = cli(&vars, &["dlq", "replay", "--all", "--dry-run"]).await;
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert!(dry
+        .stdout
+        .ends_with("would replay 1500 (dry run: nothing replayed), skipped 0\n"));
+
+    let (first, code, stderr) = piped_into_head(&vars, &["dlq", "list", "--limit", "0"]).await;
     assert!(first.contains("SEQ"), "{first}");
     assert_eq!(code, Some(0), "{stderr}");
     assert!(

@@ -33,7 +33,7 @@ async fn purge_removes_exactly_what_the_selection_selects() {
         stream_messages(js, "AA_DLQ").await == 5
     })
     .await;
-    let all = cli_json(&vars, &["dlq", "list"], 0).await;
+    let all = cli_json(&vars, &["dlq", "list", "--oldest"], 0).await;
     let consumer_of = |seq: u64| {
         all["deadLetters"]
             .as_array()
@@ -65,14 +65,17 @@ async fn purge_removes_exactly_what_the_selection_selects() {
 
     let done = cli_json(&vars, &["dlq", "purge", "--consumer", "sleep", "--yes"], 0).await;
     assert_eq!(done["counts"]["purged"], 2);
-    assert_eq!(seqs_of(&cli_json(&vars, &["dlq", "list"], 0).await), hrv);
+    assert_eq!(
+        seqs_of(&cli_json(&vars, &["dlq", "list", "--oldest"], 0).await),
+        hrv
+    );
 
     // By sequence, leaving a gap in the middle that list must step over.
     let middle = hrv[1].to_string();
     let one = cli_json(&vars, &["dlq", "purge", &middle, "--yes"], 0).await;
     assert_eq!(one["counts"]["purged"], 1);
     assert_eq!(
-        seqs_of(&cli_json(&vars, &["dlq", "list"], 0).await),
+        seqs_of(&cli_json(&vars, &["dlq", "list", "--oldest"], 0).await),
         vec![hrv[0], hrv[2]]
     );
 
@@ -111,7 +114,7 @@ async fn purge_removes_exactly_what_the_selection_selects() {
     let everything = cli_json(&vars, &["dlq", "purge", "--all", "--yes"], 0).await;
     assert_eq!(everything["counts"]["purged"], 2);
     assert_eq!(stream_messages(js, "AA_DLQ").await, 0);
-    assert_eq!(cli_json(&vars, &["dlq", "list"], 0).await["count"], 0);
+    assert_eq!(cli_json(&vars, &["dlq", "list", "--oldest"], 0).await["count"], 0);
     app.stop().await.unwrap();
 }
 

@@ -214,7 +214,8 @@ async fn dead_letters_are_listed_and_replay_stores_them_once_the_cause_is_fixed(
     )
     .await;
     let again = cli_json(&fixed_vars, &["dlq", "list"], 0).await;
-    let newest = again["deadLetters"].as_array().unwrap().last().unwrap().clone();
+    // Newest first by default.
+    let newest = again["deadLetters"].as_array().unwrap().first().unwrap().clone();
     let shown = cli_json(&fixed_vars, &["dlq", "show", &newest["sequence"].to_string()], 0).await;
     assert_eq!(shown["body"], "{still broken");
     assert_eq!(shown["bodyEncoding"], "text");

@@ -29,6 +29,12 @@ pub use letters::{consumer_of, DeadLetter};
 
 use letters::{exit_code_for, Dlq, ItemResult};
 
+/// `dlq list` shows this many dead letters unless `--limit` says otherwise.
+pub const DEFAULT_LIMIT: usize = 50;
+
+/// A replay of more dead letters than this needs `--yes` (or a "y" on a terminal).
+pub const CONFIRM_OVER: usize = 100;
+
 const EXIT_CODES_HELP: &str = "Exit codes: 0 success; 1 operational failure (NATS unreachable, a \
 request timed out, a replay publish or a delete failed); 2 usage or configuration error; 3 not \
 found (the dead-letter stream is missing or a requested sequence does not exist). 1 wins over 3.";
@@ -40,9 +46,12 @@ pub enum DlqCommand {
     List {
         #[command(flatten)]
         filter: FilterArgs,
-        /// Show at most N dead letters (the oldest matching first).
-        #[arg(long, value_name = "N")]
-        limit: Option<usize>,
+        /// Show at most N dead letters (0: all). A footer says how many matched.
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_LIMIT)]
+        limit: usize,
+        /// Oldest first (default: newest first, so `--limit` shows the latest).
+        #[arg(long)]
+        oldest: bool,
         /// Print one JSON document on stdout instead of text.
         #[arg(long)]
         json: bool,
@@ -72,6 +81,10 @@ pub enum DlqCommand {
         /// Delete each dead letter once its replay was acknowledged by JetStream.
         #[arg(long)]
         purge_replayed: bool,
+        /// Confirm replaying more than 100 dead letters (asked on a terminal, refused with exit
+        /// 2 otherwise).
+        #[arg(long)]
+        yes: bool,
         /// Print one JSON document on stdout instead of text.
         #[arg(long)]
         json: bool,
@@ -183,6 +196,11 @@ pub enum DlqError {
     StreamMissing { stream: String },
     #[error("no dead letter with sequence {seq} in {stream}")]
     NotFound { stream: String, seq: u64 },
+    #[error(
+        "not replaying {count} dead letters without confirmation (more than {CONFIRM_OVER}): \
+         check them with `dlq replay … --dry-run`, then re-run with --yes"
+    )]
+    Unconfirmed { count: usize },
     #[error("cannot connect to NATS at {servers}")]
     Connect {
         servers: String,
@@ -200,7 +218,7 @@ pub enum DlqError {
 impl Failure for DlqError {
     fn exit_code(&self) -> u8 {
         match self {
-            DlqError::Config(_) => EXIT_CONFIG,
+            DlqError::Config(_) | DlqError::Unconfirmed { .. } => EXIT_CONFIG,
             DlqError::StreamMissing { .. } | DlqError::NotFound { .. } => EXIT_NOT_FOUND,
             DlqError::Connect { .. } | DlqError::Nats { .. } => EXIT_FAILED,
         }
@@ -235,12 +253,21 @@ async fn execute(cmd: DlqCommand) -> Result<u8, DlqError> {
     let js = jetstream::new(client.clone());
     let dlq = Dlq::open(&js, &config).await?;
     let code = match cmd {
-        DlqCommand::List { filter, limit, json } => {
+        DlqCommand::List {
+            filter,
+            limit,
+            oldest,
+            json,
+        } => {
             let mut letters = dlq.scan(&filter).await?;
-            if let Some(n) = limit {
-                letters.truncate(n);
+            let total = letters.len();
+            if !oldest {
+                letters.reverse();
             }
-            print::list(&dlq.name, &letters, json);
+            if limit > 0 {
+                letters.truncate(limit);
+            }
+            print::list(&dlq.name, &letters, total, json);
             0
         }
         DlqCommand::Show { seq, json } => {
@@ -260,9 +287,13 @@ async fn execute(cmd: DlqCommand) -> Result<u8, DlqError> {
             select,
             dry_run,
             purge_replayed,
+            yes,
             json,
         } => {
             let (letters, missing) = dlq.select(&select).await?;
+            if !dry_run && !yes && letters.len() > CONFIRM_OVER && !confirmed(letters.len()) {
+                return Err(DlqError::Unconfirmed { count: letters.len() });
+            }
             let mut results: Vec<ItemResult> = missing.iter().map(|&s| ItemResult::not_found(s)).collect();
             for l in &letters {
                 results.push(if dry_run {
@@ -298,6 +329,28 @@ async fn execute(cmd: DlqCommand) -> Result<u8, DlqError> {
         tracing::debug!(error = %e, "draining the connection failed");
     }
     Ok(code)
+}
+
+/// Asks on the terminal whether to go on with `count` dead letters; `false` when stdin is not a
+/// terminal (a script must say `--yes`) or the answer is not yes.
+fn confirmed(count: usize) -> bool {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        return false;
+    }
+    let mut err = std::io::stderr();
+    if write!(err, "replay {count} dead letters? [y/N] ")
+        .and_then(|()| err.flush())
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = String::new();
+    if stdin.lock().read_line(&mut answer).is_err() {
+        return false;
+    }
+    matches!(answer.trim(), "y" | "Y" | "yes")
 }
 
 #[cfg(test)]

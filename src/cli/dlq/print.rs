@@ -19,53 +19,67 @@ fn one_line(s: &str, max: usize) -> String {
     }
 }
 
-pub(super) fn list(stream: &str, letters: &[DeadLetter], json: bool) {
+pub(super) fn list(stream: &str, letters: &[DeadLetter], total: usize, json: bool) {
     if json {
         let items: Vec<Summary<'_>> = letters.iter().map(DeadLetter::summary).collect();
-        output::print_json(&json!({"stream": stream, "count": items.len(), "deadLetters": items}));
+        output::print_json(
+            &json!({"stream": stream, "count": items.len(), "total": total, "deadLetters": items}),
+        );
         return;
     }
-    output::print(&list_text(stream, letters));
+    output::print(&list_text(stream, letters, total));
 }
 
-fn list_text(stream: &str, letters: &[DeadLetter]) -> Text {
+/// One aligned row per dead letter, long fields cut with `…`, and a footer when not all shown.
+pub(super) fn list_text(stream: &str, letters: &[DeadLetter], total: usize) -> Text {
     let mut t = Text::default();
     if letters.is_empty() {
         outln!(t, "no dead letters in {stream} match");
         return t;
     }
-    outln!(
-        t,
-        "{:>8}  {:<24}  {:<8}  {:<14}  {:<45}  {:>5}  ERROR",
+    let rows: Vec<Vec<String>> = letters
+        .iter()
+        .map(|l| {
+            let s = l.summary();
+            let origin = format!(
+                "{} {}:{}",
+                s.original_subject.unwrap_or("?"),
+                s.original_stream.unwrap_or("?"),
+                s.original_sequence
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "?".into())
+            );
+            vec![
+                s.sequence.to_string(),
+                s.time,
+                s.consumer.to_string(),
+                one_line(s.reason, 16),
+                one_line(&origin, 48),
+                s.delivery_count
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                one_line(s.error.unwrap_or(""), 60),
+            ]
+        })
+        .collect();
+    let headers = [
         "SEQ",
         "TIME",
         "CONSUMER",
         "REASON",
         "ORIGINAL (subject stream:seq)",
-        "DELIV"
-    );
-    for l in letters {
-        let s = l.summary();
-        let origin = format!(
-            "{} {}:{}",
-            s.original_subject.unwrap_or("?"),
-            s.original_stream.unwrap_or("?"),
-            s.original_sequence
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| "?".into())
-        );
+        "DELIV",
+        "ERROR",
+    ];
+    let right = [true, false, false, false, false, true, false];
+    for l in output::table(&headers, &right, &rows) {
+        outln!(t, "{l}");
+    }
+    if letters.len() < total {
         outln!(
             t,
-            "{:>8}  {:<24}  {:<8}  {:<14}  {:<45}  {:>5}  {}",
-            s.sequence,
-            s.time,
-            s.consumer,
-            s.reason,
-            origin,
-            s.delivery_count
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| "?".into()),
-            one_line(s.error.unwrap_or(""), 160)
+            "showing {} of {total} dead letters (--limit 0 shows all; `dlq show SEQ` the whole error)",
+            letters.len()
         );
     }
     t
@@ -172,6 +186,29 @@ pub(super) fn results(action: &str, stream: &str, results: &[ItemResult], json: 
     output::print(&results_text(action, stream, results));
 }
 
+/// The count line that ends `replay` and `purge`: "replayed 3, failed 0, skipped 0".
+pub(super) fn summary_line(action: &str, results: &[ItemResult]) -> String {
+    let n = |names: &[&str]| results.iter().filter(|r| names.contains(&r.result)).count();
+    let failed = n(&["failed"]);
+    let skipped = n(&["not-found"]);
+    match action {
+        "replay" if n(&["would-replay"]) > 0 => format!(
+            "would replay {} (dry run: nothing replayed), skipped {skipped}",
+            n(&["would-replay"])
+        ),
+        "replay" => format!(
+            "replayed {} ({} already replayed before: duplicate), failed {failed}, skipped {skipped}",
+            n(&["replayed", "duplicate"]),
+            n(&["duplicate"])
+        ),
+        _ if n(&["would-purge"]) > 0 => format!(
+            "would purge {} (nothing removed without --yes), skipped {skipped}",
+            n(&["would-purge"])
+        ),
+        _ => format!("purged {}, failed {failed}, skipped {skipped}", n(&["purged"])),
+    }
+}
+
 fn results_text(action: &str, stream: &str, results: &[ItemResult]) -> Text {
     let mut t = Text::default();
     if results.is_empty() {
@@ -196,5 +233,6 @@ fn results_text(action: &str, stream: &str, results: &[ItemResult]) -> Text {
         }
         outln!(t, "{line}");
     }
+    outln!(t, "{}", summary_line(action, results));
     t
 }

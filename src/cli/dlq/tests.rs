@@ -98,4 +98,59 @@ fn failures_outrank_not_found() {
     assert_eq!(exit_code_for(&[r("replayed"), r("duplicate")]), 0);
     assert_eq!(exit_code_for(&[r("replayed"), r("not-found")]), 3);
     assert_eq!(exit_code_for(&[r("not-found"), r("failed")]), 1);
+    use super::print::summary_line;
+    assert_eq!(
+        summary_line(
+            "replay",
+            &[r("replayed"), r("duplicate"), r("failed"), r("not-found")]
+        ),
+        "replayed 2 (1 already replayed before: duplicate), failed 1, skipped 1"
+    );
+    assert_eq!(
+        summary_line("purge", &[r("purged"), r("purged")]),
+        "purged 2, failed 0, skipped 0"
+    );
+    assert!(summary_line("purge", &[r("would-purge")]).starts_with("would purge 1 "));
+}
+
+#[test]
+fn list_rows_are_aligned_cut_and_footed() {
+    let letter = |seq: u64, error: &str| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Dlq-Reason", "schema-invalid");
+        headers.insert("Dlq-Original-Subject", "athlete-ally.hrv.raw-received");
+        headers.insert("Dlq-Original-Stream", "AA_CORE_HOT");
+        headers.insert("Dlq-Original-Sequence", seq.to_string().as_str());
+        headers.insert("Dlq-Delivery-Count", "1");
+        headers.insert("Dlq-Error", error);
+        DeadLetter {
+            seq,
+            time: DateTime::parse_from_rfc3339("2025-03-01T00:00:00Z")
+                .unwrap()
+                .with_timezone(&Utc),
+            subject: "dlq.normalize.hrv.raw-received".into(),
+            consumer: Some(crate::config::ConsumerKind::Hrv),
+            headers,
+            payload: bytes::Bytes::from_static(b"{}"),
+        }
+    };
+    let long = "x".repeat(300);
+    let text = print::list_text("AA_DLQ", &[letter(12345, &long), letter(7, "short")], 40);
+    let lines: Vec<&str> = text.as_str().lines().collect();
+    assert_eq!(lines.len(), 4, "{}", text.as_str());
+    assert!(lines[0].starts_with("  SEQ  TIME"), "{}", lines[0]);
+    // The columns line up: each row's TIME starts where the header's does.
+    let col = lines[0].find("TIME").unwrap();
+    assert_eq!(lines[1].find("2025"), Some(col));
+    assert_eq!(lines[2].find("2025"), Some(col));
+    assert!(
+        lines[1].ends_with('…') && lines[1].chars().count() < 200,
+        "{}",
+        lines[1]
+    );
+    assert!(lines[2].ends_with("short"));
+    assert_eq!(
+        lines[3],
+        "showing 2 of 40 dead letters (--limit 0 shows all; `dlq show SEQ` the whole error)"
+    );
 }
