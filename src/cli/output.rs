@@ -90,6 +90,20 @@ fn print_line(s: &str) {
     print(&t);
 }
 
+/// The `--json` answer of a command that failed: `{"schemaVersion": 1, "ok": false, "error":
+/// {"message", "exitCode"}}` on stdout (the message is on stderr too).
+pub fn print_json_error(failure: &dyn Failure) {
+    print_json(&error_json(failure));
+}
+
+pub fn error_json(failure: &dyn Failure) -> serde_json::Value {
+    serde_json::json!({
+        "schemaVersion": SCHEMA_VERSION,
+        "ok": false,
+        "error": {"message": error_text(failure), "exitCode": failure.exit_code()},
+    })
+}
+
 /// A line on stderr; like [`print()`], never panics.
 pub fn eprint_line(s: &str) {
     let mut err = std::io::stderr().lock();
@@ -119,16 +133,50 @@ pub fn fail(prefix: &str, failure: &dyn Failure) -> ExitCode {
     ExitCode::from(failure.exit_code())
 }
 
+/// The version of every `--json` document (docs/CLI-JSON.md); raised only when a key is removed
+/// or changes meaning, never for an added key.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What an action does, for scripts (`what` is the same in English).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ActionKind {
+    CreateStream,
+    UpdateStream,
+    DeleteStream,
+    StreamExists,
+    StreamUpToDate,
+    StreamDeleted,
+    RemoveSubjects,
+    AddSubjects,
+    MoveSubjects,
+    SubjectsInPlace,
+    CreateConsumer,
+    ConsumerExists,
+    KeepConsumer,
+    /// Nothing was done (a dry run, or a refusal).
+    Nothing,
+}
+
 /// One line of a report: an action taken (or planned), or a check and its result.
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Item {
+    /// Actions only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ActionKind>,
     pub what: String,
     pub status: String,
+    /// Checks only: whether it passed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ok: Option<bool>,
 }
 
 /// What a `topology` or `migrate` command did and found.
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Report<T: Serialize> {
+    pub schema_version: u32,
     pub command: String,
     pub ok: bool,
     #[serde(skip)]
@@ -147,6 +195,7 @@ pub struct Report<T: Serialize> {
 impl<T: Serialize> Report<T> {
     pub fn new(command: &str) -> Report<T> {
         Report {
+            schema_version: SCHEMA_VERSION,
             command: command.into(),
             ok: true,
             exit: EXIT_OK,
@@ -160,16 +209,20 @@ impl<T: Serialize> Report<T> {
         }
     }
 
-    pub fn action(&mut self, what: impl Into<String>, status: impl Into<String>) {
+    pub fn action(&mut self, kind: ActionKind, what: impl Into<String>, status: impl Into<String>) {
         self.actions.push(Item {
+            kind: Some(kind),
             what: what.into(),
             status: status.into(),
+            ok: None,
         });
     }
 
     pub fn check(&mut self, what: impl Into<String>, ok: bool, detail: impl Into<String>) {
         let detail = detail.into();
         self.checks.push(Item {
+            kind: None,
+            ok: Some(ok),
             what: what.into(),
             status: if ok {
                 format!("ok {detail}")
@@ -194,6 +247,8 @@ impl<T: Serialize> Report<T> {
         self.ok = false;
         self.exit = EXIT_REFUSED;
         self.checks.push(Item {
+            kind: None,
+            ok: Some(false),
             what: "refused".into(),
             status: why.into(),
         });
@@ -288,7 +343,7 @@ pub fn finish_with<T: Serialize, E: Failure>(
         }
         Err(e) => {
             if json {
-                print_json(&serde_json::json!({"ok": false, "error": error_text(&e)}));
+                print_json_error(&e);
             }
             fail("normalize-service", &e)
         }

@@ -6,7 +6,7 @@ use futures::TryStreamExt;
 use serde::Serialize;
 
 use crate::cli::migrate::Subjects;
-use crate::cli::output::{Failure, Report, EXIT_CONFIG, EXIT_FAILED, EXIT_REFUSED};
+use crate::cli::output::{ActionKind, Failure, Report, EXIT_CONFIG, EXIT_FAILED, EXIT_REFUSED};
 use crate::config::{Config, ConsumerConfig, StreamRole};
 use crate::topology;
 
@@ -95,11 +95,19 @@ impl Ctx {
             }
         };
         if s.consumer_info(&cc.durable).await.is_ok() {
-            report.action(format!("durable {} on {stream}", cc.durable), "exists");
+            report.action(
+                ActionKind::ConsumerExists,
+                format!("durable {} on {stream}", cc.durable),
+                "exists",
+            );
             return;
         }
         match s.create_consumer(topology::durable_config(cc)).await {
-            Ok(_) => report.action(format!("create durable {} on {stream}", cc.durable), "done"),
+            Ok(_) => report.action(
+                ActionKind::CreateConsumer,
+                format!("create durable {} on {stream}", cc.durable),
+                "done",
+            ),
             Err(e) => report.check(
                 format!("create durable {} on {stream}", cc.durable),
                 false,

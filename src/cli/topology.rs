@@ -9,7 +9,7 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use crate::cli::migrate::{self, classify, step_for_subject, vendor_subjects, Subjects};
-use crate::cli::output::{finish, finish_with, outln, table, Report, Text, EXIT_REFUSED};
+use crate::cli::output::{finish, finish_with, outln, table, ActionKind, Report, Text, EXIT_REFUSED};
 use crate::cli::server::{consumer_infos, stream_infos, subjects_state, Ctx, OpsError};
 use crate::config::{Config, ConsumerConfig, StreamMode};
 use crate::topology::{self, StreamSpec};
@@ -50,6 +50,7 @@ pub async fn run(cmd: TopologyCommand) -> ExitCode {
 }
 
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StreamStatus {
     pub name: String,
     pub subjects: Vec<String>,
@@ -64,6 +65,7 @@ pub struct StreamStatus {
 }
 
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ConsumerStatus {
     pub name: String,
     pub filter_subject: String,
@@ -303,6 +305,7 @@ async fn apply(mode: StreamMode, replicas: Option<usize>, dry_run: bool) -> Resu
         match infos.iter().find(|i| i.config.name == spec.name) {
             None => {
                 report.action(
+                    ActionKind::CreateStream,
                     format!(
                         "+ create stream {} subjects={:?} max_age={}h replicas={}",
                         spec.name,
@@ -325,9 +328,14 @@ async fn apply(mode: StreamMode, replicas: Option<usize>, dry_run: bool) -> Resu
                     ));
                 }
                 if drift.is_empty() {
-                    report.action(format!("= stream {}", spec.name), "up to date");
+                    report.action(
+                        ActionKind::StreamUpToDate,
+                        format!("= stream {}", spec.name),
+                        "up to date",
+                    );
                 } else {
                     report.action(
+                        ActionKind::UpdateStream,
                         format!("~ update stream {}: {}", spec.name, drift.join(", ")),
                         "planned",
                     );
@@ -341,11 +349,13 @@ async fn apply(mode: StreamMode, replicas: Option<usize>, dry_run: bool) -> Resu
         let stream = consumer_stream(&c.config, mode, cc);
         if c.has_durable(stream, &cc.durable).await {
             report.action(
+                ActionKind::ConsumerExists,
                 format!("= durable {} on {stream}", cc.durable),
                 "exists (left as is)",
             );
         } else {
             report.action(
+                ActionKind::CreateConsumer,
                 format!(
                     "+ create durable {} on {stream} filter={}",
                     cc.durable, cc.filter_subject
@@ -356,11 +366,11 @@ async fn apply(mode: StreamMode, replicas: Option<usize>, dry_run: bool) -> Resu
         }
     }
     if report.exit == EXIT_REFUSED {
-        report.action("nothing changed", "refused");
+        report.action(ActionKind::Nothing, "nothing changed", "refused");
         return Ok(report);
     }
     if dry_run {
-        report.action("dry run", "nothing changed");
+        report.action(ActionKind::Nothing, "dry run", "nothing changed");
         return Ok(report);
     }
     // Each planned action is shown once, its status becoming the outcome.

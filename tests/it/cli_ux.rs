@@ -144,3 +144,55 @@ async fn a_closed_pipe_ends_quietly_with_exit_0() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(stream_messages(&stack.js, "AA_DLQ").await, 0);
 }
+
+/// Every `--json` document: `schemaVersion`, camelCase keys, action kinds; errors too
+/// (docs/CLI-JSON.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_documents_share_one_schema() {
+    let stack = Stack::start().await;
+    let vars = stack.vars.clone();
+    let dry = cli_json(&vars, &["topology", "apply", "--mode", "multi", "--dry-run"], 0).await;
+    assert_eq!(dry["schemaVersion"], 1, "{dry}");
+    assert_eq!(dry["phaseBefore"], "empty", "{dry}");
+    let kinds: Vec<&str> = dry["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"createStream") && kinds.contains(&"createConsumer"),
+        "{dry}"
+    );
+    cli_json(&vars, &["topology", "apply", "--mode", "multi"], 0).await;
+    let status = cli_json(&vars, &["topology", "status"], 0).await;
+    assert_eq!(status["schemaVersion"], 1);
+    assert_eq!(status["phaseAfter"], "migrated");
+    let core = &status["data"][0];
+    assert_eq!(core["name"], "AA_CORE_HOT", "sorted by name: {status}");
+    assert!(
+        core["firstSeq"].is_u64() && core["consumers"][0]["filterSubject"].is_string(),
+        "{status}"
+    );
+    let plan = cli_json(&vars, &["migrate", "plan"], 0).await;
+    assert_eq!(plan["schemaVersion"], 1);
+    for args in [&["dlq", "list"][..], &["dlq", "stats"]] {
+        assert_eq!(cli_json(&vars, args, 0).await["schemaVersion"], 1, "{args:?}");
+    }
+    // Errors are JSON too, with the exit code.
+    let missing = cli_json(&vars, &["dlq", "show", "999"], 3).await;
+    assert_eq!(missing["schemaVersion"], 1, "{missing}");
+    assert_eq!(missing["error"]["exitCode"], 3, "{missing}");
+    assert!(
+        missing["error"]["message"].as_str().unwrap().contains("999"),
+        "{missing}"
+    );
+    let refused = cli_json(
+        &vars,
+        &["migrate", "rollback", "phase1", "--yes", "--no-probe"],
+        3,
+    )
+    .await;
+    assert_eq!(refused["ok"], false);
+    assert_eq!(refused["checks"][0]["ok"], false, "{refused}");
+}

@@ -139,10 +139,10 @@ async fn forward_migration_without_restart_loses_nothing() {
     let publisher = Publisher::start(js.clone(), "fwd");
 
     let plan = ok(&cli_env, &["migrate", "plan"]).await;
-    assert_eq!(plan["phase_after"], "legacy");
+    assert_eq!(plan["phaseAfter"], "legacy");
     ok(&cli_env, &["migrate", "phase0"]).await;
     let r = ok(&cli_env, &["migrate", "phase1", "--yes"]).await;
-    assert_eq!(r["phase_after"], "vendor-moved", "{r}");
+    assert_eq!(r["phaseAfter"], "vendor-moved", "{r}");
     wait_for(
         "oura consumer on the vendor stream",
         Duration::from_secs(10),
@@ -150,7 +150,7 @@ async fn forward_migration_without_restart_loses_nothing() {
     )
     .await;
     let r = ok(&cli_env, &["migrate", "phase2", "--yes"]).await;
-    assert_eq!(r["phase_after"], "core-moved", "{r}");
+    assert_eq!(r["phaseAfter"], "core-moved", "{r}");
     wait_for(
         "hrv consumer on the core stream",
         Duration::from_secs(10),
@@ -184,7 +184,7 @@ async fn forward_migration_without_restart_loses_nothing() {
     })
     .await;
     let r = ok(&cli_env, &["migrate", "phase3", "--yes", "--quiet-period", "0s"]).await;
-    assert_eq!(r["phase_after"], "migrated", "{r}");
+    assert_eq!(r["phaseAfter"], "migrated", "{r}");
     assert_eq!(stream_names(js).await, ["AA_CORE_HOT", "AA_DLQ", "AA_VENDOR_HOT"]);
     for (stream, durable) in [
         ("AA_CORE_HOT", "normalize-hrv-durable"),
@@ -234,9 +234,9 @@ async fn rollback_returns_the_daemon_to_legacy_without_restart() {
     let out = cli(&cli_env, &["migrate", "rollback", "phase1", "--yes"]).await;
     assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
     let r = ok(&cli_env, &["migrate", "rollback", "phase2", "--yes"]).await;
-    assert_eq!(r["phase_after"], "vendor-moved", "{r}");
+    assert_eq!(r["phaseAfter"], "vendor-moved", "{r}");
     let r = ok(&cli_env, &["migrate", "rollback", "phase1", "--yes"]).await;
-    assert_eq!(r["phase_after"], "prepared", "{r}");
+    assert_eq!(r["phaseAfter"], "prepared", "{r}");
     wait_for("back on the legacy stream", Duration::from_secs(10), || async {
         let h = app.health().await.1;
         h["stream"] == "ATHLETE_ALLY_EVENTS" && h["consumers"]["oura"]["stream"] == "ATHLETE_ALLY_EVENTS"
@@ -249,7 +249,7 @@ async fn rollback_returns_the_daemon_to_legacy_without_restart() {
     wait_drained(js, "AA_VENDOR_HOT", "normalize-oura").await;
     assert_eq!(stream_messages(js, "AA_DLQ").await, 0);
     let plan = ok(&cli_env, &["migrate", "plan"]).await;
-    assert_eq!(plan["phase_after"], "prepared");
+    assert_eq!(plan["phaseAfter"], "prepared");
     app.stop().await.unwrap();
 }
 
@@ -274,7 +274,7 @@ async fn apply_refuses_overlaps_and_dry_runs_change_nothing() {
     let again = ok(&cli_env, &["topology", "apply", "--mode", "multi"]).await;
     assert!(!again["actions"].to_string().contains("create stream"), "{again}");
     let status = ok(&cli_env, &["topology", "status"]).await;
-    assert_eq!(status["phase_after"], "migrated");
+    assert_eq!(status["phaseAfter"], "migrated");
     assert_eq!(status["data"].as_array().unwrap().len(), 3);
 
     // Legacy topology: apply --mode multi refuses with the explanation and changes nothing.

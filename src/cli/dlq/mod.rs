@@ -81,8 +81,8 @@ pub enum DlqCommand {
         /// Delete each dead letter once its replay was acknowledged by JetStream.
         #[arg(long)]
         purge_replayed: bool,
-        /// Confirm replaying more than 100 dead letters (asked on a terminal, refused with exit
-        /// 2 otherwise).
+        /// Confirm replaying more than 100 dead letters selected by a filter or --all (asked on a
+        /// terminal, refused with exit 2 otherwise).
         #[arg(long)]
         yes: bool,
         /// Print one JSON document on stdout instead of text.
@@ -234,10 +234,28 @@ impl DlqError {
     }
 }
 
+impl DlqCommand {
+    fn json(&self) -> bool {
+        match self {
+            DlqCommand::List { json, .. }
+            | DlqCommand::Show { json, .. }
+            | DlqCommand::Replay { json, .. }
+            | DlqCommand::Purge { json, .. }
+            | DlqCommand::Stats { json, .. } => *json,
+        }
+    }
+}
+
 pub async fn run(cmd: DlqCommand) -> ExitCode {
+    let json = cmd.json();
     match execute(cmd).await {
         Ok(code) => ExitCode::from(code),
-        Err(e) => output::fail("normalize-service dlq", &e),
+        Err(e) => {
+            if json {
+                output::print_json_error(&e);
+            }
+            output::fail("normalize-service dlq", &e)
+        }
     }
 }
 
@@ -291,7 +309,9 @@ async fn execute(cmd: DlqCommand) -> Result<u8, DlqError> {
             json,
         } => {
             let (letters, missing) = dlq.select(&select).await?;
-            if !dry_run && !yes && letters.len() > CONFIRM_OVER && !confirmed(letters.len()) {
+            // Sequences named one by one are already explicit; a filter or --all is not.
+            let by_filter = select.seqs.is_empty();
+            if by_filter && !dry_run && !yes && letters.len() > CONFIRM_OVER && !confirmed(letters.len()) {
                 return Err(DlqError::Unconfirmed { count: letters.len() });
             }
             let mut results: Vec<ItemResult> = missing.iter().map(|&s| ItemResult::not_found(s)).collect();

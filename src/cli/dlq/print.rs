@@ -23,7 +23,7 @@ pub(super) fn list(stream: &str, letters: &[DeadLetter], total: usize, json: boo
     if json {
         let items: Vec<Summary<'_>> = letters.iter().map(DeadLetter::summary).collect();
         output::print_json(
-            &json!({"stream": stream, "count": items.len(), "total": total, "deadLetters": items}),
+            &json!({"schemaVersion": output::SCHEMA_VERSION, "stream": stream, "count": items.len(), "total": total, "deadLetters": items}),
         );
         return;
     }
@@ -113,7 +113,7 @@ fn headers_json(h: &HeaderMap) -> BTreeMap<String, Vec<String>> {
 pub(super) fn show(l: &DeadLetter, json: bool) {
     let (encoding, body) = body_view(&l.payload);
     if json {
-        output::print_json(&json!({
+        output::print_json(&json!({"schemaVersion": output::SCHEMA_VERSION,
             "summary": l.summary(),
             "headers": headers_json(&l.headers),
             "bodyEncoding": encoding,
@@ -155,7 +155,7 @@ pub(super) fn stats(stream: &str, letters: &[DeadLetter], json: bool) {
     let last = letters.last().map(|l| rfc3339(l.time));
     if json {
         output::print_json(
-            &json!({"stream": stream, "total": letters.len(), "byConsumer": by, "oldest": first, "newest": last}),
+            &json!({"schemaVersion": output::SCHEMA_VERSION, "stream": stream, "total": letters.len(), "byConsumer": by, "oldest": first, "newest": last}),
         );
         return;
     }
@@ -179,7 +179,7 @@ pub(super) fn results(action: &str, stream: &str, results: &[ItemResult], json: 
             *counts.entry(r.result).or_default() += 1;
         }
         output::print_json(
-            &json!({"stream": stream, "action": action, "counts": counts, "results": results}),
+            &json!({"schemaVersion": output::SCHEMA_VERSION, "stream": stream, "action": action, "counts": counts, "results": results}),
         );
         return;
     }

@@ -12,7 +12,7 @@ use super::phase::{
 };
 use super::verify::verify;
 use super::StepArgs;
-use crate::cli::output::{Report, EXIT_FAILED};
+use crate::cli::output::{ActionKind, Report, EXIT_FAILED};
 use crate::cli::server::{consumer_infos, consumers_of, subjects_state, Ctx, OpsError};
 use crate::config::StreamRole;
 use crate::topology;
@@ -89,7 +89,11 @@ async fn phase0(c: &Ctx, state: &Subjects, before: &Phase, args: &StepArgs, repo
         (topology::vendor_spec(n, replicas), true),
     ] {
         if state.contains_key(&spec.name) {
-            report.action(format!("stream {}", spec.name), "exists");
+            report.action(
+                ActionKind::StreamExists,
+                format!("stream {}", spec.name),
+                "exists",
+            );
             continue;
         }
         let mut spec = spec;
@@ -98,11 +102,11 @@ async fn phase0(c: &Ctx, state: &Subjects, before: &Phase, args: &StepArgs, repo
         }
         let what = format!("create stream {} subjects={:?}", spec.name, spec.subjects);
         if args.dry_run {
-            report.action(what, "dry run");
+            report.action(ActionKind::CreateStream, what, "dry run");
             continue;
         }
         match c.js.create_stream(spec.to_config()).await {
-            Ok(_) => report.action(what, "done"),
+            Ok(_) => report.action(ActionKind::CreateStream, what, "done"),
             Err(e) => report.check(format!("create stream {}", spec.name), false, e.to_string()),
         }
     }
@@ -127,7 +131,11 @@ async fn move_group(
     }
     let group = &m.group;
     if already_moved(m, state, &from, &to) {
-        report.action(format!("subjects {group:?} already on {to}"), "nothing to move");
+        report.action(
+            ActionKind::SubjectsInPlace,
+            format!("subjects {group:?} already on {to}"),
+            "nothing to move",
+        );
     } else {
         if let Some(other) = unmanaged_overlap(m, state, &from, &to) {
             report.refuse(format!(
@@ -143,14 +151,23 @@ async fn move_group(
         }
         let (from_subjects, to_subjects) = moved_subjects(m, state, &from, &to);
         let status = if args.dry_run { "dry run" } else { "pending" };
-        report.action(format!("1. {from}: subjects → {from_subjects:?}"), status);
-        report.action(format!("2. {to}: subjects → {to_subjects:?}"), status);
+        report.action(
+            ActionKind::RemoveSubjects,
+            format!("1. {from}: subjects → {from_subjects:?}"),
+            status,
+        );
+        report.action(
+            ActionKind::AddSubjects,
+            format!("2. {to}: subjects → {to_subjects:?}"),
+            status,
+        );
         if !args.dry_run {
             match move_subjects(&c.js, &from, from_subjects, &to, to_subjects).await {
                 Ok(gap) => {
                     // The two pending lines become one line saying what was done.
                     report.actions.truncate(report.actions.len() - 2);
                     report.action(
+                        ActionKind::MoveSubjects,
                         format!("removed {group:?} from {from}, added to {to}"),
                         format!("done; publish gap {} µs", gap.as_micros()),
                     );
@@ -164,7 +181,11 @@ async fn move_group(
     }
     for cc in consumers_of(&c.config, m.role) {
         if args.dry_run {
-            report.action(format!("ensure durable {} on {to}", cc.durable), "dry run");
+            report.action(
+                ActionKind::CreateConsumer,
+                format!("ensure durable {} on {to}", cc.durable),
+                "dry run",
+            );
         } else {
             c.ensure_durable(cc, &to, report).await;
         }
@@ -173,6 +194,7 @@ async fn move_group(
         if let Ok(s) = c.js.get_stream(&from).await {
             if let Ok(info) = s.consumer_info(&cc.durable).await {
                 report.action(
+                    ActionKind::KeepConsumer,
                     format!("kept durable {} on {from}", cc.durable),
                     format!(
                         "pending {} ack pending {} (never deleted while not drained)",
@@ -196,7 +218,11 @@ async fn phase3(
 ) -> Result<Flow, OpsError> {
     let n = &c.config.streams;
     let Some(legacy_subjects) = state.get(&n.legacy) else {
-        report.action(format!("legacy stream {}", n.legacy), "already deleted");
+        report.action(
+            ActionKind::StreamDeleted,
+            format!("legacy stream {}", n.legacy),
+            "already deleted",
+        );
         return Ok(Flow::Verify);
     };
     let event_subjects: Vec<&String> = legacy_subjects.iter().filter(|s| **s != n.legacy).collect();
@@ -249,10 +275,10 @@ async fn phase3(
     }
     let what = format!("delete stream {}", n.legacy);
     if args.dry_run {
-        report.action(what, "dry run");
+        report.action(ActionKind::DeleteStream, what, "dry run");
     } else {
         match c.js.delete_stream(&n.legacy).await {
-            Ok(_) => report.action(what, "done"),
+            Ok(_) => report.action(ActionKind::DeleteStream, what, "done"),
             Err(e) => report.check(what, false, e.to_string()),
         }
     }
