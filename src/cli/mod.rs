@@ -14,6 +14,16 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+/// The exit codes of `topology` and `migrate`, for their `--help` (docs/MIGRATION.md).
+macro_rules! ops_exit_codes {
+    () => {
+        "Exit codes: 0 done (and verified); 1 an action, check or probe failed, or NATS or \
+         PostgreSQL unreachable; 2 configuration or usage error; 3 refused (a pre-check failed, an \
+         overlap, or --yes missing): nothing was changed."
+    };
+}
+pub(crate) use ops_exit_codes;
+
 pub mod dlq;
 pub mod migrate;
 pub mod output;
@@ -31,11 +41,28 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+const RUN_HELP: &str = "Configuration (environment variables, all of them in docs/CONFIGURATION.md):
+  NATS_URL           nats://[user:password@]host:4222 (comma-separated for a cluster)
+  DATABASE_URL       postgres://user:password@host:5432/db
+  EVENT_STREAM_MODE  single | multi (the legacy stream, or the three streams)
+  PORT               HTTP port of /health, /health/ready and /metrics
+  LOG_FORMAT, RUST_LOG  log format and level
+A bad value stops the start with exit 2, naming the variable.
+
+Example:
+  NATS_URL=nats://nats:4222 DATABASE_URL=postgres://app@db/app normalize-service run
+
+Exit codes: 0 stopped by SIGTERM/SIGINT; 1 start-up or run failure; 2 configuration error.";
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon (the default). All configuration comes from the environment.
+    #[command(after_help = RUN_HELP)]
     Run,
     /// Exit 0 when GET /health/ready on 127.0.0.1:$PORT answers 200, else 1 (for HEALTHCHECK).
+    #[command(
+        after_help = "Example:\n  normalize-service healthcheck --timeout 3\n\nExit codes: 0 ready; 1 not ready or the health endpoint unreachable; 2 configuration error."
+    )]
     Healthcheck {
         /// Seconds to wait for an answer.
         #[arg(long, default_value_t = 3)]
@@ -101,5 +128,54 @@ mod tests {
     fn the_command_line_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_shows_an_example_and_its_exit_codes() {
+        use clap::CommandFactory;
+        fn leaves(c: &clap::Command, path: String, out: &mut Vec<(String, String)>) {
+            let subs: Vec<&clap::Command> = c.get_subcommands().collect();
+            if subs.is_empty() {
+                let help = c.get_after_help().map(|h| h.to_string()).unwrap_or_default();
+                out.push((path.clone(), help));
+            }
+            for s in subs {
+                leaves(s, format!("{path} {}", s.get_name()), out);
+            }
+        }
+        let mut all = Vec::new();
+        leaves(&Cli::command(), "normalize-service".into(), &mut all);
+        assert!(all.len() >= 16, "{all:?}");
+        for (path, help) in all {
+            assert!(
+                help.contains("Example:") && help.contains("Exit codes"),
+                "{path}: {help:?}"
+            );
+        }
+        let run = Cli::command()
+            .find_subcommand("run")
+            .and_then(|c| c.get_after_help().map(|h| h.to_string()))
+            .unwrap_or_default();
+        assert!(
+            run.contains("docs/CONFIGURATION.md") && run.contains("NATS_URL"),
+            "{run}"
+        );
+    }
+
+    #[test]
+    fn verify_takes_no_step_flags() {
+        for flag in ["--dry-run", "--yes"] {
+            let args = ["normalize-service", "migrate", "verify", "phase1", flag];
+            assert!(Cli::try_parse_from(args).is_err(), "{flag}");
+        }
+        assert!(Cli::try_parse_from([
+            "normalize-service",
+            "migrate",
+            "verify",
+            "phase1",
+            "--no-probe",
+            "--json"
+        ])
+        .is_ok());
     }
 }

@@ -18,7 +18,12 @@ use crate::topology::{self, StreamSpec};
 pub enum TopologyCommand {
     /// Create or update streams and durables to the spec tables (never deletes); shows the diff
     /// first and refuses changes that would overlap another stream's subjects.
+    #[command(after_help = concat!(
+        "Example:\n  normalize-service topology apply --mode multi --dry-run\n  normalize-service topology apply --mode multi\n\n",
+        crate::cli::ops_exit_codes!()
+    ))]
     Apply {
+        /// `single`: the legacy stream; `multi`: the core, vendor and dead-letter streams.
         #[arg(long, value_enum)]
         mode: StreamMode,
         /// Replicas for the streams (default: STREAM_REPLICAS).
@@ -27,11 +32,17 @@ pub enum TopologyCommand {
         /// Show the diff and change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print the report as one JSON document (docs/CLI-JSON.md) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Streams, consumers, and the migration phase this state corresponds to.
+    #[command(after_help = concat!(
+        "Example:\n  normalize-service topology status\n  normalize-service topology status --json | jq '.data[].consumers[] | {name, pending}'\n\n",
+        crate::cli::ops_exit_codes!()
+    ))]
     Status {
+        /// Print the report as one JSON document (docs/CLI-JSON.md) instead of text.
         #[arg(long)]
         json: bool,
     },

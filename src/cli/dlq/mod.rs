@@ -4,7 +4,7 @@
 //! letters back with their `Dlq-*` headers, republishing the original bytes to the original subject,
 //! and deleting them. The publishing side is [`crate::dlq`].
 //!
-//! Exit codes (scripts rely on them; keep `EXIT_CODES_HELP` and docs/DLQ.md in step):
+//! Exit codes (scripts rely on them; keep `exit_codes!` and docs/DLQ.md in step):
 //! 0 success, 1 operational failure (NATS unreachable, a request timed out, a replay publish or a
 //! delete failed), 2 usage or configuration error, 3 not found (the dead-letter stream is missing,
 //! or a requested sequence does not exist). When several apply, 1 wins over 3.
@@ -35,14 +35,20 @@ pub const DEFAULT_LIMIT: usize = 50;
 /// A replay of more dead letters than this needs `--yes` (or a "y" on a terminal).
 pub const CONFIRM_OVER: usize = 100;
 
-const EXIT_CODES_HELP: &str = "Exit codes: 0 success; 1 operational failure (NATS unreachable, a \
-request timed out, a replay publish or a delete failed); 2 usage or configuration error; 3 not \
-found (the dead-letter stream is missing or a requested sequence does not exist). 1 wins over 3.";
+/// The exit codes of `dlq`, for its `--help` (keep docs/DLQ.md in step).
+macro_rules! exit_codes {
+    () => {
+        "Exit codes: 0 success; 1 operational failure (NATS unreachable, a request timed out, a \
+         replay publish or a delete failed); 2 usage or configuration error (also: a replay of \
+         more than 100 without --yes outside a terminal); 3 not found (the dead-letter stream is \
+         missing or a requested sequence does not exist). 1 wins over 3."
+    };
+}
 
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
     /// One line per dead letter: sequence, time, consumer, reason, origin, deliveries, error.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = concat!("Example:\n  normalize-service dlq list --reason max-deliver --since 2h\n  normalize-service dlq list --limit 0 --json | jq '.deadLetters[].sequence'\n\n", exit_codes!()))]
     List {
         #[command(flatten)]
         filter: FilterArgs,
@@ -57,7 +63,7 @@ pub enum DlqCommand {
         json: bool,
     },
     /// Headers and body of one dead letter (the body pretty-printed when it is JSON).
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = concat!("Example:\n  normalize-service dlq show 1234\n\n", exit_codes!()))]
     Show {
         /// Sequence of the dead letter in the dead-letter stream.
         seq: u64,
@@ -71,7 +77,7 @@ pub enum DlqCommand {
     /// repeated replay inside the duplicate window is deduplicated) and `Dlq-Replayed-From`. The
     /// store is idempotent and never lets an older `capturedAt` overwrite a newer row, so a replay
     /// cannot duplicate or regress data. The dead letter is kept unless --purge-replayed is given.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = concat!("Example:\n  normalize-service dlq replay --reason max-deliver --since 2h --dry-run\n  normalize-service dlq replay --reason max-deliver --since 2h --yes --purge-replayed\n\n", exit_codes!()))]
     Replay {
         #[command(flatten)]
         select: Selection,
@@ -90,7 +96,7 @@ pub enum DlqCommand {
         json: bool,
     },
     /// Delete dead letters. Without --yes, only says what would be removed.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = concat!("Example:\n  normalize-service dlq purge --consumer oura --reason schema-invalid\n  normalize-service dlq purge --consumer oura --reason schema-invalid --yes\n\n", exit_codes!()))]
     Purge {
         #[command(flatten)]
         select: Selection,
@@ -102,7 +108,7 @@ pub enum DlqCommand {
         json: bool,
     },
     /// Counts of dead letters by consumer and reason.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = concat!("Example:\n  normalize-service dlq stats --since 1d\n\n", exit_codes!()))]
     Stats {
         #[command(flatten)]
         filter: FilterArgs,

@@ -37,14 +37,10 @@ pub use phase::{
 };
 pub use verify::PROBE_USER;
 
+/// What every step and `migrate verify` take: the output form and the probe.
 #[derive(Debug, Clone, Args)]
-pub struct StepArgs {
-    /// Show what would be done and change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Confirm a step that moves subjects or deletes a stream.
-    #[arg(long)]
-    pub yes: bool,
+pub struct ProbeArgs {
+    /// Print the report as one JSON document (docs/CLI-JSON.md) instead of text.
     #[arg(long)]
     pub json: bool,
     /// Skip the end-to-end probe (publish a probe event, see its row and the durable's ack floor).
@@ -55,20 +51,73 @@ pub struct StepArgs {
     pub probe_timeout: u64,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct StepArgs {
+    /// Show what would be done and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Confirm a step that moves subjects or deletes a stream.
+    #[arg(long)]
+    pub yes: bool,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+const PLAN_HELP: &str = concat!(
+    "Example:\n  normalize-service migrate plan\n\n",
+    crate::cli::ops_exit_codes!()
+);
+
+const PHASE0_HELP: &str = concat!(
+    "Example:\n  normalize-service migrate phase0 --dry-run\n  normalize-service migrate phase0\n\n",
+    crate::cli::ops_exit_codes!()
+);
+
+const PHASE1_HELP: &str = concat!(
+    "Example:\n  normalize-service migrate phase1 --dry-run\n  normalize-service migrate phase1 --yes\n\n",
+    crate::cli::ops_exit_codes!()
+);
+
+const PHASE2_HELP: &str = concat!(
+    "Example:\n  normalize-service migrate phase2 --yes --probe-timeout 60\n\n",
+    crate::cli::ops_exit_codes!()
+);
+
+const PHASE3_HELP: &str = concat!(
+    "Example:\n  normalize-service migrate phase3 --yes --quiet-period 14d\n\n",
+    crate::cli::ops_exit_codes!()
+);
+
+const ROLLBACK_HELP: &str = concat!(
+    "Example:\n  normalize-service migrate rollback phase2 --yes\n\n",
+    crate::cli::ops_exit_codes!()
+);
+
+const VERIFY_HELP: &str = concat!(
+    "Example:\n  normalize-service migrate verify phase1 --probe-timeout 60\n\n",
+    crate::cli::ops_exit_codes!()
+);
+
 #[derive(Debug, Subcommand)]
 pub enum MigrateCommand {
     /// The current phase and the next command.
+    #[command(after_help = PLAN_HELP)]
     Plan {
+        /// Print the report as one JSON document (docs/CLI-JSON.md) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Create AA_DLQ and park AA_CORE_HOT / AA_VENDOR_HOT on placeholder subjects.
+    #[command(after_help = PHASE0_HELP)]
     Phase0(StepArgs),
     /// Move vendor.> to AA_VENDOR_HOT and create the oura durable there.
+    #[command(after_help = PHASE1_HELP)]
     Phase1(StepArgs),
     /// Move athlete-ally.> and sleep.* to AA_CORE_HOT and create the hrv/sleep durables there.
+    #[command(after_help = PHASE2_HELP)]
     Phase2(StepArgs),
     /// Delete the drained, quiet legacy stream.
+    #[command(after_help = PHASE3_HELP)]
     Phase3 {
         #[command(flatten)]
         step: StepArgs,
@@ -77,6 +126,7 @@ pub enum MigrateCommand {
         quiet_period: String,
     },
     /// Reverse a subject move (the new durables are kept until drained).
+    #[command(after_help = ROLLBACK_HELP)]
     Rollback {
         #[arg(value_enum)]
         phase: RollbackStep,
@@ -84,11 +134,12 @@ pub enum MigrateCommand {
         step: StepArgs,
     },
     /// Run a phase's checks alone.
+    #[command(after_help = VERIFY_HELP)]
     Verify {
         #[arg(value_enum)]
         phase: PhaseStep,
         #[command(flatten)]
-        step: StepArgs,
+        probe: ProbeArgs,
     },
 }
 
@@ -96,12 +147,12 @@ pub async fn run(cmd: MigrateCommand) -> ExitCode {
     let forward = |p, args: StepArgs| (Step::Forward(p), args);
     let (step, args) = match cmd {
         MigrateCommand::Plan { json } => return finish(plan().await, json),
-        MigrateCommand::Verify { phase, step } => {
-            let json = step.json;
-            return finish(verify::verify_only(phase, step).await, json);
+        MigrateCommand::Verify { phase, probe } => {
+            let json = probe.json;
+            return finish(verify::verify_only(phase, probe).await, json);
         }
         MigrateCommand::Phase3 { step, quiet_period } => {
-            let json = step.json;
+            let json = step.probe.json;
             let result = match crate::cli::parse_duration(&quiet_period) {
                 Some(quiet) => steps::run(Step::Forward(PhaseStep::Phase3), step, quiet).await,
                 None => Err(OpsError::QuietPeriod { input: quiet_period }),
@@ -113,7 +164,7 @@ pub async fn run(cmd: MigrateCommand) -> ExitCode {
         MigrateCommand::Phase2(args) => forward(PhaseStep::Phase2, args),
         MigrateCommand::Rollback { phase, step } => (Step::Rollback(phase), step),
     };
-    let json = args.json;
+    let json = args.probe.json;
     finish(steps::run(step, args, std::time::Duration::ZERO).await, json)
 }
 

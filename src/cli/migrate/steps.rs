@@ -55,7 +55,7 @@ pub async fn run(step: Step, args: StepArgs, quiet: Duration) -> Result<Report<(
         return Ok(report);
     }
     if !args.dry_run && report.ok {
-        verify(&c, &expect_for(step, &c.config.streams), &args, &mut report).await?;
+        verify(&c, &expect_for(step, &c.config.streams), &args.probe, &mut report).await?;
     }
     let state = subjects_state(&c.js).await?;
     let after = classify(&state, &c.config.streams);

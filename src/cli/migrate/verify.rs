@@ -11,13 +11,13 @@ use serde::Serialize;
 use super::phase::{
     classify, core_subjects, expect_for, holds_all, vendor_subjects, Expect, PhaseStep, Step,
 };
-use super::StepArgs;
+use super::ProbeArgs;
 use crate::cli::output::{error_text, Report};
 use crate::cli::server::{consumers_of, subjects_state, Ctx, OpsError};
 use crate::config::{ConsumerConfig, ConsumerKind, StreamRole};
 
 /// `migrate verify <phase>`: a phase's checks alone.
-pub async fn verify_only(phase: PhaseStep, args: StepArgs) -> Result<Report<()>, OpsError> {
+pub async fn verify_only(phase: PhaseStep, args: ProbeArgs) -> Result<Report<()>, OpsError> {
     let c = Ctx::open().await?;
     let mut report = Report::new(&format!("migrate verify {}", phase.as_str()));
     let state = subjects_state(&c.js).await?;
@@ -41,7 +41,7 @@ fn probe_kind(role: StreamRole) -> ConsumerKind {
 pub async fn verify<T: Serialize>(
     c: &Ctx,
     expect: &Expect,
-    args: &StepArgs,
+    args: &ProbeArgs,
     report: &mut Report<T>,
 ) -> Result<(), OpsError> {
     let n = &c.config.streams;
