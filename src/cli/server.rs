@@ -1,13 +1,16 @@
 //! What `topology` and `migrate` share: the configuration and NATS connection they run with,
 //! their typed error, and the read-only queries of the server's streams and consumers.
 
+use std::time::Duration;
+
 use async_nats::jetstream::{self, stream};
 use futures::TryStreamExt;
 use serde::Serialize;
+use tokio::net::TcpStream;
 
 use crate::cli::migrate::Subjects;
 use crate::cli::output::{ActionKind, Failure, Report, EXIT_CONFIG, EXIT_FAILED, EXIT_REFUSED};
-use crate::config::{Config, ConsumerConfig, StreamRole};
+use crate::config::{Config, ConsumerConfig, NatsConfig, StreamRole};
 use crate::topology;
 
 /// Why a `topology` or `migrate` command could not do its job (a refused step or a failed
@@ -16,8 +19,12 @@ use crate::topology;
 pub enum OpsError {
     #[error("configuration")]
     Config(#[from] crate::config::ConfigError),
-    #[error(transparent)]
-    Connect(#[from] crate::nats::ConnectError),
+    #[error("cannot connect to NATS at {servers}")]
+    Connect {
+        servers: String,
+        #[source]
+        source: CommandConnectError,
+    },
     #[error("{doing}")]
     Nats {
         doing: String,
@@ -47,9 +54,55 @@ impl Failure for OpsError {
         match self {
             OpsError::Config(_) => EXIT_CONFIG,
             OpsError::QuietPeriod { .. } => EXIT_REFUSED,
-            OpsError::Connect(_) | OpsError::Nats { .. } | OpsError::Database { .. } => EXIT_FAILED,
+            OpsError::Connect { .. } | OpsError::Nats { .. } | OpsError::Database { .. } => EXIT_FAILED,
         }
     }
+}
+
+/// Why an operator command could not connect to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandConnectError {
+    #[error("no server answers (check NATS_URL)")]
+    Unreachable {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Client(#[from] crate::nats::ConnectError),
+}
+
+/// How long an operator command waits for a TCP answer from each NATS server.
+const TCP_WAIT: Duration = Duration::from_secs(2);
+
+/// Connects an operator command (`topology`, `migrate`, `dlq`): a bare TCP connect to each
+/// server first, so an unreachable NATS fails at once with its cause ("Connection refused")
+/// instead of after the client's wait; then [`crate::nats::connect_now`] as the daemon connects.
+pub async fn connect_command(cfg: &NatsConfig) -> Result<async_nats::Client, CommandConnectError> {
+    let mut failure = None;
+    for url in &cfg.urls {
+        // An address the client cannot parse is its to explain.
+        let Ok(addr) = url.parse::<async_nats::ServerAddr>() else {
+            failure = None;
+            break;
+        };
+        match tokio::time::timeout(TCP_WAIT, TcpStream::connect((addr.host(), addr.port()))).await {
+            Ok(Ok(_)) => {
+                failure = None;
+                break;
+            }
+            Ok(Err(e)) => failure = Some(e),
+            Err(_) => {
+                failure = Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {} s", TCP_WAIT.as_secs()),
+                ))
+            }
+        }
+    }
+    if let Some(source) = failure {
+        return Err(CommandConnectError::Unreachable { source });
+    }
+    Ok(crate::nats::connect_now(cfg, crate::nats::COMMAND_WAIT).await?)
 }
 
 /// The configuration and the connection an operator command runs with.
@@ -63,7 +116,12 @@ impl Ctx {
     /// Reads the environment and connects as the daemon does ([`crate::nats::connect`]).
     pub async fn open() -> Result<Ctx, OpsError> {
         let config = Config::from_env()?;
-        let client = crate::nats::connect_now(&config.nats, crate::nats::COMMAND_WAIT).await?;
+        let client = connect_command(&config.nats)
+            .await
+            .map_err(|source| OpsError::Connect {
+                servers: crate::nats::servers(&config.nats),
+                source,
+            })?;
         let js = jetstream::new(client.clone());
         Ok(Ctx { config, js, client })
     }

@@ -196,3 +196,58 @@ async fn json_documents_share_one_schema() {
     assert_eq!(refused["ok"], false);
     assert_eq!(refused["checks"][0]["ok"], false, "{refused}");
 }
+
+/// With NATS down every operator command fails at once (exit 1), naming the redacted URL and
+/// the cause, and `--json` says so in JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_fails_fast_with_the_url_and_the_cause() {
+    let port = free_port();
+    let mut vars = HashMap::new();
+    vars.insert(
+        "NATS_URL".to_string(),
+        format!("nats://ops:s3cret@127.0.0.1:{port}"),
+    );
+    vars.insert(
+        "DATABASE_URL".to_string(),
+        "postgres://postgres@127.0.0.1:5432/postgres".to_string(),
+    );
+    for args in [
+        &["topology", "status"][..],
+        &["migrate", "plan"],
+        &["migrate", "phase1", "--yes"],
+        &["dlq", "list"],
+    ] {
+        let started = std::time::Instant::now();
+        let r = cli(&vars, args).await;
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "{args:?} took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(r.code, 1, "{args:?}: {}", r.stderr);
+        for needle in [
+            "cannot connect to NATS at",
+            &format!("127.0.0.1:{port}"),
+            "refused",
+        ] {
+            assert!(
+                r.stderr.contains(needle),
+                "{args:?} lacks {needle:?}: {}",
+                r.stderr
+            );
+        }
+        assert!(
+            !r.stderr.contains("s3cret") && !r.stdout.contains("s3cret"),
+            "{args:?}"
+        );
+        let mut json_args = args.to_vec();
+        json_args.push("--json");
+        let r = cli(&vars, &json_args).await;
+        let doc = r.json();
+        assert_eq!(doc["error"]["exitCode"], 1, "{args:?}: {doc}");
+        assert!(
+            doc["error"]["message"].as_str().unwrap().contains("refused"),
+            "{doc}"
+        );
+    }
+}

@@ -211,7 +211,7 @@ pub enum DlqError {
     Connect {
         servers: String,
         #[source]
-        source: crate::nats::ConnectError,
+        source: crate::cli::server::CommandConnectError,
     },
     #[error("NATS request failed while {doing}")]
     Nats {
@@ -268,7 +268,7 @@ pub async fn run(cmd: DlqCommand) -> ExitCode {
 /// Runs one command; `Ok` carries the exit code of a command that reported per-item results.
 async fn execute(cmd: DlqCommand) -> Result<u8, DlqError> {
     let config = Config::from_env()?;
-    let client = crate::nats::connect_now(&config.nats, crate::nats::COMMAND_WAIT)
+    let client = crate::cli::server::connect_command(&config.nats)
         .await
         .map_err(|source| DlqError::Connect {
             servers: crate::nats::servers(&config.nats),
