@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use async_nats::jetstream;
+use serde_json::Value;
 
 use crate::support::*;
 
@@ -250,4 +251,109 @@ async fn nats_down_fails_fast_with_the_url_and_the_cause() {
             "{doc}"
         );
     }
+}
+
+/// A checked-in schema under docs/schemas/.
+fn schema(name: &str) -> Value {
+    let path = format!("{}/docs/schemas/{name}.schema.json", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// The errors of `v` against the subset of JSON Schema the docs/schemas files use: `type`,
+/// `const`, `enum`, `required`, `properties`, `additionalProperties: false`, `items`, `anyOf`
+/// and `$ref` to `#/$defs/…`.
+fn violations(root: &Value, s: &Value, v: &Value, at: &str) -> Vec<String> {
+    if let Some(r) = s["$ref"].as_str() {
+        let name = r.trim_start_matches("#/$defs/");
+        return violations(root, &root["$defs"][name], v, at);
+    }
+    let mut errs = Vec::new();
+    if let Some(any) = s["anyOf"].as_array() {
+        if any.iter().all(|a| !violations(root, a, v, at).is_empty()) {
+            errs.push(format!("{at}: matches no anyOf branch: {v}"));
+        }
+    }
+    if let Some(c) = s.get("const") {
+        if c != v {
+            errs.push(format!("{at}: {v} is not {c}"));
+        }
+    }
+    if let Some(e) = s["enum"].as_array() {
+        if !e.contains(v) {
+            errs.push(format!("{at}: {v} not in {e:?}"));
+        }
+    }
+    let types: Vec<&str> = match &s["type"] {
+        Value::String(t) => vec![t.as_str()],
+        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => vec![],
+    };
+    let type_ok = |t: &str| match t {
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "string" => v.is_string(),
+        "boolean" => v.is_boolean(),
+        "integer" => v.is_i64() || v.is_u64(),
+        "null" => v.is_null(),
+        _ => true,
+    };
+    if !types.is_empty() && !types.iter().any(|t| type_ok(t)) {
+        errs.push(format!("{at}: {v} is not {types:?}"));
+    }
+    if let Some(obj) = v.as_object() {
+        for r in s["required"].as_array().into_iter().flatten() {
+            let key = r.as_str().unwrap_or_default();
+            if !obj.contains_key(key) {
+                errs.push(format!("{at}: missing {key}"));
+            }
+        }
+        for (k, child) in obj {
+            match s["properties"].get(k) {
+                Some(ps) => errs.extend(violations(root, ps, child, &format!("{at}.{k}"))),
+                None if s["additionalProperties"] == false => errs.push(format!("{at}: unexpected key {k}")),
+                None => {}
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (s.get("items"), v.as_array()) {
+        for (i, item) in arr.iter().enumerate() {
+            errs.extend(violations(root, items, item, &format!("{at}[{i}]")));
+        }
+    }
+    errs
+}
+
+fn assert_valid(name: &str, doc: &Value) {
+    let s = schema(name);
+    let errs = violations(&s, &s, doc, "$");
+    assert!(errs.is_empty(), "{name}: {errs:#?}\n{doc}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_documents_match_the_checked_in_schemas() {
+    let stack = Stack::start().await;
+    let vars = stack.vars.clone();
+    for args in [
+        &["topology", "apply", "--mode", "multi", "--dry-run"][..],
+        &["topology", "apply", "--mode", "multi"],
+        &["topology", "status"],
+        &["migrate", "plan"],
+    ] {
+        assert_valid("report", &cli_json(&vars, args, 0).await);
+    }
+    let refused = cli_json(
+        &vars,
+        &["migrate", "rollback", "phase1", "--yes", "--no-probe"],
+        3,
+    )
+    .await;
+    assert_valid("report", &refused);
+    assert_valid("error", &cli_json(&vars, &["dlq", "show", "999"], 3).await);
+    let mut down = vars.clone();
+    down.insert("NATS_URL".into(), format!("nats://127.0.0.1:{}", free_port()));
+    assert_valid("error", &cli_json(&down, &["topology", "status"], 1).await);
+    // The validator does reject what does not match.
+    let s = schema("error");
+    let bad = serde_json::json!({"schemaVersion": 2, "ok": false, "error": {"message": "x"}});
+    assert_eq!(violations(&s, &s, &bad, "$").len(), 2);
 }
