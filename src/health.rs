@@ -43,8 +43,63 @@ pub struct ConsumerState {
     pub bind_error: Option<String>,
 }
 
+/// What the watchdog last saw of a dependency (NATS, the database), and since when.
+#[derive(Debug, Clone, Default)]
+pub struct DependencyState {
+    /// `None` until first observed.
+    pub up: Option<bool>,
+    /// When the current state began.
+    pub since: Option<DateTime<Utc>>,
+    since_instant: Option<Instant>,
+    /// Why it is (or, once up again, was) down.
+    pub error: Option<String>,
+}
+
+/// A change of a dependency's state, to be logged once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DependencyChange {
+    /// It went down (or was down when first observed).
+    Down { error: String },
+    /// It came back after `outage` down because of `cause`.
+    Up { outage: Duration, cause: String },
+    /// Up when first observed.
+    FirstUp,
+}
+
+impl DependencyState {
+    /// Records an observation; returns the change it makes, if any.
+    fn observe(&mut self, now: Instant, result: Result<(), String>) -> Option<DependencyChange> {
+        let previous = self.up;
+        let changed = previous != Some(result.is_ok());
+        if changed {
+            self.since = Some(Utc::now());
+        }
+        let down_since = self.since_instant;
+        if changed {
+            self.since_instant = Some(now);
+        }
+        self.up = Some(result.is_ok());
+        match result {
+            Err(error) => {
+                self.error = Some(error.clone());
+                changed.then_some(DependencyChange::Down { error })
+            }
+            Ok(()) if !changed => None,
+            Ok(()) => Some(match (previous, down_since) {
+                (Some(false), Some(at)) => DependencyChange::Up {
+                    outage: now.saturating_duration_since(at),
+                    cause: self.error.clone().unwrap_or_default(),
+                },
+                _ => DependencyChange::FirstUp,
+            }),
+        }
+    }
+}
+
 pub struct Health {
     pub mode: StreamMode,
+    nats: Mutex<DependencyState>,
+    database: Mutex<DependencyState>,
     consumers: Mutex<BTreeMap<ConsumerKind, ConsumerState>>,
     /// Per consumer kind, updated on every delivery and settlement without taking the lock.
     activity: PerKind<Activity>,
@@ -175,6 +230,8 @@ impl Health {
         Health {
             mode,
             consumers: Mutex::new(map),
+            nats: Mutex::default(),
+            database: Mutex::default(),
             activity: PerKind::new(|_| Activity::new(epoch)),
             shutting_down: AtomicBool::new(false),
             shutdown_deadline: Mutex::new(None),
@@ -185,6 +242,30 @@ impl Health {
 
     pub fn activity(&self, kind: ConsumerKind) -> &Activity {
         &self.activity[kind]
+    }
+
+    /// The watchdog's observation of NATS: `Err` carries why it is down.
+    pub fn observe_nats(&self, now: Instant, result: Result<(), String>) -> Option<DependencyChange> {
+        self.nats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(now, result)
+    }
+
+    /// The watchdog's observation of the database: `Err` carries why it is down.
+    pub fn observe_database(&self, now: Instant, result: Result<(), String>) -> Option<DependencyChange> {
+        self.database
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(now, result)
+    }
+
+    pub fn nats_state(&self) -> DependencyState {
+        self.nats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn database_state(&self) -> DependencyState {
+        self.database.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Set by the watchdog from the NATS connection state and a database ping.
@@ -359,6 +440,40 @@ mod tests {
     fn verdict(h: &Health, at: Instant) -> (bool, bool) {
         let v = h.check_stalls(at)[0];
         (v.stalled, v.stuck)
+    }
+
+    #[test]
+    fn dependency_changes_are_reported_once_with_the_outage() {
+        let h = health();
+        let t0 = Instant::now();
+        assert_eq!(h.observe_database(t0, Ok(())), Some(DependencyChange::FirstUp));
+        assert_eq!(h.observe_database(t0, Ok(())), None);
+        assert_eq!(
+            h.observe_database(t0, Err("refused".into())),
+            Some(DependencyChange::Down {
+                error: "refused".into()
+            })
+        );
+        assert_eq!(
+            h.observe_database(t0 + Duration::from_secs(1), Err("timeout".into())),
+            None
+        );
+        assert_eq!(
+            h.observe_database(t0 + Duration::from_secs(3), Ok(())),
+            Some(DependencyChange::Up {
+                outage: Duration::from_secs(3),
+                cause: "timeout".into()
+            })
+        );
+        let s = h.database_state();
+        assert_eq!(s.up, Some(true));
+        assert!(s.since.is_some());
+        assert_eq!(
+            h.observe_nats(t0, Err("disconnected".into())),
+            Some(DependencyChange::Down {
+                error: "disconnected".into()
+            })
+        );
     }
 
     #[test]

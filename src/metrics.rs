@@ -8,10 +8,23 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::config::{ConsumerKind, PerKind};
+
+/// The git revision the binary was built from (build.rs; "unknown" without one).
+pub const GIT_REVISION: &str = match option_env!("NORMALIZE_GIT_REVISION") {
+    Some(r) => r,
+    None => "unknown",
+};
+
+/// The compiler that built the binary (build.rs; "unknown" without one).
+pub const RUSTC_VERSION: &str = match option_env!("NORMALIZE_RUSTC_VERSION") {
+    Some(r) => r,
+    None => "unknown",
+};
 
 /// What happened to one message, as counted in `normalize_<consumer>_messages_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +99,12 @@ pub struct Metrics {
     /// be derived into a record; that section is dead-lettered on its own.
     oura_invalid_sections: IntCounterVec,
     pub nats_connected: IntGauge,
+    /// Reconnections of the NATS connection after it was lost.
+    pub nats_reconnects: IntCounter,
     pub database_up: IntGauge,
+    /// Connections the database pool holds, and how many of them are idle.
+    pub database_pool_connections: IntGauge,
+    pub database_pool_idle: IntGauge,
     pub build_info: IntGaugeVec,
 }
 
@@ -269,8 +287,32 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            nats_reconnects: {
+                let c = IntCounter::new(
+                    "normalize_nats_reconnects_total",
+                    "Reconnections to NATS after the connection was lost",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             database_up: {
                 let g = IntGauge::new("normalize_database_up", "1 while PostgreSQL answers")?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            database_pool_connections: {
+                let g = IntGauge::new(
+                    "normalize_database_pool_connections",
+                    "Connections open in the database pool (at most DATABASE_MAX_CONNECTIONS)",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            database_pool_idle: {
+                let g = IntGauge::new(
+                    "normalize_database_pool_idle_connections",
+                    "Open connections of the database pool not in use",
+                )?;
                 registry.register(Box::new(g.clone()))?;
                 g
             },
@@ -278,7 +320,7 @@ impl Metrics {
                 &registry,
                 "normalize_build_info",
                 "Build information; the value is always 1",
-                &["version"],
+                &["version", "git_revision", "rustc"],
             )?,
             registry,
         };
@@ -286,7 +328,9 @@ impl Metrics {
         m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        m.build_info.with_label_values(&[crate::VERSION]).set(1);
+        m.build_info
+            .with_label_values(&[crate::VERSION, GIT_REVISION, RUSTC_VERSION])
+            .set(1);
         for kind in ConsumerKind::ALL {
             m.consumer_stalled.with_label_values(&[kind.as_str()]).set(0);
             m.consumer_stuck.with_label_values(&[kind.as_str()]).set(0);

@@ -84,7 +84,7 @@ impl Worker {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "consumer not bound; retrying");
+                        tracing::warn!(event = "consumer_unbound", error = %e, retry_in_ms = backoff.as_millis() as u64, "consumer not bound; retrying");
                         self.shared.health.update(kind, |s| {
                             s.stream = None;
                             s.bind_error = Some(e.to_string());
@@ -112,12 +112,12 @@ impl Worker {
                     let id = reraise(r);
                     if let Some(a) = active.as_ref().filter(|a| a.task == id) {
                         // The active loop ends by itself only when its binding is gone.
-                        tracing::warn!(stream = %a.binding.stream, "binding lost; binding again");
+                        tracing::warn!(event = "consumer_binding_lost", stream = %a.binding.stream, "binding lost; binding again");
                         active = None;
                         self.shared.health.update(kind, |s| s.stream = None);
                     } else if let Some(i) = draining.iter().position(|r| r.task == id) {
                         let r = draining.remove(i);
-                        tracing::info!(stream = %r.binding.stream, "finished draining the previous durable");
+                        tracing::info!(event = "consumer_drained", stream = %r.binding.stream, "finished draining the previous durable");
                     }
                 }
                 _ = tokio::time::sleep(wait) => {
@@ -220,6 +220,7 @@ impl Worker {
             }
         };
         tracing::info!(
+            event = "consumer_rebound",
             from = %current.binding.stream, to = %next.binding.stream,
             "subjects moved: consuming the new stream and draining the old durable"
         );
@@ -322,9 +323,9 @@ impl Worker {
         let m = &self.shared.metrics;
         let primary = self.shared.config.streams.primary(self.cc.primary).to_string();
         if b.fallback && from.is_none() {
-            tracing::warn!(from = %primary, to = %b.stream, durable = %b.durable, "primary stream or durable absent; bound to the fallback stream");
+            tracing::warn!(event = "consumer_bound", fallback = true, from = %primary, to = %b.stream, durable = %b.durable, "primary stream or durable absent; bound to the fallback stream");
         } else {
-            tracing::info!(stream = %b.stream, durable = %b.durable, "consumer bound");
+            tracing::info!(event = "consumer_bound", stream = %b.stream, durable = %b.durable, "consumer bound");
         }
         // Count every move between primary and fallback: the initial fallback and each switch.
         if b.fallback || from.is_some() {

@@ -1,0 +1,83 @@
+//! What an operator sees of a running daemon (issue "An operator's daemon", items 1, 2, 7 and
+//! 10): one JSON log line per state transition, asserted by its fields, not its text.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+/// The daemon's JSON log lines so far.
+fn log_lines(d: &DaemonProcess) -> Vec<Value> {
+    d.stderr()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+/// The lines whose `event` field is `event`.
+fn events(d: &DaemonProcess, event: &str) -> Vec<Value> {
+    log_lines(d).into_iter().filter(|l| l["event"] == event).collect()
+}
+
+async fn wait_event(d: &DaemonProcess, event: &str, n: usize) -> Value {
+    wait_for(
+        &format!("{n} log line(s) with event {event}"),
+        Duration::from_secs(30),
+        || async { events(d, event).len() >= n },
+    )
+    .await;
+    events(d, event)[n - 1].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_and_dependency_transitions_are_logged_once_each() {
+    let mut stack = Stack::builder().db_proxy().start().await;
+    let d = stack.daemon_with(&[("LOG_FORMAT", "json")]).await;
+
+    // Start-up: the effective configuration (redacted), the listener, and readiness.
+    let starting = wait_event(&d, "starting", 1).await;
+    assert_eq!(starting["level"], "INFO");
+    for field in ["version", "git_revision", "mode", "nats", "database", "consumers"] {
+        assert!(starting[field].is_string(), "{field} in {starting}");
+    }
+    let listening = wait_event(&d, "listening", 1).await;
+    assert!(
+        listening["address"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(":{}", d.port)),
+        "{listening}"
+    );
+    wait_event(&d, "ready", 1).await;
+
+    // A database outage: one line down (with the cause), one line up (with its duration).
+    stack.proxy().cut();
+    let down = wait_event(&d, "database_down", 1).await;
+    assert_eq!(down["level"], "WARN");
+    assert!(!down["error"].as_str().unwrap_or_default().is_empty(), "{down}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stack.proxy().restore().await;
+    let up = wait_event(&d, "database_up", 1).await;
+    assert_eq!(up["level"], "INFO");
+    assert!(up["outage_ms"].as_u64().unwrap() >= 2000, "{up}");
+    assert!(up["cause"].is_string(), "{up}");
+    assert_eq!(events(&d, "database_down").len(), 1, "one line per transition");
+
+    // A NATS restart: disconnected, then reconnected (counted), once each.
+    stack.nats.restart().await;
+    let lost = wait_event(&d, "nats_disconnected", 1).await;
+    assert_eq!(lost["level"], "WARN");
+    let back = wait_event(&d, "nats_reconnected", 1).await;
+    assert!(back["outage_ms"].is_u64(), "{back}");
+    assert_eq!(events(&d, "nats_disconnected").len(), 1);
+    wait_for("the reconnection counted", Duration::from_secs(10), || async {
+        metric_value(&d.metrics().await, "normalize_nats_reconnects_total", &[]).unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    assert_eq!(events(&d, "ready").len(), 1, "ready is announced once");
+    for l in log_lines(&d) {
+        let text = l.to_string();
+        assert!(!text.contains("\"ERROR\""), "no ERROR line: {text}");
+    }
+}
