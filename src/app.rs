@@ -222,6 +222,8 @@ impl Application {
             tracing::warn!("NATS disconnected at shutdown; unflushed acks will be redelivered");
         }
         background.abort_all();
+        // The dead letters of the last moments (the drain) too.
+        summarise_dead_letters(&shared.health);
         http_stop.cancel();
         let http_bound = until(hard).min(HTTP_CLOSE_GRACE);
         if tokio::time::timeout(http_bound, async { while servers.join_next().await.is_some() {} })
@@ -454,6 +456,7 @@ async fn watchdog(
     let mut checked_version = String::new();
     let mut announced_ready = false;
     let mut pool = PoolWatch::default();
+    let mut last_summary = Instant::now();
     loop {
         let now = Instant::now();
         let up = nats.connection_state() == async_nats::connection::State::Connected;
@@ -527,8 +530,35 @@ async fn watchdog(
                 );
             }
         }
+        if last_summary.elapsed() >= DEAD_LETTER_SUMMARY_EVERY {
+            last_summary = Instant::now();
+            summarise_dead_letters(&shared.health);
+        }
         if !sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
+            summarise_dead_letters(&shared.health);
             return;
         }
+    }
+}
+
+/// How often the dead letters stored are summarised at WARN (per consumer, when any).
+pub const DEAD_LETTER_SUMMARY_EVERY: Duration = Duration::from_secs(30);
+
+/// One WARN line per consumer that dead-lettered messages since the last summary: how many,
+/// by reason, and the range of their DLQ sequences (for `dlq list` / `dlq show`).
+fn summarise_dead_letters(health: &Health) {
+    for (kind, t) in health.take_dead_letters() {
+        tracing::warn!(
+            event = "dead_letters",
+            consumer = kind.as_str(),
+            count = t.count(),
+            by_reason = %t.by_reason_text(),
+            first_dlq_seq = t.first_dlq_seq,
+            last_dlq_seq = t.last_dlq_seq,
+            "{} message(s) dead-lettered in the last {} s ({}); see `normalize-service dlq list`",
+            t.count(),
+            DEAD_LETTER_SUMMARY_EVERY.as_secs(),
+            t.by_reason_text()
+        );
     }
 }

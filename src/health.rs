@@ -96,8 +96,32 @@ impl DependencyState {
     }
 }
 
+/// Dead letters stored since the last summary, for the periodic WARN line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadLetterTally {
+    pub by_reason: BTreeMap<&'static str, u64>,
+    pub first_dlq_seq: u64,
+    pub last_dlq_seq: u64,
+}
+
+impl DeadLetterTally {
+    pub fn count(&self) -> u64 {
+        self.by_reason.values().sum()
+    }
+
+    /// `reason=count` pairs, comma-separated.
+    pub fn by_reason_text(&self) -> String {
+        self.by_reason
+            .iter()
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 pub struct Health {
     pub mode: StreamMode,
+    dead_letters: Mutex<BTreeMap<ConsumerKind, DeadLetterTally>>,
     nats: Mutex<DependencyState>,
     database: Mutex<DependencyState>,
     consumers: Mutex<BTreeMap<ConsumerKind, ConsumerState>>,
@@ -232,6 +256,7 @@ impl Health {
             consumers: Mutex::new(map),
             nats: Mutex::default(),
             database: Mutex::default(),
+            dead_letters: Mutex::default(),
             activity: PerKind::new(|_| Activity::new(epoch)),
             shutting_down: AtomicBool::new(false),
             shutdown_deadline: Mutex::new(None),
@@ -242,6 +267,23 @@ impl Health {
 
     pub fn activity(&self, kind: ConsumerKind) -> &Activity {
         &self.activity[kind]
+    }
+
+    /// Counts a dead letter stored at `dlq_seq` for the next summary.
+    pub fn count_dead_letter(&self, kind: ConsumerKind, reason: &'static str, dlq_seq: u64) {
+        let mut map = self.dead_letters.lock().unwrap_or_else(|p| p.into_inner());
+        let t = map.entry(kind).or_default();
+        if t.by_reason.is_empty() {
+            t.first_dlq_seq = dlq_seq;
+        }
+        *t.by_reason.entry(reason).or_default() += 1;
+        t.first_dlq_seq = t.first_dlq_seq.min(dlq_seq);
+        t.last_dlq_seq = t.last_dlq_seq.max(dlq_seq);
+    }
+
+    /// The dead letters counted since the last call, per consumer that had any.
+    pub fn take_dead_letters(&self) -> BTreeMap<ConsumerKind, DeadLetterTally> {
+        std::mem::take(&mut *self.dead_letters.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The watchdog's observation of NATS: `Err` carries why it is down.
@@ -474,6 +516,20 @@ mod tests {
                 error: "disconnected".into()
             })
         );
+    }
+
+    #[test]
+    fn dead_letters_are_tallied_until_taken() {
+        let h = health();
+        assert!(h.take_dead_letters().is_empty());
+        h.count_dead_letter(ConsumerKind::Hrv, "schema-invalid", 7);
+        h.count_dead_letter(ConsumerKind::Hrv, "schema-invalid", 9);
+        h.count_dead_letter(ConsumerKind::Hrv, "max-deliver", 8);
+        let t = h.take_dead_letters().remove(&ConsumerKind::Hrv).unwrap();
+        assert_eq!(t.count(), 3);
+        assert_eq!((t.first_dlq_seq, t.last_dlq_seq), (7, 9));
+        assert_eq!(t.by_reason_text(), "max-deliver=1,schema-invalid=2");
+        assert!(h.take_dead_letters().is_empty());
     }
 
     #[test]

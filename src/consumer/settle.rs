@@ -315,6 +315,8 @@ impl<L> Settler<'_, L> {
             let e = match self.letters.store(&d.msg, origin, reason, error).await {
                 Ok(dlq_seq) => {
                     self.health.update(kind, |s| s.dead_letter_ok = true);
+                    // Per message at DEBUG; the watchdog summarises them at WARN.
+                    self.health.count_dead_letter(kind, reason.as_str(), dlq_seq);
                     tracing::debug!(
                         reason = reason.as_str(), seq = origin.seq, dlq_seq,
                         delivered = origin.delivered, error = %error, "message dead-lettered"

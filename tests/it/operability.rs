@@ -81,3 +81,38 @@ async fn start_up_and_dependency_transitions_are_logged_once_each() {
         assert!(!text.contains("\"ERROR\""), "no ERROR line: {text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_summarised_at_warn_not_logged_per_message() {
+    let stack = Stack::start().await;
+    let mut d = stack.daemon_with(&[("LOG_FORMAT", "json")]).await;
+    for i in 0..3 {
+        publish(&stack.js, HRV_SUBJECT, format!("{{not json {i}")).await;
+    }
+    wait_for("three dead letters", Duration::from_secs(20), || async {
+        stream_messages(&stack.js, "AA_DLQ").await >= 3
+    })
+    .await;
+    // Nothing per message above DEBUG; the summary comes at the latest when the daemon stops.
+    d.stop().await;
+    let lines = log_lines(&d);
+    let summaries: Vec<&Value> = lines.iter().filter(|l| l["event"] == "dead_letters").collect();
+    assert_eq!(summaries.len(), 1, "{lines:?}");
+    let s = summaries[0];
+    assert_eq!(s["level"], "WARN");
+    assert_eq!(s["consumer"], "hrv");
+    assert_eq!(s["count"], 3);
+    assert_eq!(s["by_reason"], "schema-invalid=3");
+    assert_eq!(s["first_dlq_seq"], 1);
+    assert_eq!(s["last_dlq_seq"], 3);
+    let per_message = lines
+        .iter()
+        .filter(|l| l["level"] == "ERROR" || l["level"] == "WARN")
+        .filter(|l| {
+            l["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("normalize_service::consumer"))
+        })
+        .count();
+    assert_eq!(per_message, 0, "no per-message WARN or ERROR: {lines:?}");
+}
