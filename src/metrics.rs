@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::config::{ConsumerKind, PerKind};
@@ -83,6 +83,11 @@ pub struct Metrics {
     pub consumer_pending: IntGaugeVec,
     pub consumer_ack_pending: IntGaugeVec,
     pub consumer_redelivered: IntGaugeVec,
+    /// Age of the oldest message the durable has not acknowledged (its ack floor + 1), from
+    /// the info refresh: the lag in seconds.
+    pub consumer_oldest_pending_age: GaugeVec,
+    /// Unix time of the last message a consumer stored (acked as a success).
+    pub last_store_timestamp: GaugeVec,
     /// 1 when a consumer loop has not completed a pull for 3 × its expiry.
     pub consumer_stalled: IntGaugeVec,
     /// 1 when a consumer holds messages and has settled none for 3 × ack_wait.
@@ -246,6 +251,28 @@ impl Metrics {
                 "Messages redelivered and not yet acknowledged (consumer info num_redelivered)",
                 BINDING_LABELS,
             )?,
+            consumer_oldest_pending_age: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "normalize_consumer_oldest_pending_age_seconds",
+                        "Age of the oldest message the durable has not acknowledged (0 when none): the lag in seconds",
+                    ),
+                    BINDING_LABELS,
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            last_store_timestamp: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "normalize_last_store_timestamp_seconds",
+                        "Unix time of the last message the consumer stored and acked (0 before the first)",
+                    ),
+                    &["consumer"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             consumer_stalled: gauge(
                 &registry,
                 "normalize_consumer_stalled",
@@ -318,7 +345,7 @@ impl Metrics {
             },
             build_info: gauge(
                 &registry,
-                "normalize_build_info",
+                    "normalize_build_info",
                 "Build information; the value is always 1",
                 &["version", "git_revision", "rustc"],
             )?,
@@ -335,6 +362,9 @@ impl Metrics {
             m.consumer_stalled.with_label_values(&[kind.as_str()]).set(0);
             m.consumer_stuck.with_label_values(&[kind.as_str()]).set(0);
             m.consumer_held.with_label_values(&[kind.as_str()]).set(0);
+            m.last_store_timestamp
+                .with_label_values(&[kind.as_str()])
+                .set(0.0);
             m.batch_unrolled.with_label_values(&[kind.as_str()]);
             m.batch_superseded.with_label_values(&[kind.as_str()]);
         }
@@ -427,6 +457,9 @@ mod tests {
             "normalize_consumer_bound",
             "normalize_consumer_stalled",
             "normalize_build_info",
+            "normalize_last_store_timestamp_seconds{consumer=\"oura\"} 0",
+            "normalize_nats_reconnects_total 0",
+            "normalize_database_pool_connections",
             "normalize_oura_invalid_sections_total{section=\"data.hrv\"} 0",
             "normalize_oura_invalid_sections_total{section=\"data.sleep\"} 1",
         ] {

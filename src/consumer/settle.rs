@@ -280,6 +280,11 @@ impl<L> Settler<'_, L> {
             }
         };
         m.count_message(kind, settled, self.metric_subject, stream, self.durable);
+        if settled == MessageResult::Success {
+            m.last_store_timestamp
+                .with_label_values(&[kind.as_str()])
+                .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+        }
         m.processing_duration
             .with_label_values(&[kind.as_str(), stream, self.durable])
             .observe(d.at.elapsed().as_secs_f64());

@@ -116,3 +116,98 @@ async fn dead_letters_are_summarised_at_warn_not_logged_per_message() {
         .count();
     assert_eq!(per_message, 0, "no per-message WARN or ERROR: {lines:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_call_metrics_are_present_and_move() {
+    let (stack, app) = Stack::builder().app().await;
+    let text = app.metrics().await;
+    for name in [
+        "normalize_nats_reconnects_total",
+        "normalize_database_pool_connections",
+        "normalize_database_pool_idle_connections",
+    ] {
+        assert!(metric_value(&text, name, &[]).is_some(), "{name} in\n{text}");
+    }
+    assert!(text.contains("normalize_build_info{git_revision=\""), "{text}");
+    assert_eq!(
+        metric_value(
+            &text,
+            "normalize_last_store_timestamp_seconds",
+            &[("consumer", "hrv")]
+        ),
+        Some(0.0)
+    );
+    let before = chrono::Utc::now().timestamp() as f64;
+    publish(
+        &stack.js,
+        HRV_SUBJECT,
+        hrv_event("m", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
+    wait_for("the store timestamp", Duration::from_secs(20), || async {
+        metric_value(
+            &app.metrics().await,
+            "normalize_last_store_timestamp_seconds",
+            &[("consumer", "hrv")],
+        )
+        .unwrap_or(0.0)
+            >= before - 1.0
+    })
+    .await;
+    // Nothing pending: the lag in seconds is 0 for the bound durable.
+    wait_for("the lag in seconds", Duration::from_secs(20), || async {
+        metric_value(
+            &app.metrics().await,
+            "normalize_consumer_oldest_pending_age_seconds",
+            &[("consumer", "hrv"), ("stream", "AA_CORE_HOT")],
+        ) == Some(0.0)
+    })
+    .await;
+    app.stop().await.unwrap();
+}
+
+/// A message that cannot be stored (the database is cut) ages: that age is the lag in seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_pending_message_age_is_the_lag_in_seconds() {
+    let (stack, app) = Stack::builder()
+        .db_proxy()
+        .env(&[("NORMALIZE_HRV_MAX_DELIVER", "1000")])
+        .app()
+        .await;
+    stack.proxy().cut();
+    publish(
+        &stack.js,
+        HRV_SUBJECT,
+        hrv_event("lag", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
+    wait_for("an age of 2 s", Duration::from_secs(30), || async {
+        metric_value(
+            &app.metrics().await,
+            "normalize_consumer_oldest_pending_age_seconds",
+            &[("consumer", "hrv"), ("stream", "AA_CORE_HOT")],
+        )
+        .unwrap_or(0.0)
+            >= 2.0
+    })
+    .await;
+    // The sleep consumer shares the stream; its own durable has nothing pending.
+    assert_eq!(
+        metric_value(
+            &app.metrics().await,
+            "normalize_consumer_oldest_pending_age_seconds",
+            &[("consumer", "sleep"), ("stream", "AA_CORE_HOT")],
+        ),
+        Some(0.0)
+    );
+    stack.proxy().restore().await;
+    wait_for("the lag back to 0", Duration::from_secs(30), || async {
+        metric_value(
+            &app.metrics().await,
+            "normalize_consumer_oldest_pending_age_seconds",
+            &[("consumer", "hrv"), ("stream", "AA_CORE_HOT")],
+        ) == Some(0.0)
+    })
+    .await;
+    app.stop().await.unwrap();
+}
