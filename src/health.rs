@@ -217,7 +217,19 @@ pub struct ConsumerJson {
     pub error: Option<String>,
 }
 
+/// One dependency on `/health`: its state now, since when (as the watchdog saw it change), and
+/// why it is down.
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DependencyJson {
+    pub status: &'static str,
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct HealthJson {
     pub status: &'static str,
     pub mode: &'static str,
@@ -225,7 +237,26 @@ pub struct HealthJson {
     pub consumers: BTreeMap<&'static str, ConsumerJson>,
     pub nats: &'static str,
     pub database: &'static str,
+    /// `nats` and `database` in detail.
+    pub dependencies: BTreeMap<&'static str, DependencyJson>,
+    /// Why the instance is not ready (empty when ready); what `/health/ready` says too.
+    pub not_ready: Vec<String>,
     pub version: &'static str,
+}
+
+/// `state` is the watchdog's; `up` is the answer of now, which wins for the status (the error
+/// is shown only while down).
+fn dependency_json(
+    up: bool,
+    up_text: &'static str,
+    down_text: &'static str,
+    state: DependencyState,
+) -> DependencyJson {
+    DependencyJson {
+        status: if up { up_text } else { down_text },
+        since: ts(state.since),
+        error: if up { None } else { state.error },
+    }
 }
 
 fn ts(t: Option<DateTime<Utc>>) -> Option<String> {
@@ -408,6 +439,32 @@ impl Health {
         !self.shutting_down() && nats_connected && database_up && self.database_ready() && self.all_bound()
     }
 
+    /// The failing readiness checks, each naming what fails and why; empty when ready.
+    pub fn not_ready_reasons(&self, nats_connected: bool, database_up: bool) -> Vec<String> {
+        let with_error = |what: &str, error: Option<String>| match error {
+            Some(e) => format!("{what} ({e})"),
+            None => what.to_string(),
+        };
+        let mut reasons = Vec::new();
+        if self.shutting_down() {
+            reasons.push("shutting down".to_string());
+        }
+        if !nats_connected {
+            reasons.push(with_error("NATS disconnected", self.nats_state().error));
+        }
+        if !database_up {
+            reasons.push(with_error("database unavailable", self.database_state().error));
+        } else if !self.database_ready() {
+            reasons.push("database not prepared yet (migrations)".to_string());
+        }
+        for (kind, s) in self.snapshot() {
+            if s.stream.is_none() {
+                reasons.push(with_error(&format!("consumer {kind} not bound"), s.bind_error));
+            }
+        }
+        reasons
+    }
+
     pub fn to_json(&self, nats_connected: bool, database_up: bool) -> HealthJson {
         let snapshot = self.snapshot();
         let ready = self.ready(nats_connected, database_up);
@@ -425,10 +482,11 @@ impl Health {
         let consumers = snapshot
             .into_iter()
             .map(|(kind, s)| {
+                let bound = s.stream.is_some();
                 (
                     kind.as_str(),
                     ConsumerJson {
-                        bound: s.stream.is_some(),
+                        bound,
                         durable: s.durable,
                         stream: s.stream,
                         fallback: s.fallback,
@@ -441,7 +499,12 @@ impl Health {
                         stalled: s.stalled,
                         stuck: s.stuck,
                         held: self.activity(kind).holding(),
-                        dead_letter: if s.dead_letter_ok { "ok" } else { "unavailable" },
+                        // Nothing bound has dead-lettered nothing: whether it could is unknown.
+                        dead_letter: match (s.dead_letter_ok, bound) {
+                            (false, _) => "unavailable",
+                            (true, true) => "ok",
+                            (true, false) => "unknown",
+                        },
                         error: s.bind_error,
                     },
                 )
@@ -458,6 +521,19 @@ impl Health {
                 "disconnected"
             },
             database: if database_up { "connected" } else { "unavailable" },
+            dependencies: [
+                (
+                    "nats",
+                    dependency_json(nats_connected, "connected", "disconnected", self.nats_state()),
+                ),
+                (
+                    "database",
+                    dependency_json(database_up, "connected", "unavailable", self.database_state()),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+            not_ready: self.not_ready_reasons(nats_connected, database_up),
             version: crate::VERSION,
         }
     }
@@ -530,6 +606,34 @@ mod tests {
         assert_eq!((t.first_dlq_seq, t.last_dlq_seq), (7, 9));
         assert_eq!(t.by_reason_text(), "max-deliver=1,schema-invalid=2");
         assert!(h.take_dead_letters().is_empty());
+    }
+
+    #[test]
+    fn not_ready_names_the_failing_checks() {
+        let h = health();
+        h.observe_database(Instant::now(), Err("connection refused".into()));
+        let j = h.to_json(true, false);
+        assert_eq!(
+            j.not_ready,
+            vec![
+                "database unavailable (connection refused)".to_string(),
+                "consumer hrv not bound".to_string()
+            ]
+        );
+        assert_eq!(
+            j.dependencies["database"].error.as_deref(),
+            Some("connection refused")
+        );
+        assert!(j.dependencies["database"].since.is_some());
+        assert_eq!(j.consumers["hrv"].dead_letter, "unknown", "nothing bound");
+        h.set_database_ready();
+        h.update(ConsumerKind::Hrv, |s| s.stream = Some("S".into()));
+        let j = h.to_json(true, true);
+        assert!(j.not_ready.is_empty(), "{:?}", j.not_ready);
+        assert_eq!(j.consumers["hrv"].dead_letter, "ok");
+        assert_eq!(j.dependencies["database"].error, None);
+        let text = serde_json::to_value(&j).unwrap();
+        assert!(text["notReady"].is_array() && text["dependencies"]["nats"]["status"].is_string());
     }
 
     #[test]

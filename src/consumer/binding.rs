@@ -112,8 +112,11 @@ impl Worker {
                 Some(r) = loops.join_next_with_id(), if !loops.is_empty() => {
                     let id = reraise(r);
                     if let Some(a) = active.as_ref().filter(|a| a.task == id) {
-                        // The active loop ends by itself only when its binding is gone.
-                        tracing::warn!(event = "consumer_binding_lost", stream = %a.binding.stream, "binding lost; binding again");
+                        // The active loop ends by itself only when its binding is gone, or
+                        // when the shutdown reached it first (the next pass stops this loop).
+                        if !shutdown.is_cancelled() {
+                            tracing::warn!(event = "consumer_binding_lost", stream = %a.binding.stream, "binding lost; binding again");
+                        }
                         active = None;
                         self.shared.health.update(kind, |s| s.stream = None);
                     } else if let Some(i) = draining.iter().position(|r| r.task == id) {

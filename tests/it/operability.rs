@@ -56,6 +56,25 @@ async fn start_up_and_dependency_transitions_are_logged_once_each() {
     let down = wait_event(&d, "database_down", 1).await;
     assert_eq!(down["level"], "WARN");
     assert!(!down["error"].as_str().unwrap_or_default().is_empty(), "{down}");
+    // Health names the failing check, its error and since when.
+    let (code, body) = d.get("/health/ready").await;
+    assert_eq!(code, 503);
+    assert!(body.starts_with("not ready: database unavailable ("), "{body}");
+    let (_, health) = d.get("/health").await;
+    let health: Value = serde_json::from_str(&health).unwrap();
+    let db = &health["dependencies"]["database"];
+    assert_eq!(db["status"], "unavailable", "{health}");
+    assert!(db["error"].is_string() && db["since"].is_string(), "{health}");
+    assert_eq!(health["database"], "unavailable");
+    assert!(
+        health["notReady"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("database unavailable"),
+        "{health}"
+    );
+    assert_eq!(health["dependencies"]["nats"]["status"], "connected");
+    assert!(health["dependencies"]["nats"].get("error").is_none(), "{health}");
     tokio::time::sleep(Duration::from_millis(2500)).await;
     stack.proxy().restore().await;
     let up = wait_event(&d, "database_up", 1).await;
