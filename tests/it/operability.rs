@@ -230,3 +230,21 @@ async fn the_oldest_pending_message_age_is_the_lag_in_seconds() {
     .await;
     app.stop().await.unwrap();
 }
+
+/// An invalid `RUST_LOG` is said, not ignored; pretty logs into a file carry no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_rust_log_is_reported_and_pretty_logs_to_a_file_are_plain() {
+    let stack = Stack::start().await;
+    let mut d = stack
+        .daemon_with(&[("LOG_FORMAT", "pretty"), ("RUST_LOG", "info,x=nonsense")])
+        .await;
+    d.stop().await;
+    let err = d.stderr();
+    assert!(err.contains("RUST_LOG is not a valid filter"), "{err}");
+    assert!(err.contains("invalid_rust_log"), "{err}");
+    assert!(!err.contains('\u{1b}'), "no ANSI escape in a file:\n{err}");
+    assert!(
+        err.contains("consumer bound"),
+        "the default filter applies:\n{err}"
+    );
+}
