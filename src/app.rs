@@ -24,6 +24,7 @@ use crate::store;
 pub struct Application {
     shared: Shared,
     nats: async_nats::Client,
+    nats_watch: crate::nats::ConnectionWatch,
     listener: tokio::net::TcpListener,
     metrics_listener: Option<tokio::net::TcpListener>,
 }
@@ -40,7 +41,8 @@ impl Application {
                 .map(|c| (c.kind, c.durable.clone(), c.expires, c.ack_wait))
                 .collect::<Vec<_>>(),
         ));
-        let nats = crate::nats::connect(&config.nats).await?;
+        let nats_watch = crate::nats::ConnectionWatch::new(&config.nats, metrics.nats_reconnects.clone());
+        let nats = crate::nats::connect_daemon(&config.nats, nats_watch.clone()).await?;
         let js = async_nats::jetstream::new(nats.clone());
         let pool = store::lazy_pool(&config).context("DATABASE_URL")?;
         // Every batch in flight holds a connection while it writes; a pool smaller than that
@@ -80,6 +82,7 @@ impl Application {
                 health,
             },
             nats,
+            nats_watch,
             listener,
             metrics_listener,
         })
@@ -101,9 +104,18 @@ impl Application {
 
     /// Runs until `shutdown` is cancelled (or a task fails, which is an error).
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let addr = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(
+            event = "listening",
+            address = %addr(&self.listener),
+            metrics_address = %self.metrics_listener.as_ref().map_or_else(|| addr(&self.listener), addr),
+            "listening on {} (health, metrics)",
+            addr(&self.listener)
+        );
         let Application {
             shared,
             nats,
+            nats_watch,
             listener,
             metrics_listener,
         } = self;
@@ -141,7 +153,12 @@ impl Application {
             shared.health.clone(),
             shutdown.clone(),
         ));
-        background.spawn(watchdog(shared.clone(), nats.clone(), shutdown.clone()));
+        background.spawn(watchdog(
+            shared.clone(),
+            nats.clone(),
+            nats_watch,
+            shutdown.clone(),
+        ));
         let mut workers = JoinSet::new();
         for cc in &config.consumers {
             let worker = Worker::new(shared.clone(), cc.clone());
@@ -205,6 +222,8 @@ impl Application {
             tracing::warn!("NATS disconnected at shutdown; unflushed acks will be redelivered");
         }
         background.abort_all();
+        // The dead letters of the last moments (the drain) too.
+        summarise_dead_letters(&shared.health);
         http_stop.cancel();
         let http_bound = until(hard).min(HTTP_CLOSE_GRACE);
         if tokio::time::timeout(http_bound, async { while servers.join_next().await.is_some() {} })
@@ -239,6 +258,47 @@ impl Application {
             }
         }
     }
+}
+
+/// The start-up line: the version and the effective configuration, secrets redacted
+/// (`event` = `starting`).
+pub fn log_effective_config(config: &Config) {
+    let consumers = config
+        .consumers
+        .iter()
+        .map(|c| {
+            format!(
+                "{}(durable={},batch={},expires_ms={},ack_wait_ms={},max_deliver={},pipeline_depth={})",
+                c.kind,
+                c.durable,
+                c.batch_size,
+                c.expires.as_millis(),
+                c.ack_wait.as_millis(),
+                c.max_deliver,
+                c.pipeline_depth
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    tracing::info!(
+        event = "starting",
+        version = crate::VERSION,
+        git_revision = crate::metrics::GIT_REVISION,
+        mode = config.mode.as_str(),
+        provision = ?config.provision,
+        nats = %crate::nats::servers(&config.nats),
+        nats_auth = crate::nats::auth_kind(&config.nats),
+        database = %crate::redact::redact_url(&config.database_url),
+        database_max_connections = config.database_max_connections,
+        database_statement_timeout_ms = config.database_statement_timeout.as_millis() as u64,
+        run_migrations = config.run_migrations,
+        host = %config.host,
+        port = config.port,
+        metrics_port = config.metrics_port,
+        consumers = %consumers,
+        shutdown_timeout_ms = config.shutdown_timeout.as_millis() as u64,
+        "starting"
+    );
 }
 
 /// How long the bounded shutdown steps (flush, drain, HTTP, pool) may run past
@@ -313,17 +373,105 @@ fn warn_about_server_version(config: &Config, version: &str) {
     }
 }
 
+/// A database round trip within `within`; the error says why not.
+async fn database_check(pool: &sqlx::PgPool, within: Duration) -> Result<(), String> {
+    match tokio::time::timeout(within, sqlx::query("SELECT 1").execute(pool)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} ms", within.as_millis())),
+    }
+}
+
+fn log_database_change(change: Option<crate::health::DependencyChange>) {
+    use crate::health::DependencyChange;
+    match change {
+        Some(DependencyChange::Down { error }) => {
+            tracing::warn!(event = "database_down", error = %error, "database unreachable");
+        }
+        Some(DependencyChange::Up { outage, cause }) => tracing::info!(
+            event = "database_up",
+            outage_ms = u64::try_from(outage.as_millis()).unwrap_or(u64::MAX),
+            cause = %cause,
+            "database reachable again after {} ms",
+            outage.as_millis()
+        ),
+        Some(DependencyChange::FirstUp) => tracing::debug!(event = "database_up", "database reachable"),
+        None => {}
+    }
+}
+
+/// Pool exhaustion (every connection in use), logged when it lasts [`PoolWatch::AFTER`]
+/// watchdog ticks and again when a connection is free; the gauges every tick.
+#[derive(Default)]
+struct PoolWatch {
+    exhausted_ticks: u32,
+    logged: bool,
+}
+
+impl PoolWatch {
+    const AFTER: u32 = 3;
+
+    fn check(&mut self, shared: &Shared) {
+        let size = shared.pool.size();
+        let idle = u32::try_from(shared.pool.num_idle()).unwrap_or(u32::MAX);
+        shared.metrics.database_pool_connections.set(i64::from(size));
+        shared.metrics.database_pool_idle.set(i64::from(idle));
+        let max = shared.config.database_max_connections;
+        if size >= max && idle == 0 {
+            self.exhausted_ticks += 1;
+            if self.exhausted_ticks == Self::AFTER {
+                self.logged = true;
+                tracing::warn!(
+                    event = "database_pool_exhausted",
+                    database_max_connections = max,
+                    "every database connection in use for {} s; batches wait for connections (DATABASE_MAX_CONNECTIONS)",
+                    Self::AFTER
+                );
+            }
+        } else {
+            self.exhausted_ticks = 0;
+            if std::mem::take(&mut self.logged) {
+                tracing::info!(
+                    event = "database_pool_available",
+                    idle,
+                    "database connections free again"
+                );
+            }
+        }
+    }
+}
+
 /// Keeps the dependency state, the stall and stuck verdicts and the connection gauges fresh
 /// between scrapes. A loop is stalled when it has made no progress for 3 × expires, and stuck
 /// when it holds messages and has settled none for 3 × ack_wait; neither is judged while NATS
 /// or the database is down (see [`Health::check_stalls`]), so a broker outage never fails
 /// liveness and restarts every instance at once.
-async fn watchdog(shared: Shared, nats: async_nats::Client, shutdown: CancellationToken) {
+async fn watchdog(
+    shared: Shared,
+    nats: async_nats::Client,
+    nats_watch: crate::nats::ConnectionWatch,
+    shutdown: CancellationToken,
+) {
     let mut was = std::collections::HashMap::new();
     let mut checked_version = String::new();
+    let mut announced_ready = false;
+    let mut pool = PoolWatch::default();
+    let mut last_summary = Instant::now();
     loop {
+        let now = Instant::now();
         let up = nats.connection_state() == async_nats::connection::State::Connected;
         shared.metrics.nats_connected.set(i64::from(up));
+        // The NATS transitions are logged by the connection's event callback (crate::nats).
+        shared.health.observe_nats(
+            now,
+            if up {
+                Ok(())
+            } else {
+                Err(nats_watch
+                    .last_error()
+                    .unwrap_or_else(|| "disconnected".to_string()))
+            },
+        );
         if up {
             // At start (or at the first connection, when NATS was down at start) and again
             // whenever a reconnection lands on a server of another version.
@@ -333,9 +481,19 @@ async fn watchdog(shared: Shared, nats: async_nats::Client, shutdown: Cancellati
                 checked_version = version;
             }
         }
-        let db = store::ping(&shared.pool, Duration::from_secs(1)).await;
+        let db_result = database_check(&shared.pool, Duration::from_secs(1)).await;
+        let db = db_result.is_ok();
         shared.metrics.database_up.set(i64::from(db));
+        log_database_change(shared.health.observe_database(now, db_result));
+        pool.check(&shared);
         shared.health.set_dependencies_up(up && db);
+        if !announced_ready && shared.health.ready(up, db) {
+            announced_ready = true;
+            tracing::info!(
+                event = "ready",
+                "ready: NATS connected, database up, every consumer bound"
+            );
+        }
         for v in shared.health.check_stalls(Instant::now()) {
             let kind = v.kind.as_str();
             let m = &shared.metrics;
@@ -351,20 +509,56 @@ async fn watchdog(shared: Shared, nats: async_nats::Client, shutdown: Cancellati
             let (stalled, stuck) = was.insert(v.kind, (v.stalled, v.stuck)).unwrap_or((false, false));
             if v.stalled && !stalled {
                 tracing::error!(
+                    event = "consumer_stalled",
                     consumer = kind,
                     "consumer loop stalled: no progress for 3 x expires with NATS and the database up"
                 );
             } else if !v.stalled && stalled {
-                tracing::info!(consumer = kind, "consumer loop recovered");
+                tracing::info!(
+                    event = "consumer_recovered",
+                    consumer = kind,
+                    "consumer loop recovered"
+                );
             }
             if v.stuck && !stuck {
-                tracing::error!(consumer = kind, held = v.held, "consumer stuck: holding messages and settling none for 3 x ack_wait with NATS and the database up");
+                tracing::error!(event = "consumer_stuck", consumer = kind, held = v.held, "consumer stuck: holding messages and settling none for 3 x ack_wait with NATS and the database up");
             } else if !v.stuck && stuck {
-                tracing::info!(consumer = kind, "consumer settles messages again");
+                tracing::info!(
+                    event = "consumer_unstuck",
+                    consumer = kind,
+                    "consumer settles messages again"
+                );
             }
         }
+        if last_summary.elapsed() >= DEAD_LETTER_SUMMARY_EVERY {
+            last_summary = Instant::now();
+            summarise_dead_letters(&shared.health);
+        }
         if !sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
+            summarise_dead_letters(&shared.health);
             return;
         }
+    }
+}
+
+/// How often the dead letters stored are summarised at WARN (per consumer, when any).
+pub const DEAD_LETTER_SUMMARY_EVERY: Duration = Duration::from_secs(30);
+
+/// One WARN line per consumer that dead-lettered messages since the last summary: how many,
+/// by reason, and the range of their DLQ sequences (for `dlq list` / `dlq show`).
+fn summarise_dead_letters(health: &Health) {
+    for (kind, t) in health.take_dead_letters() {
+        tracing::warn!(
+            event = "dead_letters",
+            consumer = kind.as_str(),
+            count = t.count(),
+            by_reason = %t.by_reason_text(),
+            first_dlq_seq = t.first_dlq_seq,
+            last_dlq_seq = t.last_dlq_seq,
+            "{} message(s) dead-lettered in the last {} s ({}); see `normalize-service dlq list`",
+            t.count(),
+            DEAD_LETTER_SUMMARY_EVERY.as_secs(),
+            t.by_reason_text()
+        );
     }
 }

@@ -43,8 +43,87 @@ pub struct ConsumerState {
     pub bind_error: Option<String>,
 }
 
+/// What the watchdog last saw of a dependency (NATS, the database), and since when.
+#[derive(Debug, Clone, Default)]
+pub struct DependencyState {
+    /// `None` until first observed.
+    pub up: Option<bool>,
+    /// When the current state began.
+    pub since: Option<DateTime<Utc>>,
+    since_instant: Option<Instant>,
+    /// Why it is (or, once up again, was) down.
+    pub error: Option<String>,
+}
+
+/// A change of a dependency's state, to be logged once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DependencyChange {
+    /// It went down (or was down when first observed).
+    Down { error: String },
+    /// It came back after `outage` down because of `cause`.
+    Up { outage: Duration, cause: String },
+    /// Up when first observed.
+    FirstUp,
+}
+
+impl DependencyState {
+    /// Records an observation; returns the change it makes, if any.
+    fn observe(&mut self, now: Instant, result: Result<(), String>) -> Option<DependencyChange> {
+        let previous = self.up;
+        let changed = previous != Some(result.is_ok());
+        if changed {
+            self.since = Some(Utc::now());
+        }
+        let down_since = self.since_instant;
+        if changed {
+            self.since_instant = Some(now);
+        }
+        self.up = Some(result.is_ok());
+        match result {
+            Err(error) => {
+                self.error = Some(error.clone());
+                changed.then_some(DependencyChange::Down { error })
+            }
+            Ok(()) if !changed => None,
+            Ok(()) => Some(match (previous, down_since) {
+                (Some(false), Some(at)) => DependencyChange::Up {
+                    outage: now.saturating_duration_since(at),
+                    cause: self.error.clone().unwrap_or_default(),
+                },
+                _ => DependencyChange::FirstUp,
+            }),
+        }
+    }
+}
+
+/// Dead letters stored since the last summary, for the periodic WARN line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadLetterTally {
+    pub by_reason: BTreeMap<&'static str, u64>,
+    pub first_dlq_seq: u64,
+    pub last_dlq_seq: u64,
+}
+
+impl DeadLetterTally {
+    pub fn count(&self) -> u64 {
+        self.by_reason.values().sum()
+    }
+
+    /// `reason=count` pairs, comma-separated.
+    pub fn by_reason_text(&self) -> String {
+        self.by_reason
+            .iter()
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 pub struct Health {
     pub mode: StreamMode,
+    dead_letters: Mutex<BTreeMap<ConsumerKind, DeadLetterTally>>,
+    nats: Mutex<DependencyState>,
+    database: Mutex<DependencyState>,
     consumers: Mutex<BTreeMap<ConsumerKind, ConsumerState>>,
     /// Per consumer kind, updated on every delivery and settlement without taking the lock.
     activity: PerKind<Activity>,
@@ -138,7 +217,19 @@ pub struct ConsumerJson {
     pub error: Option<String>,
 }
 
+/// One dependency on `/health`: its state now, since when (as the watchdog saw it change), and
+/// why it is down.
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DependencyJson {
+    pub status: &'static str,
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct HealthJson {
     pub status: &'static str,
     pub mode: &'static str,
@@ -146,7 +237,26 @@ pub struct HealthJson {
     pub consumers: BTreeMap<&'static str, ConsumerJson>,
     pub nats: &'static str,
     pub database: &'static str,
+    /// `nats` and `database` in detail.
+    pub dependencies: BTreeMap<&'static str, DependencyJson>,
+    /// Why the instance is not ready (empty when ready); what `/health/ready` says too.
+    pub not_ready: Vec<String>,
     pub version: &'static str,
+}
+
+/// `state` is the watchdog's; `up` is the answer of now, which wins for the status (the error
+/// is shown only while down).
+fn dependency_json(
+    up: bool,
+    up_text: &'static str,
+    down_text: &'static str,
+    state: DependencyState,
+) -> DependencyJson {
+    DependencyJson {
+        status: if up { up_text } else { down_text },
+        since: ts(state.since),
+        error: if up { None } else { state.error },
+    }
 }
 
 fn ts(t: Option<DateTime<Utc>>) -> Option<String> {
@@ -175,6 +285,9 @@ impl Health {
         Health {
             mode,
             consumers: Mutex::new(map),
+            nats: Mutex::default(),
+            database: Mutex::default(),
+            dead_letters: Mutex::default(),
             activity: PerKind::new(|_| Activity::new(epoch)),
             shutting_down: AtomicBool::new(false),
             shutdown_deadline: Mutex::new(None),
@@ -185,6 +298,47 @@ impl Health {
 
     pub fn activity(&self, kind: ConsumerKind) -> &Activity {
         &self.activity[kind]
+    }
+
+    /// Counts a dead letter stored at `dlq_seq` for the next summary.
+    pub fn count_dead_letter(&self, kind: ConsumerKind, reason: &'static str, dlq_seq: u64) {
+        let mut map = self.dead_letters.lock().unwrap_or_else(|p| p.into_inner());
+        let t = map.entry(kind).or_default();
+        if t.by_reason.is_empty() {
+            t.first_dlq_seq = dlq_seq;
+        }
+        *t.by_reason.entry(reason).or_default() += 1;
+        t.first_dlq_seq = t.first_dlq_seq.min(dlq_seq);
+        t.last_dlq_seq = t.last_dlq_seq.max(dlq_seq);
+    }
+
+    /// The dead letters counted since the last call, per consumer that had any.
+    pub fn take_dead_letters(&self) -> BTreeMap<ConsumerKind, DeadLetterTally> {
+        std::mem::take(&mut *self.dead_letters.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The watchdog's observation of NATS: `Err` carries why it is down.
+    pub fn observe_nats(&self, now: Instant, result: Result<(), String>) -> Option<DependencyChange> {
+        self.nats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(now, result)
+    }
+
+    /// The watchdog's observation of the database: `Err` carries why it is down.
+    pub fn observe_database(&self, now: Instant, result: Result<(), String>) -> Option<DependencyChange> {
+        self.database
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(now, result)
+    }
+
+    pub fn nats_state(&self) -> DependencyState {
+        self.nats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn database_state(&self) -> DependencyState {
+        self.database.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Set by the watchdog from the NATS connection state and a database ping.
@@ -285,6 +439,32 @@ impl Health {
         !self.shutting_down() && nats_connected && database_up && self.database_ready() && self.all_bound()
     }
 
+    /// The failing readiness checks, each naming what fails and why; empty when ready.
+    pub fn not_ready_reasons(&self, nats_connected: bool, database_up: bool) -> Vec<String> {
+        let with_error = |what: &str, error: Option<String>| match error {
+            Some(e) => format!("{what} ({e})"),
+            None => what.to_string(),
+        };
+        let mut reasons = Vec::new();
+        if self.shutting_down() {
+            reasons.push("shutting down".to_string());
+        }
+        if !nats_connected {
+            reasons.push(with_error("NATS disconnected", self.nats_state().error));
+        }
+        if !database_up {
+            reasons.push(with_error("database unavailable", self.database_state().error));
+        } else if !self.database_ready() {
+            reasons.push("database not prepared yet (migrations)".to_string());
+        }
+        for (kind, s) in self.snapshot() {
+            if s.stream.is_none() {
+                reasons.push(with_error(&format!("consumer {kind} not bound"), s.bind_error));
+            }
+        }
+        reasons
+    }
+
     pub fn to_json(&self, nats_connected: bool, database_up: bool) -> HealthJson {
         let snapshot = self.snapshot();
         let ready = self.ready(nats_connected, database_up);
@@ -302,10 +482,11 @@ impl Health {
         let consumers = snapshot
             .into_iter()
             .map(|(kind, s)| {
+                let bound = s.stream.is_some();
                 (
                     kind.as_str(),
                     ConsumerJson {
-                        bound: s.stream.is_some(),
+                        bound,
                         durable: s.durable,
                         stream: s.stream,
                         fallback: s.fallback,
@@ -318,7 +499,12 @@ impl Health {
                         stalled: s.stalled,
                         stuck: s.stuck,
                         held: self.activity(kind).holding(),
-                        dead_letter: if s.dead_letter_ok { "ok" } else { "unavailable" },
+                        // Nothing bound has dead-lettered nothing: whether it could is unknown.
+                        dead_letter: match (s.dead_letter_ok, bound) {
+                            (false, _) => "unavailable",
+                            (true, true) => "ok",
+                            (true, false) => "unknown",
+                        },
                         error: s.bind_error,
                     },
                 )
@@ -335,6 +521,19 @@ impl Health {
                 "disconnected"
             },
             database: if database_up { "connected" } else { "unavailable" },
+            dependencies: [
+                (
+                    "nats",
+                    dependency_json(nats_connected, "connected", "disconnected", self.nats_state()),
+                ),
+                (
+                    "database",
+                    dependency_json(database_up, "connected", "unavailable", self.database_state()),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+            not_ready: self.not_ready_reasons(nats_connected, database_up),
             version: crate::VERSION,
         }
     }
@@ -359,6 +558,82 @@ mod tests {
     fn verdict(h: &Health, at: Instant) -> (bool, bool) {
         let v = h.check_stalls(at)[0];
         (v.stalled, v.stuck)
+    }
+
+    #[test]
+    fn dependency_changes_are_reported_once_with_the_outage() {
+        let h = health();
+        let t0 = Instant::now();
+        assert_eq!(h.observe_database(t0, Ok(())), Some(DependencyChange::FirstUp));
+        assert_eq!(h.observe_database(t0, Ok(())), None);
+        assert_eq!(
+            h.observe_database(t0, Err("refused".into())),
+            Some(DependencyChange::Down {
+                error: "refused".into()
+            })
+        );
+        assert_eq!(
+            h.observe_database(t0 + Duration::from_secs(1), Err("timeout".into())),
+            None
+        );
+        assert_eq!(
+            h.observe_database(t0 + Duration::from_secs(3), Ok(())),
+            Some(DependencyChange::Up {
+                outage: Duration::from_secs(3),
+                cause: "timeout".into()
+            })
+        );
+        let s = h.database_state();
+        assert_eq!(s.up, Some(true));
+        assert!(s.since.is_some());
+        assert_eq!(
+            h.observe_nats(t0, Err("disconnected".into())),
+            Some(DependencyChange::Down {
+                error: "disconnected".into()
+            })
+        );
+    }
+
+    #[test]
+    fn dead_letters_are_tallied_until_taken() {
+        let h = health();
+        assert!(h.take_dead_letters().is_empty());
+        h.count_dead_letter(ConsumerKind::Hrv, "schema-invalid", 7);
+        h.count_dead_letter(ConsumerKind::Hrv, "schema-invalid", 9);
+        h.count_dead_letter(ConsumerKind::Hrv, "max-deliver", 8);
+        let t = h.take_dead_letters().remove(&ConsumerKind::Hrv).unwrap();
+        assert_eq!(t.count(), 3);
+        assert_eq!((t.first_dlq_seq, t.last_dlq_seq), (7, 9));
+        assert_eq!(t.by_reason_text(), "max-deliver=1,schema-invalid=2");
+        assert!(h.take_dead_letters().is_empty());
+    }
+
+    #[test]
+    fn not_ready_names_the_failing_checks() {
+        let h = health();
+        h.observe_database(Instant::now(), Err("connection refused".into()));
+        let j = h.to_json(true, false);
+        assert_eq!(
+            j.not_ready,
+            vec![
+                "database unavailable (connection refused)".to_string(),
+                "consumer hrv not bound".to_string()
+            ]
+        );
+        assert_eq!(
+            j.dependencies["database"].error.as_deref(),
+            Some("connection refused")
+        );
+        assert!(j.dependencies["database"].since.is_some());
+        assert_eq!(j.consumers["hrv"].dead_letter, "unknown", "nothing bound");
+        h.set_database_ready();
+        h.update(ConsumerKind::Hrv, |s| s.stream = Some("S".into()));
+        let j = h.to_json(true, true);
+        assert!(j.not_ready.is_empty(), "{:?}", j.not_ready);
+        assert_eq!(j.consumers["hrv"].dead_letter, "ok");
+        assert_eq!(j.dependencies["database"].error, None);
+        let text = serde_json::to_value(&j).unwrap();
+        assert!(text["notReady"].is_array() && text["dependencies"]["nats"]["status"].is_string());
     }
 
     #[test]

@@ -139,7 +139,9 @@ async fn ready(AxState(s): AxState<HttpState>) -> Response {
     if s.health.ready(nats, db) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+        // Which checks fail, e.g. "not ready: database unavailable (…); consumer hrv not bound".
+        let reasons = s.health.not_ready_reasons(nats, db).join("; ");
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reasons}\n")).into_response()
     }
 }
 

@@ -19,8 +19,7 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber; `RUST_LOG` filters (default `info`).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,async_nats=warn"));
+    let (filter, invalid) = filter_from(std::env::var("RUST_LOG").ok());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -29,10 +28,38 @@ pub fn init(format: LogFormat) {
             .fmt_fields(JsonFields::new())
             .event_format(FlatJson)
             .try_init(),
-        LogFormat::Pretty => builder.with_target(true).try_init(),
+        // Colours only on a terminal: a pipe or a file gets plain text.
+        LogFormat::Pretty => builder
+            .with_target(true)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
     };
     // A subscriber may already exist (tests); that one is kept.
-    result.ok();
+    if result.is_ok() {
+        if let Some((value, error)) = invalid {
+            tracing::warn!(
+                event = "invalid_rust_log",
+                rust_log = %value,
+                error = %error,
+                "RUST_LOG is not a valid filter; using the default ({DEFAULT_FILTER})"
+            );
+        }
+    }
+}
+
+/// The filter when `RUST_LOG` is unset, empty or invalid.
+pub const DEFAULT_FILTER: &str = "info,sqlx=warn,async_nats=warn";
+
+/// The filter for a `RUST_LOG` value, and the value with its error when it is invalid (then
+/// the default applies).
+fn filter_from(rust_log: Option<String>) -> (EnvFilter, Option<(String, String)>) {
+    match rust_log.filter(|v| !v.trim().is_empty()) {
+        None => (EnvFilter::new(DEFAULT_FILTER), None),
+        Some(value) => match EnvFilter::builder().parse(&value) {
+            Ok(filter) => (filter, None),
+            Err(e) => (EnvFilter::new(DEFAULT_FILTER), Some((value, e.to_string()))),
+        },
+    }
 }
 
 /// One JSON object per event, span fields flattened beside the event's (see the module doc).
@@ -147,6 +174,16 @@ mod tests {
         tracing::subscriber::with_default(subscriber, run);
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    #[test]
+    fn an_invalid_rust_log_is_reported_and_the_default_used() {
+        assert!(filter_from(None).1.is_none());
+        assert!(filter_from(Some(" ".into())).1.is_none());
+        assert!(filter_from(Some("debug,sqlx=warn".into())).1.is_none());
+        let (filter, invalid) = filter_from(Some("info,foo=notalevel".into()));
+        assert_eq!(invalid.map(|(v, _)| v).as_deref(), Some("info,foo=notalevel"));
+        assert_eq!(filter.to_string(), EnvFilter::new(DEFAULT_FILTER).to_string());
     }
 
     #[test]

@@ -33,12 +33,7 @@ async fn run() -> ExitCode {
         Err(code) => return code,
     };
     logging::init(config.log_format);
-    tracing::info!(
-        version = normalize_service::VERSION,
-        mode = config.mode.as_str(),
-        database = %normalize_service::redact::redact_url(&config.database_url),
-        "starting"
-    );
+    normalize_service::app::log_effective_config(&config);
     let shutdown_timeout = config.shutdown_timeout;
     let app = match Application::build(config).await {
         Ok(app) => app,

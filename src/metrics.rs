@@ -8,10 +8,23 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::config::{ConsumerKind, PerKind};
+
+/// The git revision the binary was built from (build.rs; "unknown" without one).
+pub const GIT_REVISION: &str = match option_env!("NORMALIZE_GIT_REVISION") {
+    Some(r) => r,
+    None => "unknown",
+};
+
+/// The compiler that built the binary (build.rs; "unknown" without one).
+pub const RUSTC_VERSION: &str = match option_env!("NORMALIZE_RUSTC_VERSION") {
+    Some(r) => r,
+    None => "unknown",
+};
 
 /// What happened to one message, as counted in `normalize_<consumer>_messages_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +83,11 @@ pub struct Metrics {
     pub consumer_pending: IntGaugeVec,
     pub consumer_ack_pending: IntGaugeVec,
     pub consumer_redelivered: IntGaugeVec,
+    /// Age of the oldest message the durable has not acknowledged (its ack floor + 1), from
+    /// the info refresh: the lag in seconds.
+    pub consumer_oldest_pending_age: GaugeVec,
+    /// Unix time of the last message a consumer stored (acked as a success).
+    pub last_store_timestamp: GaugeVec,
     /// 1 when a consumer loop has not completed a pull for 3 × its expiry.
     pub consumer_stalled: IntGaugeVec,
     /// 1 when a consumer holds messages and has settled none for 3 × ack_wait.
@@ -86,7 +104,12 @@ pub struct Metrics {
     /// be derived into a record; that section is dead-lettered on its own.
     oura_invalid_sections: IntCounterVec,
     pub nats_connected: IntGauge,
+    /// Reconnections of the NATS connection after it was lost.
+    pub nats_reconnects: IntCounter,
     pub database_up: IntGauge,
+    /// Connections the database pool holds, and how many of them are idle.
+    pub database_pool_connections: IntGauge,
+    pub database_pool_idle: IntGauge,
     pub build_info: IntGaugeVec,
 }
 
@@ -228,6 +251,28 @@ impl Metrics {
                 "Messages redelivered and not yet acknowledged (consumer info num_redelivered)",
                 BINDING_LABELS,
             )?,
+            consumer_oldest_pending_age: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "normalize_consumer_oldest_pending_age_seconds",
+                        "Age of the oldest message the durable has not acknowledged (0 when none): the lag in seconds",
+                    ),
+                    BINDING_LABELS,
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            last_store_timestamp: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "normalize_last_store_timestamp_seconds",
+                        "Unix time of the last message the consumer stored and acked (0 before the first)",
+                    ),
+                    &["consumer"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             consumer_stalled: gauge(
                 &registry,
                 "normalize_consumer_stalled",
@@ -269,16 +314,40 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            nats_reconnects: {
+                let c = IntCounter::new(
+                    "normalize_nats_reconnects_total",
+                    "Reconnections to NATS after the connection was lost",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             database_up: {
                 let g = IntGauge::new("normalize_database_up", "1 while PostgreSQL answers")?;
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            database_pool_connections: {
+                let g = IntGauge::new(
+                    "normalize_database_pool_connections",
+                    "Connections open in the database pool (at most DATABASE_MAX_CONNECTIONS)",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            database_pool_idle: {
+                let g = IntGauge::new(
+                    "normalize_database_pool_idle_connections",
+                    "Open connections of the database pool not in use",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             build_info: gauge(
                 &registry,
-                "normalize_build_info",
+                    "normalize_build_info",
                 "Build information; the value is always 1",
-                &["version"],
+                &["version", "git_revision", "rustc"],
             )?,
             registry,
         };
@@ -286,11 +355,16 @@ impl Metrics {
         m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        m.build_info.with_label_values(&[crate::VERSION]).set(1);
+        m.build_info
+            .with_label_values(&[crate::VERSION, GIT_REVISION, RUSTC_VERSION])
+            .set(1);
         for kind in ConsumerKind::ALL {
             m.consumer_stalled.with_label_values(&[kind.as_str()]).set(0);
             m.consumer_stuck.with_label_values(&[kind.as_str()]).set(0);
             m.consumer_held.with_label_values(&[kind.as_str()]).set(0);
+            m.last_store_timestamp
+                .with_label_values(&[kind.as_str()])
+                .set(0.0);
             m.batch_unrolled.with_label_values(&[kind.as_str()]);
             m.batch_superseded.with_label_values(&[kind.as_str()]);
         }
@@ -383,6 +457,9 @@ mod tests {
             "normalize_consumer_bound",
             "normalize_consumer_stalled",
             "normalize_build_info",
+            "normalize_last_store_timestamp_seconds{consumer=\"oura\"} 0",
+            "normalize_nats_reconnects_total 0",
+            "normalize_database_pool_connections",
             "normalize_oura_invalid_sections_total{section=\"data.hrv\"} 0",
             "normalize_oura_invalid_sections_total{section=\"data.sleep\"} 1",
         ] {

@@ -5,7 +5,8 @@
 //! (`NATS_TLS_CA_FILE`), and how each connect failure is told apart: wrong credentials or TLS
 //! settings are final, an unreachable server is not.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::{ConnectErrorKind, ServerAddr};
 
@@ -58,6 +59,107 @@ pub enum ConnectError {
 /// unreachable server does not: the client keeps trying in the background (the daemon's
 /// readiness says disconnected meanwhile).
 pub async fn connect(cfg: &NatsConfig) -> Result<async_nats::Client, ConnectError> {
+    connect_watched(cfg, None).await
+}
+
+/// [`connect`] for the daemon: every change of the connection's state is logged once, as it
+/// happens (`event` = `nats_connected`, `nats_disconnected`, `nats_reconnected` with
+/// `outage_ms`, `nats_lame_duck`), reconnections are counted in `reconnects`, and the last
+/// error is kept for `/health` ([`ConnectionWatch::last_error`]). Operator commands use
+/// [`connect`], which stays quiet.
+pub async fn connect_daemon(
+    cfg: &NatsConfig,
+    watch: ConnectionWatch,
+) -> Result<async_nats::Client, ConnectError> {
+    connect_watched(cfg, Some(watch)).await
+}
+
+/// What the daemon's connection reported: its transitions, logged once each.
+#[derive(Clone)]
+pub struct ConnectionWatch {
+    state: Arc<Mutex<WatchState>>,
+    reconnects: prometheus::IntCounter,
+    servers: String,
+}
+
+#[derive(Default)]
+struct WatchState {
+    connected_once: bool,
+    down_since: Option<Instant>,
+    last_error: Option<String>,
+}
+
+impl ConnectionWatch {
+    /// `reconnects` counts the reconnections (`normalize_nats_reconnects_total`).
+    pub fn new(cfg: &NatsConfig, reconnects: prometheus::IntCounter) -> ConnectionWatch {
+        ConnectionWatch {
+            state: Arc::default(),
+            reconnects,
+            servers: servers(cfg),
+        }
+    }
+
+    /// The last error the client reported (a failed reconnection attempt, a server error).
+    pub fn last_error(&self) -> Option<String> {
+        self.lock().last_error.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn on_event(&self, event: async_nats::Event) {
+        let mut st = self.lock();
+        match event {
+            async_nats::Event::Connected => {
+                if let Some(since) = st.down_since.take() {
+                    self.reconnects.inc();
+                    tracing::info!(
+                        event = "nats_reconnected",
+                        servers = %self.servers,
+                        outage_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        cause = st.last_error.as_deref().unwrap_or("connection closed"),
+                        "NATS connection restored"
+                    );
+                } else if !st.connected_once {
+                    tracing::info!(event = "nats_connected", servers = %self.servers, "connected to NATS");
+                }
+                st.connected_once = true;
+            }
+            async_nats::Event::Disconnected => {
+                if st.down_since.is_none() {
+                    st.down_since = Some(Instant::now());
+                    tracing::warn!(
+                        event = "nats_disconnected",
+                        servers = %self.servers,
+                        error = st.last_error.as_deref().unwrap_or("connection closed"),
+                        "NATS connection lost; reconnecting"
+                    );
+                }
+            }
+            async_nats::Event::LameDuckMode => {
+                tracing::warn!(event = "nats_lame_duck", servers = %self.servers, "NATS server entering lame duck mode; expect a reconnection");
+            }
+            async_nats::Event::ServerError(e) => {
+                tracing::warn!(event = "nats_server_error", error = %e, "NATS server error");
+                st.last_error = Some(e.to_string());
+            }
+            async_nats::Event::ClientError(e) => {
+                tracing::debug!(error = %e, "NATS client error");
+                st.last_error = Some(e.to_string());
+            }
+            async_nats::Event::SlowConsumer(sid) => {
+                tracing::debug!(subscription = sid, "NATS slow consumer");
+            }
+            async_nats::Event::Draining | async_nats::Event::Closed => {}
+        }
+    }
+}
+
+async fn connect_watched(
+    cfg: &NatsConfig,
+    watch: Option<ConnectionWatch>,
+) -> Result<async_nats::Client, ConnectError> {
     // The credentials are taken from the URLs by `options`; async-nats gets the URLs without
     // them because it logs server addresses verbatim at debug level.
     let urls: Vec<ServerAddr> = cfg
@@ -67,9 +169,11 @@ pub async fn connect(cfg: &NatsConfig) -> Result<async_nats::Client, ConnectErro
         .collect::<Result<_, _>>()
         .map_err(|source| ConnectError::Address { source })?;
     let shown = servers(cfg);
-    match options(cfg).await?.connect(urls.clone()).await {
+    match options(cfg, watch.clone()).await?.connect(urls.clone()).await {
         Ok(client) => {
-            tracing::info!(servers = %shown, "connected to NATS");
+            if watch.is_none() {
+                tracing::info!(servers = %shown, "connected to NATS");
+            }
             Ok(client)
         }
         Err(source) if source.kind() == ConnectErrorKind::Tls || is_tls_failure(&source) => {
@@ -81,7 +185,7 @@ pub async fn connect(cfg: &NatsConfig) -> Result<async_nats::Client, ConnectErro
             | ConnectErrorKind::Dns
             | ConnectErrorKind::MaxReconnects => {
                 tracing::warn!(servers = %shown, error = %source, "NATS unreachable at start; retrying in the background");
-                options(cfg)
+                options(cfg, watch)
                     .await?
                     .retry_on_initial_connect()
                     .connect(urls)
@@ -123,11 +227,37 @@ pub fn servers(cfg: &NatsConfig) -> String {
         .join(",")
 }
 
-async fn options(cfg: &NatsConfig) -> Result<async_nats::ConnectOptions, ConnectError> {
+/// How the connection authenticates, for the start-up line (never the secret itself).
+pub fn auth_kind(cfg: &NatsConfig) -> &'static str {
+    if cfg.creds_file.is_some() {
+        "creds-file"
+    } else if cfg.user.is_some() {
+        "user-password"
+    } else if cfg.token.is_some() {
+        "token"
+    } else {
+        match url_credentials(&cfg.urls) {
+            Some(UrlCredentials::UserPassword(..)) => "url-user-password",
+            Some(UrlCredentials::Token(_)) => "url-token",
+            None => "none",
+        }
+    }
+}
+
+async fn options(
+    cfg: &NatsConfig,
+    watch: Option<ConnectionWatch>,
+) -> Result<async_nats::ConnectOptions, ConnectError> {
     let mut o = async_nats::ConnectOptions::new()
         .name("normalize-service")
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None::<usize>);
+    if let Some(watch) = watch {
+        o = o.event_callback(move |event| {
+            watch.on_event(event);
+            std::future::ready(())
+        });
+    }
     if let Some(path) = &cfg.creds_file {
         o = o
             .credentials_file(path)

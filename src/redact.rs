@@ -13,9 +13,15 @@ pub fn redact_url(raw: &str) -> String {
         return raw.to_string();
     };
     let userinfo = &authority[..at];
+    let scheme = &raw[..scheme_end];
     let redacted_userinfo = match userinfo.find(':') {
         Some(colon) => format!("{}:***", &userinfo[..colon]),
-        // A lone user-info part may itself be a token (nats://TOKEN@host).
+        // A PostgreSQL URL's lone user-info is a user name (the password, if any, comes from
+        // elsewhere): shown, as operators need it.
+        None if scheme.eq_ignore_ascii_case("postgres") || scheme.eq_ignore_ascii_case("postgresql") => {
+            userinfo.to_string()
+        }
+        // Elsewhere it may itself be a token (nats://TOKEN@host).
         None => "***".to_string(),
     };
     format!(
@@ -37,6 +43,8 @@ mod tests {
             "postgres://app:***@db:5432/x?sslmode=disable"
         );
         assert_eq!(redact_url("nats://tok3n@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact_url("postgres://app@db:5432/x"), "postgres://app@db:5432/x");
+        assert_eq!(redact_url("postgresql://app@db/x"), "postgresql://app@db/x");
         assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
         assert_eq!(redact_url("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact_url("not a url"), "not a url");

@@ -189,12 +189,24 @@ pub async fn provision_streams(
             .iter()
             .find_map(|s| holder_of(&existing, s, &spec.name).map(|h| (s, h)))
         {
-            tracing::info!(
-                stream = %spec.name,
-                subject = %subject,
-                held_by = %holder.name,
-                "not creating stream: its subjects are held by another stream (see `normalize-service migrate plan`)"
-            );
+            // Every consumer provisions, at start and at each rebind pass: say it once per
+            // (stream, holder) in the process, then at DEBUG.
+            static REPORTED: std::sync::Mutex<std::collections::BTreeSet<(String, String)>> =
+                std::sync::Mutex::new(std::collections::BTreeSet::new());
+            let first = REPORTED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((spec.name.clone(), holder.name.clone()));
+            if first {
+                tracing::info!(
+                    stream = %spec.name,
+                    subject = %subject,
+                    held_by = %holder.name,
+                    "not creating stream: its subjects are held by another stream (see `normalize-service migrate plan`)"
+                );
+            } else {
+                tracing::debug!(stream = %spec.name, held_by = %holder.name, "not creating stream (subjects held)");
+            }
             continue;
         }
         match js.create_stream(spec.to_config()).await {

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -84,7 +85,7 @@ impl Worker {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "consumer not bound; retrying");
+                        tracing::warn!(event = "consumer_unbound", error = %e, retry_in_ms = backoff.as_millis() as u64, "consumer not bound; retrying");
                         self.shared.health.update(kind, |s| {
                             s.stream = None;
                             s.bind_error = Some(e.to_string());
@@ -111,13 +112,16 @@ impl Worker {
                 Some(r) = loops.join_next_with_id(), if !loops.is_empty() => {
                     let id = reraise(r);
                     if let Some(a) = active.as_ref().filter(|a| a.task == id) {
-                        // The active loop ends by itself only when its binding is gone.
-                        tracing::warn!(stream = %a.binding.stream, "binding lost; binding again");
+                        // The active loop ends by itself only when its binding is gone, or
+                        // when the shutdown reached it first (the next pass stops this loop).
+                        if !shutdown.is_cancelled() {
+                            tracing::warn!(event = "consumer_binding_lost", stream = %a.binding.stream, "binding lost; binding again");
+                        }
                         active = None;
                         self.shared.health.update(kind, |s| s.stream = None);
                     } else if let Some(i) = draining.iter().position(|r| r.task == id) {
                         let r = draining.remove(i);
-                        tracing::info!(stream = %r.binding.stream, "finished draining the previous durable");
+                        tracing::info!(event = "consumer_drained", stream = %r.binding.stream, "finished draining the previous durable");
                     }
                 }
                 _ = tokio::time::sleep(wait) => {
@@ -220,6 +224,7 @@ impl Worker {
             }
         };
         tracing::info!(
+            event = "consumer_rebound",
             from = %current.binding.stream, to = %next.binding.stream,
             "subjects moved: consuming the new stream and draining the old durable"
         );
@@ -322,9 +327,9 @@ impl Worker {
         let m = &self.shared.metrics;
         let primary = self.shared.config.streams.primary(self.cc.primary).to_string();
         if b.fallback && from.is_none() {
-            tracing::warn!(from = %primary, to = %b.stream, durable = %b.durable, "primary stream or durable absent; bound to the fallback stream");
+            tracing::warn!(event = "consumer_bound", fallback = true, from = %primary, to = %b.stream, durable = %b.durable, "primary stream or durable absent; bound to the fallback stream");
         } else {
-            tracing::info!(stream = %b.stream, durable = %b.durable, "consumer bound");
+            tracing::info!(event = "consumer_bound", stream = %b.stream, durable = %b.durable, "consumer bound");
         }
         // Count every move between primary and fallback: the initial fallback and each switch.
         if b.fallback || from.is_some() {
@@ -352,10 +357,15 @@ impl Worker {
 /// `CONSUMER_INFO_INTERVAL_MS`, for the gauges and `/health`.
 async fn refresh_info(shared: Shared, cc: ConsumerConfig, b: Binding, stop: CancellationToken) {
     let labels = [cc.kind.as_str(), b.stream.as_str(), b.durable.as_str()];
+    // A handle without a request; the oldest pending message is read through it.
+    let stream = shared.js.get_stream_no_info(&b.stream).await.ok();
     loop {
         match b.consumer.get_info().await {
             Ok(info) => {
                 let m = &shared.metrics;
+                if let Some(age) = oldest_pending_age(stream.as_ref(), &info).await {
+                    m.consumer_oldest_pending_age.with_label_values(&labels).set(age);
+                }
                 m.consumer_pending
                     .with_label_values(&labels)
                     .set(info.num_pending as i64);
@@ -377,6 +387,33 @@ async fn refresh_info(shared: Shared, cc: ConsumerConfig, b: Binding, stop: Canc
             return;
         }
     }
+}
+
+/// Seconds since the oldest message the durable has not acknowledged was stored: the first
+/// message of its filter after the ack floor. 0 with nothing pending; `None` when it cannot be
+/// read now (the gauge keeps its value). One bounded request per info refresh.
+async fn oldest_pending_age(
+    stream: Option<&jetstream::stream::Stream<()>>,
+    info: &jetstream::consumer::Info,
+) -> Option<f64> {
+    if info.num_pending == 0 && info.num_ack_pending == 0 {
+        return Some(0.0);
+    }
+    let mut get = stream?
+        .raw_message_builder()
+        .sequence(info.ack_floor.stream_sequence + 1);
+    // Without a filter, the oldest message of the stream after the floor: a close enough
+    // (never younger) estimate.
+    if !info.config.filter_subject.is_empty() {
+        get = get.next_by_subject(info.config.filter_subject.clone());
+    }
+    let msg = tokio::time::timeout(Duration::from_secs(1), get.send())
+        .await
+        .ok()?
+        .ok()?;
+    let stored = msg.time.unix_timestamp_nanos() as f64 / 1e9;
+    let now = chrono::Utc::now().timestamp_nanos_opt()? as f64 / 1e9;
+    Some((now - stored).max(0.0))
 }
 
 #[cfg(test)]

@@ -280,6 +280,11 @@ impl<L> Settler<'_, L> {
             }
         };
         m.count_message(kind, settled, self.metric_subject, stream, self.durable);
+        if settled == MessageResult::Success {
+            m.last_store_timestamp
+                .with_label_values(&[kind.as_str()])
+                .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+        }
         m.processing_duration
             .with_label_values(&[kind.as_str(), stream, self.durable])
             .observe(d.at.elapsed().as_secs_f64());
@@ -315,6 +320,8 @@ impl<L> Settler<'_, L> {
             let e = match self.letters.store(&d.msg, origin, reason, error).await {
                 Ok(dlq_seq) => {
                     self.health.update(kind, |s| s.dead_letter_ok = true);
+                    // Per message at DEBUG; the watchdog summarises them at WARN.
+                    self.health.count_dead_letter(kind, reason.as_str(), dlq_seq);
                     tracing::debug!(
                         reason = reason.as_str(), seq = origin.seq, dlq_seq,
                         delivered = origin.delivered, error = %error, "message dead-lettered"

@@ -521,7 +521,7 @@ async fn metrics_carry_stream_and_durable_labels_with_correct_counts() {
             ),
             Some(3.0)
         );
-        assert!(text.contains("normalize_build_info{version="));
+        assert!(text.contains("normalize_build_info{git_revision="));
         assert!(text.contains("normalize_consumer_pending_messages{consumer=\"hrv\",durable=\"custom-hrv\",stream=\"AA_CORE_HOT\"}"));
     }
     app.stop().await.unwrap();

@@ -16,6 +16,7 @@ mod edges;
 mod faults;
 mod hrv;
 mod migration;
+mod operability;
 mod ordering;
 mod properties;
 mod security;
