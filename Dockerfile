@@ -23,6 +23,10 @@ RUN mkdir -p src benches && echo 'fn main() {}' > src/main.rs && echo '' > src/l
 # migrations/ is embedded at compile time (sqlx::migrate!).
 COPY migrations ./migrations
 COPY src ./src
+# build.rs records the git revision for normalize_build_info: the context has no .git, so the
+# revision comes in as a build argument (scripts/container-test.sh passes it), else "unknown".
+COPY build.rs ./
+ARG NORMALIZE_GIT_REVISION=unknown
 RUN cargo build --release --locked && strip target/release/normalize-service
 
 # The runtime stage adds three things to Debian's slim base: a system user, the CA bundle and

@@ -166,6 +166,9 @@ if [ "$MACHINE_RUST" != "$DOCKERFILE_RUST" ]; then
   BUILD_ARGS=(--build-arg "RUST_VERSION=$MACHINE_RUST")
 fi
 scripts/container-base-images.sh "$MACHINE_RUST"
+# The build context has no .git: the revision normalize_build_info reports comes in as an argument.
+REVISION="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+BUILD_ARGS+=(--build-arg "NORMALIZE_GIT_REVISION=$REVISION")
 
 section "podman build -t $IMAGE ."
 # The build stage is tagged too, so that pruning the images earlier builds left without a name
@@ -313,6 +316,10 @@ for port in "$METRICS_PORT" "$HTTP_PORT"; do
   "${PROBE[@]}" metrics "http://127.0.0.1:$port/metrics" "${FAMILIES[@]}" >"$WORK/m" || fail "/metrics on port $port"
   ok "http://127.0.0.1:$port/metrics: $(cat "$WORK/m")"
 done
+curl -fsS "http://127.0.0.1:$METRICS_PORT/metrics" >"$WORK/metrics" || fail "GET /metrics"
+grep -q "^normalize_build_info{.*git_revision=\"$REVISION\"" "$WORK/metrics" \
+  || { grep normalize_build_info "$WORK/metrics" >&2; fail "normalize_build_info does not carry git_revision=$REVISION"; }
+ok "normalize_build_info carries git_revision=\"$REVISION\""
 
 section "Prometheus: rules and an alert on a dead letter"
 "${PROBE[@]}" prom-rules "$PROM" 30 >"$WORK/r" || fail "rule evaluation"

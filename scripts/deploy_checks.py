@@ -614,7 +614,7 @@ MUTATIONS = [
 
 def selftest():
     tmp = Path(tempfile.mkdtemp(prefix="deploy-selftest-"))
-    files = ["Dockerfile", ".dockerignore", "docker-compose.yml", ".env.example", "Cargo.toml", "Cargo.lock"]
+    files = ["Dockerfile", ".dockerignore", "docker-compose.yml", ".env.example", "Cargo.toml", "Cargo.lock", "build.rs"]
     try:
         shutil.copytree(ROOT / "monitoring", tmp / "monitoring")
         shutil.copytree(ROOT / "src", tmp / "src")
