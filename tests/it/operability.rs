@@ -30,6 +30,15 @@ async fn wait_event(d: &DaemonProcess, event: &str, n: usize) -> Value {
     events(d, event)[n - 1].clone()
 }
 
+/// `normalize_consumer_oldest_pending_age_seconds` of `consumer`'s durable on AA_CORE_HOT.
+async fn lag_seconds(app: &TestApp, consumer: &str) -> Option<f64> {
+    metric_value(
+        &app.metrics().await,
+        "normalize_consumer_oldest_pending_age_seconds",
+        &[("consumer", consumer), ("stream", "AA_CORE_HOT")],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_and_dependency_transitions_are_logged_once_each() {
     let mut stack = Stack::builder().db_proxy().start().await;
@@ -175,11 +184,7 @@ async fn on_call_metrics_are_present_and_move() {
     .await;
     // Nothing pending: the lag in seconds is 0 for the bound durable.
     wait_for("the lag in seconds", Duration::from_secs(20), || async {
-        metric_value(
-            &app.metrics().await,
-            "normalize_consumer_oldest_pending_age_seconds",
-            &[("consumer", "hrv"), ("stream", "AA_CORE_HOT")],
-        ) == Some(0.0)
+        lag_seconds(&app, "hrv").await == Some(0.0)
     })
     .await;
     app.stop().await.unwrap();
@@ -201,31 +206,14 @@ async fn the_oldest_pending_message_age_is_the_lag_in_seconds() {
     )
     .await;
     wait_for("an age of 2 s", Duration::from_secs(30), || async {
-        metric_value(
-            &app.metrics().await,
-            "normalize_consumer_oldest_pending_age_seconds",
-            &[("consumer", "hrv"), ("stream", "AA_CORE_HOT")],
-        )
-        .unwrap_or(0.0)
-            >= 2.0
+        lag_seconds(&app, "hrv").await.unwrap_or(0.0) >= 2.0
     })
     .await;
     // The sleep consumer shares the stream; its own durable has nothing pending.
-    assert_eq!(
-        metric_value(
-            &app.metrics().await,
-            "normalize_consumer_oldest_pending_age_seconds",
-            &[("consumer", "sleep"), ("stream", "AA_CORE_HOT")],
-        ),
-        Some(0.0)
-    );
+    assert_eq!(lag_seconds(&app, "sleep").await, Some(0.0));
     stack.proxy().restore().await;
     wait_for("the lag back to 0", Duration::from_secs(30), || async {
-        metric_value(
-            &app.metrics().await,
-            "normalize_consumer_oldest_pending_age_seconds",
-            &[("consumer", "hrv"), ("stream", "AA_CORE_HOT")],
-        ) == Some(0.0)
+        lag_seconds(&app, "hrv").await == Some(0.0)
     })
     .await;
     app.stop().await.unwrap();
