@@ -159,6 +159,7 @@ impl Application {
             nats_watch,
             shutdown.clone(),
         ));
+        background.spawn(watch_dlq_depth(shared.clone(), shutdown.clone()));
         let mut workers = JoinSet::new();
         for cc in &config.consumers {
             let worker = Worker::new(shared.clone(), cc.clone());
@@ -539,6 +540,81 @@ async fn watchdog(
             return;
         }
     }
+}
+
+/// Keeps `normalize_dlq_depth_messages` current: every `CONSUMER_INFO_INTERVAL_MS`, the
+/// per-subject counts under `dlq.>` of the DLQ stream and (while the migration has not moved
+/// `dlq.>` off it) the legacy stream. A stream that is absent has its series removed; one that
+/// cannot be read now keeps its last values.
+async fn watch_dlq_depth(shared: Shared, stop: CancellationToken) {
+    let streams = &shared.config.streams;
+    let mut names = vec![streams.dlq.clone()];
+    if streams.legacy != streams.dlq {
+        names.push(streams.legacy.clone());
+    }
+    loop {
+        for name in &names {
+            match dlq_depth(&shared.js, name).await {
+                Ok(Some(depth)) => {
+                    for (reason, n) in depth {
+                        shared
+                            .metrics
+                            .dlq_depth
+                            .with_label_values(&[name, reason])
+                            .set(i64::try_from(n).unwrap_or(i64::MAX));
+                    }
+                }
+                Ok(None) => {
+                    for (reason, _) in crate::dlq::depth_by_reason([]) {
+                        // Absent series are fine to "remove" again.
+                        if shared
+                            .metrics
+                            .dlq_depth
+                            .remove_label_values(&[name, reason])
+                            .is_err()
+                        {
+                            continue;
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(stream = %name, error = %e, "dead-letter depth unavailable"),
+            }
+        }
+        if !sleep_or_cancel(shared.config.consumer_info_interval, &stop).await {
+            return;
+        }
+    }
+}
+
+/// The stream's dead letters by reason; `None` when the stream does not exist.
+async fn dlq_depth(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> anyhow::Result<Option<std::collections::BTreeMap<&'static str, u64>>> {
+    use futures::TryStreamExt as _;
+    let handle = js.get_stream_no_info(stream).await?;
+    let read = async {
+        match handle.info_with_subjects("dlq.>").await {
+            Ok(subjects) => subjects
+                .map_ok(|(subject, n)| (subject, n as u64))
+                .try_collect::<Vec<_>>()
+                .await
+                .map(Some)
+                .map_err(anyhow::Error::from),
+            Err(e) if stream_not_found(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let counts = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .context("stream info timed out")??;
+    Ok(counts.map(|c| crate::dlq::depth_by_reason(c.iter().map(|(s, n)| (s.as_str(), *n)))))
+}
+
+fn stream_not_found(e: &async_nats::jetstream::context::RequestError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|j| j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
 /// How often the dead letters stored are summarised at WARN (per consumer, when any).

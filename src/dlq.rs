@@ -161,6 +161,14 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 3] = [Reason::SchemaInvalid, Reason::NonRetryable, Reason::MaxDeliver];
+
+    /// The reason a dead-letter subject ends with, if it ends with one.
+    pub fn of_subject(subject: &str) -> Option<Reason> {
+        let last = subject.rsplit('.').next()?;
+        Reason::ALL.into_iter().find(|r| r.as_str() == last)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::SchemaInvalid => "schema-invalid",
@@ -168,6 +176,23 @@ impl Reason {
             Reason::MaxDeliver => "max-deliver",
         }
     }
+}
+
+/// Dead letters per reason label (`schema-invalid`, `non-retryable`, `max-deliver`, `other`)
+/// from a stream's per-subject counts; every label present, 0 when none.
+pub fn depth_by_reason<'a>(
+    subjects: impl IntoIterator<Item = (&'a str, u64)>,
+) -> std::collections::BTreeMap<&'static str, u64> {
+    let mut depth: std::collections::BTreeMap<&'static str, u64> = Reason::ALL
+        .into_iter()
+        .map(|r| (r.as_str(), 0))
+        .chain([("other", 0)])
+        .collect();
+    for (subject, count) in subjects {
+        let label = Reason::of_subject(subject).map_or("other", Reason::as_str);
+        *depth.entry(label).or_default() += count;
+    }
+    depth
 }
 
 /// Where the original came from.
@@ -417,6 +442,23 @@ mod tests {
         let capped = header_safe(&long, 1024);
         assert!(capped.len() <= 1024);
         assert!(capped.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn depth_counts_each_subject_under_its_reason() {
+        let depth = depth_by_reason([
+            ("dlq.normalize.hrv.raw-received.schema-invalid", 4),
+            ("dlq.normalize.sleep.raw-received.schema-invalid", 3),
+            ("dlq.normalize.vendor.oura.webhook.max-deliver", 2),
+            ("dlq.elsewhere.something", 5),
+        ]);
+        let expected = [
+            ("max-deliver", 2),
+            ("non-retryable", 0),
+            ("other", 5),
+            ("schema-invalid", 7),
+        ];
+        assert_eq!(depth.into_iter().collect::<Vec<_>>(), expected);
     }
 
     #[test]

@@ -103,6 +103,9 @@ pub struct Metrics {
     /// Oura webhooks stored whose `data.hrv` / `data.sleep` section (or `data` itself) could not
     /// be derived into a record; that section is dead-lettered on its own.
     oura_invalid_sections: IntCounterVec,
+    /// Dead letters stored in a stream, by reason (the last token of their subject), read from
+    /// the stream itself: the DLQ's depth, across restarts and instances.
+    pub dlq_depth: IntGaugeVec,
     pub nats_connected: IntGauge,
     /// Reconnections of the NATS connection after it was lost.
     pub nats_reconnects: IntCounter,
@@ -290,6 +293,12 @@ impl Metrics {
                 "normalize_consumer_held_messages",
                 "Messages delivered to this process and not yet acked, NAKed or terminated",
                 &["consumer"],
+            )?,
+            dlq_depth: gauge(
+                &registry,
+                "normalize_dlq_depth_messages",
+                "Dead letters stored in the stream that captures dlq.>, by reason (other: a subject whose last token is no known reason)",
+                &["stream", "reason"],
             )?,
             released_unsettled: counter(
                 &registry,

@@ -15,14 +15,60 @@ pub use kinds::{ConsumerKind, KindSpec, PerKind};
 use vars::Env;
 pub use vars::{kind_vars, KindVars, Var, VARIABLES};
 
-/// One invalid variable: which one, and what would have been accepted.
+/// An invalid variable: which one, and what would have been accepted. When several variables are
+/// invalid, the first is described by the fields and the others follow in `more`, so one start-up
+/// reports them all.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid value for {var}: {shown} (expected {expected})")]
 pub struct ConfigError {
     pub var: &'static str,
     /// The offending value, or `<redacted>` for secrets.
     pub shown: String,
     pub expected: String,
+    /// The other invalid variables, in the order they were read.
+    pub more: Vec<ConfigError>,
+}
+
+impl ConfigError {
+    pub(crate) fn new(
+        var: &'static str,
+        shown: impl Into<String>,
+        expected: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            var,
+            shown: shown.into(),
+            expected: expected.into(),
+            more: Vec::new(),
+        }
+    }
+
+    /// Every invalid variable's name, the first one included.
+    pub fn vars(&self) -> Vec<&'static str> {
+        std::iter::once(self.var)
+            .chain(self.more.iter().map(|e| e.var))
+            .collect()
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.more.is_empty() {
+            write!(f, "{} invalid variables:\n  ", self.more.len() + 1)?;
+        }
+        write!(
+            f,
+            "invalid value for {}: {} (expected {})",
+            self.var, self.shown, self.expected
+        )?;
+        for e in &self.more {
+            write!(
+                f,
+                "\n  invalid value for {}: {} (expected {})",
+                e.var, e.shown, e.expected
+            )?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -182,7 +228,7 @@ impl Config {
 
     fn from_env_values(env: &Env) -> Result<Config, ConfigError> {
         let nats = NatsConfig {
-            urls: parse::nats_urls(env.get(Var::NatsUrl))?,
+            urls: env.check(parse::nats_urls(env.get(Var::NatsUrl)), Vec::new()),
             creds_file: owned(env.get(Var::NatsCredsFile)),
             user: owned(env.get(Var::NatsUser)),
             password: owned(env.get(Var::NatsPassword)),
@@ -190,90 +236,96 @@ impl Config {
             tls_ca_file: owned(env.get(Var::NatsTlsCaFile)),
         };
         if nats.password.is_some() && nats.user.is_none() {
-            return Err(ConfigError {
-                var: Var::NatsUser.name(),
-                shown: "<unset>".into(),
-                expected: "a user name whenever NATS_PASSWORD is set".into(),
-            });
+            env.bad(ConfigError::new(
+                Var::NatsUser.name(),
+                "<unset>",
+                "a user name whenever NATS_PASSWORD is set",
+            ));
         }
-        let database_url = parse::database_url(env.get(Var::DatabaseUrl))?;
+        let database_url = env.check(parse::database_url(env.get(Var::DatabaseUrl)), String::new());
         let mode = env.choice(
             Var::EventStreamMode,
             StreamMode::Multi,
             &[("single", StreamMode::Single), ("multi", StreamMode::Multi)],
-        )?;
+        );
         let provision = env.choice(
             Var::TopologyProvision,
             Provision::Missing,
             &[("missing", Provision::Missing), ("off", Provision::Off)],
-        )?;
-        let stream = |var: Var, default: &str| parse::stream_name(var.name(), env.get(var), default);
+        );
+        let stream = |var: Var, default: &str| {
+            env.check(
+                parse::stream_name(var.name(), env.get(var), default),
+                default.to_string(),
+            )
+        };
         let streams = StreamNames {
-            core: stream(Var::StreamCoreName, "AA_CORE_HOT")?,
-            vendor: stream(Var::StreamVendorName, "AA_VENDOR_HOT")?,
-            dlq: stream(Var::StreamDlqName, "AA_DLQ")?,
-            legacy: stream(Var::StreamLegacyName, "ATHLETE_ALLY_EVENTS")?,
+            core: stream(Var::StreamCoreName, "AA_CORE_HOT"),
+            vendor: stream(Var::StreamVendorName, "AA_VENDOR_HOT"),
+            dlq: stream(Var::StreamDlqName, "AA_DLQ"),
+            legacy: stream(Var::StreamLegacyName, "ATHLETE_ALLY_EVENTS"),
         };
 
         let consumers = ConsumerKind::ALL
             .into_iter()
             .map(|kind| consumer(env, kind))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Vec<_>>();
         for (i, a) in consumers.iter().enumerate() {
             for b in &consumers[i + 1..] {
                 if a.durable == b.durable && a.primary == b.primary {
-                    return Err(ConfigError {
-                        var: b
-                            .kind
+                    env.bad(ConfigError::new(
+                        b.kind
                             .spec()
                             .durable_vars
                             .first()
                             .copied()
                             .unwrap_or("environment"),
-                        shown: format!("{:?}", b.durable),
-                        expected: format!("a durable name different from the {} consumer's", a.kind),
-                    });
+                        format!("{:?}", b.durable),
+                        format!("a durable name different from the {} consumer's", a.kind),
+                    ));
                 }
             }
         }
 
-        let port = env.num::<u16>(Var::Port, 4102, 0, u16::MAX)?;
-        let metrics_port = env.num::<u16>(Var::MetricsPort, 9464, 0, u16::MAX)?;
+        let port = env.num::<u16>(Var::Port, 4102, 0, u16::MAX);
+        let metrics_port = env.num::<u16>(Var::MetricsPort, 9464, 0, u16::MAX);
         let log_format = env.choice(
             Var::LogFormat,
             LogFormat::Json,
             &[("json", LogFormat::Json), ("pretty", LogFormat::Pretty)],
-        )?;
+        );
 
-        Ok(Config {
+        let config = Config {
             nats,
             database_url,
-            database_max_connections: env.num(Var::DatabaseMaxConnections, 10, 1, 1000)?,
-            database_acquire_timeout: env.ms(Var::DatabaseAcquireTimeoutMs, 3000, 10, 600_000)?,
-            database_statement_timeout: env.ms(Var::DatabaseStatementTimeoutMs, 5000, 1, 3_600_000)?,
-            run_migrations: env.flag(Var::RunMigrations, true)?,
+            database_max_connections: env.num(Var::DatabaseMaxConnections, 10, 1, 1000),
+            database_acquire_timeout: env.ms(Var::DatabaseAcquireTimeoutMs, 3000, 10, 600_000),
+            database_statement_timeout: env.ms(Var::DatabaseStatementTimeoutMs, 5000, 1, 3_600_000),
+            run_migrations: env.flag(Var::RunMigrations, true),
             mode,
             provision,
-            replicas: env.num(Var::StreamReplicas, 1, 1, 5)?,
+            replicas: env.num(Var::StreamReplicas, 1, 1, 5),
             streams,
             consumers,
-            retry_backoff: parse::backoff(env.get(Var::NormalizeRetryBackoffMs))?,
-            max_payload_bytes: env.num(Var::MaxPayloadBytes, 1024 * 1024, 1, 64 * 1024 * 1024)?,
+            retry_backoff: env.check(parse::backoff(env.get(Var::NormalizeRetryBackoffMs)), Vec::new()),
+            max_payload_bytes: env.num(Var::MaxPayloadBytes, 1024 * 1024, 1, 64 * 1024 * 1024),
             max_future_skew: chrono::Duration::milliseconds(env.num(
                 Var::MaxFutureSkewMs,
                 86_400_000i64,
                 1,
                 // A year: anything longer is no protection at all.
                 31_536_000_000,
-            )?),
+            )),
             host: env.get(Var::Host).unwrap_or("0.0.0.0").to_string(),
             port,
             metrics_port,
-            rebind_interval: env.ms(Var::RebindIntervalMs, 15_000, 10, 86_400_000)?,
-            consumer_info_interval: env.ms(Var::ConsumerInfoIntervalMs, 10_000, 10, 86_400_000)?,
-            shutdown_timeout: env.ms(Var::ShutdownTimeoutMs, 25_000, 100, 3_600_000)?,
+            rebind_interval: env.ms(Var::RebindIntervalMs, 15_000, 10, 86_400_000),
+            consumer_info_interval: env.ms(Var::ConsumerInfoIntervalMs, 10_000, 10, 86_400_000),
+            shutdown_timeout: env.ms(Var::ShutdownTimeoutMs, 25_000, 100, 3_600_000),
             log_format,
-        })
+        };
+        // Every variable was read; report all the invalid ones at once.
+        env.finish().map(|()| config)
     }
 
     pub fn consumer(&self, kind: ConsumerKind) -> Option<&ConsumerConfig> {
@@ -282,22 +334,22 @@ impl Config {
 }
 
 /// One consumer's configuration, from its row of the kind table and its variables.
-fn consumer(env: &Env, kind: ConsumerKind) -> Result<ConsumerConfig, ConfigError> {
+fn consumer(env: &Env, kind: ConsumerKind) -> ConsumerConfig {
     let spec = kind.spec();
     let v = kind_vars(kind);
     let durable = match env.first_of(v.durable) {
-        Some((var, name)) => parse::durable_name(var, name)?,
+        Some((var, name)) => env.check(parse::durable_name(var, name), spec.durable_default.to_string()),
         None => spec.durable_default.to_string(),
     };
     let filter_subject = match env.get(&v.subject) {
-        Some(s) => parse::subject(&v.subject, s)?,
+        Some(s) => env.check(parse::subject(&v.subject, s), spec.subject_default.to_string()),
         None => spec.subject_default.to_string(),
     };
     let dlq_prefix = match env.first_of(v.dlq) {
-        Some((var, prefix)) => parse::dlq_prefix(var, prefix)?,
+        Some((var, prefix)) => env.check(parse::dlq_prefix(var, prefix), spec.dlq_default.to_string()),
         None => spec.dlq_default.to_string(),
     };
-    Ok(ConsumerConfig {
+    ConsumerConfig {
         kind,
         durable,
         filter_subject,
@@ -307,15 +359,15 @@ fn consumer(env: &Env, kind: ConsumerKind) -> Result<ConsumerConfig, ConfigError
             &v.pull_mode,
             PullMode::Fetch,
             &[("fetch", PullMode::Fetch), ("stream", PullMode::Stream)],
-        )?,
-        batch_size: env.num(&v.batch_size, 10, 1, 10_000)?,
-        expires: env.ms(&v.expires_ms, 5000, 100, 300_000)?,
-        idle_backoff: env.ms(&v.idle_backoff_ms, 50, 0, 60_000)?,
-        max_deliver: env.num(&v.max_deliver, 5, 1, 1_000_000)?,
-        ack_wait: env.ms(&v.ack_wait_ms, spec.ack_wait_default_ms, 100, 3_600_000)?,
-        max_ack_pending: env.num(&v.max_ack_pending, 1000, 1, 1_000_000)?,
-        pipeline_depth: env.num(&v.pipeline_depth, 3, 1, 16)?,
-    })
+        ),
+        batch_size: env.num(&v.batch_size, 10, 1, 10_000),
+        expires: env.ms(&v.expires_ms, 5000, 100, 300_000),
+        idle_backoff: env.ms(&v.idle_backoff_ms, 50, 0, 60_000),
+        max_deliver: env.num(&v.max_deliver, 5, 1, 1_000_000),
+        ack_wait: env.ms(&v.ack_wait_ms, spec.ack_wait_default_ms, 100, 3_600_000),
+        max_ack_pending: env.num(&v.max_ack_pending, 1000, 1, 1_000_000),
+        pipeline_depth: env.num(&v.pipeline_depth, 3, 1, 16),
+    }
 }
 
 fn owned(v: Option<&str>) -> Option<String> {

@@ -14,11 +14,11 @@ pub(super) fn durable_name(var: &'static str, v: &str) -> Result<String, ConfigE
     if ok {
         Ok(v.to_string())
     } else {
-        Err(ConfigError {
+        Err(ConfigError::new(
             var,
-            shown: format!("{v:?}"),
-            expected: "a durable name of letters, digits, '-' and '_' (no dots, spaces or wildcards)".into(),
-        })
+            format!("{v:?}"),
+            "a durable name of letters, digits, '-' and '_' (no dots, spaces or wildcards)",
+        ))
     }
 }
 
@@ -40,11 +40,11 @@ pub(super) fn subject(var: &'static str, v: &str) -> Result<String, ConfigError>
     if valid {
         Ok(v.to_string())
     } else {
-        Err(ConfigError {
+        Err(ConfigError::new(
             var,
-            shown: format!("{v:?}"),
-            expected: "a NATS subject of non-empty dot-separated tokens without spaces or wildcards".into(),
-        })
+            format!("{v:?}"),
+            "a NATS subject of non-empty dot-separated tokens without spaces or wildcards",
+        ))
     }
 }
 
@@ -52,11 +52,11 @@ pub(super) fn subject(var: &'static str, v: &str) -> Result<String, ConfigError>
 pub(super) fn dlq_prefix(var: &'static str, v: &str) -> Result<String, ConfigError> {
     let v = subject(var, v)?;
     if !v.starts_with("dlq.") {
-        return Err(ConfigError {
+        return Err(ConfigError::new(
             var,
-            shown: format!("{v:?}"),
-            expected: "a subject starting with \"dlq.\" (the AA_DLQ stream captures dlq.>)".into(),
-        });
+            format!("{v:?}"),
+            "a subject starting with \"dlq.\" (the AA_DLQ stream captures dlq.>)",
+        ));
     }
     Ok(v)
 }
@@ -65,11 +65,11 @@ pub(super) fn database_url(v: Option<&str>) -> Result<String, ConfigError> {
     let url = v.unwrap_or(DEFAULT_DATABASE_URL).to_string();
     match url::Url::parse(&url) {
         Ok(u) if u.scheme() == "postgres" || u.scheme() == "postgresql" => Ok(url),
-        _ => Err(ConfigError {
-            var: Var::DatabaseUrl.name(),
-            shown: crate::redact::redact_url(&url),
-            expected: "a postgres:// URL".into(),
-        }),
+        _ => Err(ConfigError::new(
+            Var::DatabaseUrl.name(),
+            crate::redact::redact_url(&url),
+            "a postgres:// URL",
+        )),
     }
 }
 
@@ -81,11 +81,11 @@ pub(super) fn backoff(v: Option<&str>) -> Result<Vec<Duration>, ConfigError> {
             match parsed {
                 Ok(list) if !list.is_empty() && list.iter().all(|&n| n <= 3_600_000) => list,
                 _ => {
-                    return Err(ConfigError {
-                        var: Var::NormalizeRetryBackoffMs.name(),
-                        shown: format!("{raw:?}"),
-                        expected: "a comma-separated list of milliseconds, e.g. 1000,5000,15000,30000".into(),
-                    })
+                    return Err(ConfigError::new(
+                        Var::NormalizeRetryBackoffMs.name(),
+                        format!("{raw:?}"),
+                        "a comma-separated list of milliseconds, e.g. 1000,5000,15000,30000",
+                    ))
                 }
             }
         }
@@ -107,20 +107,20 @@ pub(super) fn nats_urls(v: Option<&str>) -> Result<Vec<String>, ConfigError> {
                 urls.push(with_scheme)
             }
             _ => {
-                return Err(ConfigError {
-                    var: Var::NatsUrl.name(),
-                    shown: crate::redact::redact_url(part),
-                    expected: "a comma-separated list of nats://host:port (or tls://) URLs".into(),
-                })
+                return Err(ConfigError::new(
+                    Var::NatsUrl.name(),
+                    crate::redact::redact_url(part),
+                    "a comma-separated list of nats://host:port (or tls://) URLs",
+                ))
             }
         }
     }
     if urls.is_empty() {
-        return Err(ConfigError {
-            var: Var::NatsUrl.name(),
-            shown: "\"\"".into(),
-            expected: "at least one nats://host:port URL".into(),
-        });
+        return Err(ConfigError::new(
+            Var::NatsUrl.name(),
+            "\"\"",
+            "at least one nats://host:port URL",
+        ));
     }
     Ok(urls)
 }

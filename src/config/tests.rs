@@ -194,3 +194,41 @@ fn stream_modes_are_cli_values() {
         assert_eq!(StreamMode::from_str(mode.as_str(), false), Ok(mode));
     }
 }
+
+#[test]
+fn every_invalid_variable_is_reported_at_once() {
+    let err = cfg(&[
+        ("PORT", "http"),
+        ("EVENT_STREAM_MODE", "triple"),
+        ("NATS_URL", "http://x"),
+        ("SLEEP_BATCH_SIZE", "0"),
+        ("NORMALIZE_HRV_DLQ_SUBJECT", "errors.hrv"),
+        ("METRICS_PORT", "9464"),
+    ])
+    .expect_err("five invalid variables");
+    let mut vars = err.vars();
+    vars.sort_unstable();
+    assert_eq!(
+        vars,
+        [
+            "EVENT_STREAM_MODE",
+            "NATS_URL",
+            "NORMALIZE_HRV_DLQ_SUBJECT",
+            "PORT",
+            "SLEEP_BATCH_SIZE"
+        ]
+    );
+    let text = err.to_string();
+    assert!(text.starts_with("5 invalid variables:"), "{text}");
+    for var in vars {
+        assert_eq!(
+            text.matches(&format!("invalid value for {var}:")).count(),
+            1,
+            "{text}"
+        );
+    }
+    // One invalid variable reads as before: one line, no count.
+    let one = cfg(&[("PORT", "http")]).expect_err("PORT");
+    assert!(one.more.is_empty());
+    assert_eq!(one.to_string().lines().count(), 1);
+}

@@ -170,6 +170,8 @@ impl Name for &'static String {
 #[derive(Debug, Default)]
 pub(crate) struct Env {
     values: HashMap<&'static str, String>,
+    /// The invalid values found so far; reading goes on so that all are reported at once.
+    errors: std::cell::RefCell<Vec<ConfigError>>,
     /// The names looked up, for the test that every listed variable is read.
     #[cfg(test)]
     pub(super) read: std::sync::Mutex<std::collections::BTreeSet<&'static str>>,
@@ -184,11 +186,11 @@ impl Env {
                 continue;
             };
             if env.values.insert(name, v).is_some() {
-                return Err(ConfigError {
-                    var: "environment",
-                    shown: String::new(),
-                    expected: format!("duplicate field `{}`", name.to_ascii_lowercase()),
-                });
+                return Err(ConfigError::new(
+                    "environment",
+                    String::new(),
+                    format!("duplicate field `{}`", name.to_ascii_lowercase()),
+                ));
             }
         }
         Ok(env)
@@ -209,55 +211,80 @@ impl Env {
         found.into_iter().find_map(|(var, v)| v.map(|v| (var, v)))
     }
 
-    /// A whole number in `min..=max`, `default` when unset.
-    pub fn num<T>(&self, var: impl Name, default: T, min: T, max: T) -> Result<T, ConfigError>
+    /// Records an invalid value; [`Env::finish`] reports it with all the others.
+    pub fn bad(&self, error: ConfigError) {
+        self.errors.borrow_mut().push(error);
+    }
+
+    /// The parsed value, or `fallback` after recording the error.
+    pub fn check<T>(&self, parsed: Result<T, ConfigError>, fallback: T) -> T {
+        parsed.unwrap_or_else(|e| {
+            self.bad(e);
+            fallback
+        })
+    }
+
+    /// `Ok` when every value read was valid; otherwise all the invalid ones, first one first.
+    pub fn finish(&self) -> Result<(), ConfigError> {
+        let mut errors = self.errors.take().into_iter();
+        match errors.next() {
+            None => Ok(()),
+            Some(mut first) => {
+                first.more.extend(errors);
+                Err(first)
+            }
+        }
+    }
+
+    /// A whole number in `min..=max`, `default` when unset (and, recorded, when invalid).
+    pub fn num<T>(&self, var: impl Name, default: T, min: T, max: T) -> T
     where
         T: FromStr + PartialOrd + fmt::Display + Copy,
     {
         let Some(raw) = self.get(var) else {
-            return Ok(default);
+            return default;
         };
         match raw.parse::<T>() {
-            Ok(n) if n >= min && n <= max => Ok(n),
-            _ => Err(ConfigError {
-                var: var.name(),
-                shown: format!("{raw:?}"),
-                expected: format!("a whole number from {min} to {max}"),
-            }),
+            Ok(n) if n >= min && n <= max => n,
+            _ => {
+                self.bad(ConfigError::new(
+                    var.name(),
+                    format!("{raw:?}"),
+                    format!("a whole number from {min} to {max}"),
+                ));
+                default
+            }
         }
     }
 
-    /// Milliseconds in `min..=max`, `default` when unset.
-    pub fn ms(&self, var: impl Name, default: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
-        self.num(var, default, min, max).map(Duration::from_millis)
+    /// Milliseconds in `min..=max`, `default` when unset (and, recorded, when invalid).
+    pub fn ms(&self, var: impl Name, default: u64, min: u64, max: u64) -> Duration {
+        Duration::from_millis(self.num(var, default, min, max))
     }
 
-    /// One of `accepted` (case-insensitive), `default` when unset.
-    pub fn choice<T: Copy>(
-        &self,
-        var: impl Name,
-        default: T,
-        accepted: &[(&str, T)],
-    ) -> Result<T, ConfigError> {
+    /// One of `accepted` (case-insensitive), `default` when unset (and, recorded, when invalid).
+    pub fn choice<T: Copy>(&self, var: impl Name, default: T, accepted: &[(&str, T)]) -> T {
         let Some(raw) = self.get(var) else {
-            return Ok(default);
+            return default;
         };
         let lower = raw.to_ascii_lowercase();
-        accepted
-            .iter()
-            .find(|(name, _)| *name == lower)
-            .map(|(_, value)| *value)
-            .ok_or_else(|| ConfigError {
-                var: var.name(),
-                shown: format!("{raw:?}"),
-                expected: format!(
-                    "one of {}",
-                    accepted.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-                ),
-            })
+        match accepted.iter().find(|(name, _)| *name == lower) {
+            Some((_, value)) => *value,
+            None => {
+                self.bad(ConfigError::new(
+                    var.name(),
+                    format!("{raw:?}"),
+                    format!(
+                        "one of {}",
+                        accepted.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+                default
+            }
+        }
     }
 
-    pub fn flag(&self, var: impl Name, default: bool) -> Result<bool, ConfigError> {
+    pub fn flag(&self, var: impl Name, default: bool) -> bool {
         self.choice(
             var,
             default,

@@ -190,6 +190,77 @@ async fn on_call_metrics_are_present_and_move() {
     app.stop().await.unwrap();
 }
 
+/// `normalize_dlq_depth_messages` is read from the DLQ stream: every reason present at 0 from
+/// the start, moving with dead letters, and the same after a restart (not a per-process counter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dlq_depth_gauge_is_read_from_the_stream_by_reason() {
+    let (stack, app) = Stack::builder()
+        .env(&[("CONSUMER_INFO_INTERVAL_MS", "200")])
+        .app()
+        .await;
+    let depth = |text: &str, reason: &str| {
+        metric_value(
+            text,
+            "normalize_dlq_depth_messages",
+            &[("stream", "AA_DLQ"), ("reason", reason)],
+        )
+    };
+    wait_for("the depth series at 0", Duration::from_secs(20), || async {
+        let text = app.metrics().await;
+        ["schema-invalid", "non-retryable", "max-deliver", "other"]
+            .iter()
+            .all(|r| depth(&text, r) == Some(0.0))
+    })
+    .await;
+    for i in 0..2 {
+        publish(&stack.js, HRV_SUBJECT, format!("{{broken {i}")).await;
+    }
+    wait_for("a depth of 2 schema-invalid", Duration::from_secs(20), || async {
+        depth(&app.metrics().await, "schema-invalid") == Some(2.0)
+    })
+    .await;
+    assert_eq!(depth(&app.metrics().await, "max-deliver"), Some(0.0));
+    app.stop().await.unwrap();
+
+    // A new process reports what the stream holds, not what it dead-lettered itself.
+    let app = stack.app().await;
+    wait_for("the depth after a restart", Duration::from_secs(20), || async {
+        depth(&app.metrics().await, "schema-invalid") == Some(2.0)
+    })
+    .await;
+    app.stop().await.unwrap();
+}
+
+/// Several invalid variables: one start-up names them all (exit 2), before any connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_invalid_variable_is_named_in_one_start_up() {
+    let vars: std::collections::HashMap<String, String> = [
+        ("DATABASE_MAX_CONNECTIONS", "0"),
+        ("LOG_FORMAT", "xml"),
+        ("HRV_BATCH_SIZE", "0"),
+        ("NORMALIZE_SLEEP_DLQ_SUBJECT", "errors.sleep"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let mut daemon = DaemonProcess::spawn(&vars);
+    let code = daemon.expect_exit(Duration::from_secs(30)).await.code();
+    let stderr = daemon.stderr();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("4 invalid variables"), "{stderr}");
+    for var in [
+        "DATABASE_MAX_CONNECTIONS",
+        "LOG_FORMAT",
+        "HRV_BATCH_SIZE",
+        "NORMALIZE_SLEEP_DLQ_SUBJECT",
+    ] {
+        assert!(
+            stderr.contains(&format!("invalid value for {var}:")),
+            "{var} not named:\n{stderr}"
+        );
+    }
+}
+
 /// A message that cannot be stored (the database is cut) ages: that age is the lag in seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_oldest_pending_message_age_is_the_lag_in_seconds() {
