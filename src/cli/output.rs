@@ -154,6 +154,8 @@ pub enum ActionKind {
     CreateConsumer,
     ConsumerExists,
     KeepConsumer,
+    /// A subject mapping written to the server config (or printed for the operator).
+    ApplyMapping,
     /// Nothing was done (a dry run, or a refusal).
     Nothing,
 }

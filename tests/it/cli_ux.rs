@@ -190,7 +190,7 @@ async fn json_documents_share_one_schema() {
     );
     let refused = cli_json(
         &vars,
-        &["migrate", "rollback", "phase1", "--yes", "--no-probe"],
+        &["migrate", "rollback", "phase1", "--cutover", "move", "--yes", "--no-probe"],
         3,
     )
     .await;
@@ -215,7 +215,7 @@ async fn nats_down_fails_fast_with_the_url_and_the_cause() {
     for args in [
         &["topology", "status"][..],
         &["migrate", "plan"],
-        &["migrate", "phase1", "--yes"],
+        &["migrate", "phase1", "--cutover", "move", "--yes"],
         &["dlq", "list"],
     ] {
         let started = std::time::Instant::now();
@@ -343,7 +343,7 @@ async fn json_documents_match_the_checked_in_schemas() {
     }
     let refused = cli_json(
         &vars,
-        &["migrate", "rollback", "phase1", "--yes", "--no-probe"],
+        &["migrate", "rollback", "phase1", "--cutover", "move", "--yes", "--no-probe"],
         3,
     )
     .await;

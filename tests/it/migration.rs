@@ -141,7 +141,7 @@ async fn forward_migration_without_restart_loses_nothing() {
     let plan = ok(&cli_env, &["migrate", "plan"]).await;
     assert_eq!(plan["phaseAfter"], "legacy");
     ok(&cli_env, &["migrate", "phase0"]).await;
-    let r = ok(&cli_env, &["migrate", "phase1", "--yes"]).await;
+    let r = ok(&cli_env, &["migrate", "phase1", "--cutover", "move", "--yes"]).await;
     assert_eq!(r["phaseAfter"], "vendor-moved", "{r}");
     wait_for(
         "oura consumer on the vendor stream",
@@ -149,7 +149,7 @@ async fn forward_migration_without_restart_loses_nothing() {
         || async { app.health().await.1["consumers"]["oura"]["stream"] == "AA_VENDOR_HOT" },
     )
     .await;
-    let r = ok(&cli_env, &["migrate", "phase2", "--yes"]).await;
+    let r = ok(&cli_env, &["migrate", "phase2", "--cutover", "move", "--yes"]).await;
     assert_eq!(r["phaseAfter"], "core-moved", "{r}");
     wait_for(
         "hrv consumer on the core stream",
@@ -161,7 +161,7 @@ async fn forward_migration_without_restart_loses_nothing() {
     )
     .await;
     // Running a step twice is harmless.
-    ok(&cli_env, &["migrate", "phase1", "--yes", "--no-probe"]).await;
+    ok(&cli_env, &["migrate", "phase1", "--cutover", "move", "--yes", "--no-probe"]).await;
     ok(&cli_env, &["migrate", "phase0"]).await;
 
     let (hrv, hooks, retries) = publisher.finish().await;
@@ -224,18 +224,18 @@ async fn rollback_returns_the_daemon_to_legacy_without_restart() {
     let cli_env = cli_vars(&stack.nats, db);
     let publisher = Publisher::start(js.clone(), "rb");
     ok(&cli_env, &["migrate", "phase0"]).await;
-    ok(&cli_env, &["migrate", "phase1", "--yes"]).await;
-    ok(&cli_env, &["migrate", "phase2", "--yes"]).await;
+    ok(&cli_env, &["migrate", "phase1", "--cutover", "move", "--yes"]).await;
+    ok(&cli_env, &["migrate", "phase2", "--cutover", "move", "--yes"]).await;
     wait_for("on the core stream", Duration::from_secs(10), || async {
         app.health().await.1["stream"] == "AA_CORE_HOT"
     })
     .await;
     // Out of order: rolling back phase1 while the core subjects are moved is refused.
-    let out = cli(&cli_env, &["migrate", "rollback", "phase1", "--yes"]).await;
+    let out = cli(&cli_env, &["migrate", "rollback", "phase1", "--cutover", "move", "--yes"]).await;
     assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
-    let r = ok(&cli_env, &["migrate", "rollback", "phase2", "--yes"]).await;
+    let r = ok(&cli_env, &["migrate", "rollback", "phase2", "--cutover", "move", "--yes"]).await;
     assert_eq!(r["phaseAfter"], "vendor-moved", "{r}");
-    let r = ok(&cli_env, &["migrate", "rollback", "phase1", "--yes"]).await;
+    let r = ok(&cli_env, &["migrate", "rollback", "phase1", "--cutover", "move", "--yes"]).await;
     assert_eq!(r["phaseAfter"], "prepared", "{r}");
     wait_for("back on the legacy stream", Duration::from_secs(10), || async {
         let h = app.health().await.1;
@@ -298,7 +298,7 @@ async fn apply_refuses_overlaps_and_dry_runs_change_nothing() {
     assert_eq!(stream_names(&js2).await, before);
     // A subject move without --yes is refused, not performed.
     ok(&env2, &["migrate", "phase0"]).await;
-    let out = cli(&env2, &["migrate", "phase1"]).await;
+    let out = cli(&env2, &["migrate", "phase1", "--cutover", "move"]).await;
     assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
     let legacy = js2.get_stream("ATHLETE_ALLY_EVENTS").await.unwrap();
     assert!(legacy
@@ -331,8 +331,8 @@ async fn phase3_refuses_while_legacy_has_recent_messages() {
     )
     .await;
     ok(&cli_env, &["migrate", "phase0"]).await;
-    ok(&cli_env, &["migrate", "phase1", "--yes"]).await;
-    ok(&cli_env, &["migrate", "phase2", "--yes"]).await;
+    ok(&cli_env, &["migrate", "phase1", "--cutover", "move", "--yes"]).await;
+    ok(&cli_env, &["migrate", "phase2", "--cutover", "move", "--yes"]).await;
     let out = cli(&cli_env, &["migrate", "phase3", "--yes"]).await;
     assert_eq!(out.code, 3, "default quiet period of 14d refuses: {}", out.stdout);
     assert!(out.stdout.contains("quiet-period"), "{}", out.stdout);
@@ -351,8 +351,8 @@ async fn blue_green_pair_through_the_migration() {
     let cli_env = cli_vars(&stack.nats, db);
     let publisher = Publisher::start(js.clone(), "bg");
     ok(&cli_env, &["migrate", "phase0"]).await;
-    ok(&cli_env, &["migrate", "phase1", "--yes"]).await;
-    ok(&cli_env, &["migrate", "phase2", "--yes"]).await;
+    ok(&cli_env, &["migrate", "phase1", "--cutover", "move", "--yes"]).await;
+    ok(&cli_env, &["migrate", "phase2", "--cutover", "move", "--yes"]).await;
     let (hrv, hooks, _) = publisher.finish().await;
     wait_rows(db, "bg", hrv, hooks).await;
     for durable in ["normalize-hrv-durable", "normalize-oura"] {
@@ -399,7 +399,7 @@ async fn a_failed_step_points_to_the_rollback_not_the_next_phase() {
     ok(&cli_env, &["migrate", "phase0"]).await;
 
     // No daemon runs, so the probe after the move fails: exit 1, the rollback, no next phase.
-    let out = cli(&cli_env, &["migrate", "phase1", "--yes", "--probe-timeout", "1"]).await;
+    let out = cli(&cli_env, &["migrate", "phase1", "--cutover", "move", "--yes", "--probe-timeout", "1"]).await;
     assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("FAILED"), "{}", out.stdout);
     assert!(
@@ -426,7 +426,7 @@ async fn a_failed_step_points_to_the_rollback_not_the_next_phase() {
     // The printed rollback works.
     ok(
         &cli_env,
-        &["migrate", "rollback", "phase1", "--yes", "--no-probe"],
+        &["migrate", "rollback", "phase1", "--cutover", "move", "--yes", "--no-probe"],
     )
     .await;
     let legacy = js.get_stream("ATHLETE_ALLY_EVENTS").await.unwrap();
@@ -444,7 +444,7 @@ async fn a_failed_step_points_to_the_rollback_not_the_next_phase() {
     let out = cli(&cli_env, &["migrate", "plan"]).await;
     assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("mixed state"), "{}", out.stdout);
-    ok(&cli_env, &["migrate", "phase1", "--yes", "--no-probe"]).await;
+    ok(&cli_env, &["migrate", "phase1", "--cutover", "move", "--yes", "--no-probe"]).await;
     let vendor = js.get_stream("AA_VENDOR_HOT").await.unwrap();
     assert!(vendor
         .cached_info()

@@ -27,13 +27,16 @@ use clap::{Args, Subcommand};
 use crate::cli::output::{finish, Report, EXIT_REFUSED};
 use crate::cli::server::{subjects_state, Ctx, OpsError};
 
+mod cutover;
+mod mapping;
 mod phase;
 mod steps;
 mod verify;
 
+pub use cutover::Cutover;
 pub use phase::{
-    classify, core_subjects, placeholder, step_for_subject, vendor_subjects, Phase, PhaseStep, RollbackStep,
-    Step, Subjects,
+    classify, core_subjects, placeholder, step_for_subject, vendor_subjects, Group, Phase, PhaseStep,
+    RollbackStep, Step, Subjects,
 };
 pub use verify::PROBE_USER;
 
@@ -59,6 +62,26 @@ pub struct StepArgs {
     /// Confirm a step that moves subjects or deletes a stream.
     #[arg(long)]
     pub yes: bool,
+    /// How a subject group changes stream: `mapping` (an account subject mapping; no publish
+    /// fails; the default on nats-server ≥ 2.10) or `move` (remove, then add; publishes fail
+    /// for a few milliseconds; the only one on 2.9). docs/MIGRATION.md.
+    #[arg(long, value_enum)]
+    pub cutover: Option<Cutover>,
+    /// With `--cutover mapping`: the nats-server config file whose managed mappings block the
+    /// step rewrites (appended at the end, the default account, unless the file has the block's
+    /// markers, e.g. inside an account). Without it the step prints the mapping to apply.
+    #[arg(long, value_name = "FILE")]
+    pub nats_config: Option<std::path::PathBuf>,
+    /// With `--nats-config`: the nats-server process to reload (SIGHUP) after writing the file.
+    #[arg(long, value_name = "PID", requires = "nats_config")]
+    pub reload_pid: Option<i32>,
+    /// With `--cutover mapping`: the account named in the printed `nsc` commands.
+    #[arg(long, value_name = "NAME")]
+    pub account: Option<String>,
+    /// With `--cutover mapping`: seconds to wait for probe publishes to show a mapping in
+    /// effect; the step never goes on before.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub mapping_timeout: u64,
     #[command(flatten)]
     pub probe: ProbeArgs,
 }
@@ -85,6 +108,11 @@ const PHASE2_HELP: &str = concat!(
 
 const PHASE3_HELP: &str = concat!(
     "Example:\n  normalize-service migrate phase3 --yes --quiet-period 14d\n\n",
+    crate::cli::ops_exit_codes!()
+);
+
+const SHIFT_HELP: &str = concat!(
+    "Example:\n  normalize-service migrate shift vendor 10 --yes --nats-config /etc/nats/nats.conf --reload-pid 1234\n  normalize-service migrate shift vendor 50 --yes\n  normalize-service migrate shift vendor 100 --yes   # the same as phase1\n\n",
     crate::cli::ops_exit_codes!()
 );
 
@@ -125,6 +153,18 @@ pub enum MigrateCommand {
         #[arg(long, default_value = "14d")]
         quiet_period: String,
     },
+    /// Route PERCENT of a group's publishes to its new stream (mapping cut-over only): 0 is the
+    /// rollback, 100 the phase's full move; each step is verified by probe publishes.
+    #[command(after_help = SHIFT_HELP)]
+    Shift {
+        #[arg(value_enum)]
+        group: Group,
+        /// 0 to 100.
+        #[arg(value_parser = clap::value_parser!(u8).range(0..=100))]
+        percent: u8,
+        #[command(flatten)]
+        step: StepArgs,
+    },
     /// Reverse a subject move (the new durables are kept until drained).
     #[command(after_help = ROLLBACK_HELP)]
     Rollback {
@@ -163,6 +203,7 @@ pub async fn run(cmd: MigrateCommand) -> ExitCode {
         MigrateCommand::Phase1(args) => forward(PhaseStep::Phase1, args),
         MigrateCommand::Phase2(args) => forward(PhaseStep::Phase2, args),
         MigrateCommand::Rollback { phase, step } => (Step::Rollback(phase), step),
+        MigrateCommand::Shift { group, percent, step } => (Step::Shift(group, percent), step),
     };
     let json = args.probe.json;
     finish(steps::run(step, args, std::time::Duration::ZERO).await, json)
@@ -171,7 +212,8 @@ pub async fn run(cmd: MigrateCommand) -> ExitCode {
 async fn plan() -> Result<Report<()>, OpsError> {
     let c = Ctx::open().await?;
     let state = subjects_state(&c.js).await?;
-    let phase = classify(&state, &c.config.streams);
+    let routes = cutover::routes_now(&c, &state).await?;
+    let phase = phase::classify_routed(&state, &c.config.streams, routes);
     let mut report = Report::new("migrate plan");
     report.next = phase.next_command().map(String::from);
     if let Phase::Mixed(_) = phase {

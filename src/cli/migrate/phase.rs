@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use clap::ValueEnum;
 use serde::Serialize;
 
+use super::mapping::Routes;
 use crate::config::{StreamNames, StreamRole};
 use crate::topology;
 
@@ -52,6 +53,11 @@ pub enum Phase {
     CoreMoved,
     /// phase3 done: the legacy stream is gone.
     Migrated,
+    /// A weighted mapping sends about this percent of `vendor.>` to the vendor stream, the
+    /// rest to the legacy stream (`migrate shift vendor N`).
+    VendorShifting(u8),
+    /// The same for the core subjects, with `vendor.>` moved.
+    CoreShifting(u8),
     /// Anything else; the text says what is odd.
     Mixed(String),
 }
@@ -67,6 +73,12 @@ impl Phase {
                 "phase2 done: all subjects on the new streams; legacy stream still present".into()
             }
             Phase::Migrated => "phase3 done: three-stream topology".into(),
+            Phase::VendorShifting(p) => {
+                format!("shifting vendor.>: about {p} % of its publishes go to the vendor stream")
+            }
+            Phase::CoreShifting(p) => format!(
+                "shifting the core subjects: about {p} % of their publishes go to the core stream (vendor.> moved)"
+            ),
             Phase::Mixed(why) => format!("mixed state: {why}"),
         }
     }
@@ -78,6 +90,12 @@ impl Phase {
             Phase::Prepared => Some("normalize-service migrate phase1 --yes"),
             Phase::VendorMoved => Some("normalize-service migrate phase2 --yes"),
             Phase::CoreMoved => Some("normalize-service migrate phase3 --yes (after the legacy durables drain and the quiet period)"),
+            Phase::VendorShifting(_) => Some(
+                "normalize-service migrate shift vendor 100 --yes (or migrate rollback phase1 --yes)",
+            ),
+            Phase::CoreShifting(_) => Some(
+                "normalize-service migrate shift core 100 --yes (or migrate rollback phase2 --yes)",
+            ),
             Phase::Migrated => None,
             Phase::Mixed(_) => None,
         }
@@ -126,6 +144,75 @@ pub fn classify(state: &Subjects, n: &StreamNames) -> Phase {
     }
 }
 
+/// The phase with the mapping cut-over taken into account: `routes` (percent of each group's
+/// publishes mapped to its new stream, from probes) counts a group mapped entirely as moved,
+/// and a partly mapped group as shifting. Only groups whose new stream listens on the private
+/// namespace while the legacy stream still holds their subjects are affected.
+pub fn classify_routed(state: &Subjects, n: &StreamNames, routes: Routes) -> Phase {
+    let (effective, shifting) = effective_state(state, n, routes);
+    let phase = classify(&effective, n);
+    match (shifting, &phase) {
+        (Some((StreamRole::Vendor, p)), Phase::Prepared) => Phase::VendorShifting(p),
+        (Some((StreamRole::Core, p)), Phase::VendorMoved) => Phase::CoreShifting(p),
+        (Some((role, p)), _) => Phase::Mixed(format!(
+            "{p} % of {:?} mapped to {} while the other group is not where the plan's order puts it ({})",
+            group_subjects(role),
+            n.primary(role),
+            phase.describe()
+        )),
+        (None, _) => phase,
+    }
+}
+
+/// The subject ownership as publishers see it: a group the mapping sends entirely to its new
+/// stream counts as held by that stream (and not by the legacy one). Also the first group that
+/// is split, with its percent.
+pub fn effective_state(
+    state: &Subjects,
+    n: &StreamNames,
+    routes: Routes,
+) -> (Subjects, Option<(StreamRole, u8)>) {
+    let mut effective = state.clone();
+    let mut shifting = None;
+    for role in [StreamRole::Vendor, StreamRole::Core] {
+        let percent = routes.get(role);
+        if percent == 0 || !mapped_group(state, n, role) {
+            continue;
+        }
+        if percent < 100 {
+            shifting.get_or_insert((role, percent));
+            continue;
+        }
+        let group = group_subjects(role);
+        let new_stream = n.primary(role).to_string();
+        if let Some(legacy) = effective.get_mut(&n.legacy) {
+            legacy.retain(|s| !group.contains(s));
+        }
+        if let Some(new) = effective.get_mut(&new_stream) {
+            new.retain(|s| *s != new_stream);
+            new.extend(group);
+        }
+    }
+    (effective, shifting)
+}
+
+/// The subjects of a group (`vendor.>`; `athlete-ally.>`, `sleep.*`).
+pub fn group_subjects(role: StreamRole) -> Vec<String> {
+    match role {
+        StreamRole::Core => core_subjects(),
+        StreamRole::Vendor => vendor_subjects(),
+    }
+}
+
+/// Whether a group can be routed by the mapping: its new stream listens on the private
+/// namespace and the legacy stream still holds its subjects.
+pub fn mapped_group(state: &Subjects, n: &StreamNames, role: StreamRole) -> bool {
+    state
+        .get(n.primary(role))
+        .is_some_and(|subs| super::mapping::listens_privately(subs, role))
+        && holds_all(state, &n.legacy, &group_subjects(role))
+}
+
 /// Which migration step moves a subject off the legacy stream.
 pub fn step_for_subject(subject: &str) -> &'static str {
     if vendor_subjects().iter().any(|s| s == subject) {
@@ -142,6 +229,22 @@ pub enum PhaseStep {
     Phase1,
     Phase2,
     Phase3,
+}
+
+/// A subject group `migrate shift` moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Group {
+    Vendor,
+    Core,
+}
+
+impl Group {
+    pub fn role(self) -> StreamRole {
+        match self {
+            Group::Vendor => StreamRole::Vendor,
+            Group::Core => StreamRole::Core,
+        }
+    }
 }
 
 /// A subject move `migrate rollback` reverses.
@@ -166,6 +269,8 @@ impl PhaseStep {
 pub enum Step {
     Forward(PhaseStep),
     Rollback(RollbackStep),
+    /// `migrate shift GROUP PERCENT` (mapping cut-over only).
+    Shift(Group, u8),
 }
 
 /// The subject group a move step handles, the new stream's role, and its direction.
@@ -186,6 +291,8 @@ impl Step {
             Step::Forward(PhaseStep::Phase3) => "migrate phase3",
             Step::Rollback(RollbackStep::Phase1) => "migrate rollback phase1",
             Step::Rollback(RollbackStep::Phase2) => "migrate rollback phase2",
+            Step::Shift(Group::Vendor, _) => "migrate shift vendor",
+            Step::Shift(Group::Core, _) => "migrate shift core",
         }
     }
 
@@ -207,6 +314,8 @@ impl Step {
             Step::Rollback(RollbackStep::Phase2) => {
                 "fix the cause, then re-run `normalize-service migrate rollback phase2 --yes`"
             }
+            Step::Shift(Group::Vendor, _) => "normalize-service migrate rollback phase1 --yes",
+            Step::Shift(Group::Core, _) => "normalize-service migrate rollback phase2 --yes",
         }
     }
 }
@@ -243,12 +352,23 @@ pub fn expect_for(step: Step, n: &StreamNames) -> Expect {
         Step::Forward(PhaseStep::Phase1) => (Some(&n.vendor), None, true, false),
         Step::Forward(PhaseStep::Phase2) => (Some(&n.vendor), Some(&n.core), true, false),
         Step::Forward(PhaseStep::Phase3) => (Some(&n.vendor), Some(&n.core), true, true),
+        // A partial shift has no single home; the shift checks the shares itself.
+        Step::Shift(Group::Vendor, p) => (full_home(p, &n.vendor, &n.legacy), None, true, false),
+        Step::Shift(Group::Core, p) => (Some(&n.vendor), full_home(p, &n.core, &n.legacy), true, false),
     };
     Expect {
         vendor_home: vendor_home.cloned(),
         core_home: core_home.cloned(),
         new_streams,
         exactly_three,
+    }
+}
+
+fn full_home<'a>(percent: u8, new: &'a String, legacy: &'a String) -> Option<&'a String> {
+    match percent {
+        0 => Some(legacy),
+        100 => Some(new),
+        _ => None,
     }
 }
 
@@ -289,7 +409,10 @@ pub fn move_refusal(step: Step, m: &Move, state: &Subjects, n: &StreamNames) -> 
             "core subjects are on the core stream: run `normalize-service migrate rollback phase2` first"
                 .into(),
         ),
-        Step::Forward(_) | Step::Rollback(_) => None,
+        Step::Shift(Group::Core, _) if !holds_all(state, &n.vendor, &vendor_subjects()) => Some(
+            "vendor.> is not on the vendor stream yet: run `normalize-service migrate phase1` first".into(),
+        ),
+        Step::Forward(_) | Step::Rollback(_) | Step::Shift(..) => None,
     }
 }
 

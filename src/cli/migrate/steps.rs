@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 
+use super::cutover::{self, Cutover};
+use super::mapping::Routes;
 use super::phase::{
-    already_moved, classify, expect_for, move_ends, move_refusal, moved_subjects, placeholder,
-    unmanaged_overlap, Move, Phase, PhaseStep, RollbackStep, Step, Subjects, FAILED_STEP_DOCS,
+    already_moved, classify_routed, expect_for, mapped_group, move_ends, move_refusal, moved_subjects,
+    placeholder, unmanaged_overlap, Move, Phase, PhaseStep, RollbackStep, Step, Subjects, FAILED_STEP_DOCS,
 };
 use super::verify::verify;
 use super::StepArgs;
@@ -28,26 +30,60 @@ pub async fn run(step: Step, args: StepArgs, quiet: Duration) -> Result<Report<(
     let c = Ctx::open().await?;
     let mut report = Report::new(step.name());
     let state = subjects_state(&c.js).await?;
-    let before = classify(&state, &c.config.streams);
+    let routes = cutover::routes_now(&c, &state).await?;
+    let before = classify_routed(&state, &c.config.streams, routes);
     report.phase_before = Some(before.clone());
-    let flow = match step {
-        Step::Forward(PhaseStep::Phase0) => phase0(&c, &state, &before, &args, &mut report).await,
-        Step::Forward(PhaseStep::Phase1) => {
-            let m = Move::new(StreamRole::Vendor, true);
-            move_group(&c, step, &m, &state, &args, &mut report).await
+    let version = c.client.server_info().version;
+    let strategy = match cutover::resolve(args.cutover, &version) {
+        Ok(s) => s,
+        Err(why) => {
+            report.refuse(why);
+            return Ok(report);
         }
-        Step::Forward(PhaseStep::Phase2) => {
-            let m = Move::new(StreamRole::Core, true);
-            move_group(&c, step, &m, &state, &args, &mut report).await
+    };
+    let flow = match (step, strategy) {
+        (Step::Forward(PhaseStep::Phase0), _) => phase0(&c, &state, &before, &args, &mut report).await,
+        (Step::Forward(PhaseStep::Phase3), _) => {
+            phase3(&c, &state, routes, quiet, &args, &mut report).await?
         }
-        Step::Forward(PhaseStep::Phase3) => phase3(&c, &state, quiet, &args, &mut report).await?,
-        Step::Rollback(RollbackStep::Phase1) => {
-            let m = Move::new(StreamRole::Vendor, false);
-            move_group(&c, step, &m, &state, &args, &mut report).await
+        (Step::Shift(..), Cutover::Move) => {
+            report.refuse(
+                "a gradual shift needs --cutover mapping (nats-server 2.10 or later); `--cutover move` moves a group all at once",
+            );
+            Flow::Stop
         }
-        Step::Rollback(RollbackStep::Phase2) => {
-            let m = Move::new(StreamRole::Core, false);
-            move_group(&c, step, &m, &state, &args, &mut report).await
+        (_, Cutover::Mapping) => {
+            let Some((role, percent)) = route_of(step) else {
+                return Ok(report);
+            };
+            if cutover::route_group(&c, step, role, percent, &state, routes, &args, &mut report).await {
+                Flow::Verify
+            } else {
+                Flow::Stop
+            }
+        }
+        (_, Cutover::Move) => {
+            let Some((role, percent)) = route_of(step) else {
+                return Ok(report);
+            };
+            if routes.get(role) > 0 && percent == 0 {
+                report.refuse(format!(
+                    "a mapping routes {} % of {:?} to the new stream: roll back with --cutover mapping",
+                    routes.get(role),
+                    super::phase::group_subjects(role)
+                ));
+                Flow::Stop
+            } else {
+                if version_is_old(&version) || args.cutover.is_none() {
+                    report.action(
+                        ActionKind::Nothing,
+                        format!("--cutover move on nats-server {version}"),
+                        "publishes to the moved subjects fail for a few milliseconds; publishers must retry with the same Nats-Msg-Id",
+                    );
+                }
+                let m = Move::new(role, percent > 0);
+                move_group(&c, step, &m, &state, &args, &mut report).await
+            }
         }
     };
     if let Flow::Stop = flow {
@@ -58,11 +94,29 @@ pub async fn run(step: Step, args: StepArgs, quiet: Duration) -> Result<Report<(
         verify(&c, &expect_for(step, &c.config.streams), &args.probe, &mut report).await?;
     }
     let state = subjects_state(&c.js).await?;
-    let after = classify(&state, &c.config.streams);
+    let routes = cutover::routes_now(&c, &state).await?;
+    let after = classify_routed(&state, &c.config.streams, routes);
     report.next = after.next_command().map(String::from);
     report.phase_after = Some(after);
     point_back(step, &mut report);
     Ok(report)
+}
+
+/// The group a routing step changes and the percent of its publishes it sends to the new
+/// stream (phase1/phase2: 100, their rollbacks: 0).
+fn route_of(step: Step) -> Option<(StreamRole, u8)> {
+    match step {
+        Step::Forward(PhaseStep::Phase1) => Some((StreamRole::Vendor, 100)),
+        Step::Forward(PhaseStep::Phase2) => Some((StreamRole::Core, 100)),
+        Step::Rollback(RollbackStep::Phase1) => Some((StreamRole::Vendor, 0)),
+        Step::Rollback(RollbackStep::Phase2) => Some((StreamRole::Core, 0)),
+        Step::Shift(group, percent) => Some((group.role(), percent)),
+        Step::Forward(PhaseStep::Phase0 | PhaseStep::Phase3) => None,
+    }
+}
+
+fn version_is_old(version: &str) -> bool {
+    crate::server_version::parse(version).is_none_or(|v| v < super::mapping::MIN_SERVER)
 }
 
 /// A step whose check, probe or move failed (exit 1) never points forward: it names the
@@ -212,6 +266,7 @@ async fn move_group(
 async fn phase3(
     c: &Ctx,
     state: &Subjects,
+    routes: Routes,
     quiet: Duration,
     args: &StepArgs,
     report: &mut Report<()>,
@@ -225,8 +280,20 @@ async fn phase3(
         );
         return Ok(Flow::Verify);
     };
-    let event_subjects: Vec<&String> = legacy_subjects.iter().filter(|s| **s != n.legacy).collect();
+    // Subjects the mapping routes elsewhere are handed over by this step (mapping cut-over).
+    let handed_over: Vec<String> = [StreamRole::Vendor, StreamRole::Core]
+        .into_iter()
+        .filter(|r| mapped_group(state, n, *r))
+        .flat_map(super::phase::group_subjects)
+        .collect();
+    let event_subjects: Vec<&String> = legacy_subjects
+        .iter()
+        .filter(|s| **s != n.legacy && !handed_over.contains(s))
+        .collect();
     let mut refusals = Vec::new();
+    if let Some(why) = cutover::finish_refusal(state, c, routes) {
+        refusals.push(why);
+    }
     if !event_subjects.is_empty() {
         refusals.push(format!(
             "{} still holds subjects {event_subjects:?}: run phase1 and phase2 first",
@@ -271,6 +338,9 @@ async fn phase3(
             "deleting stream {} is irreversible; re-run with --yes",
             n.legacy
         ));
+        return Ok(Flow::Stop);
+    }
+    if !cutover::finish(c, state, routes, args, report).await {
         return Ok(Flow::Stop);
     }
     let what = format!("delete stream {}", n.legacy);

@@ -9,7 +9,8 @@ use chrono::Utc;
 use serde::Serialize;
 
 use super::phase::{
-    classify, core_subjects, expect_for, holds_all, vendor_subjects, Expect, PhaseStep, Step,
+    classify_routed, core_subjects, effective_state, expect_for, holds_all, vendor_subjects, Expect,
+    PhaseStep, Step,
 };
 use super::ProbeArgs;
 use crate::cli::output::{error_text, Report};
@@ -21,7 +22,8 @@ pub async fn verify_only(phase: PhaseStep, args: ProbeArgs) -> Result<Report<()>
     let c = Ctx::open().await?;
     let mut report = Report::new(&format!("migrate verify {}", phase.as_str()));
     let state = subjects_state(&c.js).await?;
-    report.phase_before = Some(classify(&state, &c.config.streams));
+    let routes = super::cutover::routes_now(&c, &state).await?;
+    report.phase_before = Some(classify_routed(&state, &c.config.streams, routes));
     let expect = expect_for(Step::Forward(phase), &c.config.streams);
     verify(&c, &expect, &args, &mut report).await?;
     super::steps::point_back(Step::Forward(phase), &mut report);
@@ -45,7 +47,10 @@ pub async fn verify<T: Serialize>(
     report: &mut Report<T>,
 ) -> Result<(), OpsError> {
     let n = &c.config.streams;
-    let state = subjects_state(&c.js).await?;
+    let raw = subjects_state(&c.js).await?;
+    // Where publishes land: a group the mapping routes entirely counts as on its new stream.
+    let routes = super::cutover::routes_now(c, &raw).await?;
+    let (state, _) = effective_state(&raw, n, routes);
     report.check(format!("{} exists", n.dlq), state.contains_key(&n.dlq), "");
     if expect.new_streams {
         report.check(format!("{} exists", n.core), state.contains_key(&n.core), "");
