@@ -190,7 +190,15 @@ async fn json_documents_share_one_schema() {
     );
     let refused = cli_json(
         &vars,
-        &["migrate", "rollback", "phase1", "--cutover", "move", "--yes", "--no-probe"],
+        &[
+            "migrate",
+            "rollback",
+            "phase1",
+            "--cutover",
+            "move",
+            "--yes",
+            "--no-probe",
+        ],
         3,
     )
     .await;
@@ -343,7 +351,15 @@ async fn json_documents_match_the_checked_in_schemas() {
     }
     let refused = cli_json(
         &vars,
-        &["migrate", "rollback", "phase1", "--cutover", "move", "--yes", "--no-probe"],
+        &[
+            "migrate",
+            "rollback",
+            "phase1",
+            "--cutover",
+            "move",
+            "--yes",
+            "--no-probe",
+        ],
         3,
     )
     .await;

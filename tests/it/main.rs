@@ -6,6 +6,7 @@ mod batch;
 mod cli_ux;
 mod consumers;
 mod credentials;
+mod cutover;
 mod daemon;
 mod dbfaults;
 mod deploy;

@@ -161,7 +161,11 @@ async fn forward_migration_without_restart_loses_nothing() {
     )
     .await;
     // Running a step twice is harmless.
-    ok(&cli_env, &["migrate", "phase1", "--cutover", "move", "--yes", "--no-probe"]).await;
+    ok(
+        &cli_env,
+        &["migrate", "phase1", "--cutover", "move", "--yes", "--no-probe"],
+    )
+    .await;
     ok(&cli_env, &["migrate", "phase0"]).await;
 
     let (hrv, hooks, retries) = publisher.finish().await;
@@ -231,11 +235,23 @@ async fn rollback_returns_the_daemon_to_legacy_without_restart() {
     })
     .await;
     // Out of order: rolling back phase1 while the core subjects are moved is refused.
-    let out = cli(&cli_env, &["migrate", "rollback", "phase1", "--cutover", "move", "--yes"]).await;
+    let out = cli(
+        &cli_env,
+        &["migrate", "rollback", "phase1", "--cutover", "move", "--yes"],
+    )
+    .await;
     assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
-    let r = ok(&cli_env, &["migrate", "rollback", "phase2", "--cutover", "move", "--yes"]).await;
+    let r = ok(
+        &cli_env,
+        &["migrate", "rollback", "phase2", "--cutover", "move", "--yes"],
+    )
+    .await;
     assert_eq!(r["phaseAfter"], "vendor-moved", "{r}");
-    let r = ok(&cli_env, &["migrate", "rollback", "phase1", "--cutover", "move", "--yes"]).await;
+    let r = ok(
+        &cli_env,
+        &["migrate", "rollback", "phase1", "--cutover", "move", "--yes"],
+    )
+    .await;
     assert_eq!(r["phaseAfter"], "prepared", "{r}");
     wait_for("back on the legacy stream", Duration::from_secs(10), || async {
         let h = app.health().await.1;
@@ -399,7 +415,19 @@ async fn a_failed_step_points_to_the_rollback_not_the_next_phase() {
     ok(&cli_env, &["migrate", "phase0"]).await;
 
     // No daemon runs, so the probe after the move fails: exit 1, the rollback, no next phase.
-    let out = cli(&cli_env, &["migrate", "phase1", "--cutover", "move", "--yes", "--probe-timeout", "1"]).await;
+    let out = cli(
+        &cli_env,
+        &[
+            "migrate",
+            "phase1",
+            "--cutover",
+            "move",
+            "--yes",
+            "--probe-timeout",
+            "1",
+        ],
+    )
+    .await;
     assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("FAILED"), "{}", out.stdout);
     assert!(
@@ -426,7 +454,15 @@ async fn a_failed_step_points_to_the_rollback_not_the_next_phase() {
     // The printed rollback works.
     ok(
         &cli_env,
-        &["migrate", "rollback", "phase1", "--cutover", "move", "--yes", "--no-probe"],
+        &[
+            "migrate",
+            "rollback",
+            "phase1",
+            "--cutover",
+            "move",
+            "--yes",
+            "--no-probe",
+        ],
     )
     .await;
     let legacy = js.get_stream("ATHLETE_ALLY_EVENTS").await.unwrap();
@@ -444,7 +480,11 @@ async fn a_failed_step_points_to_the_rollback_not_the_next_phase() {
     let out = cli(&cli_env, &["migrate", "plan"]).await;
     assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("mixed state"), "{}", out.stdout);
-    ok(&cli_env, &["migrate", "phase1", "--cutover", "move", "--yes", "--no-probe"]).await;
+    ok(
+        &cli_env,
+        &["migrate", "phase1", "--cutover", "move", "--yes", "--no-probe"],
+    )
+    .await;
     let vendor = js.get_stream("AA_VENDOR_HOT").await.unwrap();
     assert!(vendor
         .cached_info()

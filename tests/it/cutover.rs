@@ -1,0 +1,513 @@
+//! The mapping cut-over (`migrate --cutover mapping`, issue "Zero-gap, gradual, instantly
+//! reversible subject moves"): publishers that NEVER retry lose nothing through every forward
+//! step, rollback, weighted shift and phase 3, on the default and on a named account. On a
+//! nats-server before 2.10 the mapping is refused, naming the version.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use normalize_service::config::StreamNames;
+use normalize_service::topology;
+use serde_json::Value;
+
+use crate::support::*;
+
+/// One publish: the step it happened in, its PubAck latency, whether it was acknowledged.
+#[derive(Clone, Copy)]
+struct Sample {
+    step: usize,
+    micros: u64,
+    ok: bool,
+}
+
+#[derive(Default)]
+struct Published {
+    /// Acknowledged events: (hrv, sleep, webhooks).
+    hrv: usize,
+    sleep: usize,
+    hooks: usize,
+    samples: Vec<Sample>,
+}
+
+/// Publishes HRV events, sleep events and Oura webhooks from several tasks at a steady rate,
+/// each publish awaiting its PubAck and never retried: a publish that fails is lost.
+struct Publisher {
+    stop: Arc<AtomicBool>,
+    step: Arc<AtomicUsize>,
+    out: Arc<Mutex<Published>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    started: Instant,
+}
+
+const TASKS: usize = 5;
+/// Per task: 500 publishes/s, 2,500/s in all.
+const INTERVAL: Duration = Duration::from_millis(2);
+
+impl Publisher {
+    fn start(js: &jetstream::Context, prefix: &'static str) -> Publisher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let step = Arc::new(AtomicUsize::new(0));
+        let out = Arc::new(Mutex::new(Published::default()));
+        let tasks = (0..TASKS)
+            .map(|t| {
+                let (js, stop, step, out) = (js.clone(), stop.clone(), step.clone(), out.clone());
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(INTERVAL);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let mut i = 0usize;
+                    while !stop.load(Ordering::SeqCst) {
+                        tick.tick().await;
+                        let n = i * TASKS + t;
+                        i += 1;
+                        let kind = n % 3;
+                        let user = format!("{prefix}-u{n}");
+                        let (subject, body) = match kind {
+                            0 => (HRV_SUBJECT, hrv_event(&user, "2025-03-01", 40.0, "2025-03-01T06:00:00Z")),
+                            1 => (SLEEP_SUBJECT, sleep_event(&user)),
+                            _ => (OURA_SUBJECT, serde_json::json!({"user_id": user, "timestamp": "2025-03-01T06:00:00Z", "data": {}}).to_string()),
+                        };
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert("Nats-Msg-Id", format!("{prefix}-{n}").as_str());
+                        let at = step.load(Ordering::SeqCst);
+                        let sent = Instant::now();
+                        let acked = match js.publish_with_headers(subject, headers, body.into()).await {
+                            Ok(ack) => matches!(tokio::time::timeout(Duration::from_secs(5), ack).await, Ok(Ok(_))),
+                            Err(_) => false,
+                        };
+                        let sample = Sample {
+                            step: at,
+                            micros: sent.elapsed().as_micros() as u64,
+                            ok: acked,
+                        };
+                        let mut o = out.lock().unwrap();
+                        o.samples.push(sample);
+                        if acked {
+                            match kind {
+                                0 => o.hrv += 1,
+                                1 => o.sleep += 1,
+                                _ => o.hooks += 1,
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Publisher {
+            stop,
+            step,
+            out,
+            tasks,
+            started: Instant::now(),
+        }
+    }
+
+    /// Publishes from now on count for step `n` (0 = before any step).
+    fn step(&self, n: usize) {
+        self.step.store(n, Ordering::SeqCst);
+    }
+
+    async fn finish(self) -> (Published, f64) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let out = std::mem::take(&mut *self.out.lock().unwrap());
+        (out, elapsed)
+    }
+}
+
+fn sleep_event(user: &str) -> String {
+    serde_json::json!({"payload": {"userId": user, "date": "2025-03-01", "durationMinutes": 420.0,
+        "capturedAt": "2025-03-01T08:00:00Z", "raw": {"source": "Oura"}}})
+    .to_string()
+}
+
+/// Failed publishes and the PubAck p99 (ms) per step, printed (docs/MIGRATION.md records them).
+fn per_step(samples: &[Sample], names: &[&str]) -> Vec<(usize, usize, f64)> {
+    let mut rows = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let mut lat: Vec<u64> = samples.iter().filter(|s| s.step == i).map(|s| s.micros).collect();
+        let failed = samples.iter().filter(|s| s.step == i && !s.ok).count();
+        lat.sort_unstable();
+        let p99 = lat
+            .get((lat.len() * 99 / 100).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0;
+        println!(
+            "cut-over step {name:<28} publishes {:>6}  failed {failed}  PubAck p99 {p99:.2} ms",
+            lat.len()
+        );
+        rows.push((lat.len(), failed, p99));
+    }
+    rows
+}
+
+async fn wait_rows(db: &TestDb, prefix: &str, p: &Published) {
+    let pool = db.pool().await;
+    let sql = |table: &str, col: &str| format!("SELECT count(*) FROM {table} WHERE {col} LIKE '{prefix}-u%'");
+    let (hrv, sleep, hooks) = (
+        sql("hrv_data", "user_id"),
+        sql("sleep_data", "user_id"),
+        sql("vendor_webhook_events", "user_id"),
+    );
+    let want = (p.hrv as i64, p.sleep as i64, p.hooks as i64);
+    wait_for(
+        "every acknowledged event stored",
+        Duration::from_secs(120),
+        || async {
+            (
+                count(&pool, &hrv).await,
+                count(&pool, &sleep).await,
+                count(&pool, &hooks).await,
+            ) == want
+        },
+    )
+    .await;
+}
+
+/// The server's version, from its INFO.
+async fn server_version(stack: &Stack) -> String {
+    stack.nats.client().await.server_info().version
+}
+
+fn at_least_2_10(version: &str) -> bool {
+    normalize_service::server_version::parse(version).is_some_and(|v| v >= (2, 10, 0))
+}
+
+/// The mapping arguments for the stack's own server: its config file and its pid.
+fn mapping_args(stack: &Stack) -> Vec<String> {
+    vec![
+        "--nats-config".into(),
+        stack.nats.store.path().join("nats.conf").display().to_string(),
+        "--reload-pid".into(),
+        stack.nats.pid().unwrap().to_string(),
+        "--mapping-timeout".into(),
+        "30".into(),
+    ]
+}
+
+async fn step(vars: &HashMap<String, String>, args: &[&str], extra: &[String]) -> Value {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(extra.iter().map(String::as_str));
+    cli_json(vars, &all, 0).await
+}
+
+fn cli_vars(stack: &Stack) -> HashMap<String, String> {
+    stack.vars_with(&[])
+}
+
+/// The stream the hrv (or other) consumer is active on, and the ones it also consumes.
+async fn bindings(app: &TestApp, consumer: &str) -> Vec<String> {
+    let h = app.health().await.1;
+    let c = &h["consumers"][consumer];
+    let mut all: Vec<String> = c["draining"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    if let Some(s) = c["stream"].as_str() {
+        all.insert(0, s.to_string());
+    }
+    all
+}
+
+/// On a server before 2.10 the mapping cut-over is refused, naming the version, and the
+/// default is the move (the existing migration tests walk it).
+async fn refused_before_2_10(stack: &Stack, version: &str) {
+    let vars = cli_vars(stack);
+    cli_json(&vars, &["migrate", "phase0"], 0).await;
+    let r = cli_json(&vars, &["migrate", "phase1", "--yes", "--cutover", "mapping"], 3).await;
+    let text = r.to_string();
+    assert!(text.contains(version) && text.contains("--cutover move"), "{r}");
+    let r = cli_json(&vars, &["migrate", "shift", "vendor", "10", "--yes"], 3).await;
+    assert!(r.to_string().contains("--cutover mapping"), "{r}");
+    println!("nats-server {version}: the mapping cut-over is refused (as it must be before 2.10)");
+}
+
+async fn legacy_stack(extra_conf: &str) -> Stack {
+    let stack = Stack::builder()
+        .nats_conf(extra_conf)
+        .env(&[
+            ("EVENT_STREAM_MODE", "multi"),
+            ("HRV_BATCH_SIZE", "100"),
+            ("SLEEP_BATCH_SIZE", "100"),
+            ("OURA_BATCH_SIZE", "100"),
+        ])
+        .start()
+        .await;
+    stack
+        .js
+        .create_stream(topology::legacy_spec(&StreamNames::default(), 1).to_config())
+        .await
+        .unwrap();
+    stack
+}
+
+/// Forward 0 → 3 with a rollback of phase 2 on the way, under a publisher that never retries:
+/// no publish fails, every event is one row, nothing is dead-lettered, the daemon (never
+/// restarted) consumes where the events are, and phase 3 leaves exactly the plan's topology
+/// with no mapping and no private namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_mapping_cut_over_loses_no_publish_forward_and_back() {
+    let stack = legacy_stack("").await;
+    let version = server_version(&stack).await;
+    if !at_least_2_10(&version) {
+        return refused_before_2_10(&stack, &version).await;
+    }
+    let vars = cli_vars(&stack);
+    let map = mapping_args(&stack);
+    let app = stack.app().await;
+    let publisher = Publisher::start(&stack.js, "cut");
+    let names = [
+        "(before)",
+        "phase0",
+        "phase1 (vendor mapped)",
+        "phase2 (core mapped)",
+        "rollback phase2 (identity)",
+        "phase2 again",
+        "phase3 (hand over, unmap)",
+    ];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    publisher.step(1);
+    step(&vars, &["migrate", "phase0"], &[]).await;
+    publisher.step(2);
+    let r = step(&vars, &["migrate", "phase1", "--yes"], &map).await;
+    assert_eq!(r["phaseAfter"], "vendor-moved", "{r}");
+    wait_for(
+        "oura consumes the vendor stream",
+        Duration::from_secs(20),
+        || async { bindings(&app, "oura").await.first().map(String::as_str) == Some("AA_VENDOR_HOT") },
+    )
+    .await;
+    publisher.step(3);
+    let r = step(&vars, &["migrate", "phase2", "--yes"], &map).await;
+    assert_eq!(r["phaseAfter"], "core-moved", "{r}");
+    wait_for(
+        "hrv consumes the core stream",
+        Duration::from_secs(20),
+        || async { bindings(&app, "hrv").await.first().map(String::as_str) == Some("AA_CORE_HOT") },
+    )
+    .await;
+    publisher.step(4);
+    let r = step(&vars, &["migrate", "rollback", "phase2", "--yes"], &map).await;
+    assert_eq!(r["phaseAfter"], "vendor-moved", "{r}");
+    wait_for(
+        "hrv consumes the legacy stream again",
+        Duration::from_secs(20),
+        || async {
+            bindings(&app, "hrv")
+                .await
+                .iter()
+                .any(|s| s == "ATHLETE_ALLY_EVENTS")
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    publisher.step(5);
+    let r = step(&vars, &["migrate", "phase2", "--yes"], &map).await;
+    assert_eq!(r["phaseAfter"], "core-moved", "{r}");
+    for durable in [
+        "normalize-hrv-durable",
+        "normalize-sleep-durable",
+        "normalize-oura",
+    ] {
+        wait_drained(&stack.js, "ATHLETE_ALLY_EVENTS", durable).await;
+    }
+    publisher.step(6);
+    let r = step(
+        &vars,
+        &["migrate", "phase3", "--yes", "--quiet-period", "0s"],
+        &map,
+    )
+    .await;
+    assert_eq!(r["phaseAfter"], "migrated", "{r}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (published, secs) = publisher.finish().await;
+    let rate = published.samples.len() as f64 / secs;
+    println!(
+        "publisher: {} publishes in {secs:.1} s ({rate:.0}/s), none retried",
+        published.samples.len()
+    );
+    let rows = per_step(&published.samples, &names);
+    let failed: usize = rows.iter().map(|r| r.1).sum();
+    assert_eq!(failed, 0, "publishes failed during the cut-over");
+    assert!(
+        rows[2].0 > 0 && rows[3].0 > 0 && rows[4].0 > 0 && rows[6].0 > 0,
+        "the publisher ran through the steps"
+    );
+    assert!(rate >= 1000.0, "the publisher reached {rate:.0}/s");
+    wait_rows(&stack.db, "cut", &published).await;
+    assert_eq!(
+        stream_messages(&stack.js, "AA_DLQ").await,
+        0,
+        "nothing dead-lettered"
+    );
+
+    // Exactly the plan's topology: no private namespace, no transform, no mapping.
+    let mut names_now: Vec<String> = topology::existing_streams(&stack.js)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    names_now.sort();
+    assert_eq!(names_now, ["AA_CORE_HOT", "AA_DLQ", "AA_VENDOR_HOT"]);
+    for (name, subjects) in [
+        ("AA_CORE_HOT", vec!["athlete-ally.>", "sleep.*"]),
+        ("AA_VENDOR_HOT", vec!["vendor.>"]),
+    ] {
+        let info = stack
+            .js
+            .get_stream(name)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
+        let mut have = info.config.subjects.clone();
+        have.sort();
+        assert_eq!(have, subjects, "{name}");
+        assert!(
+            info.config.subject_transform.is_none(),
+            "{name} keeps a transform"
+        );
+    }
+    let conf = std::fs::read_to_string(stack.nats.store.path().join("nats.conf")).unwrap();
+    assert!(
+        conf.contains("mappings = { }"),
+        "the mappings block is emptied:\n{conf}"
+    );
+    assert!(!conf.contains("mig."), "no mapping left:\n{conf}");
+    let ack = stack
+        .js
+        .publish("athlete-ally.after-migration", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.stream, "AA_CORE_HOT");
+    app.stop().await.unwrap();
+}
+
+/// A weighted shift of the vendor subjects 10 → 50 → 100 %: each step verified by the probes'
+/// observed share, `migrate plan` says it is shifting, the daemon consumes both streams
+/// meanwhile, nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_weighted_shift_moves_the_share_it_says() {
+    let stack = legacy_stack("").await;
+    let version = server_version(&stack).await;
+    if !at_least_2_10(&version) {
+        return refused_before_2_10(&stack, &version).await;
+    }
+    let vars = cli_vars(&stack);
+    let map = mapping_args(&stack);
+    let app = stack.app().await;
+    step(&vars, &["migrate", "phase0"], &[]).await;
+    let publisher = Publisher::start(&stack.js, "shift");
+    for (i, percent) in [10u8, 50, 100].into_iter().enumerate() {
+        publisher.step(i + 1);
+        let p = percent.to_string();
+        let r = step(&vars, &["migrate", "shift", "vendor", &p, "--yes"], &map).await;
+        let check = r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["what"].as_str().is_some_and(|w| w.starts_with("mapping of")))
+            .cloned()
+            .unwrap_or(Value::Null);
+        assert_eq!(check["ok"], true, "{r}");
+        println!("shift vendor {percent}: {}", check["status"]);
+        if percent < 100 {
+            let plan = cli_json(&vars, &["migrate", "plan"], 0).await;
+            let seen = plan["phaseAfter"]["vendor-shifting"].as_u64().unwrap_or(0);
+            let tolerance = if percent == 10 { 6 } else { 10 } + 5;
+            assert!(
+                (seen as i64 - i64::from(percent)).abs() <= tolerance,
+                "plan sees {seen} % for {percent} %: {plan}"
+            );
+            wait_for("oura consumes both streams", Duration::from_secs(20), || async {
+                let b = bindings(&app, "oura").await;
+                b.iter().any(|s| s == "AA_VENDOR_HOT") && b.iter().any(|s| s == "ATHLETE_ALLY_EVENTS")
+            })
+            .await;
+            let m = app.metrics().await;
+            for stream in ["AA_VENDOR_HOT", "ATHLETE_ALLY_EVENTS"] {
+                assert_eq!(
+                    metric_value(
+                        &m,
+                        "normalize_consumer_bound",
+                        &[("consumer", "oura"), ("stream", stream)]
+                    ),
+                    Some(1.0),
+                    "{stream} bound during the shift"
+                );
+            }
+        } else {
+            assert_eq!(r["phaseAfter"], "vendor-moved", "{r}");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (published, _) = publisher.finish().await;
+    let rows = per_step(
+        &published.samples,
+        &["(before)", "shift 10 %", "shift 50 %", "shift 100 %"],
+    );
+    assert_eq!(rows.iter().map(|r| r.1).sum::<usize>(), 0, "publishes failed");
+    wait_rows(&stack.db, "shift", &published).await;
+    assert_eq!(stream_messages(&stack.js, "AA_DLQ").await, 0);
+    app.stop().await.unwrap();
+}
+
+/// On a named account the tool edits the block the operator placed inside the account; the
+/// rollback (identity mapping) sends the vendor subjects back to the legacy stream at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rollback_by_mapping_on_a_named_account() {
+    let conf = "accounts {\n  APP {\n    jetstream: enabled\n    users: [{user: app, password: app-pw}]\n    # BEGIN normalize-service migrate: managed, do not edit between these lines\n    # END normalize-service migrate\n  }\n}\nno_auth_user: app\n";
+    let stack = legacy_stack(conf).await;
+    let version = server_version(&stack).await;
+    if !at_least_2_10(&version) {
+        return refused_before_2_10(&stack, &version).await;
+    }
+    let vars = cli_vars(&stack);
+    let map = mapping_args(&stack);
+    let app = stack.app().await;
+    step(&vars, &["migrate", "phase0"], &[]).await;
+    let r = step(&vars, &["migrate", "phase1", "--yes"], &map).await;
+    assert_eq!(r["phaseAfter"], "vendor-moved", "{r}");
+    let file = std::fs::read_to_string(stack.nats.store.path().join("nats.conf")).unwrap();
+    let account = file.find("APP {").unwrap();
+    let block = file.find("mappings = {").unwrap();
+    assert!(
+        block > account && file[block..].contains("\"vendor.>\": \"mig.vendor.>\""),
+        "{file}"
+    );
+    assert!(
+        file.trim_end().ends_with("no_auth_user: app"),
+        "the block stayed inside the account:\n{file}"
+    );
+
+    let publisher = Publisher::start(&stack.js, "acct");
+    publisher.step(1);
+    let r = step(&vars, &["migrate", "rollback", "phase1", "--yes"], &map).await;
+    assert_eq!(r["phaseAfter"], "prepared", "{r}");
+    let ack = stack
+        .js
+        .publish("vendor.after-rollback", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.stream, "ATHLETE_ALLY_EVENTS");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (published, _) = publisher.finish().await;
+    let rows = per_step(&published.samples, &["(before)", "rollback phase1 (identity)"]);
+    assert_eq!(rows.iter().map(|r| r.1).sum::<usize>(), 0, "publishes failed");
+    wait_rows(&stack.db, "acct", &published).await;
+    app.stop().await.unwrap();
+}
