@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use super::mapping::{self, Block, Observation, Routes};
 use super::phase::{
-    effective_state, group_subjects, holds_all, mapped_group, move_refusal, Move, Step, Subjects,
+    effective_state, group_subjects, holds_all, mapped_group, move_refusal, private_group, Move, Step,
+    Subjects,
 };
 use super::StepArgs;
 use crate::cli::output::{ActionKind, Report};
@@ -405,9 +406,11 @@ pub async fn finish(
     report: &mut Report<()>,
 ) -> bool {
     let n = &c.config.streams;
+    // Every group whose new stream still listens privately, wherever an interrupted run left it:
+    // each sub-step below is skipped when already done.
     let roles: Vec<StreamRole> = [StreamRole::Vendor, StreamRole::Core]
         .into_iter()
-        .filter(|r| mapped_group(state, n, *r))
+        .filter(|r| private_group(state, n, *r))
         .collect();
     let mut current = base_routes(args, routes);
     for role in &roles {
@@ -415,25 +418,30 @@ pub async fn finish(
         let new_stream = n.primary(role).to_string();
         let group = group_subjects(role);
         // a. The legacy stream lets go (every publish is mapped to the new stream).
-        if !update_subjects(c, &n.legacy, args, report, |subs| {
-            subs.retain(|s| !group.contains(s));
-            if subs.is_empty() {
-                subs.push(n.legacy.clone());
-            }
-        })
-        .await
+        let legacy_holds = state
+            .get(&n.legacy)
+            .is_some_and(|subs| group.iter().any(|g| subs.contains(g)));
+        if legacy_holds
+            && !update_subjects(c, &n.legacy, args, report, |subs| {
+                subs.retain(|s| !group.contains(s));
+                if subs.is_empty() {
+                    subs.push(n.legacy.clone());
+                }
+            })
+            .await
         {
             return false;
         }
         // b. The new stream takes the real subjects beside its private namespace.
-        if !update_subjects(c, &new_stream, args, report, |subs| {
-            for g in &group {
-                if !subs.contains(g) {
-                    subs.push(g.clone());
+        if !holds_all(state, &new_stream, &group)
+            && !update_subjects(c, &new_stream, args, report, |subs| {
+                for g in &group {
+                    if !subs.contains(g) {
+                        subs.push(g.clone());
+                    }
                 }
-            }
-        })
-        .await
+            })
+            .await
         {
             return false;
         }

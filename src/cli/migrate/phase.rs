@@ -204,13 +204,18 @@ pub fn group_subjects(role: StreamRole) -> Vec<String> {
     }
 }
 
-/// Whether a group can be routed by the mapping: its new stream listens on the private
-/// namespace and the legacy stream still holds its subjects.
+/// Whether the mapping routes a group: its new stream listens on the private namespace and
+/// does not hold the group's real subjects yet (before phase 3 hands them over).
 pub fn mapped_group(state: &Subjects, n: &StreamNames, role: StreamRole) -> bool {
+    private_group(state, n, role) && !holds_all(state, n.primary(role), &group_subjects(role))
+}
+
+/// Whether a group's new stream listens on the private namespace (the mapping cut-over was
+/// prepared for it and phase 3 has not finished it).
+pub fn private_group(state: &Subjects, n: &StreamNames, role: StreamRole) -> bool {
     state
         .get(n.primary(role))
         .is_some_and(|subs| super::mapping::listens_privately(subs, role))
-        && holds_all(state, &n.legacy, &group_subjects(role))
 }
 
 /// Which migration step moves a subject off the legacy stream.

@@ -9,8 +9,8 @@ use async_nats::jetstream;
 use super::cutover::{self, Cutover};
 use super::mapping::Routes;
 use super::phase::{
-    already_moved, classify_routed, expect_for, mapped_group, move_ends, move_refusal, moved_subjects,
-    placeholder, unmanaged_overlap, Move, Phase, PhaseStep, RollbackStep, Step, Subjects, FAILED_STEP_DOCS,
+    already_moved, classify_routed, expect_for, move_ends, move_refusal, moved_subjects, placeholder,
+    private_group, unmanaged_overlap, Move, Phase, PhaseStep, RollbackStep, Step, Subjects, FAILED_STEP_DOCS,
 };
 use super::verify::verify;
 use super::StepArgs;
@@ -283,7 +283,7 @@ async fn phase3(
     // Subjects the mapping routes elsewhere are handed over by this step (mapping cut-over).
     let handed_over: Vec<String> = [StreamRole::Vendor, StreamRole::Core]
         .into_iter()
-        .filter(|r| mapped_group(state, n, *r))
+        .filter(|r| private_group(state, n, *r))
         .flat_map(super::phase::group_subjects)
         .collect();
     let event_subjects: Vec<&String> = legacy_subjects
