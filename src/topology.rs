@@ -3,7 +3,8 @@
 //! JetStream refuses two streams with overlapping subjects (10065) and, on 2.9, a consumer filter
 //! not covered by its stream's subjects (10093). Provisioning therefore never creates a stream
 //! whose subjects another stream already holds, and binding only creates a durable on a stream
-//! whose subjects cover the filter.
+//! that receives the filter subject ([`stream_receives`]: its subjects cover the filter, or, on
+//! 2.10+, cover it in a private namespace that the stream's subject transform strips).
 
 use std::time::Duration;
 
@@ -120,6 +121,37 @@ pub fn pattern_matches(pattern: &str, subject: &str) -> bool {
             _ => return false,
         }
     }
+}
+
+/// Whether a publish stored under `subject` (a consumer's filter subject) can arrive in the
+/// stream configured by `config`:
+///
+/// - one of its `subjects` captures `subject` as published, and the stream's subject transform
+///   (if any) leaves it as it is; or
+/// - it listens on a private namespace: its `subject_transform` is `<prefix>.>` → `>` (the
+///   prefix without wildcards) and one of its `subjects` captures `<prefix>.<subject>`, which
+///   the transform stores as `subject`. This is the zero-gap cut-over of nats-server 2.10+: an
+///   account subject mapping sends publishes of `subject` to `<prefix>.<subject>`, all or a
+///   weighted share of them, so the subject can reach this stream and the legacy one at once.
+///
+/// Any other transform shape is not evaluated: only the first rule can then hold. A 2.9 server
+/// drops the transform from the stream config, so the second rule never holds there.
+pub fn stream_receives(config: &stream::Config, subject: &str) -> bool {
+    let transform = config.subject_transform.as_ref();
+    let rewritten =
+        transform.is_some_and(|t| t.source != t.destination && pattern_matches(&t.source, subject));
+    if !rewritten && config.subjects.iter().any(|p| pattern_matches(p, subject)) {
+        return true;
+    }
+    let Some(prefix) = transform
+        .filter(|t| t.destination == ">")
+        .and_then(|t| t.source.strip_suffix(".>"))
+        .filter(|p| !p.is_empty() && p.split('.').all(|t| !t.is_empty() && t != "*" && t != ">"))
+    else {
+        return false;
+    };
+    let published = format!("{prefix}.{subject}");
+    config.subjects.iter().any(|p| pattern_matches(p, &published))
 }
 
 /// Whether two subject patterns can match a common subject (JetStream's overlap rule).
@@ -308,16 +340,10 @@ pub async fn bind_on(
             if config.provision == crate::config::Provision::Off {
                 return Ok(None);
             }
-            let covered = stream
-                .cached_info()
-                .config
-                .subjects
-                .iter()
-                .any(|p| pattern_matches(p, &cc.filter_subject));
-            if !covered {
+            if !stream_receives(&stream.cached_info().config, &cc.filter_subject) {
                 tracing::warn!(
                     consumer = %cc.kind, stream = %stream_name, filter = %cc.filter_subject,
-                    "not creating durable: the stream's subjects do not cover its filter subject"
+                    "not creating durable: the stream receives no message under its filter subject"
                 );
                 return Ok(None);
             }
@@ -390,8 +416,8 @@ fn binding_of(
 }
 
 /// Binds a consumer: primary first, then the legacy stream (multi); legacy only (single).
-/// A candidate whose subjects capture the filter subject goes before one that does not, so
-/// after a rollback the daemon binds where messages actually arrive.
+/// A candidate that receives the filter subject ([`stream_receives`]) goes before one that does
+/// not, so after a rollback the daemon binds where messages actually arrive.
 pub async fn bind(
     js: &jetstream::Context,
     config: &Config,
@@ -423,27 +449,38 @@ pub async fn bind(
     Err(BindError::NothingBound(tried.join("; ")))
 }
 
-/// The first candidate stream whose subjects capture the consumer's filter subject.
+/// The first candidate stream that receives the consumer's filter subject
+/// ([`stream_receives`]): the primary stream while it does, even when a weighted subject
+/// mapping still sends part of the subject to the legacy stream.
 pub async fn capturing_stream(
     js: &jetstream::Context,
     config: &Config,
     cc: &ConsumerConfig,
 ) -> Option<String> {
     for name in candidates(config, cc) {
-        if let Ok(mut stream) = js.get_stream(&name).await {
-            if let Ok(info) = stream.info().await {
-                if info
-                    .config
-                    .subjects
-                    .iter()
-                    .any(|p| pattern_matches(p, &cc.filter_subject))
-                {
-                    return Some(name);
-                }
+        if let Ok(stream) = js.get_stream(&name).await {
+            if stream_receives(&stream.cached_info().config, &cc.filter_subject) {
+                return Some(name);
             }
         }
     }
     None
+}
+
+/// Whether the stream `name` receives `subject` now ([`stream_receives`]): one stream info
+/// request. `Some(false)` when the stream does not exist, `None` when the server cannot tell.
+pub async fn stream_receives_now(js: &jetstream::Context, name: &str, subject: &str) -> Option<bool> {
+    match js.get_stream(name).await {
+        Ok(stream) => Some(stream_receives(&stream.cached_info().config, subject)),
+        Err(e) => {
+            let code = if let jetstream::context::GetStreamErrorKind::JetStream(je) = e.kind() {
+                Some(je.error_code())
+            } else {
+                None
+            };
+            is_not_found(code).then_some(false)
+        }
+    }
 }
 
 /// True when the error code says the durable or its stream no longer exists.
@@ -486,6 +523,73 @@ mod tests {
         assert!(pattern_matches("vendor.>", "vendor.oura.webhook.received"));
         assert!(!pattern_matches("sleep.*", "athlete-ally.sleep.raw-received"));
         assert!(!pattern_matches("athlete-ally.>", "athlete-ally"));
+    }
+
+    fn stream(subjects: &[&str], transform: Option<(&str, &str)>) -> stream::Config {
+        stream::Config {
+            name: "S".into(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            subject_transform: transform.map(|(source, destination)| stream::SubjectTransform {
+                source: source.into(),
+                destination: destination.into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn what_a_stream_receives() {
+        const HRV: &str = "athlete-ally.hrv.raw-received";
+        const OURA: &str = "vendor.oura.webhook.received";
+        const SLEEP: &str = "sleep.raw-received";
+        let ns = Some(("mig.>", ">"));
+        // (stream subjects, transform, filter subject, received)
+        type Case<'a> = (&'a [&'a str], Option<(&'a str, &'a str)>, &'a str, bool);
+        let cases: &[Case] = &[
+            // Subjects as published.
+            (&["athlete-ally.>", "vendor.>", "sleep.*"], None, HRV, true),
+            (&["athlete-ally.>", "vendor.>", "sleep.*"], None, OURA, true),
+            (&["athlete-ally.>", "sleep.*"], None, OURA, false),
+            (&["AA_VENDOR_HOT"], None, OURA, false),
+            (&["mig.vendor.>"], None, OURA, false),
+            // The private namespace with the stripping transform.
+            (&["mig.vendor.>"], ns, OURA, true),
+            (&["mig.vendor.>"], ns, HRV, false),
+            (&["mig.athlete-ally.>", "mig.sleep.*"], ns, HRV, true),
+            (&["mig.athlete-ally.>", "mig.sleep.*"], ns, SLEEP, true),
+            (&["mig.athlete-ally.>", "mig.sleep.*"], ns, "sleep.a.b", false),
+            (&["mig.athlete-ally.>", "mig.sleep.*"], ns, OURA, false),
+            // Phase 3: the real subjects beside the namespace, then alone.
+            (&["mig.vendor.>", "vendor.>"], ns, OURA, true),
+            (&["vendor.>"], ns, OURA, true),
+            (&["vendor.>"], None, OURA, true),
+            // A longer prefix.
+            (&["x.y.vendor.>"], Some(("x.y.>", ">")), OURA, true),
+            (&["x.vendor.>"], Some(("x.y.>", ">")), OURA, false),
+            // Other transform shapes are not evaluated.
+            (&["mig.vendor.>"], Some(("mig.>", "moved.>")), OURA, false),
+            (&["mig.vendor.>"], Some(("mig.*.>", ">")), OURA, false),
+            (&["mig.vendor.>"], Some((">", ">")), OURA, false),
+            (
+                &["mig.vendor.>"],
+                Some(("mig.vendor.*", "{{wildcard(1)}}")),
+                OURA,
+                false,
+            ),
+            // ... but a subject they leave alone is still received as published.
+            (&["vendor.>", "mig.>"], Some(("mig.>", "moved.>")), OURA, true),
+            (&["vendor.>"], Some(("vendor.>", "vendor.>")), OURA, true),
+            // A subject the transform rewrites is not stored under itself.
+            (&["vendor.>"], Some(("vendor.>", "other.>")), OURA, false),
+            (&["mig.vendor.>"], ns, "mig.vendor.x", false),
+        ];
+        for (subjects, transform, subject, expected) in cases {
+            assert_eq!(
+                stream_receives(&stream(subjects, *transform), subject),
+                *expected,
+                "{subjects:?} {transform:?} {subject}"
+            );
+        }
     }
 
     #[test]

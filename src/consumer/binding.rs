@@ -1,6 +1,13 @@
 //! A consumer's supervisor: binds (retrying with backoff), runs each binding's loop on its own
 //! task, binds again when a binding disappears, and in multi mode follows the subjects from
 //! stream to stream, draining the durables left behind.
+//!
+//! The binding rule in multi mode: the active binding is on the first candidate stream (primary,
+//! then legacy) that receives the filter subject ([`topology::stream_receives`]). The durable on
+//! the other candidate is consumed beside it for as long as its stream receives the filter
+//! subject too — during a weighted subject-mapping shift, or after a rollback by mapping, a
+//! publish may land in either stream at any moment — and, once it no longer does, until it has
+//! had nothing pending or unacked on 3 consecutive rebind ticks.
 
 use std::time::{Duration, Instant};
 
@@ -45,8 +52,9 @@ fn next_bind_backoff(previous: Duration) -> Duration {
 impl Worker {
     /// Runs until `shutdown` is cancelled: binds (retrying with backoff while nothing can be
     /// bound), consumes, binds again if the binding disappears, and — in multi mode — moves to
-    /// whichever of primary and legacy stream captures the filter subject, draining the old
-    /// durable until it has nothing pending or unacked. No restart is needed at any migration step.
+    /// whichever of primary and legacy stream captures the filter subject, consuming the old
+    /// durable while its stream still receives the subject and then until it has nothing
+    /// pending or unacked. No restart is needed at any migration step.
     pub async fn run(self, shutdown: CancellationToken) {
         let span = tracing::error_span!("consumer", consumer = %self.cc.kind);
         self.supervise(shutdown).instrument(span).await
@@ -233,11 +241,14 @@ impl Worker {
         next
     }
 
-    /// Starts draining this consumer's durable on any other stream it may have lived on
+    /// Starts consuming this consumer's durable on any other stream it may have lived on
     /// (primary or legacy, whatever the mode) that still has pending or unacked messages: a
     /// backlog left behind when the subjects moved while no daemon was watching (a deploy or a
-    /// rollback during the migration) would otherwise never be delivered. Checked after every
-    /// bind and on every rebind tick; the loop stops when the durable is drained
+    /// rollback during the migration) would otherwise never be delivered. The durable on the
+    /// other candidate stream is also taken at once, pending or not, when that stream receives
+    /// the filter subject: a subject mapping may send any publish there without a rebind tick
+    /// noticing (see the module doc). Checked after every bind and on every rebind tick, with at
+    /// most two requests per stream not consumed yet; the loop stops when the durable is drained
     /// ([`Worker::stop_drained`]).
     async fn adopt_stranded(
         &self,
@@ -265,14 +276,20 @@ impl Worker {
                 }
             };
             let info = b.consumer.cached_info();
-            if info.num_pending == 0 && info.num_ack_pending == 0 {
+            let (pending, ack_pending) = (info.num_pending, info.num_ack_pending);
+            if pending > 0 || ack_pending > 0 {
+                tracing::info!(
+                    stream = %name, durable = %b.durable, pending, ack_pending,
+                    "the durable on a stream the subjects left still has messages; draining it"
+                );
+            } else if self.receives(&name).await == Some(true) {
+                tracing::info!(
+                    stream = %name, durable = %b.durable,
+                    "the durable's stream receives the filter subject too (a subject mapping may send it there); consuming it beside the active binding"
+                );
+            } else {
                 continue;
             }
-            tracing::info!(
-                stream = %name, durable = %b.durable,
-                pending = info.num_pending, ack_pending = info.num_ack_pending,
-                "the durable on a stream the subjects left still has messages; draining it"
-            );
             let m = &self.shared.metrics;
             m.consumer_bound
                 .with_label_values(&[self.cc.kind.as_str(), &name, &b.durable])
@@ -285,12 +302,14 @@ impl Worker {
         self.report_bindings(Some(active), draining);
     }
 
-    /// Stops draining loops whose durable has nothing pending or unacked.
-    /// A durable seen drained on this many consecutive rebind ticks is done: one empty look is
-    /// not enough while publishes may still reach its stream (a weighted shift sends a subject
-    /// to both streams).
+    /// A durable seen drained on this many consecutive rebind ticks, its stream no longer
+    /// receiving the filter subject, is done: one empty look is not enough right after the
+    /// subjects left (publishes accepted just before may still be arriving).
     const DRAINED_TICKS: u32 = 3;
 
+    /// Stops the loops of durables whose stream no longer receives the filter subject and that
+    /// have had nothing pending or unacked for [`Self::DRAINED_TICKS`] ticks. One consumer info
+    /// request per loop, and one stream info request when the durable looks drained.
     async fn stop_drained(&self, draining: &mut [Running]) {
         for r in draining {
             if r.token.is_cancelled() {
@@ -298,15 +317,33 @@ impl Worker {
             }
             match r.binding.consumer.get_info().await {
                 Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {
-                    r.drained_ticks += 1;
-                    if r.drained_ticks >= Self::DRAINED_TICKS {
-                        r.token.cancel();
+                    match self.receives(&r.binding.stream).await {
+                        // Publishes can still land there at any moment: keep consuming.
+                        Some(true) => r.drained_ticks = 0,
+                        Some(false) => {
+                            r.drained_ticks += 1;
+                            if r.drained_ticks >= Self::DRAINED_TICKS {
+                                r.token.cancel();
+                            }
+                        }
+                        None => {}
                     }
                 }
                 Ok(_) => r.drained_ticks = 0,
                 Err(_) => {}
             }
         }
+    }
+
+    /// Whether `stream` is one of this consumer's candidate streams and receives its filter
+    /// subject now; `None` when the server cannot tell. A stream that is not a candidate (the
+    /// primary stream in single mode) is only ever drained, never followed.
+    async fn receives(&self, stream: &str) -> Option<bool> {
+        let config = &self.shared.config;
+        if !topology::candidates(config, &self.cc).iter().any(|c| c == stream) {
+            return Some(false);
+        }
+        topology::stream_receives_now(&self.shared.js, stream, &self.cc.filter_subject).await
     }
 
     fn report_bindings(&self, active: Option<&Running>, draining: &[Running]) {

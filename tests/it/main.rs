@@ -21,6 +21,7 @@ mod operability;
 mod ordering;
 mod properties;
 mod security;
+mod shift;
 mod shutdown;
 mod support;
 mod versions;

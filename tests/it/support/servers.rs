@@ -106,6 +106,24 @@ impl NatsServer {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Rewrites the config file with `extra_conf` in place of what followed its `jetstream`
+    /// block (account subject mappings, …) and has the running server reload it (SIGHUP).
+    /// The reload is asynchronous: wait for its effect. A restart uses the original extra config.
+    #[allow(dead_code)]
+    pub fn reload_with(&self, extra_conf: &str) {
+        let path = self.store.path().join("nats.conf");
+        let conf = std::fs::read_to_string(&path).unwrap();
+        let end = conf.find("\n}\n").expect("the jetstream block") + 3;
+        std::fs::write(&path, format!("{}{extra_conf}\n", &conf[..end])).unwrap();
+        let pid = self.pid().expect("a running nats-server");
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -HUP {pid}");
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
