@@ -20,9 +20,9 @@ pub struct ConsumerState {
     pub fallback: bool,
     /// Other streams whose durable is still being drained (live rebinding).
     pub draining: Vec<String>,
-    pub pending: u64,
-    pub ack_pending: u64,
-    pub redelivered: u64,
+    /// Per stream consumed, its durable's (pending, ack pending, redelivered) from the last
+    /// consumer info; `/health` shows the sums (two bindings are live during a migration).
+    pub backlog: BTreeMap<String, Backlog>,
     pub last_pull_at: Option<DateTime<Utc>>,
     pub last_message_at: Option<DateTime<Utc>>,
     /// Last time the loop made progress (completed a pull or settled a message).
@@ -41,6 +41,30 @@ pub struct ConsumerState {
     pub dead_letter_ok: bool,
     /// Why the consumer is unbound, for operators.
     pub bind_error: Option<String>,
+}
+
+/// One durable's counts from its consumer info.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub pending: u64,
+    pub ack_pending: u64,
+    pub redelivered: u64,
+}
+
+impl ConsumerState {
+    /// The counts summed over the streams consumed now (the active one and those drained).
+    pub fn backlog_total(&self) -> Backlog {
+        let consumed =
+            |stream: &String| self.stream.as_ref() == Some(stream) || self.draining.contains(stream);
+        self.backlog
+            .iter()
+            .filter(|(stream, _)| consumed(stream))
+            .fold(Backlog::default(), |t, (_, b)| Backlog {
+                pending: t.pending + b.pending,
+                ack_pending: t.ack_pending + b.ack_pending,
+                redelivered: t.redelivered + b.redelivered,
+            })
+    }
 }
 
 /// What the watchdog last saw of a dependency (NATS, the database), and since when.
@@ -483,6 +507,7 @@ impl Health {
             .into_iter()
             .map(|(kind, s)| {
                 let bound = s.stream.is_some();
+                let backlog = s.backlog_total();
                 (
                     kind.as_str(),
                     ConsumerJson {
@@ -491,9 +516,9 @@ impl Health {
                         stream: s.stream,
                         fallback: s.fallback,
                         draining: s.draining,
-                        pending: s.pending,
-                        ack_pending: s.ack_pending,
-                        redelivered: s.redelivered,
+                        pending: backlog.pending,
+                        ack_pending: backlog.ack_pending,
+                        redelivered: backlog.redelivered,
                         last_pull_at: ts(s.last_pull_at),
                         last_message_at: ts(s.last_message_at),
                         stalled: s.stalled,
@@ -542,6 +567,27 @@ impl Health {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_backlog_is_summed_over_the_streams_consumed_now() {
+        let b = |pending, ack_pending, redelivered| Backlog {
+            pending,
+            ack_pending,
+            redelivered,
+        };
+        let mut s = ConsumerState {
+            stream: Some("AA_CORE_HOT".into()),
+            draining: vec!["ATHLETE_ALLY_EVENTS".into()],
+            ..ConsumerState::default()
+        };
+        s.backlog.insert("AA_CORE_HOT".into(), b(5, 2, 1));
+        s.backlog.insert("ATHLETE_ALLY_EVENTS".into(), b(7, 1, 0));
+        // A stream no longer consumed (its loop ended) does not count.
+        s.backlog.insert("OLD".into(), b(100, 100, 100));
+        assert_eq!(s.backlog_total(), b(12, 3, 1));
+        s.draining.clear();
+        assert_eq!(s.backlog_total(), b(5, 2, 1));
+    }
 
     fn health() -> Health {
         Health::new(

@@ -413,9 +413,14 @@ async fn refresh_info(shared: Shared, cc: ConsumerConfig, b: Binding, stop: Canc
                     .with_label_values(&labels)
                     .set(info.num_redelivered as i64);
                 shared.health.update(cc.kind, |s| {
-                    s.pending = info.num_pending;
-                    s.ack_pending = info.num_ack_pending as u64;
-                    s.redelivered = info.num_redelivered as u64;
+                    s.backlog.insert(
+                        b.stream.clone(),
+                        crate::health::Backlog {
+                            pending: info.num_pending,
+                            ack_pending: info.num_ack_pending as u64,
+                            redelivered: info.num_redelivered as u64,
+                        },
+                    );
                 });
             }
             Err(e) => tracing::debug!(error = %e, "consumer info unavailable"),
