@@ -140,17 +140,22 @@ fn error_backoff(consecutive: u32) -> Duration {
 impl Worker {
     /// A wake without messages (a batch finished, or the progress tick): the loop's liveness,
     /// and on the tick progress acks to the messages waiting for pipeline room.
-    async fn idle_tick(&self, tick: bool, flight: &mut Flight) {
+    async fn idle_tick(&self, stream: &str, tick: bool, flight: &mut Flight) {
         if tick {
             flight.progress_waiting().await;
         }
-        self.progress(false, false);
+        self.progress(stream, false, false);
     }
 
-    fn progress(&self, pulled: bool, messages: bool) {
+    /// A loop on `stream` made progress. Only the active binding's loop counts for liveness: a
+    /// second loop kept on the other stream during a migration pulls (empty) all the time and
+    /// would hide a wedged active loop.
+    fn progress(&self, stream: &str, pulled: bool, messages: bool) {
         let now = Utc::now();
         self.shared.health.update(self.cc.kind, |s| {
-            s.last_progress = Some(Instant::now());
+            if s.stream.as_deref().is_none_or(|active| active == stream) {
+                s.last_progress = Some(Instant::now());
+            }
             if pulled {
                 s.last_pull_at = Some(now);
             }
@@ -256,7 +261,7 @@ impl Worker {
                     {
                         return LoopEnd::Shutdown;
                     }
-                    self.progress(false, false);
+                    self.progress(&b.stream, false, false);
                     continue;
                 }
                 let pulled = tokio::select! {
@@ -268,7 +273,7 @@ impl Worker {
                     Ok(batch) => current = Some(Pull::new(batch, self.cc.expires)),
                     Err(e) => {
                         self.count_pull_error(b, &e);
-                        self.progress(true, false);
+                        self.progress(&b.stream, true, false);
                         if let Some(end) = self
                             .after_error(b, &mut consecutive_errors, shutdown, flight)
                             .await
@@ -298,7 +303,7 @@ impl Worker {
                     return LoopEnd::Shutdown;
                 }
                 Wake::Idle { tick } => {
-                    self.idle_tick(tick, flight).await;
+                    self.idle_tick(&b.stream, tick, flight).await;
                     continue;
                 }
                 Wake::Next(n) => n,
@@ -315,7 +320,7 @@ impl Worker {
                     p.received += msgs.len();
                     let full = p.received >= self.cc.batch_size;
                     flight.hold(msgs, &p.db_down);
-                    self.progress(false, true);
+                    self.progress(&b.stream, false, true);
                     if overlap
                         && full
                         && prefetched.is_none()
@@ -355,7 +360,7 @@ impl Worker {
             };
             // Anything the pull still buffers (it ended on our deadline or an error) is ours.
             flight.take_buffered(&mut p.batch, &p.db_down);
-            self.progress(true, false);
+            self.progress(&b.stream, true, false);
             self.shared
                 .metrics
                 .batch_size
@@ -505,13 +510,13 @@ impl Worker {
             let next = match wake {
                 Wake::Shutdown => return StreamEnd::Shutdown,
                 Wake::Idle { tick } => {
-                    self.idle_tick(tick, flight).await;
+                    self.idle_tick(&b.stream, tick, flight).await;
                     continue;
                 }
                 Wake::Next(n) => n,
             };
             match next {
-                Err(_idle) => self.progress(true, false),
+                Err(_idle) => self.progress(&b.stream, true, false),
                 Ok(None) => return StreamEnd::Ended,
                 Ok(Some(Ok(msg))) => {
                     *consecutive_errors = 0;
@@ -524,7 +529,7 @@ impl Worker {
                         .with_label_values(&[self.cc.kind.as_str()])
                         .observe(msgs.len() as f64);
                     flight.hold(msgs, db_down);
-                    self.progress(true, true);
+                    self.progress(&b.stream, true, true);
                     match gathered {
                         Gathered::Open => {}
                         Gathered::Ended => return StreamEnd::Ended,
@@ -536,10 +541,10 @@ impl Worker {
                 }
                 Ok(Some(Err(e))) if e.kind() == K::MissingHeartbeat => {
                     self.count_pull_error(b, &e);
-                    self.progress(true, false);
+                    self.progress(&b.stream, true, false);
                 }
                 Ok(Some(Err(e))) => {
-                    self.progress(true, false);
+                    self.progress(&b.stream, true, false);
                     return StreamEnd::Failed(e);
                 }
             }

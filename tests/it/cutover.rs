@@ -216,6 +216,40 @@ async fn bindings(app: &TestApp, consumer: &str) -> Vec<String> {
     all
 }
 
+/// A new event published now lands in `stream` (its PubAck says so) and its row appears within
+/// 10 s: less than the daemon's rebind interval (15 s by default), so it was consumed where it
+/// landed without waiting for a rebind.
+async fn stored_via(stack: &Stack, kind: &str, stream: &str, tag: &str) {
+    let user = format!("via-{tag}");
+    let (subject, body, sql) = match kind {
+        "hrv" => (
+            HRV_SUBJECT,
+            hrv_event(&user, "2025-03-02", 41.0, "2025-03-02T06:00:00Z"),
+            format!("SELECT count(*) FROM hrv_data WHERE user_id = '{user}'"),
+        ),
+        _ => (
+            OURA_SUBJECT,
+            serde_json::json!({"user_id": user, "timestamp": "2025-03-02T06:00:00Z", "data": {}}).to_string(),
+            format!("SELECT count(*) FROM vendor_webhook_events WHERE user_id = '{user}'"),
+        ),
+    };
+    let ack = stack
+        .js
+        .publish(subject, body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.stream, stream, "{kind} event published after {tag}");
+    let pool = stack.db.pool().await;
+    wait_for(
+        &format!("the {kind} event of {tag} stored"),
+        Duration::from_secs(10),
+        || async { count(&pool, &sql).await == 1 },
+    )
+    .await;
+}
+
 /// On a server before 2.10 the mapping cut-over is refused, naming the version, and the
 /// default is the move (the existing migration tests walk it).
 async fn refused_before_2_10(stack: &Stack, version: &str) {
@@ -248,7 +282,7 @@ async fn legacy_stack(extra_conf: &str) -> Stack {
     stack
 }
 
-/// Forward 0 → 3 with a rollback of phase 2 on the way, under a publisher that never retries:
+/// Forward 0 → 3 with rollbacks of phase 2 and phase 1 on the way, under a publisher that never retries:
 /// no publish fails, every event is one row, nothing is dead-lettered, the daemon (never
 /// restarted) consumes where the events are, and phase 3 leaves exactly the plan's topology
 /// with no mapping and no private namespace.
@@ -262,8 +296,9 @@ async fn the_mapping_cut_over_loses_no_publish_forward_and_back() {
     let map = mapping_args(&stack);
     let (failed, rate) = walk(&stack, "cut", &map).await;
     assert_eq!(failed, 0, "publishes failed during the mapping cut-over");
-    // Not a performance claim: a walk at a trickle would prove little.
-    assert!(rate >= 1000.0, "the publisher reached only {rate:.0}/s");
+    // Not a performance claim (the rate falls when the whole suite shares the 2 cores): a walk
+    // at a trickle would prove little.
+    assert!(rate >= 250.0, "the publisher reached only {rate:.0}/s");
     let conf = std::fs::read_to_string(stack.nats.store.path().join("nats.conf")).unwrap();
     assert!(
         conf.contains("mappings = { }"),
@@ -282,7 +317,7 @@ async fn the_move_cut_over_stores_every_acknowledged_publish() {
     println!("--cutover move: {failed} publishes failed in the move windows (none retried)");
 }
 
-/// phase0 → phase1 → phase2 → rollback phase2 → phase2 → phase3 with `extra` on every step,
+/// phase0 → 1 → 2 → rollback 2 → rollback 1 → 1 → 2 → 3 with `extra` on every step,
 /// under the never-retrying publisher; checks the rows, the DLQ, the daemon's bindings and the
 /// end topology; returns the number of failed publishes and the publish rate.
 async fn walk(stack: &Stack, prefix: &'static str, extra: &[String]) -> (usize, f64) {
@@ -295,6 +330,8 @@ async fn walk(stack: &Stack, prefix: &'static str, extra: &[String]) -> (usize, 
         "phase1 (vendor)",
         "phase2 (core)",
         "rollback phase2",
+        "rollback phase1",
+        "phase1 again",
         "phase2 again",
         "phase3",
     ];
@@ -311,6 +348,7 @@ async fn walk(stack: &Stack, prefix: &'static str, extra: &[String]) -> (usize, 
         || async { bindings(&app, "oura").await.first().map(String::as_str) == Some("AA_VENDOR_HOT") },
     )
     .await;
+    stored_via(stack, "oura", "AA_VENDOR_HOT", "phase1").await;
     publisher.step(3);
     let r = step(&vars, &["migrate", "phase2", "--yes"], extra).await;
     assert_eq!(r["phaseAfter"], "core-moved", "{r}");
@@ -320,6 +358,7 @@ async fn walk(stack: &Stack, prefix: &'static str, extra: &[String]) -> (usize, 
         || async { bindings(&app, "hrv").await.first().map(String::as_str) == Some("AA_CORE_HOT") },
     )
     .await;
+    stored_via(stack, "hrv", "AA_CORE_HOT", "phase2").await;
     publisher.step(4);
     let r = step(&vars, &["migrate", "rollback", "phase2", "--yes"], extra).await;
     assert_eq!(r["phaseAfter"], "vendor-moved", "{r}");
@@ -334,10 +373,33 @@ async fn walk(stack: &Stack, prefix: &'static str, extra: &[String]) -> (usize, 
         },
     )
     .await;
+    stored_via(stack, "hrv", "ATHLETE_ALLY_EVENTS", "rollback-phase2").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     publisher.step(5);
+    let r = step(&vars, &["migrate", "rollback", "phase1", "--yes"], extra).await;
+    assert_eq!(r["phaseAfter"], "prepared", "{r}");
+    wait_for(
+        "oura consumes the legacy stream again",
+        Duration::from_secs(20),
+        || async {
+            bindings(&app, "oura")
+                .await
+                .iter()
+                .any(|s| s == "ATHLETE_ALLY_EVENTS")
+        },
+    )
+    .await;
+    stored_via(stack, "oura", "ATHLETE_ALLY_EVENTS", "rollback-phase1").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    publisher.step(6);
+    let r = step(&vars, &["migrate", "phase1", "--yes"], extra).await;
+    assert_eq!(r["phaseAfter"], "vendor-moved", "{r}");
+    publisher.step(7);
     let r = step(&vars, &["migrate", "phase2", "--yes"], extra).await;
     assert_eq!(r["phaseAfter"], "core-moved", "{r}");
+    // A phase's checks alone agree with the step, whichever the cut-over.
+    let r = cli_json(&vars, &["migrate", "verify", "phase2"], 0).await;
+    assert_eq!(r["ok"], true, "{r}");
     for durable in [
         "normalize-hrv-durable",
         "normalize-sleep-durable",
@@ -345,7 +407,7 @@ async fn walk(stack: &Stack, prefix: &'static str, extra: &[String]) -> (usize, 
     ] {
         wait_drained(&stack.js, "ATHLETE_ALLY_EVENTS", durable).await;
     }
-    publisher.step(6);
+    publisher.step(8);
     let r = step(
         &vars,
         &["migrate", "phase3", "--yes", "--quiet-period", "0s"],
@@ -362,7 +424,7 @@ async fn walk(stack: &Stack, prefix: &'static str, extra: &[String]) -> (usize, 
     );
     let rows = per_step(&published.samples, &names);
     assert!(
-        rows[2].0 > 0 && rows[3].0 > 0 && rows[4].0 > 0 && rows[6].0 > 0,
+        rows[2].0 > 0 && rows[3].0 > 0 && rows[4].0 > 0 && rows[5].0 > 0 && rows[8].0 > 0,
         "the publisher ran through the steps"
     );
     wait_rows(&stack.db, prefix, &published).await;

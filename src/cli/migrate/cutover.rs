@@ -31,7 +31,7 @@ pub enum Cutover {
 }
 
 /// Probes per round when a group must be entirely on one side, and when it is split.
-const PROBES_WHOLE: usize = 20;
+const PROBES_WHOLE: usize = 200;
 const PROBES_SPLIT: usize = 400;
 /// How far the observed share of a split may be from the asked one: 4 standard deviations of
 /// the share over [`PROBES_SPLIT`] probes, in percentage points (±6 at 10 %, ±10 at 50 %), so a
@@ -42,6 +42,9 @@ pub fn split_tolerance(percent: u8) -> f64 {
 }
 /// Probes per group when `migrate plan` or a step reads where publishes go now.
 const PROBES_READ: usize = 100;
+/// Probes (through every server) that must all be mapped before phase 3 takes a group's
+/// subjects off the legacy stream: a 99 % split passes 2,000 of them with probability 2e-9.
+const PROBES_HANDOVER: usize = 2000;
 
 /// The cut-over a step uses: the one asked for; else mapping when the server is ≥ 2.10 and
 /// move before. `Err` is the refusal (mapping asked of a 2.9 server).
@@ -329,9 +332,9 @@ impl Expected {
     }
 }
 
-/// Probes until the route is in effect or `--mapping-timeout` passes. A step never goes on
-/// with an unverified route; a probe that got no PubAck on the way is a publish that would
-/// have failed, and fails the step's zero-gap check.
+/// Probes until the route is in effect through every server of the cluster, or
+/// `--mapping-timeout` passes. A step never goes on with an unverified route; a probe that got
+/// no PubAck on the way is a publish that would have failed, and fails the step's zero-gap check.
 async fn await_route(
     c: &Ctx,
     role: StreamRole,
@@ -339,33 +342,76 @@ async fn await_route(
     args: &StepArgs,
     report: &mut Report<()>,
 ) -> bool {
-    let started = Instant::now();
-    let deadline = started + mapping_wait(args);
     let per_round = if matches!(expect.percent, 0 | 100) {
         PROBES_WHOLE
     } else {
         PROBES_SPLIT
     };
-    let (mut probes, mut failed) = (0usize, 0usize);
+    await_route_with(c, role, expect, per_round, args, report).await
+}
+
+async fn await_route_with(
+    c: &Ctx,
+    role: StreamRole,
+    expect: &Expected,
+    per_round: usize,
+    args: &StepArgs,
+    report: &mut Report<()>,
+) -> bool {
+    let started = Instant::now();
+    let deadline = started + mapping_wait(args);
     let group = group_subjects(role);
+    let what = format!("mapping of {group:?} in effect");
+    let servers = match servers(c).await {
+        Ok(s) => s,
+        Err(why) => {
+            report.check(what, false, why);
+            return false;
+        }
+    };
+    let (mut probes, mut failed) = (0usize, 0usize);
+    let mut pending: Vec<&Server> = servers.iter().collect();
+    let mut seen = Vec::new();
     loop {
-        let obs = match mapping::observe(&c.client, &c.js, role, per_round).await {
-            Ok(obs) => obs,
-            Err(e) => {
-                report.check(format!("mapping of {group:?} in effect"), false, e.to_string());
+        let mut still = Vec::new();
+        for server in pending {
+            let obs = match mapping::observe(&server.client, &server.js, role, per_round).await {
+                Ok(obs) => obs,
+                Err(e) => {
+                    report.check(what, false, format!("through {}: {e}", server.name));
+                    return false;
+                }
+            };
+            probes += obs.probes;
+            failed += obs.failed;
+            if expect.met_by(&obs) {
+                seen.push(format!("{}: {}", server.name, obs.describe()));
+            } else if Instant::now() >= deadline {
+                report.check(
+                    what,
+                    false,
+                    format!(
+                        "not within {} s through {}: {} (expected {}); the step did not go on",
+                        args.mapping_timeout,
+                        server.name,
+                        obs.describe(),
+                        expect.describe()
+                    ),
+                );
                 return false;
+            } else {
+                still.push(server);
             }
-        };
-        probes += obs.probes;
-        failed += obs.failed;
-        if expect.met_by(&obs) {
+        }
+        if still.is_empty() {
             report.check(
-                format!("mapping of {group:?} in effect"),
+                what,
                 true,
                 format!(
-                    "after {} ms: {} (expected {})",
+                    "after {} ms through {} server(s): {} (expected {})",
                     started.elapsed().as_millis(),
-                    obs.describe(),
+                    servers.len(),
+                    seen.join("; "),
                     expect.describe()
                 ),
             );
@@ -376,21 +422,60 @@ async fn await_route(
             );
             return failed == 0;
         }
-        if Instant::now() >= deadline {
-            report.check(
-                format!("mapping of {group:?} in effect"),
-                false,
-                format!(
-                    "not within {} s: {} (expected {}); the step did not go on",
-                    args.mapping_timeout,
-                    obs.describe(),
-                    expect.describe()
-                ),
-            );
-            return false;
-        }
+        pending = still;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// A server of the cluster, connected to directly for probes.
+struct Server {
+    name: String,
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+}
+
+/// The server the command is connected to, and every other server its INFO advertises
+/// (`connect_urls`), each with its own connection: a mapping is applied per server at its own
+/// reload, so a route counts as in effect only when probes through each of them show it.
+async fn servers(c: &Ctx) -> Result<Vec<Server>, String> {
+    let info = c.client.server_info();
+    let own = format!("{}:{}", info.host, info.port);
+    let mut out = vec![Server {
+        name: info.server_name.clone(),
+        client: c.client.clone(),
+        js: c.js.clone(),
+    }];
+    for peer in &info.connect_urls {
+        if *peer == own {
+            continue;
+        }
+        let Some(url) = peer_url(c.config.nats.urls.first().map(String::as_str), peer) else {
+            return Err(format!("cannot build a URL for cluster server {peer}"));
+        };
+        let mut cfg = c.config.nats.clone();
+        cfg.urls = vec![url];
+        let client = crate::nats::connect_now(&cfg, Duration::from_secs(5))
+            .await
+            .map_err(|e| format!("cannot connect to cluster server {peer} to probe through it: {e}"))?;
+        let name = client.server_info().server_name;
+        if out.iter().any(|s| s.name == name) {
+            continue;
+        }
+        let js = async_nats::jetstream::new(client.clone());
+        out.push(Server { name, client, js });
+    }
+    Ok(out)
+}
+
+/// `peer` (`host:port` from INFO) with the scheme and credentials of the configured URL.
+fn peer_url(configured: Option<&str>, peer: &str) -> Option<String> {
+    let base = configured.unwrap_or("nats://127.0.0.1:4222");
+    let mut url = url::Url::parse(base).ok()?;
+    let (host, port) = peer.rsplit_once(':')?;
+    url.set_host(Some(host.trim_start_matches('[').trim_end_matches(']')))
+        .ok()?;
+    url.set_port(Some(port.parse().ok()?)).ok()?;
+    Some(url.to_string().trim_end_matches('/').to_string())
 }
 
 /// Phase 3 with the mapping cut-over, for each group the mapping routes entirely to its new
@@ -468,7 +553,9 @@ pub async fn finish(
         .nats_config
         .as_deref()
         .and_then(|p| mapping::read_state(p).ok().flatten());
-    if roles.is_empty() && matches!(file_state, None | Some(Block::Cleared)) {
+    // With a managed file, nothing to do when it is already cleared; printed for the operator,
+    // the empty block is always shown (a re-run cannot know whether it was applied).
+    if roles.is_empty() && args.nats_config.is_some() && matches!(file_state, None | Some(Block::Cleared)) {
         return true;
     }
     if !apply(args, Block::Cleared, report) {
@@ -492,25 +579,59 @@ pub async fn finish(
 }
 
 /// Whether phase 3 can finish the mapping cut-over: `Some(refusal)` when a group the mapping
-/// routes is not entirely on its new stream.
-pub fn finish_refusal(state: &Subjects, c: &Ctx, routes: Routes) -> Option<String> {
+/// routes is not entirely on its new stream. With `--nats-config` the file's state line must say
+/// 100; without it, 2,000 probes through every server must all be mapped (a 99 % split would
+/// pass the 100 probes of `routes` too often).
+pub async fn finish_refusal(c: &Ctx, state: &Subjects, routes: Routes, args: &StepArgs) -> Option<String> {
     let n = &c.config.streams;
-    [StreamRole::Vendor, StreamRole::Core]
-        .into_iter()
-        .filter(|r| mapped_group(state, n, *r) && routes.get(*r) < 100)
-        .map(|r| {
-            format!(
-                "only {} % of {:?} go to {}: finish the shift first (`normalize-service migrate {}`)",
-                routes.get(r),
-                group_subjects(r),
-                n.primary(r),
-                match r {
-                    StreamRole::Vendor => "phase1 --yes",
-                    StreamRole::Core => "phase2 --yes",
+    let written = args.nats_config.as_deref().map(mapping::read_state);
+    for role in [StreamRole::Vendor, StreamRole::Core] {
+        if !mapped_group(state, n, role) {
+            continue;
+        }
+        let next = match role {
+            StreamRole::Vendor => "phase1 --yes",
+            StreamRole::Core => "phase2 --yes",
+        };
+        let short = |percent: String| {
+            Some(format!(
+                "{percent} of {:?} go to {}: finish the shift first (`normalize-service migrate {next}`)",
+                group_subjects(role),
+                n.primary(role)
+            ))
+        };
+        if routes.get(role) < 100 {
+            return short(format!("about {} %", routes.get(role)));
+        }
+        match &written {
+            Some(Ok(Some(Block::Routes(r)))) if r.get(role) < 100 => {
+                return short(format!("{} % (the state line of --nats-config)", r.get(role)));
+            }
+            Some(Ok(Some(Block::Routes(_)))) => {}
+            Some(Ok(Some(Block::Cleared) | None)) | Some(Err(_)) | None => {
+                let expect = Expected {
+                    percent: 100,
+                    mapped_home: n.primary(role).to_string(),
+                    unmapped_home: n.legacy.clone(),
+                };
+                let mut probe_report = Report::<()>::new("hand-over check");
+                let quick = StepArgs {
+                    mapping_timeout: 0,
+                    ..args.clone()
+                };
+                if !await_route_with(c, role, &expect, PROBES_HANDOVER, &quick, &mut probe_report).await {
+                    let detail = probe_report
+                        .checks
+                        .iter()
+                        .find(|i| i.ok == Some(false))
+                        .map(|i| i.status.clone())
+                        .unwrap_or_default();
+                    return short(format!("not all ({detail})"));
                 }
-            )
-        })
-        .next()
+            }
+        }
+    }
+    None
 }
 
 /// Updates a stream's subject list with `edit` (a dry run only reports it).

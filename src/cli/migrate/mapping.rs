@@ -318,6 +318,10 @@ pub enum ApplyError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{path} has its own `mappings` outside the managed block: nats-server keeps only one mappings key per account, so the block would silently replace them; move them between the markers' block (keep them in the entries the step prints) or apply the printed mapping by hand"
+    )]
+    OwnMappings { path: String },
     #[error("sending SIGHUP to nats-server pid {pid}")]
     Signal {
         pid: i32,
@@ -335,14 +339,37 @@ pub fn read_state(path: &Path) -> Result<Option<Block>, ApplyError> {
     Ok(parse_state(&text))
 }
 
-/// Writes `block` into the config file (atomically: a sibling file renamed over it) and, with
-/// `pid`, asks that nats-server to reload its configuration (SIGHUP).
+/// Whether `text` has a `mappings` key outside the managed block (the server would keep only
+/// one of the two in a scope; refusing is safer than guessing the scope).
+pub fn has_own_mappings(text: &str) -> bool {
+    let outside = match block_span(text) {
+        Some((start, end)) => format!("{}{}", &text[..start], &text[end..]),
+        None => text.to_string(),
+    };
+    outside.lines().any(|l| {
+        let l = l.trim_start();
+        !l.starts_with('#')
+            && !l.starts_with("//")
+            && l.strip_prefix("mappings")
+                .is_some_and(|rest| rest.trim_start().starts_with(['=', ':', '{']))
+    })
+}
+
+/// Writes `block` into the config file (atomically: a sibling file renamed over it, the file's
+/// permissions kept; a symbolic link is followed) and, with `pid`, asks that nats-server to
+/// reload its configuration (SIGHUP).
 pub fn write_block(path: &Path, block: Block, pid: Option<i32>) -> Result<(), ApplyError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ApplyError::Read {
+    let read = |source| ApplyError::Read {
         path: shown.clone(),
         source,
-    })?;
+    };
+    let path = &std::fs::canonicalize(path).map_err(read)?;
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    if has_own_mappings(&text) {
+        return Err(ApplyError::OwnMappings { path: shown });
+    }
+    let permissions = std::fs::metadata(path).map_err(read)?.permissions();
     let new_text = with_block(&text, block);
     let tmp = path.with_extension("normalize-migrate.tmp");
     let write = |source| ApplyError::Write {
@@ -350,6 +377,7 @@ pub fn write_block(path: &Path, block: Block, pid: Option<i32>) -> Result<(), Ap
         source,
     };
     std::fs::write(&tmp, new_text).map_err(write)?;
+    std::fs::set_permissions(&tmp, permissions).map_err(write)?;
     std::fs::rename(&tmp, path).map_err(write)?;
     if let Some(pid) = pid {
         let target = rustix::process::Pid::from_raw(pid).ok_or(ApplyError::Signal {
@@ -549,6 +577,22 @@ mod tests {
             parse_state(&written),
             Some(Block::Routes(Routes { vendor: 10, core: 0 }))
         );
+    }
+
+    #[test]
+    fn the_operators_own_mappings_are_found_outside_the_block_only() {
+        let ours = with_block("listen: 1\n", Block::Routes(Routes { vendor: 100, core: 0 }));
+        assert!(!has_own_mappings(&ours), "{ours}");
+        assert!(has_own_mappings(&format!(
+            "mappings = {{ \"a\": \"b\" }}\n{ours}"
+        )));
+        assert!(has_own_mappings(
+            "accounts { A { mappings: { \"a\": \"b\" } } }\n  mappings {\n}"
+        ));
+        assert!(has_own_mappings("  mappings: {\n  \"a\": \"b\"\n}"));
+        assert!(!has_own_mappings(
+            "# mappings = { }\nmappings_file_not_a_key = 1\n"
+        ));
     }
 
     #[test]

@@ -410,10 +410,14 @@ pub fn move_refusal(step: Step, m: &Move, state: &Subjects, n: &StreamNames) -> 
         Step::Forward(PhaseStep::Phase2) if !holds_all(state, &n.vendor, &vendor_subjects()) => Some(
             "vendor.> is not on the vendor stream yet: run `normalize-service migrate phase1` first".into(),
         ),
-        Step::Rollback(RollbackStep::Phase1) if holds_all(state, &n.core, &core_subjects()) => Some(
-            "core subjects are on the core stream: run `normalize-service migrate rollback phase2` first"
-                .into(),
-        ),
+        Step::Rollback(RollbackStep::Phase1) | Step::Shift(Group::Vendor, 0..=99)
+            if holds_all(state, &n.core, &core_subjects()) =>
+        {
+            Some(
+                "core subjects are on the core stream: run `normalize-service migrate rollback phase2` first"
+                    .into(),
+            )
+        }
         Step::Shift(Group::Core, _) if !holds_all(state, &n.vendor, &vendor_subjects()) => Some(
             "vendor.> is not on the vendor stream yet: run `normalize-service migrate phase1` first".into(),
         ),

@@ -291,7 +291,7 @@ async fn phase3(
         .filter(|s| **s != n.legacy && !handed_over.contains(s))
         .collect();
     let mut refusals = Vec::new();
-    if let Some(why) = cutover::finish_refusal(state, c, routes) {
+    if let Some(why) = cutover::finish_refusal(c, state, routes, args).await {
         refusals.push(why);
     }
     if !event_subjects.is_empty() {
