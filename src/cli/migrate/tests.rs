@@ -170,3 +170,58 @@ fn every_sample_event_decodes() {
         assert!(decoded.is_ok(), "{kind}: {decoded:?}");
     }
 }
+
+#[test]
+fn shifting_vendor_back_keeps_the_plans_order() {
+    let n = StreamNames::default();
+    let core_moved = st(&[
+        ("ATHLETE_ALLY_EVENTS", &["vendor.>"]),
+        ("AA_CORE_HOT", &["athlete-ally.>", "sleep.*"]),
+        ("AA_VENDOR_HOT", &["mig.vendor.>"]),
+        ("AA_DLQ", &["dlq.>"]),
+    ]);
+    for percent in [0, 50, 99] {
+        let back = Move::new(StreamRole::Vendor, percent > 0);
+        let why = move_refusal(Step::Shift(Group::Vendor, percent), &back, &core_moved, &n).unwrap();
+        assert!(why.contains("rollback phase2"), "{percent}: {why}");
+    }
+    let forward = Move::new(StreamRole::Vendor, true);
+    assert_eq!(
+        move_refusal(Step::Shift(Group::Vendor, 100), &forward, &core_moved, &n),
+        None
+    );
+    // The core group waits for vendor.> on its stream, as phase2 does.
+    let core = Move::new(StreamRole::Core, true);
+    let why = move_refusal(Step::Shift(Group::Core, 10), &core, &prepared(), &n).unwrap();
+    assert!(why.contains("migrate phase1"), "{why}");
+}
+
+#[test]
+fn a_group_mapped_entirely_counts_as_moved_and_a_split_as_shifting() {
+    use super::mapping::Routes;
+    let n = StreamNames::default();
+    let listening = st(&[
+        ("ATHLETE_ALLY_EVENTS", LEGACY),
+        ("AA_CORE_HOT", &["mig.athlete-ally.>", "mig.sleep.*"]),
+        ("AA_VENDOR_HOT", &["mig.vendor.>"]),
+        ("AA_DLQ", &["dlq.>"]),
+    ]);
+    let r = |vendor, core| Routes { vendor, core };
+    assert_eq!(classify_routed(&listening, &n, r(0, 0)), Phase::Prepared);
+    assert_eq!(
+        classify_routed(&listening, &n, r(30, 0)),
+        Phase::VendorShifting(30)
+    );
+    assert_eq!(classify_routed(&listening, &n, r(100, 0)), Phase::VendorMoved);
+    assert_eq!(
+        classify_routed(&listening, &n, r(100, 60)),
+        Phase::CoreShifting(60)
+    );
+    assert_eq!(classify_routed(&listening, &n, r(100, 100)), Phase::CoreMoved);
+    assert!(matches!(
+        classify_routed(&listening, &n, r(0, 100)),
+        Phase::Mixed(_)
+    ));
+    // Without the private namespace the mapping routes nothing, whatever was measured.
+    assert_eq!(classify_routed(&prepared(), &n, r(100, 100)), Phase::Prepared);
+}
