@@ -594,3 +594,123 @@ async fn rollback_by_mapping_on_a_named_account() {
     wait_rows(&stack.db, "acct", &published).await;
     app.stop().await.unwrap();
 }
+
+/// A JetStream cluster of three: the operator applies the printed mapping to one server after
+/// the other, slowly. The step probes through every server the INFO advertises and goes on only
+/// once all three route the group; until then it keeps waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_waits_until_every_server_of_a_cluster_routes_the_group() {
+    let probe = NatsServer::start().await;
+    let version = probe.client().await.server_info().version;
+    if !at_least_2_10(&version) {
+        println!("nats-server {version}: the mapping cut-over is refused before 2.10 (see the other tests)");
+        return;
+    }
+    drop(probe);
+    let routes = [free_port(), free_port(), free_port()];
+    let cluster_conf = |i: usize| {
+        let others: Vec<String> = (0..3)
+            .filter(|j| *j != i)
+            .map(|j| format!("nats-route://127.0.0.1:{}", routes[j]))
+            .collect();
+        format!(
+            "server_name: n{i}\ncluster {{\n  name: mig\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+            routes[i],
+            others.join(", ")
+        )
+    };
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        servers.push(NatsServer::start_with(&cluster_conf(i)).await);
+    }
+    let js = servers[0].js().await;
+    // The stream can be created once the cluster has elected its meta leader.
+    wait_for("the JetStream cluster", Duration::from_secs(30), || async {
+        js.create_stream(topology::legacy_spec(&StreamNames::default(), 1).to_config())
+            .await
+            .is_ok()
+    })
+    .await;
+    let db = TestDb::new().await;
+    let mut vars = HashMap::new();
+    vars.insert("NATS_URL".to_string(), servers[0].url());
+    vars.insert("DATABASE_URL".to_string(), db.url.clone());
+    cli_json(&vars, &["migrate", "phase0"], 0).await;
+
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "migrate",
+            "phase1",
+            "--yes",
+            "--no-probe",
+            "--mapping-timeout",
+            "90",
+            "--json",
+        ])
+        .env_clear()
+        .envs(&vars)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The block as printed for the operator, applied verbatim.
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    let mut block = Vec::new();
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("the step prints the mapping")
+        .unwrap()
+    {
+        let l = line.trim();
+        if l.starts_with("mappings = {") || !block.is_empty() {
+            block.push(l.to_string());
+        }
+        if l == "}" && !block.is_empty() {
+            break;
+        }
+    }
+    let block = block.join("\n");
+    assert!(block.contains("\"vendor.>\": \"mig.vendor.>\""), "{block}");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    for (i, server) in servers.iter().enumerate() {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the step went on with {i} of 3 servers routing the group"
+        );
+        server.reload_with(&format!("{}{block}\n", cluster_conf(i)));
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the step ends once every server routes the group")
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["what"].as_str().is_some_and(|w| w.starts_with("mapping of")))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert!(
+        check["status"]
+            .as_str()
+            .is_some_and(|s| s.contains("through 3 server(s)")),
+        "{report}"
+    );
+    // Through each server a publish now lands in the vendor stream.
+    for server in &servers {
+        let ack = server
+            .js()
+            .await
+            .publish("vendor.through-each", "{}".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(ack.stream, "AA_VENDOR_HOT");
+    }
+}
