@@ -88,10 +88,16 @@ enum StreamEnd {
     Failed(pull::MessagesError),
 }
 
-/// How long to wait for the next message of a burst before processing what is in hand. A
-/// pull's messages arrive back to back; this only joins them into one write, it never holds
-/// a partial batch for longer than this.
+/// How long to wait for the next message of a burst before processing what is in hand, when
+/// the last message said the consumer had nothing more to deliver: a pull's messages arrive
+/// back to back; this only joins them into one write.
 const GATHER_WINDOW: Duration = Duration::from_millis(1);
+
+/// How long to wait for the next message while the last one said more were pending: the pull
+/// is still being delivered (a busy CPU spreads its messages out), so waiting fills the batch
+/// instead of splitting it. Bounded, so a partial batch is never held for long (not for
+/// `expires`), e.g. when the pending messages go to another instance's pull.
+const MORE_PENDING_WINDOW: Duration = Duration::from_millis(20);
 
 /// How gathering a sub-batch ended.
 enum Gathered<E> {
@@ -103,8 +109,10 @@ enum Gathered<E> {
     Failed(E),
 }
 
-/// Takes what has already arrived (and what arrives within [`GATHER_WINDOW`] of the previous
-/// message), up to `max` messages in total in `into`, each wrapped by `ledger` at once.
+/// Takes what has already arrived and what arrives next, up to `max` messages in total in
+/// `into`, each wrapped by `ledger` at once: it waits [`GATHER_WINDOW`] for the next message, or
+/// [`MORE_PENDING_WINDOW`] while the last message received said the consumer had more to
+/// deliver.
 async fn gather<M, S, E>(
     source: &mut S,
     into: &mut Vec<Delivery<M>>,
@@ -116,9 +124,15 @@ where
     S: Stream<Item = Result<M, E>> + Unpin,
 {
     while into.len() < max {
+        let more_pending = into.last().and_then(|d| d.msg.pending()).is_some_and(|p| p > 0);
+        let window = if more_pending {
+            MORE_PENDING_WINDOW
+        } else {
+            GATHER_WINDOW
+        };
         let next = match source.next().now_or_never() {
             Some(n) => n,
-            None => match tokio::time::timeout(GATHER_WINDOW, source.next()).await {
+            None => match tokio::time::timeout(window, source.next()).await {
                 Ok(n) => n,
                 Err(_) => return Gathered::Open,
             },
@@ -578,6 +592,60 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consumer::settle::tests::{Books, Fake};
+
+    /// A pull's messages with the gap before each and their `pending` metadata.
+    fn source(items: Vec<(u64, u64)>) -> impl Stream<Item = Result<Fake, ()>> + Unpin {
+        let mut seq = 0;
+        let items: Vec<(Duration, Fake)> = items
+            .into_iter()
+            .map(|(gap_ms, pending)| {
+                seq += 1;
+                let mut f = Fake::new(1, seq);
+                f.pending = Some(pending);
+                (Duration::from_millis(gap_ms), f)
+            })
+            .collect();
+        Box::pin(futures::stream::unfold(items.into_iter(), |mut it| async move {
+            let (gap, msg) = it.next()?;
+            tokio::time::sleep(gap).await;
+            Some((Ok(msg), it))
+        }))
+    }
+
+    async fn gathered(items: Vec<(u64, u64)>, max: usize) -> (Vec<u64>, Duration) {
+        let books = Books::new();
+        let ledger = books.ledger(None);
+        let mut s = source(items);
+        let started = tokio::time::Instant::now();
+        let mut into = Vec::new();
+        let end = gather(&mut s, &mut into, max, &ledger).await;
+        assert!(matches!(end, Gathered::Open | Gathered::Ended));
+        let seqs = into.iter().map(|d| d.msg.seq).collect();
+        for d in &into {
+            d.mark_settled();
+        }
+        (seqs, started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_is_gathered_while_more_is_pending_and_not_held_when_nothing_is() {
+        let ms = Duration::from_millis;
+        // More pending: gaps of 10 and 15 ms are waited for; after "nothing pending" 1 ms only.
+        let (seqs, took) = gathered(vec![(0, 3), (10, 2), (15, 0), (5, 9)], 10).await;
+        assert_eq!(seqs, [1, 2, 3]);
+        assert!(took >= ms(25) && took <= ms(27), "{took:?}");
+        // More pending but nothing comes: the partial batch goes after 20 ms, not `expires`.
+        let (seqs, took) = gathered(vec![(0, 40), (30, 39)], 10).await;
+        assert_eq!(seqs, [1]);
+        assert!(took >= ms(20) && took <= ms(21), "{took:?}");
+        // Never more than the room left in the pull.
+        let (seqs, _) = gathered(vec![(0, 9), (1, 8), (1, 7), (1, 6)], 2).await;
+        assert_eq!(seqs, [1, 2]);
+        // The 1 ms window as before when nothing is pending.
+        let (seqs, _) = gathered(vec![(0, 0), (2, 0)], 10).await;
+        assert_eq!(seqs, [1]);
+    }
 
     #[test]
     fn pull_error_backoff_grows_by_100_ms_up_to_5_s() {

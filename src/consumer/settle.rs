@@ -30,6 +30,11 @@ pub(super) trait AckTarget: Send + Sync + 'static {
     fn delivered(&self) -> Option<i64>;
     /// Its stream sequence, when the message carries JetStream metadata.
     fn stream_sequence(&self) -> Option<u64>;
+    /// How many messages the consumer still had to deliver when this one was sent (JetStream
+    /// metadata); `None` without it.
+    fn pending(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl AckTarget for jetstream::Message {
@@ -43,6 +48,10 @@ impl AckTarget for jetstream::Message {
 
     fn stream_sequence(&self) -> Option<u64> {
         self.info().ok().map(|i| i.stream_sequence)
+    }
+
+    fn pending(&self) -> Option<u64> {
+        self.info().ok().map(|i| i.pending)
     }
 }
 

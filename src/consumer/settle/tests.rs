@@ -38,6 +38,8 @@ pub(in crate::consumer) struct Fake {
     pub seq: u64,
     pub log: Log,
     pub epoch: tokio::time::Instant,
+    /// What the message's metadata says the consumer still had to deliver.
+    pub pending: Option<u64>,
 }
 
 impl Fake {
@@ -47,6 +49,7 @@ impl Fake {
             seq,
             log: Log::default(),
             epoch: tokio::time::Instant::now(),
+            pending: None,
         }
     }
 
@@ -78,6 +81,10 @@ impl AckTarget for Fake {
 
     fn stream_sequence(&self) -> Option<u64> {
         Some(self.seq)
+    }
+
+    fn pending(&self) -> Option<u64> {
+        self.pending
     }
 }
 
