@@ -42,8 +42,8 @@ struct Publisher {
     started: Instant,
 }
 
-const TASKS: usize = 12;
-/// Per task at most 400 publishes/s, 4,800/s in all (each task awaits every PubAck first; the
+const TASKS: usize = 16;
+/// Per task at most 400 publishes/s, 6,400/s in all (each task awaits every PubAck first; the
 /// rate reached is printed, about 2,000–2,500/s on a 2-core machine with the daemon consuming).
 const INTERVAL: Duration = Duration::from_micros(2500);
 
@@ -607,30 +607,7 @@ async fn a_step_waits_until_every_server_of_a_cluster_routes_the_group() {
         return;
     }
     drop(probe);
-    let routes = [free_port(), free_port(), free_port()];
-    let cluster_conf = |i: usize| {
-        let others: Vec<String> = (0..3)
-            .filter(|j| *j != i)
-            .map(|j| format!("nats-route://127.0.0.1:{}", routes[j]))
-            .collect();
-        format!(
-            "server_name: n{i}\ncluster {{\n  name: mig\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
-            routes[i],
-            others.join(", ")
-        )
-    };
-    let mut servers = Vec::new();
-    for i in 0..3 {
-        servers.push(NatsServer::start_with(&cluster_conf(i)).await);
-    }
-    let js = servers[0].js().await;
-    // The stream can be created once the cluster has elected its meta leader.
-    wait_for("the JetStream cluster", Duration::from_secs(30), || async {
-        js.create_stream(topology::legacy_spec(&StreamNames::default(), 1).to_config())
-            .await
-            .is_ok()
-    })
-    .await;
+    let (servers, cluster_conf) = cluster(false).await;
     let db = TestDb::new().await;
     let mut vars = HashMap::new();
     vars.insert("NATS_URL".to_string(), servers[0].url());
@@ -713,4 +690,87 @@ async fn a_step_waits_until_every_server_of_a_cluster_routes_the_group() {
             .unwrap();
         assert_eq!(ack.stream, "AA_VENDOR_HOT");
     }
+}
+
+/// Three nats-servers in one JetStream cluster (advertising their client URLs unless
+/// `no_advertise`), the legacy stream created; also the cluster part of each one's config.
+async fn cluster(no_advertise: bool) -> (Vec<NatsServer>, impl Fn(usize) -> String) {
+    let routes = [free_port(), free_port(), free_port()];
+    let cluster_conf = move |i: usize| {
+        let others: Vec<String> = (0..3)
+            .filter(|j| *j != i)
+            .map(|j| format!("nats-route://127.0.0.1:{}", routes[j]))
+            .collect();
+        format!(
+            "server_name: n{i}\ncluster {{\n  name: mig\n  listen: 127.0.0.1:{}\n  routes: [{}]\n  no_advertise: {no_advertise}\n}}\n",
+            routes[i],
+            others.join(", ")
+        )
+    };
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        servers.push(NatsServer::start_with(&cluster_conf(i)).await);
+    }
+    let js = servers[0].js().await;
+    // The stream can be created once the cluster has elected its meta leader.
+    wait_for("the JetStream cluster", Duration::from_secs(30), || async {
+        js.create_stream(topology::legacy_spec(&StreamNames::default(), 1).to_config())
+            .await
+            .is_ok()
+    })
+    .await;
+    (servers, cluster_conf)
+}
+
+/// A cluster that does not advertise its servers (`no_advertise`, as the NATS Helm chart sets
+/// it): probing through the one connected server would prove nothing about the others, so the
+/// step is refused before anything changes unless every server is listed with `--server`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_that_hides_its_servers_needs_them_listed() {
+    let probe = NatsServer::start().await;
+    let version = probe.client().await.server_info().version;
+    if !at_least_2_10(&version) {
+        println!("nats-server {version}: the mapping cut-over is refused before 2.10 (see the other tests)");
+        return;
+    }
+    drop(probe);
+    let (servers, _) = cluster(true).await;
+    let db = TestDb::new().await;
+    let mut vars = HashMap::new();
+    vars.insert("NATS_URL".to_string(), servers[0].url());
+    vars.insert("DATABASE_URL".to_string(), db.url.clone());
+    cli_json(&vars, &["migrate", "phase0"], 0).await;
+    let r = cli_json(&vars, &["migrate", "phase1", "--yes", "--no-probe"], 3).await;
+    assert!(r.to_string().contains("--server"), "{r}");
+    // Nothing changed: the vendor stream is still parked.
+    let info = servers[0]
+        .js()
+        .await
+        .get_stream("AA_VENDOR_HOT")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.config.subjects, ["AA_VENDOR_HOT"]);
+    // Listed, the servers are reached (the step then waits for the mapping: not applied here).
+    let list = servers.iter().map(NatsServer::url).collect::<Vec<_>>().join(",");
+    let r = cli_json(
+        &vars,
+        &[
+            "migrate",
+            "phase1",
+            "--yes",
+            "--no-probe",
+            "--server",
+            &list,
+            "--mapping-timeout",
+            "1",
+        ],
+        1,
+    )
+    .await;
+    let text = r.to_string();
+    assert!(text.contains("not within 1 s through"), "{r}");
 }

@@ -143,6 +143,13 @@ pub async fn route_group(
         ));
         return false;
     }
+    // Every server must be reachable for the probes before anything changes.
+    if !args.dry_run {
+        if let Err(why) = servers(c, args).await {
+            report.refuse(why);
+            return false;
+        }
+    }
     if !listen_privately(c, role, args, report).await {
         return false;
     }
@@ -362,7 +369,7 @@ async fn await_route_with(
     let deadline = started + mapping_wait(args);
     let group = group_subjects(role);
     let what = format!("mapping of {group:?} in effect");
-    let servers = match servers(c).await {
+    let servers = match servers(c, args).await {
         Ok(s) => s,
         Err(why) => {
             report.check(what, false, why);
@@ -434,29 +441,45 @@ struct Server {
     js: async_nats::jetstream::Context,
 }
 
-/// The server the command is connected to, and every other server its INFO advertises
-/// (`connect_urls`), each with its own connection: a mapping is applied per server at its own
-/// reload, so a route counts as in effect only when probes through each of them show it.
-async fn servers(c: &Ctx) -> Result<Vec<Server>, String> {
+/// The servers to probe through, each with its own connection: the `--server` URLs when
+/// given, else the server the command is connected to and every other server its INFO
+/// advertises (`connect_urls`). A mapping is applied per server at its own reload, so a route
+/// counts as in effect only when probes through each of them show it. A clustered server that
+/// advertises no peer (`no_advertise`) is refused without `--server`: probing one server of a
+/// cluster would prove nothing about the others. Any server that cannot be reached fails.
+async fn servers(c: &Ctx, args: &StepArgs) -> Result<Vec<Server>, String> {
     let info = c.client.server_info();
-    let own = format!("{}:{}", info.host, info.port);
+    let configured = c.config.nats.urls.first().map(String::as_str);
+    let targets: Vec<String> = if args.servers.is_empty() {
+        if info.cluster.as_deref().is_some_and(|c| !c.is_empty()) && info.connect_urls.is_empty() {
+            return Err(format!(
+                "server {} is in cluster {:?} but advertises no other server (no_advertise?): list every server with --server URL",
+                info.server_name,
+                info.cluster.clone().unwrap_or_default()
+            ));
+        }
+        info.connect_urls
+            .iter()
+            .map(|peer| {
+                peer_url(configured, peer)
+                    .ok_or_else(|| format!("cannot build a URL for cluster server {peer}"))
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        args.servers.clone()
+    };
     let mut out = vec![Server {
         name: info.server_name.clone(),
         client: c.client.clone(),
         js: c.js.clone(),
     }];
-    for peer in &info.connect_urls {
-        if *peer == own {
-            continue;
-        }
-        let Some(url) = peer_url(c.config.nats.urls.first().map(String::as_str), peer) else {
-            return Err(format!("cannot build a URL for cluster server {peer}"));
-        };
+    for url in targets {
         let mut cfg = c.config.nats.clone();
-        cfg.urls = vec![url];
+        cfg.urls = vec![url.clone()];
+        let shown = crate::redact::redact_url(&url);
         let client = crate::nats::connect_now(&cfg, Duration::from_secs(5))
             .await
-            .map_err(|e| format!("cannot connect to cluster server {peer} to probe through it: {e}"))?;
+            .map_err(|e| format!("cannot connect to {shown} to probe through it: {e} (list reachable addresses with --server)"))?;
         let name = client.server_info().server_name;
         if out.iter().any(|s| s.name == name) {
             continue;
@@ -553,10 +576,22 @@ pub async fn finish(
         .nats_config
         .as_deref()
         .and_then(|p| mapping::read_state(p).ok().flatten());
-    // With a managed file, nothing to do when it is already cleared; printed for the operator,
-    // the empty block is always shown (a re-run cannot know whether it was applied).
-    if roles.is_empty() && args.nats_config.is_some() && matches!(file_state, None | Some(Block::Cleared)) {
-        return true;
+    if roles.is_empty() {
+        match (&args.nats_config, file_state) {
+            // A managed file: cleared already, or never used.
+            (Some(_), None | Some(Block::Cleared)) => return true,
+            (Some(_), Some(Block::Routes(_))) => {}
+            // Printed for the operator: a re-run cannot know whether the empty block was
+            // applied; say it, without waiting (nothing routes through a mapping any more).
+            (None, _) => {
+                report.action(
+                    ActionKind::Nothing,
+                    "no group is routed by a mapping",
+                    "if this migration's mappings are still in the server config, leave `mappings = { }` there (identity entries are harmless)",
+                );
+                return true;
+            }
+        }
     }
     if !apply(args, Block::Cleared, report) {
         return false;
@@ -579,9 +614,10 @@ pub async fn finish(
 }
 
 /// Whether phase 3 can finish the mapping cut-over: `Some(refusal)` when a group the mapping
-/// routes is not entirely on its new stream. With `--nats-config` the file's state line must say
-/// 100; without it, 2,000 probes through every server must all be mapped (a 99 % split would
-/// pass the 100 probes of `routes` too often).
+/// routes is not entirely on its new stream. Every such group is checked with 2,000 probes
+/// through every server, all of which must be mapped and stored in the new stream (a 99 %
+/// split would pass the 100 probes of `routes` too often); a `--nats-config` state line below
+/// 100 refuses at once. A connection or probe failure is reported as what it is.
 pub async fn finish_refusal(c: &Ctx, state: &Subjects, routes: Routes, args: &StepArgs) -> Option<String> {
     let n = &c.config.streams;
     let written = args.nats_config.as_deref().map(mapping::read_state);
@@ -593,42 +629,43 @@ pub async fn finish_refusal(c: &Ctx, state: &Subjects, routes: Routes, args: &St
             StreamRole::Vendor => "phase1 --yes",
             StreamRole::Core => "phase2 --yes",
         };
+        let group = group_subjects(role);
         let short = |percent: String| {
             Some(format!(
-                "{percent} of {:?} go to {}: finish the shift first (`normalize-service migrate {next}`)",
-                group_subjects(role),
+                "{percent} of {group:?} go to {}: finish the shift first (`normalize-service migrate {next}`)",
                 n.primary(role)
             ))
         };
         if routes.get(role) < 100 {
             return short(format!("about {} %", routes.get(role)));
         }
-        match &written {
-            Some(Ok(Some(Block::Routes(r)))) if r.get(role) < 100 => {
+        if let Some(Ok(Some(Block::Routes(r)))) = &written {
+            if r.get(role) < 100 {
                 return short(format!("{} % (the state line of --nats-config)", r.get(role)));
             }
-            Some(Ok(Some(Block::Routes(_)))) => {}
-            Some(Ok(Some(Block::Cleared) | None)) | Some(Err(_)) | None => {
-                let expect = Expected {
-                    percent: 100,
-                    mapped_home: n.primary(role).to_string(),
-                    unmapped_home: n.legacy.clone(),
-                };
-                let mut probe_report = Report::<()>::new("hand-over check");
-                let quick = StepArgs {
-                    mapping_timeout: 0,
-                    ..args.clone()
-                };
-                if !await_route_with(c, role, &expect, PROBES_HANDOVER, &quick, &mut probe_report).await {
-                    let detail = probe_report
-                        .checks
-                        .iter()
-                        .find(|i| i.ok == Some(false))
-                        .map(|i| i.status.clone())
-                        .unwrap_or_default();
-                    return short(format!("not all ({detail})"));
-                }
-            }
+        }
+        let expect = Expected {
+            percent: 100,
+            mapped_home: n.primary(role).to_string(),
+            unmapped_home: n.legacy.clone(),
+        };
+        let mut probe_report = Report::<()>::new("hand-over check");
+        let once = StepArgs {
+            mapping_timeout: 0,
+            ..args.clone()
+        };
+        if !await_route_with(c, role, &expect, PROBES_HANDOVER, &once, &mut probe_report).await {
+            let detail = probe_report
+                .checks
+                .iter()
+                .filter(|i| i.ok == Some(false))
+                .map(|i| i.status.clone())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Some(format!(
+                "the hand-over check of {group:?} ({PROBES_HANDOVER} probes through every server, all mapped to {}) failed: {detail}; nothing was changed",
+                n.primary(role)
+            ));
         }
     }
     None

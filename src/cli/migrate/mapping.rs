@@ -319,7 +319,7 @@ pub enum ApplyError {
         source: std::io::Error,
     },
     #[error(
-        "{path} has its own `mappings` outside the managed block: nats-server keeps only one mappings key per account, so the block would silently replace them; move them between the markers' block (keep them in the entries the step prints) or apply the printed mapping by hand"
+        "{path} has its own `mappings` (or `maps`) outside the managed block, or an `include`: nats-server keeps only one mappings key per account, so the block could silently replace them; apply the printed mapping by hand, merged with yours"
     )]
     OwnMappings { path: String },
     #[error("sending SIGHUP to nats-server pid {pid}")]
@@ -339,19 +339,28 @@ pub fn read_state(path: &Path) -> Result<Option<Block>, ApplyError> {
     Ok(parse_state(&text))
 }
 
-/// Whether `text` has a `mappings` key outside the managed block (the server would keep only
-/// one of the two in a scope; refusing is safer than guessing the scope).
+/// Whether `text` has a `mappings` (or `maps`, the server's other name for it) key outside the
+/// managed block, in any case and anywhere on a line, or an `include` (whose file could hold
+/// one): the server keeps one mappings key per account, so the block would silently replace
+/// them. Refusing is safer than guessing the scope. Comments are ignored.
 pub fn has_own_mappings(text: &str) -> bool {
     let outside = match block_span(text) {
         Some((start, end)) => format!("{}{}", &text[..start], &text[end..]),
         None => text.to_string(),
     };
-    outside.lines().any(|l| {
-        let l = l.trim_start();
-        !l.starts_with('#')
-            && !l.starts_with("//")
-            && l.strip_prefix("mappings")
-                .is_some_and(|rest| rest.trim_start().starts_with(['=', ':', '{']))
+    outside.lines().any(|line| {
+        let code = line.split('#').next().unwrap_or("");
+        let code = code.split("//").next().unwrap_or("").to_ascii_lowercase();
+        let bytes = code.as_bytes();
+        let key_at = |i: usize, key: &str| {
+            let before_ok = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+            let rest = code[i + key.len()..].trim_start();
+            before_ok && rest.starts_with(['=', ':', '{'])
+        };
+        ["mappings", "maps"]
+            .iter()
+            .any(|key| code.match_indices(key).any(|(i, _)| key_at(i, key)))
+            || code.split_whitespace().any(|w| w == "include")
     })
 }
 

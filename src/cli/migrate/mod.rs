@@ -75,6 +75,13 @@ pub struct StepArgs {
     /// With `--nats-config`: the nats-server process to reload (SIGHUP) after writing the file.
     #[arg(long, value_name = "PID", requires = "nats_config")]
     pub reload_pid: Option<i32>,
+    /// With `--cutover mapping`: every server of the cluster to probe through (repeat, or
+    /// comma-separate; the client URL of each, credentials as in NATS_URL). Needed when the
+    /// cluster does not advertise its servers (`no_advertise`, as the NATS Helm chart sets) or
+    /// when the advertised addresses are not reachable from here; by default the servers in the
+    /// connected server's INFO `connect_urls`.
+    #[arg(long = "server", value_name = "URL", value_delimiter = ',')]
+    pub servers: Vec<String>,
     /// With `--cutover mapping`: the account named in the printed `nsc` commands.
     #[arg(long, value_name = "NAME")]
     pub account: Option<String>,

@@ -44,7 +44,7 @@ pub async fn run(step: Step, args: StepArgs, quiet: Duration) -> Result<Report<(
     let flow = match (step, strategy) {
         (Step::Forward(PhaseStep::Phase0), _) => phase0(&c, &state, &before, &args, &mut report).await,
         (Step::Forward(PhaseStep::Phase3), _) => {
-            phase3(&c, &state, routes, quiet, &args, &mut report).await?
+            phase3(&c, &state, routes, strategy, quiet, &args, &mut report).await?
         }
         (Step::Shift(..), Cutover::Move) => {
             report.refuse(
@@ -267,6 +267,7 @@ async fn phase3(
     c: &Ctx,
     state: &Subjects,
     routes: Routes,
+    strategy: Cutover,
     quiet: Duration,
     args: &StepArgs,
     report: &mut Report<()>,
@@ -291,7 +292,11 @@ async fn phase3(
         .filter(|s| **s != n.legacy && !handed_over.contains(s))
         .collect();
     let mut refusals = Vec::new();
-    if let Some(why) = cutover::finish_refusal(c, state, routes, args).await {
+    if !handed_over.is_empty() && strategy == Cutover::Move {
+        refusals.push(format!(
+            "{handed_over:?} are routed by a mapping (the new streams listen on the private namespace): run phase3 with --cutover mapping"
+        ));
+    } else if let Some(why) = cutover::finish_refusal(c, state, routes, args).await {
         refusals.push(why);
     }
     if !event_subjects.is_empty() {
@@ -340,7 +345,7 @@ async fn phase3(
         ));
         return Ok(Flow::Stop);
     }
-    if !cutover::finish(c, state, routes, args, report).await {
+    if strategy == Cutover::Mapping && !cutover::finish(c, state, routes, args, report).await {
         return Ok(Flow::Stop);
     }
     let what = format!("delete stream {}", n.legacy);
