@@ -18,10 +18,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use async_nats::jetstream::{self, context::PublishAckFuture};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
+use super::announce::{Announced, PUBACK_TIMEOUT};
 use super::delivery::Delivery;
 use super::settle::{self, Dlq, Report, Settler};
 use super::worker::Worker;
@@ -58,7 +58,7 @@ struct Staged {
     items: Vec<Item>,
     results: Vec<Result<(), Failure>>,
     /// PubAcks still to await, with the item they belong to.
-    pending: Vec<(usize, PublishAckFuture)>,
+    pending: Announced,
     /// Per item, invalid sections of a webhook stored without them: reported by a dead letter
     /// before the message is acked.
     reports: Vec<Option<Report>>,
@@ -165,11 +165,7 @@ impl Worker {
             mut reports,
             started,
         } = staged;
-        let acks = futures::future::join_all(
-            pending
-                .into_iter()
-                .map(|(idx, ack)| async move { (idx, ack.await) }),
-        );
+        let acks = pending.collect(PUBACK_TIMEOUT);
         for (idx, r) in self.keep_ours(&items, b, acks).await {
             if let Err(err) = r {
                 if results[idx].is_ok() {
@@ -252,11 +248,7 @@ impl Worker {
         &self,
         items: &[Item],
         db_down: bool,
-    ) -> (
-        Vec<Result<(), Failure>>,
-        Vec<(usize, PublishAckFuture)>,
-        Vec<Option<Report>>,
-    ) {
+    ) -> (Vec<Result<(), Failure>>, Announced, Vec<Option<Report>>) {
         let now = Utc::now();
         let mut results: Vec<Result<(), Failure>> = Vec::with_capacity(items.len());
         let mut decoded: Vec<Option<Decoded>> = Vec::with_capacity(items.len());
@@ -288,13 +280,13 @@ impl Worker {
         let reports: Vec<Option<Report>> = decoded.iter().map(|d| d.as_ref().and_then(report_of)).collect();
         let valid: Vec<usize> = (0..items.len()).filter(|&i| decoded[i].is_some()).collect();
         if valid.is_empty() {
-            return (results, Vec::new(), reports);
+            return (results, Announced::none(), reports);
         }
         if db_down {
             for &i in &valid {
                 results[i] = Err(Failure::DatabaseSkipped);
             }
-            return (results, Vec::new(), reports);
+            return (results, Announced::none(), reports);
         }
 
         // Without an identity of its own, an event is named by where it was stored.
@@ -361,11 +353,10 @@ impl Worker {
             }
         };
 
-        let (sent, pending) = self.send_all(written).await;
+        let (sent, pending) = self.send_all(written, &valid).await;
         for (&i, r) in valid.iter().zip(sent) {
             results[i] = r;
         }
-        let pending = pending.into_iter().map(|(idx, ack)| (valid[idx], ack)).collect();
         (results, pending, reports)
     }
 
@@ -391,37 +382,33 @@ impl Worker {
     }
 
     /// Sends every normalized event of the batch without awaiting the PubAcks, which are
-    /// returned with the index of their entry. An entry succeeds when all its events are
-    /// acknowledged by JetStream ([`Worker::settle_batch`] awaits them).
+    /// collected per batch ([`Announced`]) under the index (in `items`) of their message. An
+    /// entry succeeds when all its events are acknowledged by JetStream
+    /// ([`Worker::settle_batch`] awaits them).
     async fn send_all(
         &self,
         written: Vec<Result<Vec<Normalized>, Failure>>,
-    ) -> (Vec<Result<(), Failure>>, Vec<(usize, PublishAckFuture)>) {
+        valid: &[usize],
+    ) -> (Vec<Result<(), Failure>>, Announced) {
         let mut results: Vec<Result<(), Failure>> = Vec::with_capacity(written.len());
-        let mut pending = Vec::new();
+        let mut events = Vec::new();
         for (idx, w) in written.into_iter().enumerate() {
-            let normalized = match w {
-                Ok(n) => n,
-                Err(f) => {
-                    results.push(Err(f));
-                    continue;
+            match w {
+                Ok(normalized) => {
+                    results.push(Ok(()));
+                    let item = valid.get(idx).copied().unwrap_or(idx);
+                    events.extend(normalized.into_iter().map(|n| (item, n)));
                 }
-            };
-            results.push(Ok(()));
-            for n in normalized {
-                let publish = jetstream::message::PublishMessage::build()
-                    .payload(n.body.into())
-                    .message_id(n.id);
-                match self.shared.js.send_publish(n.subject, publish).await {
-                    Ok(ack) => pending.push((idx, ack)),
-                    Err(err) => {
-                        results[idx] = Err(Failure::Publish(err));
-                        break;
-                    }
-                }
+                Err(f) => results.push(Err(f)),
             }
         }
-        (results, pending)
+        let (announced, refused) = Announced::send(&self.shared.js.client(), events).await;
+        for (item, err) in refused {
+            if let Some(idx) = valid.iter().position(|&v| v == item) {
+                results[idx] = Err(Failure::Publish(err));
+            }
+        }
+        (results, announced)
     }
 
     /// What [`decide`] says for one message. The durable's own `max_deliver`, when lower than

@@ -14,6 +14,7 @@
 //! Each consumer loop runs in a `consumer` span, each binding's loop in a `binding` span
 //! (stream, durable) and each batch in a `batch` span, so log lines need not repeat them.
 
+mod announce;
 mod batch;
 mod binding;
 mod delivery;
