@@ -2,6 +2,7 @@
 //! test (see `support`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod announce;
 mod batch;
 mod cli_ux;
 mod consumers;
