@@ -21,7 +21,9 @@
 //! seconds during the run of that process, of nats-server and of the PostgreSQL backends serving
 //! it (`pg_stat_activity` by `application_name`) — printed as µs of CPU per event per component
 //! and events per CPU-second of the three — and for the daemon its achieved batch size (the
-//! mean of its `normalize_batch_size` histogram, scraped before it stops). The ratios the
+//! mean of its `normalize_batch_size` histogram, messages per completed pull, scraped before it
+//! stops; and the events per processed batch, from the count of
+//! `normalize_batch_duration_seconds`, since one pull may be processed as several batches). The ratios the
 //! issue-18 targets use are printed with the targets: daemon / bare+publish in events per
 //! CPU-second and in events/s, daemon / bare in events/s. Then a steady 1,000 events/s run
 //! measures publish → stored-and-announced latency (p50/p99) through the daemon. Every figure of
@@ -194,6 +196,9 @@ struct Figures {
     cpu: Cpu,
     /// The daemon's mean messages per completed pull (`normalize_batch_size` sum / count).
     achieved_batch: Option<f64>,
+    /// The daemon's mean messages per processed batch (events / `normalize_batch_duration_seconds`
+    /// count): a pull's messages may be processed as several batches.
+    processed_batch: Option<f64>,
     /// VmRSS sampled every second during the run (the soak run only), MiB.
     rss_series: Vec<f64>,
 }
@@ -434,12 +439,13 @@ async fn run_daemon(n: u64, batch: usize, depth: Option<usize>, rows: Preload, s
     // The daemon's pool connected when it started; what its backends used before the run
     // (migrations) is a few milliseconds.
     let pg_cpu = backend_cpu(&pool, "normalize-service").await;
+    let batches = text
+        .lines()
+        .find(|l| l.starts_with("normalize_batch_duration_seconds_count") && l.contains("consumer=\"hrv\""))
+        .and_then(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .unwrap_or(f64::NAN);
     eprintln!(
-        "  breakdown: batches {:.0}, achieved batch {:.1}, mean batch {:.2} ms, mean hrv_data statement {:.2} ms; CPU during the run: daemon {:.2} s, nats-server {:.2} s, PostgreSQL backends {:.2} s (wall {:.2} s)",
-        text.lines()
-            .find(|l| l.starts_with("normalize_batch_duration_seconds_count") && l.contains("consumer=\"hrv\""))
-            .and_then(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-            .unwrap_or(f64::NAN),
+        "  breakdown: batches {batches:.0}, achieved batch {:.1} per pull, mean batch {:.2} ms, mean hrv_data statement {:.2} ms; CPU during the run: daemon {:.2} s, nats-server {:.2} s, PostgreSQL backends {:.2} s (wall {:.2} s)",
         achieved_batch(&text),
         histogram_mean(&text, "normalize_batch_duration_seconds", "consumer=\"hrv\"") * 1000.0,
         histogram_mean(&text, "normalize_db_write_duration_seconds", "table=\"hrv_data\"") * 1000.0,
@@ -465,6 +471,7 @@ async fn run_daemon(n: u64, batch: usize, depth: Option<usize>, rows: Preload, s
             pg: pg_cpu,
         },
         achieved_batch: Some(achieved_batch(&text)),
+        processed_batch: Some(n as f64 / batches),
         rss_series,
     };
     let normalized = topology_count(&js, NORMALIZED_SUBJECT).await;
@@ -713,6 +720,7 @@ async fn run_bare(n: u64, batch: usize, publish: bool, rows: Preload) -> Figures
             pg: part(4),
         },
         achieved_batch: None,
+        processed_batch: None,
         rss_series: Vec::new(),
     }
 }
@@ -859,10 +867,12 @@ fn print(f: &Figures, bare: Option<&Figures>, publish: Option<&Figures>, single:
         f.p99_ms,
         f.rss_mib
     );
-    let achieved = f
-        .achieved_batch
-        .map(|b| format!("  achieved batch {b:.1}"))
-        .unwrap_or_default();
+    let achieved = match (f.achieved_batch, f.processed_batch) {
+        (Some(pull), Some(processed)) => {
+            format!("  achieved batch {pull:.1} per pull, {processed:.1} per processed batch")
+        }
+        _ => String::new(),
+    };
     println!(
         "{:<30} CPU µs/event: consumer {:>6.1}  nats-server {:>6.1}  PostgreSQL {:>6.1}  total {:>6.1}  {:>8.0} ev per CPU-second{achieved}",
         "",
@@ -937,8 +947,13 @@ fn summarize(rounds: &[&Round], single: Option<&Figures>) {
             of(|x| x.rss_mib).into_iter().fold(f64::NAN, f64::max),
         );
         let achieved: Vec<f64> = figures.iter().filter_map(|x| x.achieved_batch).collect();
+        let processed: Vec<f64> = figures.iter().filter_map(|x| x.processed_batch).collect();
         if !achieved.is_empty() {
-            line.push_str(&format!("  achieved batch {}", spread(&achieved, 1)));
+            line.push_str(&format!(
+                "  achieved batch per pull {}, per processed batch {}",
+                spread(&achieved, 1),
+                spread(&processed, 1)
+            ));
         }
         if let (Some(s), "daemon") = (single, *name) {
             line.push_str(&format!(
