@@ -679,6 +679,34 @@ async fn update_subjects(
     report: &mut Report<()>,
     edit: impl FnOnce(&mut Vec<String>),
 ) -> bool {
+    update_stream(c, stream, args, report, |config| {
+        edit(&mut config.subjects);
+        format!("{stream}: subjects → {:?}", config.subjects)
+    })
+    .await
+}
+
+/// Removes the private namespace subjects and the transform from the new stream of `role`.
+async fn drop_private(c: &Ctx, role: StreamRole, args: &StepArgs, report: &mut Report<()>) -> bool {
+    let name = c.config.streams.primary(role).to_string();
+    let private = mapping::private_subjects(role);
+    update_stream(c, &name, args, report, |config| {
+        config.subjects.retain(|s| !private.contains(s));
+        config.subject_transform = None;
+        format!("{name}: subjects → {:?}, no transform", config.subjects)
+    })
+    .await
+}
+
+/// Reads a stream's config, changes it with `edit` (which says what it did), and updates the
+/// stream; a dry run only reports it.
+async fn update_stream(
+    c: &Ctx,
+    stream: &str,
+    args: &StepArgs,
+    report: &mut Report<()>,
+    edit: impl FnOnce(&mut async_nats::jetstream::stream::Config) -> String,
+) -> bool {
     let mut config = match c.js.get_stream(stream).await {
         Ok(s) => s.cached_info().config.clone(),
         Err(e) => {
@@ -686,38 +714,7 @@ async fn update_subjects(
             return false;
         }
     };
-    edit(&mut config.subjects);
-    let what = format!("{stream}: subjects → {:?}", config.subjects);
-    if args.dry_run {
-        report.action(ActionKind::UpdateStream, what, "dry run");
-        return true;
-    }
-    match c.js.update_stream(config).await {
-        Ok(_) => {
-            report.action(ActionKind::UpdateStream, what, "done");
-            true
-        }
-        Err(e) => {
-            report.check_failed(what, &e);
-            false
-        }
-    }
-}
-
-/// Removes the private namespace subjects and the transform from the new stream of `role`.
-async fn drop_private(c: &Ctx, role: StreamRole, args: &StepArgs, report: &mut Report<()>) -> bool {
-    let name = c.config.streams.primary(role).to_string();
-    let mut config = match c.js.get_stream(&name).await {
-        Ok(s) => s.cached_info().config.clone(),
-        Err(e) => {
-            report.check_failed(format!("stream {name}"), &e);
-            return false;
-        }
-    };
-    let private = mapping::private_subjects(role);
-    config.subjects.retain(|s| !private.contains(s));
-    config.subject_transform = None;
-    let what = format!("{name}: subjects → {:?}, no transform", config.subjects);
+    let what = edit(&mut config);
     if args.dry_run {
         report.action(ActionKind::UpdateStream, what, "dry run");
         return true;
