@@ -36,22 +36,65 @@ impl Vendor {
 /// The longest `eventId` accepted.
 pub const MAX_EVENT_ID_BYTES: usize = 256;
 
+/// One JSON value as the field readers see it, whether it comes from a `serde_json::Value` tree
+/// (Oura webhooks, kept whole) or from the typed reading of a core event (`core_event.rs`): absent
+/// and `null` are the same, strings and numbers carry their content, anything else is `Other`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Scalar<'a> {
+    Missing,
+    Str(&'a str),
+    Num(f64),
+    /// A boolean, an array or an object.
+    Other,
+}
+
+impl<'a> Scalar<'a> {
+    pub(crate) fn of(value: Option<&'a Value>) -> Scalar<'a> {
+        match value {
+            None | Some(Value::Null) => Scalar::Missing,
+            Some(Value::String(s)) => Scalar::Str(s),
+            // Always `Some` without serde_json's `arbitrary_precision`; NaN would be refused.
+            Some(Value::Number(n)) => Scalar::Num(n.as_f64().unwrap_or(f64::NAN)),
+            Some(Value::Bool(_) | Value::Array(_) | Value::Object(_)) => Scalar::Other,
+        }
+    }
+}
+
+/// A field that must be a JSON object when present, over an object type `T` (a `serde_json`
+/// map, or a typed record).
+#[derive(Debug)]
+pub(crate) enum Member<'a, T> {
+    Missing,
+    Object(&'a T),
+    NotObject,
+}
+
+impl<'a> Member<'a, Map<String, Value>> {
+    pub(crate) fn of(value: Option<&'a Value>) -> Self {
+        match value {
+            None | Some(Value::Null) => Member::Missing,
+            Some(Value::Object(o)) => Member::Object(o),
+            Some(_) => Member::NotObject,
+        }
+    }
+}
+
 /// The optional top-level `eventId`: a string when present.
-pub(crate) fn event_id(root: &Map<String, Value>) -> Result<Option<String>, SchemaError> {
-    match root.get("eventId") {
-        None | Some(Value::Null) => Ok(None),
+pub(crate) fn event_id(value: Scalar<'_>) -> Result<Option<String>, SchemaError> {
+    match value {
+        Scalar::Missing => Ok(None),
         // It names the event's announcements (a `Nats-Msg-Id` header value): header-safe and
         // bounded, or the event is refused.
-        Some(Value::String(s)) if s.chars().any(char::is_control) => Err(SchemaError::Invalid {
+        Scalar::Str(s) if s.chars().any(char::is_control) => Err(SchemaError::Invalid {
             field: "eventId",
             reason: "must not contain control characters",
         }),
-        Some(Value::String(s)) if s.len() > MAX_EVENT_ID_BYTES => Err(SchemaError::Invalid {
+        Scalar::Str(s) if s.len() > MAX_EVENT_ID_BYTES => Err(SchemaError::Invalid {
             field: "eventId",
             reason: "longer than 256 bytes",
         }),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(SchemaError::Invalid {
+        Scalar::Str(s) => Ok(Some(s.to_owned())),
+        Scalar::Num(_) | Scalar::Other => Err(SchemaError::Invalid {
             field: "eventId",
             reason: "must be a string",
         }),
@@ -67,41 +110,32 @@ pub(crate) fn parse_object(body: &[u8]) -> Result<Map<String, Value>, SchemaErro
     }
 }
 
-pub(crate) fn object<'a>(
-    map: &'a Map<String, Value>,
-    key: &str,
-    field: &'static str,
-) -> Result<&'a Map<String, Value>, SchemaError> {
-    match map.get(key) {
-        None | Some(Value::Null) => Err(SchemaError::Missing(field)),
-        Some(Value::Object(o)) => Ok(o),
-        Some(_) => Err(SchemaError::NotObject(field)),
+pub(crate) fn object<'a, T>(value: Member<'a, T>, field: &'static str) -> Result<&'a T, SchemaError> {
+    match value {
+        Member::Missing => Err(SchemaError::Missing(field)),
+        Member::Object(o) => Ok(o),
+        Member::NotObject => Err(SchemaError::NotObject(field)),
     }
 }
 
-pub(crate) fn optional_object<'a>(
-    map: &'a Map<String, Value>,
-    key: &str,
+pub(crate) fn optional_object<'a, T>(
+    value: Member<'a, T>,
     field: &'static str,
-) -> Result<Option<&'a Map<String, Value>>, SchemaError> {
-    match map.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(o)) => Ok(Some(o)),
-        Some(_) => Err(SchemaError::NotObject(field)),
+) -> Result<Option<&'a T>, SchemaError> {
+    match value {
+        Member::Missing => Ok(None),
+        Member::Object(o) => Ok(Some(o)),
+        Member::NotObject => Err(SchemaError::NotObject(field)),
     }
 }
 
 /// A user id: a string of 1..=128 characters, not blank, without NUL (PostgreSQL `text` cannot
 /// hold U+0000: the insert would fail with SQLSTATE 22021, a non-retryable error found only after
 /// the batch was written and unrolled).
-pub(crate) fn user_id(
-    map: &Map<String, Value>,
-    key: &str,
-    field: &'static str,
-) -> Result<String, SchemaError> {
-    match map.get(key) {
-        None | Some(Value::Null) => Err(SchemaError::Missing(field)),
-        Some(Value::String(s)) => {
+pub(crate) fn user_id(value: Scalar<'_>, field: &'static str) -> Result<String, SchemaError> {
+    match value {
+        Scalar::Missing => Err(SchemaError::Missing(field)),
+        Scalar::Str(s) => {
             if s.trim().is_empty() {
                 Err(SchemaError::Invalid {
                     field,
@@ -118,10 +152,10 @@ pub(crate) fn user_id(
                     reason: "longer than 128 characters",
                 })
             } else {
-                Ok(s.clone())
+                Ok(s.to_owned())
             }
         }
-        Some(_) => Err(SchemaError::Invalid {
+        Scalar::Num(_) | Scalar::Other => Err(SchemaError::Invalid {
             field,
             reason: "must be a string",
         }),
@@ -129,15 +163,11 @@ pub(crate) fn user_id(
 }
 
 /// A calendar date written exactly as `YYYY-MM-DD`.
-pub(crate) fn date(
-    map: &Map<String, Value>,
-    key: &str,
-    field: &'static str,
-) -> Result<NaiveDate, SchemaError> {
-    let s = match map.get(key) {
-        None | Some(Value::Null) => return Err(SchemaError::Missing(field)),
-        Some(Value::String(s)) => s,
-        Some(_) => {
+pub(crate) fn date(value: Scalar<'_>, field: &'static str) -> Result<NaiveDate, SchemaError> {
+    let s = match value {
+        Scalar::Missing => return Err(SchemaError::Missing(field)),
+        Scalar::Str(s) => s,
+        Scalar::Num(_) | Scalar::Other => {
             return Err(SchemaError::Invalid {
                 field,
                 reason: "must be a YYYY-MM-DD string",
@@ -167,13 +197,13 @@ pub fn parse_date(s: &str) -> Option<NaiveDate> {
 /// An event time: an RFC 3339 timestamp with an explicit offset, normalized to UTC, truncated to
 /// microseconds ([`to_micros`]), and not further in the future than the clock allows.
 pub(crate) fn timestamp(
-    value: Option<&Value>,
+    value: Scalar<'_>,
     field: &'static str,
     clock: Clock,
 ) -> Result<Option<DateTime<Utc>>, SchemaError> {
     match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => {
+        Scalar::Missing => Ok(None),
+        Scalar::Str(s) => {
             let t = DateTime::parse_from_rfc3339(s.trim())
                 .map(|t| to_micros(t.with_timezone(&Utc)))
                 .map_err(|_| SchemaError::Invalid {
@@ -188,7 +218,7 @@ pub(crate) fn timestamp(
             }
             Ok(Some(t))
         }
-        Some(_) => Err(SchemaError::Invalid {
+        Scalar::Num(_) | Scalar::Other => Err(SchemaError::Invalid {
             field,
             reason: "must be an RFC 3339 timestamp string",
         }),
@@ -196,29 +226,28 @@ pub(crate) fn timestamp(
 }
 
 /// An optional finite number. JSON strings are not numbers, so "NaN" and "Infinity" fail here.
-pub(crate) fn number(value: Option<&Value>, field: &'static str) -> Result<Option<f64>, SchemaError> {
+pub(crate) fn number(value: Scalar<'_>, field: &'static str) -> Result<Option<f64>, SchemaError> {
     match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => match n.as_f64() {
-            Some(f) if f.is_finite() => Ok(Some(f)),
-            _ => Err(SchemaError::Invalid {
-                field,
-                reason: "must be a finite number",
-            }),
-        },
-        Some(_) => Err(SchemaError::Invalid {
+        Scalar::Missing => Ok(None),
+        Scalar::Num(f) if f.is_finite() => Ok(Some(f)),
+        Scalar::Num(_) => Err(SchemaError::Invalid {
+            field,
+            reason: "must be a finite number",
+        }),
+        Scalar::Str(_) | Scalar::Other => Err(SchemaError::Invalid {
             field,
             reason: "must be a number",
         }),
     }
 }
 
-/// `raw.source` mapped to a vendor; `None` when absent, so a stored vendor is not erased.
-pub(crate) fn vendor(raw: Option<&Map<String, Value>>) -> Option<Vendor> {
-    match raw.and_then(|r| r.get("source")) {
-        Some(Value::String(s)) => Some(Vendor::from_source(s)),
-        Some(Value::Null) | None => None,
-        Some(_) => Some(Vendor::Unknown),
+/// `raw.source` mapped to a vendor; `None` when absent (or `raw` is), so a stored vendor is not
+/// erased.
+pub(crate) fn vendor(source: Scalar<'_>) -> Option<Vendor> {
+    match source {
+        Scalar::Str(s) => Some(Vendor::from_source(s)),
+        Scalar::Missing => None,
+        Scalar::Num(_) | Scalar::Other => Some(Vendor::Unknown),
     }
 }
 

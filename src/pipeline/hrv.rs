@@ -4,12 +4,12 @@
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
-use serde_json::{json, Map, Number, Value};
+use serde_json::{json, Number, Value};
 
+use super::core_event::{CoreEvent, Payload};
 use super::normalized::{rfc3339, score_json, to_json, AsStr, NormalizedRow};
 use super::{
-    date, number, object, optional_object, parse_object, timestamp, user_id, vendor, Clock, SchemaError,
-    Vendor,
+    date, number, object, optional_object, timestamp, user_id, vendor, Clock, Scalar, SchemaError, Vendor,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -28,34 +28,32 @@ pub struct HrvRecord {
 }
 
 pub(crate) fn decode(body: &[u8], clock: Clock) -> Result<HrvRecord, SchemaError> {
-    let root = parse_object(body)?;
-    let event_id = super::event_id(&root)?;
-    let payload = object(&root, "payload", "payload")?;
+    let root = CoreEvent::parse(body)?;
+    let event_id = super::event_id(root.event_id())?;
+    let payload = object(root.payload(), "payload")?;
     let mut r = from_payload(payload, clock)?;
     r.event_id = event_id;
     Ok(r)
 }
 
-fn from_payload(p: &Map<String, Value>, clock: Clock) -> Result<HrvRecord, SchemaError> {
-    let user_id = user_id(p, "userId", "payload.userId")?;
-    let date = date(p, "date", "payload.date")?;
-    let rmssd_value = p.get("rMSSD").or_else(|| p.get("rmssd"));
-    let rmssd = rmssd(rmssd_value, "payload.rMSSD")?;
-    let ln_given = number(p.get("lnRMSSD").or_else(|| p.get("lnRmssd")), "payload.lnRMSSD")?;
-    let captured_at = timestamp(p.get("capturedAt"), "payload.capturedAt", clock)?
+fn from_payload(p: &Payload<'_>, clock: Clock) -> Result<HrvRecord, SchemaError> {
+    let user_id = user_id(p.user_id(), "payload.userId")?;
+    let date = date(p.date(), "payload.date")?;
+    let rmssd = rmssd(p.rmssd(), "payload.rMSSD")?;
+    let ln_given = number(p.ln_rmssd(), "payload.lnRMSSD")?;
+    let captured_at = timestamp(p.captured_at(), "payload.capturedAt", clock)?
         .ok_or(SchemaError::Missing("payload.capturedAt"))?;
-    let raw = optional_object(p, "raw", "payload.raw")?;
-    let readiness_score = raw
-        .and_then(|r| r.get("readinessScore"))
-        .and_then(Value::as_f64)
-        .filter(|s| s.is_finite() && (0.0..=100.0).contains(s))
-        .unwrap_or(0.0);
+    let raw = optional_object(p.raw(), "payload.raw")?;
+    let readiness_score = match raw.map(|r| r.readiness_score()) {
+        Some(Scalar::Num(s)) if s.is_finite() && (0.0..=100.0).contains(&s) => s,
+        _ => 0.0,
+    };
     Ok(HrvRecord {
         user_id,
         date,
         rmssd,
         ln_rmssd: ln_given.unwrap_or_else(|| rmssd.ln()),
-        vendor: vendor(raw),
+        vendor: vendor(raw.map_or(Scalar::Missing, |r| r.source())),
         captured_at,
         readiness_score,
         event_id: None,
@@ -63,7 +61,7 @@ fn from_payload(p: &Map<String, Value>, clock: Clock) -> Result<HrvRecord, Schem
 }
 
 /// rMSSD: a finite number strictly greater than zero.
-pub(crate) fn rmssd(value: Option<&Value>, field: &'static str) -> Result<f64, SchemaError> {
+pub(crate) fn rmssd(value: Scalar<'_>, field: &'static str) -> Result<f64, SchemaError> {
     match number(value, field)? {
         None => Err(SchemaError::Missing(field)),
         Some(v) if v > 0.0 => Ok(v),

@@ -6,6 +6,7 @@
 //! calls; it turns bytes into a typed [`Decoded`] value or a [`SchemaError`] that says which field
 //! is wrong (never echoing its content, which may be personal data).
 
+mod core_event;
 mod fields;
 pub mod hrv;
 pub mod normalized;
@@ -24,7 +25,7 @@ pub use sleep::{SleepRecord, SleepRow};
 
 pub(crate) use fields::{
     clamp_score, date, event_id, minutes, number, object, optional_object, parse_object, timestamp, user_id,
-    vendor,
+    vendor, Member, Scalar,
 };
 pub use fields::{parse_date, Vendor, MAX_EVENT_ID_BYTES};
 

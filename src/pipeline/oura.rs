@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 
 use super::hrv::rmssd;
 use super::{
-    clamp_score, minutes, number, optional_object, parse_object, timestamp, user_id, Clock, SchemaError,
-    Vendor,
+    clamp_score, minutes, number, optional_object, parse_object, timestamp, user_id, Clock, Member, Scalar,
+    SchemaError, Vendor,
 };
 use super::{HrvRecord, SleepRecord};
 
@@ -83,7 +83,7 @@ pub struct OuraWebhook {
 
 pub(crate) fn decode(body: &[u8], msg_id: Option<&str>, clock: Clock) -> Result<OuraWebhook, SchemaError> {
     let root = parse_object(body)?;
-    let user_id = user_id(&root, "user_id", "user_id")?;
+    let user_id = user_id(Scalar::of(root.get("user_id")), "user_id")?;
     for (k, v) in &root {
         if k.contains('\0') || has_nul(v) {
             // JSONB refuses U+0000 in any string or key (SQLSTATE 22P05): the body can never be
@@ -95,25 +95,26 @@ pub(crate) fn decode(body: &[u8], msg_id: Option<&str>, clock: Clock) -> Result<
         }
     }
     // Re-evaluated for each section that needs it: `SchemaError` is not `Clone`.
-    let ts = || timestamp(root.get("timestamp"), "timestamp", clock);
+    let ts = || timestamp(Scalar::of(root.get("timestamp")), "timestamp", clock);
     let mut invalid_sections = Vec::new();
     let mut hrv = None;
     let mut sleep = None;
-    match optional_object(&root, "data", "data") {
+    match optional_object(Member::of(root.get("data")), "data") {
         Err(error) => invalid_sections.push(InvalidSection {
             section: SECTION_DATA,
             error,
         }),
         Ok(None) => {}
         Ok(Some(data)) => {
-            let section = |key: &str, name: &'static str| match optional_object(data, key, name) {
-                Err(e) => Err(e),
-                Ok(None) => Ok(None),
-                Ok(Some(obj)) => match ts().and_then(require_ts) {
+            let section =
+                |key: &str, name: &'static str| match optional_object(Member::of(data.get(key)), name) {
                     Err(e) => Err(e),
-                    Ok(t) => Ok(Some((obj, t))),
-                },
-            };
+                    Ok(None) => Ok(None),
+                    Ok(Some(obj)) => match ts().and_then(require_ts) {
+                        Err(e) => Err(e),
+                        Ok(t) => Ok(Some((obj, t))),
+                    },
+                };
             match section("hrv", SECTION_HRV)
                 .and_then(|s| s.map(|(h, t)| derive_hrv(&user_id, h, t)).transpose())
             {
@@ -180,7 +181,7 @@ fn derive_hrv(
     h: &Map<String, Value>,
     captured_at: DateTime<Utc>,
 ) -> Result<HrvRecord, SchemaError> {
-    let rmssd = rmssd(h.get("rmssd"), "data.hrv.rmssd")?;
+    let rmssd = rmssd(Scalar::of(h.get("rmssd")), "data.hrv.rmssd")?;
     Ok(HrvRecord {
         user_id: user_id.to_string(),
         date: captured_at.date_naive(),
@@ -198,10 +199,10 @@ fn derive_sleep(
     s: &Map<String, Value>,
     captured_at: DateTime<Utc>,
 ) -> Result<SleepRecord, SchemaError> {
-    let hours = number(s.get("duration"), "data.sleep.duration")?
+    let hours = number(Scalar::of(s.get("duration")), "data.sleep.duration")?
         .ok_or(SchemaError::Missing("data.sleep.duration"))?;
     let duration_minutes = minutes(hours * 60.0, "data.sleep.duration")?;
-    let quality_score = number(s.get("score"), "data.sleep.score")?.map(clamp_score);
+    let quality_score = number(Scalar::of(s.get("score")), "data.sleep.score")?.map(clamp_score);
     Ok(SleepRecord {
         user_id: user_id.to_string(),
         date: captured_at.date_naive(),

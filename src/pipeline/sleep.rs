@@ -6,10 +6,11 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::core_event::CoreEvent;
 use super::normalized::{rfc3339, to_json, AsStr, NormalizedRow};
 use super::{
-    clamp_score, date, minutes, number, object, optional_object, parse_object, timestamp, user_id, vendor,
-    Clock, SchemaError, Vendor,
+    clamp_score, date, minutes, number, object, optional_object, timestamp, user_id, vendor, Clock, Scalar,
+    SchemaError, Vendor,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -34,18 +35,18 @@ pub(crate) fn decode(
     stable_time: DateTime<Utc>,
     clock: Clock,
 ) -> Result<SleepRecord, SchemaError> {
-    let root = parse_object(body)?;
-    let event_id = super::event_id(&root)?;
-    let p = object(&root, "payload", "payload")?;
-    let user_id = user_id(p, "userId", "payload.userId")?;
-    let date = date(p, "date", "payload.date")?;
-    let duration = number(p.get("durationMinutes"), "payload.durationMinutes")?
+    let root = CoreEvent::parse(body)?;
+    let event_id = super::event_id(root.event_id())?;
+    let p = object(root.payload(), "payload")?;
+    let user_id = user_id(p.user_id(), "payload.userId")?;
+    let date = date(p.date(), "payload.date")?;
+    let duration = number(p.duration_minutes(), "payload.durationMinutes")?
         .ok_or(SchemaError::Missing("payload.durationMinutes"))?;
     let duration_minutes = minutes(duration, "payload.durationMinutes")?;
-    let captured = timestamp(p.get("capturedAt"), "payload.capturedAt", clock)?;
-    let raw = optional_object(p, "raw", "payload.raw")?;
+    let captured = timestamp(p.captured_at(), "payload.capturedAt", clock)?;
+    let raw = optional_object(p.raw(), "payload.raw")?;
     let quality_score = number(
-        raw.and_then(|r| r.get("qualityScore")),
+        raw.map_or(Scalar::Missing, |r| r.quality_score()),
         "payload.raw.qualityScore",
     )?
     .map(clamp_score);
@@ -54,7 +55,7 @@ pub(crate) fn decode(
         date,
         duration_minutes,
         quality_score,
-        vendor: vendor(raw),
+        vendor: vendor(raw.map_or(Scalar::Missing, |r| r.source())),
         captured_at: captured.unwrap_or(stable_time),
         captured_at_defaulted: captured.is_none(),
         event_id,
