@@ -50,6 +50,10 @@
 //!   take a minute or two per run to insert.
 //! - `BENCH_SOAK_EVENTS` (0): a separate daemon run of that many events at `HRV_BATCH_SIZE=500`
 //!   reporting its peak RSS and its RSS sampled every second (to show it stays flat).
+//! - `BENCH_NORMALIZED_STORAGE` (`file|memory`), `BENCH_DUPLICATE_WINDOW_MS`, `BENCH_ATOMIC=1`
+//!   (nats-server 2.12 or later): where and how the normalized events are stored, to measure what
+//!   would move the ceiling (issue 18 item 5; see [`Ceiling`]). They change the benchmark's
+//!   streams only, never the daemon.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -85,6 +89,86 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Issue 18 item 5: what would move the ceiling, measured by changing where the normalized events
+/// are stored (knobs, never the shipped topology):
+/// - `BENCH_NORMALIZED_STORAGE=file|memory`: the normalized events in a stream of their own,
+///   `AA_NORMALIZED` (`athlete-ally.*.normalized-stored`), of that storage; the core stream keeps
+///   only the raw subjects;
+/// - `BENCH_DUPLICATE_WINDOW_MS`: the duplicate window of the stream that stores the normalized
+///   events (the shipped one: 2 minutes);
+/// - `BENCH_ATOMIC=1` (nats-server 2.12 or later): that stream allows atomic batches, and the
+///   bare+publish loop publishes each batch's normalized events as one atomic batch (only the
+///   first and the committing message get a reply; the daemon is not changed).
+#[derive(Debug, Clone, Copy, Default)]
+struct Ceiling {
+    storage: Option<jetstream::stream::StorageType>,
+    duplicate_window: Option<Duration>,
+    atomic: bool,
+}
+
+impl Ceiling {
+    /// A named variant of `BENCH_CEILINGS`: `shared` (the shipped topology), `window1s`,
+    /// `own-file`, `memory` (own stream in memory), `atomic` (own file stream, atomic batches:
+    /// bare+publish only).
+    fn variant(name: &str) -> Ceiling {
+        use jetstream::stream::StorageType::{File, Memory};
+        match name {
+            "shared" => Ceiling::default(),
+            "window1s" => Ceiling {
+                duplicate_window: Some(Duration::from_secs(1)),
+                ..Ceiling::default()
+            },
+            "own-file" => Ceiling {
+                storage: Some(File),
+                ..Ceiling::default()
+            },
+            "memory" => Ceiling {
+                storage: Some(Memory),
+                ..Ceiling::default()
+            },
+            "atomic" => Ceiling {
+                storage: Some(File),
+                atomic: true,
+                ..Ceiling::default()
+            },
+            other => panic!("BENCH_CEILINGS: unknown variant {other}"),
+        }
+    }
+
+    /// The knobs that give this ceiling, for the bare loop's child process.
+    fn to_env(self, cmd: &mut Command) {
+        let storage = match self.storage {
+            Some(jetstream::stream::StorageType::Memory) => "memory",
+            Some(jetstream::stream::StorageType::File) => "file",
+            None => "",
+        };
+        cmd.env("BENCH_NORMALIZED_STORAGE", storage);
+        match self.duplicate_window {
+            Some(w) => cmd.env("BENCH_DUPLICATE_WINDOW_MS", w.as_millis().to_string()),
+            None => cmd.env_remove("BENCH_DUPLICATE_WINDOW_MS"),
+        };
+        cmd.env("BENCH_ATOMIC", if self.atomic { "1" } else { "0" });
+    }
+
+    fn from_env() -> Ceiling {
+        let storage = match std::env::var("BENCH_NORMALIZED_STORAGE").as_deref() {
+            Ok("memory") => Some(jetstream::stream::StorageType::Memory),
+            Ok("file") => Some(jetstream::stream::StorageType::File),
+            _ => None,
+        };
+        let duplicate_window = std::env::var("BENCH_DUPLICATE_WINDOW_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis);
+        let atomic = std::env::var("BENCH_ATOMIC").is_ok_and(|v| v.trim() == "1");
+        Ceiling {
+            storage,
+            duplicate_window,
+            atomic,
+        }
+    }
 }
 
 fn event(i: u64) -> String {
@@ -387,12 +471,31 @@ fn histogram_quantile(text: &str, name: &str, q: f64) -> f64 {
 /// Own servers (the tests' harness) with the core stream (which also captures the normalized
 /// events, as the daemon needs it), migrated, `preload` rows in `hrv_data`, and `n` events
 /// in the stream.
-async fn setup(n: u64, rows: Preload) -> (Stack, jetstream::Context, PgPool) {
+async fn setup(n: u64, rows: Preload, ceiling: Ceiling) -> (Stack, jetstream::Context, PgPool) {
     let stack = Stack::start().await;
     let js = stack.js.clone();
-    js.create_stream(topology::core_spec(&StreamNames::default(), 1).to_config())
-        .await
-        .unwrap();
+    let mut core = topology::core_spec(&StreamNames::default(), 1).to_config();
+    match ceiling.storage {
+        // The normalized events in a stream of their own; the core stream keeps the raw ones.
+        Some(storage) => {
+            core.subjects = vec!["athlete-ally.*.raw-received".into(), "sleep.*".into()];
+            js.create_stream(jetstream::stream::Config {
+                name: "AA_NORMALIZED".into(),
+                subjects: vec!["athlete-ally.*.normalized-stored".into()],
+                storage,
+                duplicate_window: ceiling.duplicate_window.unwrap_or(core.duplicate_window),
+                allow_atomic_publish: ceiling.atomic,
+                ..core.clone()
+            })
+            .await
+            .unwrap();
+        }
+        None => {
+            core.duplicate_window = ceiling.duplicate_window.unwrap_or(core.duplicate_window);
+            core.allow_atomic_publish = ceiling.atomic;
+        }
+    }
+    js.create_stream(core).await.unwrap();
     let pool = stack.pool().await;
     normalize_service::store::MIGRATOR.run(&pool).await.unwrap();
     preload_rows(&pool, rows).await;
@@ -420,8 +523,15 @@ fn sample_rss(pid: u32, mut stop: tokio::sync::oneshot::Receiver<()>) -> tokio::
 }
 
 /// The daemon drains `n` events at `batch`; `sample`: its RSS every second (the soak run).
-async fn run_daemon(n: u64, batch: usize, depth: Option<usize>, rows: Preload, sample: bool) -> Figures {
-    let (stack, js, pool) = setup(n, rows).await;
+async fn run_daemon(
+    n: u64,
+    batch: usize,
+    depth: Option<usize>,
+    rows: Preload,
+    sample: bool,
+    ceiling: Ceiling,
+) -> Figures {
+    let (stack, js, pool) = setup(n, rows, ceiling).await;
     let daemon = start_daemon(&stack, batch, depth);
     let (nats_cpu0, pid) = (cpu_secs(nats_pid(&stack)), daemon.pid());
     let daemon_cpu0 = cpu_secs(pid);
@@ -484,7 +594,8 @@ async fn run_daemon(n: u64, batch: usize, depth: Option<usize>, rows: Preload, s
 
 /// Messages of `subject` in the stream (an ephemeral consumer's pending count).
 async fn topology_count(js: &jetstream::Context, subject: &str) -> u64 {
-    let s = js.get_stream(STREAM).await.unwrap();
+    let name = js.stream_by_subject(subject).await.unwrap();
+    let s = js.get_stream(name).await.unwrap();
     let mut c: jetstream::consumer::PullConsumer = s
         .create_consumer(pull::Config {
             filter_subject: subject.to_string(),
@@ -552,6 +663,7 @@ async fn bare_child(nats_url: &str, db_url: &str, batch: usize, n: u64, publish:
         .await
         .unwrap();
     let returning = format!("{BARE_UPSERT} RETURNING source_seq, version");
+    let ceiling = Ceiling::from_env();
     let mut done = 0u64;
     let mut lat = Vec::new();
     while done < n {
@@ -603,6 +715,7 @@ async fn bare_child(nats_url: &str, db_url: &str, batch: usize, n: u64, publish:
             // PubAck awaited, as the daemon does.
             let index: HashMap<i64, usize> = seqs.iter().enumerate().map(|(i, &s)| (s, i)).collect();
             let mut acks = Vec::with_capacity(stored.len());
+            let mut atomic = Vec::with_capacity(if ceiling.atomic { stored.len() } else { 0 });
             for (seq, version) in stored {
                 let i = index[&seq];
                 let body = serde_json::to_vec(&Announcement {
@@ -618,9 +731,14 @@ async fn bare_child(nats_url: &str, db_url: &str, batch: usize, n: u64, publish:
                     },
                 })
                 .unwrap();
+                let id = format!("bare:{STREAM}:{seq}:hrv:v{version}");
+                if ceiling.atomic {
+                    atomic.push((id, body));
+                    continue;
+                }
                 let message = jetstream::message::PublishMessage::build()
                     .payload(body.into())
-                    .message_id(format!("bare:{STREAM}:{seq}:hrv:v{version}"));
+                    .message_id(id);
                 acks.push(
                     js.send_publish(NORMALIZED_SUBJECT, message)
                         .await
@@ -629,6 +747,7 @@ async fn bare_child(nats_url: &str, db_url: &str, batch: usize, n: u64, publish:
                 );
             }
             futures::future::try_join_all(acks).await.unwrap();
+            publish_atomic(&client, atomic).await;
         } else {
             sqlx::query(BARE_UPSERT)
                 .bind(&users)
@@ -663,12 +782,54 @@ async fn bare_child(nats_url: &str, db_url: &str, batch: usize, n: u64, publish:
     );
 }
 
+/// One batch's normalized events as one atomic batch (`BENCH_ATOMIC=1`, ADR-50): the first
+/// message and the committing last one are requests (an empty reply, then the batch's PubAck),
+/// the others plain publishes.
+async fn publish_atomic(client: &async_nats::Client, events: Vec<(String, Vec<u8>)>) {
+    static BATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let batch_id = format!(
+        "bare-{}-{}",
+        std::process::id(),
+        BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let last = events.len();
+    for (i, (id, body)) in events.into_iter().enumerate() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.as_str());
+        headers.insert("Nats-Batch-Id", batch_id.as_str());
+        headers.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+        if i + 1 == last {
+            headers.insert("Nats-Batch-Commit", "1");
+        }
+        if i == 0 || i + 1 == last {
+            let reply = client
+                .request_with_headers(NORMALIZED_SUBJECT, headers, body.into())
+                .await
+                .unwrap();
+            if i + 1 == last {
+                let ack: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+                assert!(
+                    ack.get("error").is_none() && ack["count"].as_u64() == Some(last as u64),
+                    "atomic batch refused: {ack}"
+                );
+            }
+        } else {
+            client
+                .publish_with_headers(NORMALIZED_SUBJECT, headers, body.into())
+                .await
+                .unwrap();
+        }
+    }
+}
+
 /// The bare loop (`publish`: bare+publish) as a child process draining `n` events at `batch`.
-async fn run_bare(n: u64, batch: usize, publish: bool, rows: Preload) -> Figures {
-    let (stack, js, pool) = setup(n, rows).await;
+async fn run_bare(n: u64, batch: usize, publish: bool, rows: Preload, ceiling: Ceiling) -> Figures {
+    let (stack, js, pool) = setup(n, rows, ceiling).await;
     let exe = std::env::current_exe().unwrap();
     let nats_cpu0 = cpu_secs(nats_pid(&stack));
-    let child = Command::new(exe)
+    let mut command = Command::new(exe);
+    ceiling.to_env(&mut command);
+    let child = command
         .arg("--bare")
         .arg(stack.nats.url())
         .arg(&stack.db.url)
@@ -728,7 +889,7 @@ async fn run_bare(n: u64, batch: usize, publish: bool, rows: Preload) -> Figures
 /// `k` daemon instances on the same durable drain the preload together (issue #7's scale-out
 /// figure): events/s, and how many messages each instance settled.
 async fn run_instances(n: u64, batch: usize, depth: Option<usize>, k: usize) -> (Figures, Vec<f64>) {
-    let (stack, js, pool) = setup(n, Preload::default()).await;
+    let (stack, js, pool) = setup(n, Preload::default(), Ceiling::from_env()).await;
     // Started back to back; each needs the same time to connect and bind, so the skew is a
     // few milliseconds of a run of seconds.
     let daemons: Vec<DaemonProcess> = (0..k).map(|_| start_daemon(&stack, batch, depth)).collect();
@@ -765,7 +926,7 @@ async fn run_instances(n: u64, batch: usize, depth: Option<usize>, k: usize) -> 
 /// A steady `rate` events/s for `secs` through the daemon: publish → normalized event received
 /// (published by the daemon after the commit), so an upper bound of publish → committed row.
 async fn run_steady(batch: usize, rate: u64, secs: u64) -> (f64, f64, f64, u64) {
-    let (stack, js, pool) = setup(0, Preload::default()).await;
+    let (stack, js, pool) = setup(0, Preload::default(), Ceiling::from_env()).await;
     let daemon = start_daemon(&stack, batch, None);
     // Ready when the durable exists.
     let stream = js.get_stream(STREAM).await.unwrap();
@@ -989,6 +1150,86 @@ fn summarize(rounds: &[&Round], single: Option<&Figures>) {
     });
 }
 
+/// `BENCH_CEILINGS=shared,memory,…` (issue 18 item 5): in every round, bare+publish (and the
+/// daemon, unless skipped) once per variant of where the normalized events are stored, back to
+/// back; then per variant the medians and the median of each round's ratio to the first variant,
+/// so that the machine's drift between rounds cancels out.
+async fn compare_ceilings(
+    n: u64,
+    sizes: &[usize],
+    rounds: usize,
+    depth: Option<usize>,
+    variants: &[String],
+    skip: &dyn Fn(&str) -> bool,
+) {
+    for &b in sizes {
+        // [variant][round] → (bare+publish, daemon)
+        let mut runs: Vec<Vec<(Option<Figures>, Option<Figures>)>> = vec![Vec::new(); variants.len()];
+        for round in 1..=rounds {
+            for (i, v) in variants.iter().enumerate() {
+                let ceiling = Ceiling::variant(v);
+                let publish = if skip("publish") {
+                    None
+                } else {
+                    eprintln!("{v}: bare+publish, batch {b} (round {round}/{rounds})");
+                    Some(run_bare(n, b, true, Preload::default(), ceiling).await)
+                };
+                let daemon = if skip("daemon") || ceiling.atomic {
+                    None
+                } else {
+                    eprintln!("{v}: daemon, HRV_BATCH_SIZE={b} (round {round}/{rounds})");
+                    Some(run_daemon(n, b, depth, Preload::default(), false, ceiling).await)
+                };
+                runs[i].push((publish, daemon));
+            }
+        }
+        println!(
+            "batch {b}, {rounds} round(s), medians [each round]; ratios to {} in the same round:",
+            variants[0]
+        );
+        for (which, pick) in [("bare+publish", 0usize), ("daemon", 1usize)] {
+            let get = |i: usize, r: usize| -> Option<&Figures> {
+                let (p, d) = &runs[i][r];
+                if pick == 0 {
+                    p.as_ref()
+                } else {
+                    d.as_ref()
+                }
+            };
+            for (i, v) in variants.iter().enumerate() {
+                let figs: Vec<&Figures> = (0..rounds).filter_map(|r| get(i, r)).collect();
+                if figs.is_empty() {
+                    continue;
+                }
+                let m = |f: &dyn Fn(&Figures) -> f64| median(figs.iter().map(|x| f(x)).collect());
+                let ratio = |f: &dyn Fn(&Figures) -> f64| {
+                    let per_round: Vec<f64> = (0..rounds)
+                        .filter_map(|r| Some(f(get(i, r)?) / f(get(0, r)?)))
+                        .collect();
+                    if per_round.is_empty() {
+                        "—".to_string()
+                    } else {
+                        spread(&per_round, 2)
+                    }
+                };
+                let us = |f: &Figures, secs: f64| f.us_per_event(secs);
+                println!(
+                    "  {which:<13} {v:<9} {:>7.0} ev/s (x{})  CPU µs/event {:.1} (x{}): consumer {:.1} (x{}), nats-server {:.1} (x{}), PostgreSQL {:.1}",
+                    m(&|f| f.rate()),
+                    ratio(&|f| f.rate()),
+                    m(&|f| us(f, f.cpu.total())),
+                    ratio(&|f| us(f, f.cpu.total())),
+                    m(&|f| us(f, f.cpu.consumer)),
+                    ratio(&|f| us(f, f.cpu.consumer)),
+                    m(&|f| us(f, f.cpu.nats)),
+                    ratio(&|f| us(f, f.cpu.nats)),
+                    m(&|f| us(f, f.cpu.pg)),
+                );
+            }
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1031,6 +1272,17 @@ fn main() {
         overlap: std::env::var("BENCH_PRELOAD_OVERLAP").is_ok_and(|v| v.trim() == "1"),
     };
     let soak: u64 = env_or("BENCH_SOAK_EVENTS", 0);
+    let ceiling = Ceiling::from_env();
+    let variants: Vec<String> = std::env::var("BENCH_CEILINGS")
+        .unwrap_or_default()
+        .split(',')
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect();
+    if !variants.is_empty() {
+        rt.block_on(compare_ceilings(n, &sizes, rounds, depth, &variants, &skip));
+        return;
+    }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "normalize-service throughput benchmark: {n} HRV events per run; load average at start: {}",
@@ -1057,19 +1309,19 @@ fn main() {
                     None
                 } else {
                     eprintln!("bare loop, batch {b} (round {round}/{rounds})");
-                    Some(run_bare(n, b, false, rows).await)
+                    Some(run_bare(n, b, false, rows, ceiling).await)
                 };
                 let publish = if skip("publish") {
                     None
                 } else {
                     eprintln!("bare+publish, batch {b} (round {round}/{rounds})");
-                    Some(run_bare(n, b, true, rows).await)
+                    Some(run_bare(n, b, true, rows, ceiling).await)
                 };
                 let daemon = if skip("daemon") {
                     None
                 } else {
                     eprintln!("daemon, HRV_BATCH_SIZE={b} (round {round}/{rounds})");
-                    Some(run_daemon(n, b, depth, rows, false).await)
+                    Some(run_daemon(n, b, depth, rows, false, ceiling).await)
                 };
                 results.push(Round {
                     batch: b,
@@ -1085,7 +1337,7 @@ fn main() {
             // The previous service's way: one message, written, announced and acked before the
             // next one starts (batch 1, no pipelining).
             eprintln!("daemon, HRV_BATCH_SIZE=1 HRV_PIPELINE_DEPTH=1 ({single_n} events)");
-            Some(run_daemon(single_n, 1, Some(1), Preload::default(), false).await)
+            Some(run_daemon(single_n, 1, Some(1), Preload::default(), false, ceiling).await)
         };
         println!();
         for r in &results {
@@ -1119,7 +1371,7 @@ fn main() {
         }
         if soak > 0 {
             eprintln!("soak: daemon, HRV_BATCH_SIZE=500, {soak} events");
-            let f = run_daemon(soak, 500, depth, Preload::default(), true).await;
+            let f = run_daemon(soak, 500, depth, Preload::default(), true, ceiling).await;
             println!();
             print(&f, None, None, None);
             let s = &f.rss_series;
