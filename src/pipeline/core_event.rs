@@ -3,7 +3,7 @@
 //! have no escapes, instead of building a `serde_json::Value` tree of the whole event (issue 18:
 //! the tree's allocations were most of the decode's cost).
 //!
-//! It accepts and refuses exactly what the tree did, so the decoders' results do not change:
+//! It accepts and refuses what the tree did, so the decoders' results do not change:
 //! - the whole body is parsed by the same parser with the same checks (UTF-8, escapes,
 //!   surrogates, numbers out of range, nesting depth, trailing characters): every value the
 //!   decoders do not read is still visited ([`Skip`]), not skipped unchecked as `IgnoredAny`
@@ -11,7 +11,11 @@
 //! - every value keeps its JSON kind ([`Field`]), so a wrong type gives the same error, in the
 //!   same order (the decoders check the fields in the order they always did);
 //! - a key given twice takes its last value (as `serde_json::Map` does), keys are compared after
-//!   unescaping, and `null` reads as absent.
+//!   unescaping, and `null` reads as absent;
+//! - one intended exception: the tree (serde_json's `raw_value` feature, switched on through
+//!   sqlx) reads an object whose first key is `$serde_json::private::RawValue` as the JSON text
+//!   of its value; here it is an unknown key like any other
+//!   (`tests::the_raw_value_key_is_an_ordinary_key`).
 //!
 //! `tests::the_typed_reading_agrees_with_the_value_tree` checks this against the tree on
 //! generated bodies (duplicate keys, escapes and wrong types included).
@@ -389,6 +393,7 @@ fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
 
 #[cfg(test)]
 mod tests {
+    use chrono::{DateTime, Utc};
     use proptest::prelude::*;
     use serde_json::{Map, Value};
 
@@ -433,8 +438,7 @@ mod tests {
         })
     }
 
-    fn tree_sleep(body: &[u8], clock: Clock) -> Result<SleepRecord, SchemaError> {
-        let stable = test_envelope().stable_time;
+    fn tree_sleep(body: &[u8], stable: DateTime<Utc>, clock: Clock) -> Result<SleepRecord, SchemaError> {
         let root = parse_object(body)?;
         let event_id = event_id(Scalar::of(root.get("eventId")))?;
         let p: &Map<String, Value> = object(Member::of(root.get("payload")), "payload")?;
@@ -469,7 +473,8 @@ mod tests {
         tree: &Result<T, SchemaError>,
     ) -> bool {
         match (typed, tree) {
-            (Ok(a), Ok(b)) => a == b,
+            // `Debug` tells -0.0 from 0.0, which `==` on the floats does not.
+            (Ok(a), Ok(b)) => a == b && format!("{a:?}") == format!("{b:?}"),
             (Err(a), Err(b)) => Shape::of(a) == Shape::of(b) && a.to_string() == b.to_string(),
             _ => false,
         }
@@ -601,7 +606,7 @@ mod tests {
             let tree = tree_hrv(bytes, clock);
             prop_assert!(same(&typed, &tree), "hrv {}: typed {:?}, tree {:?}", String::from_utf8_lossy(bytes), typed, tree);
             let typed = sleep::decode(bytes, stable, clock);
-            let tree = tree_sleep(bytes, clock);
+            let tree = tree_sleep(bytes, stable, clock);
             prop_assert!(same(&typed, &tree), "sleep {}: typed {:?}, tree {:?}", String::from_utf8_lossy(bytes), typed, tree);
         }
     }
@@ -645,9 +650,51 @@ mod tests {
             let tree = tree_hrv(body.as_bytes(), clock);
             assert!(same(&typed, &tree), "{body}: typed {typed:?}, tree {tree:?}");
         }
+        // serde_json's depth limit (128) reached in every place the typed reading reads.
+        for depth in 122..=128 {
+            let (open, close) = ("[".repeat(depth), "]".repeat(depth));
+            for body in [
+                format!(r#"{{"payload":{{{base},"rMSSD":1,"raw":{{"source":{open}{close}}}}}}}"#),
+                format!(r#"{{"payload":{{"userId":{open}{close},"date":"2025-03-01"}}}}"#),
+                format!(r#"{{"payload":{open}{close}}}"#),
+                format!(r#"{{"payload":{{{base},"rMSSD":1,"raw":{open}{close}}}}}"#),
+                format!(r#"{{"eventId":{open}{close}}}"#),
+            ] {
+                let typed = hrv::decode(body.as_bytes(), clock);
+                let tree = tree_hrv(body.as_bytes(), clock);
+                assert!(
+                    same(&typed, &tree),
+                    "depth {depth}: typed {typed:?}, tree {tree:?}"
+                );
+            }
+        }
         let invalid_utf8 = [br#"{"payload":{"x":""#.as_slice(), &[0xff, 0xfe], br#""}}"#].concat();
         let typed = hrv::decode(&invalid_utf8, clock);
         assert!(same(&typed, &tree_hrv(&invalid_utf8, clock)), "{typed:?}");
         assert!(typed.is_err());
+    }
+
+    /// The one intended difference: with serde_json's `raw_value` feature (switched on through
+    /// sqlx), the `Value` tree reads an object whose first key is
+    /// `$serde_json::private::RawValue` as the JSON text held in its string value. The typed
+    /// reading treats that key as any other unknown key, as the events' schema does.
+    #[test]
+    fn the_raw_value_key_is_an_ordinary_key() {
+        let clock = test_envelope().clock();
+        let key = "$serde_json::private::RawValue";
+        let base = r#""userId":"u","date":"2025-03-01","capturedAt":"2025-03-01T00:00:00Z","rMSSD":1"#;
+        for body in [
+            format!(r#"{{"{key}":"[1]","payload":{{{base}}}}}"#),
+            format!(r#"{{"payload":{{"{key}":"{{}}",{base}}}}}"#),
+            format!(r#"{{"payload":{{{base},"x":{{"{key}":"?"}}}}}}"#),
+        ] {
+            let typed = hrv::decode(body.as_bytes(), clock);
+            let renamed = body.replace(key, "x");
+            let tree = tree_hrv(renamed.as_bytes(), clock);
+            assert!(
+                typed.is_ok() && same(&typed, &tree),
+                "{body}: typed {typed:?}, tree {tree:?}"
+            );
+        }
     }
 }
