@@ -322,40 +322,10 @@ impl<'de, T: Fields<'de>> Deserialize<'de> for Obj<T> {
 
 impl<'de> Deserialize<'de> for Skip {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Skip;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_unit<E>(self) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Skip, A::Error> {
-                skip_seq(seq).map(|()| Skip)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Skip, A::Error> {
-                skip_map(map).map(|()| Skip)
-            }
-        }
-        // `deserialize_any`, not `deserialize_ignored_any`: serde_json's ignore path does not
-        // check numbers' range, strings' surrogates or their UTF-8, which the `Value` tree did.
-        d.deserialize_any(V)
+        // Read as a `Field` (`deserialize_any`), not as `IgnoredAny`: serde_json's ignore path
+        // does not check numbers' range, strings' surrogates or their UTF-8, which the `Value`
+        // tree did. Arrays and objects inside are visited by `Skip` again, so nothing is kept.
+        Field::deserialize(d).map(|_| Skip)
     }
 }
 
