@@ -53,7 +53,9 @@
 //! - `BENCH_NORMALIZED_STORAGE` (`file|memory`), `BENCH_DUPLICATE_WINDOW_MS`, `BENCH_ATOMIC=1`
 //!   (nats-server 2.12 or later): where and how the normalized events are stored, to measure what
 //!   would move the ceiling (issue 18 item 5; see [`Ceiling`]). They change the benchmark's
-//!   streams only, never the daemon.
+//!   streams only, never the daemon. `BENCH_CEILINGS=shared,window1s,own-file,memory,atomic`
+//!   instead runs bare+publish and the daemon once per variant in every round and prints each
+//!   variant's ratios to the first one ([`compare_ceilings`]).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
