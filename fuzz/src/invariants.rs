@@ -132,7 +132,10 @@ pub fn ulps_close(a: f64, b: f64) -> bool {
 }
 
 fn root(body: &[u8]) -> Map<String, Value> {
-    match serde_json::from_slice::<Value>(body) {
+    // Not `serde_json::from_slice::<Value>`: with the `raw_value` feature on (through sqlx) it
+    // reads serde_json's private `$serde_json::private::RawValue` key specially
+    // (`src/pipeline/tree.rs`).
+    match pipeline::parse_json(body) {
         Ok(Value::Object(m)) => m,
         other => panic!("accepted a body that is not a JSON object: {other:?}"),
     }

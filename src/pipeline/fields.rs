@@ -102,7 +102,7 @@ pub(crate) fn event_id(value: Scalar<'_>) -> Result<Option<String>, SchemaError>
 }
 
 pub(crate) fn parse_object(body: &[u8]) -> Result<Map<String, Value>, SchemaError> {
-    match serde_json::from_slice::<Value>(body).map_err(SchemaError::Json)? {
+    match super::parse_json(body).map_err(SchemaError::Json)? {
         Value::Object(map) => Ok(map),
         Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) | Value::Array(_) => {
             Err(SchemaError::NotObject("body"))

@@ -12,6 +12,7 @@ pub mod hrv;
 pub mod normalized;
 pub mod oura;
 pub mod sleep;
+mod tree;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::Value;
@@ -22,6 +23,7 @@ pub use hrv::{HrvRecord, HrvRow};
 pub use normalized::{Normalized, NormalizedRow, StoredRow};
 pub use oura::{InvalidSection, OuraWebhook};
 pub use sleep::{SleepRecord, SleepRow};
+pub use tree::parse_json;
 
 pub(crate) use fields::{
     clamp_score, date, event_id, minutes, number, object, optional_object, parse_object, timestamp, user_id,

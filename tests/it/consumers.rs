@@ -329,3 +329,84 @@ async fn a_poisoned_consumer_does_not_slow_the_others() {
     assert_eq!(count(&pool, "SELECT count(*) FROM sleep_data").await, 20);
     app.stop().await.unwrap();
 }
+
+/// A JSON value of `levels` levels, each of 120 arrays around an object whose only key is
+/// serde_json's private `$serde_json::private::RawValue`, the level below escaped into its string
+/// value. Read by `serde_json::Value` (with the `raw_value` feature sqlx switches on) every level
+/// is parsed again with a fresh depth limit: tens of thousands of levels, a stack overflow.
+fn nested_through_the_private_key(levels: usize) -> String {
+    let escaped = |s: &str| format!("\"{}\"", s.replace('\\', "\\u005c").replace('"', "\\u0022"));
+    let mut inner = "1".to_string();
+    for _ in 0..levels {
+        inner = format!(
+            "{}{{\"$serde_json::private::RawValue\":{}}}{}",
+            "[".repeat(120),
+            escaped(&inner),
+            "]".repeat(120)
+        );
+    }
+    inner
+}
+
+/// Message content cannot abort the daemon through serde_json's private key: a webhook, an HRV
+/// event and a sleep event that nest ~35,000 levels through it (each under 1 MiB) are processed
+/// like any other. The webhook is stored exactly as received, the core events are stored (the key
+/// is an unknown field), and the daemon goes on to store the next event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_private_raw_value_key_cannot_abort_the_daemon() {
+    let stack = Stack::builder().mode("multi").start().await;
+    let mut daemon = stack.daemon().await;
+    let js = &stack.js;
+    let deep = nested_through_the_private_key(290);
+    let webhook = format!(r#"{{"user_id":"deep-o","timestamp":"2025-03-01T07:00:00Z","x":{deep}}}"#);
+    assert!(webhook.len() < 1_000_000, "{} bytes", webhook.len());
+    publish(js, OURA_SUBJECT, webhook.clone()).await;
+    publish(
+        js,
+        HRV_SUBJECT,
+        format!(
+            r#"{{"payload":{{"userId":"deep-h","date":"2025-03-01","rMSSD":40,"capturedAt":"2025-03-01T06:00:00Z","x":{deep}}}}}"#
+        ),
+    )
+    .await;
+    publish(
+        js,
+        SLEEP_SUBJECT,
+        format!(
+            r#"{{"payload":{{"userId":"deep-s","date":"2025-03-01","durationMinutes":400,"x":{deep}}}}}"#
+        ),
+    )
+    .await;
+    publish(
+        js,
+        HRV_SUBJECT,
+        hrv_event("after", "2025-03-01", 41.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
+    let pool = stack.pool().await;
+    wait_for("every row", Duration::from_secs(30), || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM hrv_data WHERE user_id IN ('deep-h', 'after')",
+        )
+        .await
+            == 2
+            && count(&pool, "SELECT count(*) FROM sleep_data WHERE user_id = 'deep-s'").await == 1
+            && count(&pool, "SELECT count(*) FROM vendor_webhook_events").await == 1
+    })
+    .await;
+    assert!(daemon.exited().is_none(), "the daemon is still running");
+    // As text: sqlx would read JSONB into a `Value` through the very quirk under test.
+    let stored: String = sqlx::query_scalar("SELECT payload::text FROM vendor_webhook_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let stored = normalize_service::pipeline::parse_json(stored.as_bytes()).unwrap();
+    let received = normalize_service::pipeline::parse_json(webhook.as_bytes()).unwrap();
+    assert_eq!(stored, received, "the webhook is stored as received");
+    assert!(
+        stored["x"].to_string().contains("$serde_json::private::RawValue"),
+        "the key is kept as a key"
+    );
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 0);
+}

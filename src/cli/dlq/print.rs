@@ -87,7 +87,8 @@ pub(super) fn list_text(stream: &str, letters: &[DeadLetter], total: usize) -> T
 
 /// The body for display: parsed JSON when it is JSON, else text, else hex.
 pub(super) fn body_view(payload: &[u8]) -> (&'static str, Value) {
-    if let Ok(v) = serde_json::from_slice::<Value>(payload) {
+    // Not `serde_json::from_slice`: a dead letter is message content (`pipeline::parse_json`).
+    if let Ok(v) = crate::pipeline::parse_json(payload) {
         return ("json", v);
     }
     match std::str::from_utf8(payload) {
