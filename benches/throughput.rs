@@ -397,21 +397,41 @@ fn histogram_mean(text: &str, name: &str, label: &str) -> f64 {
 }
 
 /// The daemon as a process with the service's defaults (not the tests' tuned ones), on the
-/// stack's servers; `depth`: `HRV_PIPELINE_DEPTH`, or the daemon's default when `None`.
-fn start_daemon(stack: &Stack, batch: usize, depth: Option<usize>) -> DaemonProcess {
-    let batch = batch.to_string();
+/// stack's servers; `depth`: `HRV_PIPELINE_DEPTH`, or the daemon's default when `None`;
+/// `instances`: how many daemons share the durable (for its `max_ack_pending`, see
+/// [`max_ack_pending`]).
+fn start_daemon(stack: &Stack, batch: usize, depth: Option<usize>, instances: usize) -> DaemonProcess {
     let mut vars = vars(&[
         ("NATS_URL", &stack.nats.url()),
         ("DATABASE_URL", &stack.db.url),
         ("HOST", "127.0.0.1"),
         ("LOG_FORMAT", "json"),
         ("RUST_LOG", "warn"),
-        ("HRV_BATCH_SIZE", &batch),
+        ("HRV_BATCH_SIZE", &batch.to_string()),
+        (
+            "HRV_MAX_ACK_PENDING",
+            &max_ack_pending(batch, depth, instances).to_string(),
+        ),
     ]);
     if let Some(d) = depth {
         vars.insert("HRV_PIPELINE_DEPTH".into(), d.to_string());
     }
     DaemonProcess::spawn_showing_stderr(&vars)
+}
+
+/// The daemon's pipeline depth when `HRV_PIPELINE_DEPTH` is not set.
+const DEFAULT_DEPTH: usize = 3;
+
+/// The durable's `max_ack_pending` the daemons get: `BENCH_MAX_ACK_PENDING`, else the rule of
+/// docs/OPERATIONS.md, room for every instance's pipeline and prefetched pull (instances ×
+/// batch × (depth + 1)), and never below the service's default of 1,000. At batch 500 the
+/// default would hold two of the three batches in flight, and the server would hold the third
+/// pull until the first one's acks arrived.
+fn max_ack_pending(batch: usize, depth: Option<usize>, instances: usize) -> usize {
+    std::env::var("BENCH_MAX_ACK_PENDING")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| (instances * batch * (depth.unwrap_or(DEFAULT_DEPTH) + 1)).max(1000))
 }
 
 /// The daemon's mean messages per completed pull of the HRV consumer.
@@ -534,7 +554,7 @@ async fn run_daemon(
     ceiling: Ceiling,
 ) -> Figures {
     let (stack, js, pool) = setup(n, rows, ceiling).await;
-    let daemon = start_daemon(&stack, batch, depth);
+    let daemon = start_daemon(&stack, batch, depth, 1);
     let (nats_cpu0, pid) = (cpu_secs(nats_pid(&stack)), daemon.pid());
     let daemon_cpu0 = cpu_secs(pid);
     let (stop, stopped) = tokio::sync::oneshot::channel();
@@ -569,8 +589,14 @@ async fn run_daemon(
     let name = "normalize_batch_duration_seconds";
     let f = Figures {
         label: match depth {
-            Some(d) => format!("daemon HRV_BATCH_SIZE={batch} depth {d}"),
-            None => format!("daemon HRV_BATCH_SIZE={batch}"),
+            Some(d) => format!(
+                "daemon HRV_BATCH_SIZE={batch} depth {d} max_ack_pending {}",
+                max_ack_pending(batch, depth, 1)
+            ),
+            None => format!(
+                "daemon HRV_BATCH_SIZE={batch} max_ack_pending {}",
+                max_ack_pending(batch, depth, 1)
+            ),
         },
         events: n,
         secs: took.as_secs_f64(),
@@ -894,7 +920,7 @@ async fn run_instances(n: u64, batch: usize, depth: Option<usize>, k: usize) -> 
     let (stack, js, pool) = setup(n, Preload::default(), Ceiling::from_env()).await;
     // Started back to back; each needs the same time to connect and bind, so the skew is a
     // few milliseconds of a run of seconds.
-    let daemons: Vec<DaemonProcess> = (0..k).map(|_| start_daemon(&stack, batch, depth)).collect();
+    let daemons: Vec<DaemonProcess> = (0..k).map(|_| start_daemon(&stack, batch, depth, k)).collect();
     let took = time_drain(&js, &pool, DURABLE, n).await;
     let mut shares = Vec::with_capacity(k);
     let mut rss: f64 = 0.0;
@@ -929,7 +955,7 @@ async fn run_instances(n: u64, batch: usize, depth: Option<usize>, k: usize) -> 
 /// (published by the daemon after the commit), so an upper bound of publish → committed row.
 async fn run_steady(batch: usize, rate: u64, secs: u64) -> (f64, f64, f64, u64) {
     let (stack, js, pool) = setup(0, Preload::default(), Ceiling::from_env()).await;
-    let daemon = start_daemon(&stack, batch, None);
+    let daemon = start_daemon(&stack, batch, None, 1);
     // Ready when the durable exists.
     let stream = js.get_stream(STREAM).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -398,6 +398,14 @@ fn binding_of(
             "existing durable has a different filter subject; consuming it as it is"
         );
     }
+    if let Some(room) = pipeline_room(cc, info.config.max_ack_pending) {
+        tracing::warn!(
+            consumer = %cc.kind, stream = %stream_name, durable = %cc.durable,
+            max_ack_pending = info.config.max_ack_pending, batch_size = cc.batch_size,
+            pipeline_depth = cc.pipeline_depth, batches_in_flight = room,
+            "the durable's max_ack_pending holds fewer messages than the pipeline (batch size × pipeline depth): JetStream delivers no more until acks arrive, and throughput drops; raise max_ack_pending on the durable (the daemon never changes an existing durable) or lower the batch size or pipeline depth"
+        );
+    }
     let server_max_deliver = (info.config.max_deliver > 0).then_some(info.config.max_deliver);
     if let Some(m) = server_max_deliver {
         tracing::warn!(
@@ -413,6 +421,15 @@ fn binding_of(
         fallback: false,
         server_max_deliver,
     }
+}
+
+/// `Some(full batches the durable lets be unacked)` when the durable's `max_ack_pending` cannot
+/// hold a full pipeline (`batch_size × pipeline_depth` messages); `None` when it can, or when
+/// it is unlimited (-1).
+pub fn pipeline_room(cc: &ConsumerConfig, max_ack_pending: i64) -> Option<i64> {
+    let pipeline = i64::try_from(cc.batch_size.saturating_mul(cc.pipeline_depth)).unwrap_or(i64::MAX);
+    (max_ack_pending > 0 && pipeline > max_ack_pending)
+        .then(|| max_ack_pending / i64::try_from(cc.batch_size.max(1)).unwrap_or(i64::MAX))
 }
 
 /// Binds a consumer: primary first, then the legacy stream (multi); legacy only (single).
@@ -515,6 +532,25 @@ mod tests {
         assert!(!patterns_overlap("dlq.>", "athlete-ally.>"));
         assert!(!patterns_overlap("vendor.>", "vendor"));
         assert!(!patterns_overlap("a.b", "a.c"));
+    }
+
+    #[test]
+    fn a_pipeline_that_max_ack_pending_cannot_hold_is_told() {
+        let config = Config::from_vars([
+            ("HRV_BATCH_SIZE".to_string(), "500".to_string()),
+            ("HRV_PIPELINE_DEPTH".to_string(), "3".to_string()),
+        ])
+        .unwrap();
+        let cc = config.consumer(crate::config::ConsumerKind::Hrv).unwrap();
+        // The default 1,000 holds two of the three batches of 500.
+        assert_eq!(pipeline_room(cc, 1000), Some(2));
+        assert_eq!(pipeline_room(cc, 1499), Some(2));
+        assert_eq!(pipeline_room(cc, 1500), None);
+        assert_eq!(pipeline_room(cc, -1), None);
+        // The defaults (batch 10, depth 3) fit in the default 1,000.
+        let defaults = Config::from_vars(std::iter::empty::<(String, String)>()).unwrap();
+        let cc = defaults.consumer(crate::config::ConsumerKind::Hrv).unwrap();
+        assert_eq!(pipeline_room(cc, 1000), None);
     }
 
     #[test]
