@@ -264,27 +264,39 @@ impl<R> Table<R> {
                 ));
             }
         }
-        let value_of = |c: &str| {
-            new_value
+        // A published value changes exactly when the event its column follows moves forward
+        // with another value: per group of columns that follow one order key (the row's own:
+        // the required columns and `captured_at`; then each optional field's), "that key moves
+        // forward and a value of the group differs" — the same as comparing every column's new
+        // value with its old one, without evaluating each column's condition again. `IS TRUE`:
+        // a condition that is NULL keeps the old value, as in the CASEs above.
+        let main_cols: Vec<&str> = self
+            .required
+            .iter()
+            .map(|c| c.column)
+            .chain(std::iter::once("captured_at"))
+            .collect();
+        let mut groups = vec![format!(
+            "(({main_newer}) IS TRUE AND ROW({}) IS DISTINCT FROM ROW({}))",
+            main_cols
                 .iter()
-                .find(|(n, _)| n == c)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_else(|| format!("{t}.{c}"))
-        };
-        let published = self.published();
-        let changed = format!(
-            "ROW({}) IS DISTINCT FROM ROW({})",
-            published
-                .iter()
-                .map(|c| value_of(c))
+                .map(|c| format!("EXCLUDED.{c}"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            published
+            main_cols
                 .iter()
                 .map(|c| format!("{t}.{c}"))
                 .collect::<Vec<_>>()
                 .join(", ")
-        );
+        )];
+        groups.extend(self.optional.iter().map(|o| {
+            format!(
+                "({} IS TRUE AND EXCLUDED.{c} IS DISTINCT FROM {t}.{c})",
+                newer(o.prefix),
+                c = o.column
+            )
+        }));
+        let changed = format!("({})", groups.join(" OR "));
         let mut set: Vec<String> = new_value.iter().map(|(c, v)| format!("{c} = {v}")).collect();
         set.push(format!(
             "version = {t}.version + CASE WHEN {changed} THEN 1 ELSE 0 END"
@@ -306,7 +318,7 @@ impl<R> Table<R> {
              RETURNING user_id, date, {published}, {sources}, version, changed_tx = pg_current_xact_id() AS changed",
             set = set.join(",\n                 "),
             cond = any_newer.join(" OR "),
-            published = published.join(", "),
+            published = self.published().join(", "),
             sources = self.sources().join(", "),
         )
     }
