@@ -5,7 +5,8 @@
 //! `athlete-ally.>`: it captures the raw events and the `*.normalized-stored` events alike, as the
 //! daemon needs it), is preloaded with N HRV events (pipelined publishes), then drained by
 //! - the daemon binary (`normalize-service run`, a child process) at several `HRV_BATCH_SIZE`s,
-//!   normalized-event publishing on;
+//!   normalized-event publishing on, its durable's `max_ack_pending` sized by the rule of
+//!   docs/OPERATIONS.md (instances × batch × (depth + 1), at least the default 1,000);
 //! - the bare loop: fetch → one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO UPDATE` → ack
 //!   (this binary re-executed as a child, so its RSS and CPU are its own);
 //! - `bare+publish`, the ceiling for the daemon's work: the bare loop that also, after the commit
@@ -38,7 +39,8 @@
 //! `BENCH_INSTANCES_BATCH` (10), `BENCH_SKIP` (comma list of
 //! `bare,publish,daemon,single,instances,steady`; `publish` is bare+publish),
 //! `BENCH_PIPELINE_DEPTH` (the daemon's `HRV_PIPELINE_DEPTH` in the batch, instance and soak
-//! runs; its default when unset), `TEST_DATABASE_URL`, `NATS_SERVER_BIN`.
+//! runs; its default when unset), `BENCH_MAX_ACK_PENDING` (the daemons' durable's
+//! `HRV_MAX_ACK_PENDING`; the rule above when unset), `TEST_DATABASE_URL`, `NATS_SERVER_BIN`.
 //!
 //! Knobs off by default:
 //! - `BENCH_PRELOAD_ROWS` (0): rows already in `hrv_data` before each run of the rounds (bare,
@@ -396,8 +398,9 @@ fn histogram_mean(text: &str, name: &str, label: &str) -> f64 {
     }
 }
 
-/// The daemon as a process with the service's defaults (not the tests' tuned ones), on the
-/// stack's servers; `depth`: `HRV_PIPELINE_DEPTH`, or the daemon's default when `None`;
+/// The daemon as a process with the service's defaults (not the tests' tuned ones) but
+/// `HRV_BATCH_SIZE`, `HRV_MAX_ACK_PENDING` ([`max_ack_pending`]) and `HRV_PIPELINE_DEPTH` when
+/// given, on the stack's servers; `depth`: `HRV_PIPELINE_DEPTH`, or the daemon's default when `None`;
 /// `instances`: how many daemons share the durable (for its `max_ack_pending`, see
 /// [`max_ack_pending`]).
 fn start_daemon(stack: &Stack, batch: usize, depth: Option<usize>, instances: usize) -> DaemonProcess {
@@ -428,10 +431,12 @@ const DEFAULT_DEPTH: usize = 3;
 /// default would hold two of the three batches in flight, and the server would hold the third
 /// pull until the first one's acks arrived.
 fn max_ack_pending(batch: usize, depth: Option<usize>, instances: usize) -> usize {
-    std::env::var("BENCH_MAX_ACK_PENDING")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| (instances * batch * (depth.unwrap_or(DEFAULT_DEPTH) + 1)).max(1000))
+    match std::env::var("BENCH_MAX_ACK_PENDING") {
+        Ok(v) => v.parse().unwrap_or_else(|_| {
+            panic!("BENCH_MAX_ACK_PENDING={v:?} is not a number of messages (1 or more)")
+        }),
+        Err(_) => (instances * batch * (depth.unwrap_or(DEFAULT_DEPTH) + 1)).max(1000),
+    }
 }
 
 /// The daemon's mean messages per completed pull of the HRV consumer.

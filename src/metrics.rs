@@ -83,6 +83,7 @@ pub struct Metrics {
     pub consumer_pending: IntGaugeVec,
     pub consumer_ack_pending: IntGaugeVec,
     pub consumer_redelivered: IntGaugeVec,
+    pub consumer_max_ack_pending: IntGaugeVec,
     /// Age of the oldest message the durable has not acknowledged (its ack floor + 1), from
     /// the info refresh: the lag in seconds.
     pub consumer_oldest_pending_age: GaugeVec,
@@ -252,6 +253,12 @@ impl Metrics {
                 &registry,
                 "normalize_consumer_redelivered_messages",
                 "Messages redelivered and not yet acknowledged (consumer info num_redelivered)",
+                BINDING_LABELS,
+            )?,
+            consumer_max_ack_pending: gauge(
+                &registry,
+                "normalize_consumer_max_ack_pending",
+                "The durable's max_ack_pending (consumer info config; -1 unlimited): at it JetStream stops delivering",
                 BINDING_LABELS,
             )?,
             consumer_oldest_pending_age: {

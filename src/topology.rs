@@ -355,7 +355,17 @@ pub async fn bind_on(
             created
         }
     };
-    Ok(Some(binding_of(consumer, cc, stream_name)))
+    let binding = binding_of(consumer, cc, stream_name);
+    let max_ack_pending = binding.consumer.cached_info().config.max_ack_pending;
+    if let Some(room) = pipeline_room(cc, max_ack_pending) {
+        tracing::warn!(
+            consumer = %cc.kind, stream = %stream_name, durable = %cc.durable,
+            max_ack_pending, batch_size = cc.batch_size, pipeline_depth = cc.pipeline_depth,
+            full_batches_unacked = room,
+            "the durable's max_ack_pending holds fewer messages than the pipeline and its prefetched pull (batch size × (pipeline depth + 1)): JetStream delivers no more until acks arrive, and throughput drops; raise max_ack_pending on the durable (the daemon never edits an existing durable) or lower the batch size or pipeline depth"
+        );
+    }
+    Ok(Some(binding))
 }
 
 /// The durable of `cc` on `stream_name` when it exists there, never created: for draining a
@@ -398,14 +408,6 @@ fn binding_of(
             "existing durable has a different filter subject; consuming it as it is"
         );
     }
-    if let Some(room) = pipeline_room(cc, info.config.max_ack_pending) {
-        tracing::warn!(
-            consumer = %cc.kind, stream = %stream_name, durable = %cc.durable,
-            max_ack_pending = info.config.max_ack_pending, batch_size = cc.batch_size,
-            pipeline_depth = cc.pipeline_depth, batches_in_flight = room,
-            "the durable's max_ack_pending holds fewer messages than the pipeline (batch size × pipeline depth): JetStream delivers no more until acks arrive, and throughput drops; raise max_ack_pending on the durable (the daemon never changes an existing durable) or lower the batch size or pipeline depth"
-        );
-    }
     let server_max_deliver = (info.config.max_deliver > 0).then_some(info.config.max_deliver);
     if let Some(m) = server_max_deliver {
         tracing::warn!(
@@ -424,11 +426,12 @@ fn binding_of(
 }
 
 /// `Some(full batches the durable lets be unacked)` when the durable's `max_ack_pending` cannot
-/// hold a full pipeline (`batch_size × pipeline_depth` messages); `None` when it can, or when
-/// it is unlimited (-1).
+/// hold a full pipeline and the pull prefetched behind it (`batch_size × (pipeline_depth + 1)`
+/// messages, see `consumer::intake`); `None` when it can, or when it is unlimited (-1).
 pub fn pipeline_room(cc: &ConsumerConfig, max_ack_pending: i64) -> Option<i64> {
-    let pipeline = i64::try_from(cc.batch_size.saturating_mul(cc.pipeline_depth)).unwrap_or(i64::MAX);
-    (max_ack_pending > 0 && pipeline > max_ack_pending)
+    let room = cc.batch_size.saturating_mul(cc.pipeline_depth.saturating_add(1));
+    let room = i64::try_from(room).unwrap_or(i64::MAX);
+    (max_ack_pending > 0 && room > max_ack_pending)
         .then(|| max_ack_pending / i64::try_from(cc.batch_size.max(1)).unwrap_or(i64::MAX))
 }
 
@@ -542,11 +545,13 @@ mod tests {
         ])
         .unwrap();
         let cc = config.consumer(crate::config::ConsumerKind::Hrv).unwrap();
-        // The default 1,000 holds two of the three batches of 500.
+        // The default 1,000 holds two of the three batches of 500 (and no prefetched pull).
         assert_eq!(pipeline_room(cc, 1000), Some(2));
-        assert_eq!(pipeline_room(cc, 1499), Some(2));
-        assert_eq!(pipeline_room(cc, 1500), None);
+        assert_eq!(pipeline_room(cc, 1500), Some(3));
+        assert_eq!(pipeline_room(cc, 1999), Some(3));
+        assert_eq!(pipeline_room(cc, 2000), None);
         assert_eq!(pipeline_room(cc, -1), None);
+        assert_eq!(pipeline_room(cc, 100), Some(0));
         // The defaults (batch 10, depth 3) fit in the default 1,000.
         let defaults = Config::from_vars(std::iter::empty::<(String, String)>()).unwrap();
         let cc = defaults.consumer(crate::config::ConsumerKind::Hrv).unwrap();

@@ -412,6 +412,9 @@ async fn refresh_info(shared: Shared, cc: ConsumerConfig, b: Binding, stop: Canc
                 m.consumer_redelivered
                     .with_label_values(&labels)
                     .set(info.num_redelivered as i64);
+                m.consumer_max_ack_pending
+                    .with_label_values(&labels)
+                    .set(info.config.max_ack_pending);
                 shared.health.update(cc.kind, |s| {
                     s.backlog.insert(
                         b.stream.clone(),

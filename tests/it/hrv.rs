@@ -523,6 +523,20 @@ async fn metrics_carry_stream_and_durable_labels_with_correct_counts() {
         );
         assert!(text.contains("normalize_build_info{git_revision="));
         assert!(text.contains("normalize_consumer_pending_messages{consumer=\"hrv\",durable=\"custom-hrv\",stream=\"AA_CORE_HOT\"}"));
+        // The durable's own setting, for the ack-pending alert: the default, as the daemon
+        // created it.
+        assert_eq!(
+            metric_value(
+                &text,
+                "normalize_consumer_max_ack_pending",
+                &[
+                    ("consumer", "hrv"),
+                    ("stream", "AA_CORE_HOT"),
+                    ("durable", "custom-hrv")
+                ]
+            ),
+            Some(1000.0)
+        );
     }
     app.stop().await.unwrap();
 }
