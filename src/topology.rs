@@ -356,15 +356,7 @@ pub async fn bind_on(
         }
     };
     let binding = binding_of(consumer, cc, stream_name);
-    let max_ack_pending = binding.consumer.cached_info().config.max_ack_pending;
-    if let Some(room) = pipeline_room(cc, max_ack_pending) {
-        tracing::warn!(
-            consumer = %cc.kind, stream = %stream_name, durable = %cc.durable,
-            max_ack_pending, batch_size = cc.batch_size, pipeline_depth = cc.pipeline_depth,
-            full_batches_unacked = room,
-            "the durable's max_ack_pending holds fewer messages than the pipeline and its prefetched pull (batch size × (pipeline depth + 1)): JetStream delivers no more until acks arrive, and throughput drops; raise max_ack_pending on the durable (the daemon never edits an existing durable) or lower the batch size or pipeline depth"
-        );
-    }
+    warn_about_durable(&binding, cc);
     Ok(Some(binding))
 }
 
@@ -401,27 +393,43 @@ fn binding_of(
     stream_name: &str,
 ) -> Binding {
     let info = consumer.cached_info();
-    if info.config.filter_subject != cc.filter_subject {
-        tracing::warn!(
-            consumer = %cc.kind, stream = %stream_name, durable = %cc.durable,
-            existing = %info.config.filter_subject, configured = %cc.filter_subject,
-            "existing durable has a different filter subject; consuming it as it is"
-        );
-    }
     let server_max_deliver = (info.config.max_deliver > 0).then_some(info.config.max_deliver);
-    if let Some(m) = server_max_deliver {
-        tracing::warn!(
-            consumer = %cc.kind, stream = %stream_name, durable = %cc.durable,
-            server_max_deliver = m, daemon_max_deliver = cc.max_deliver,
-            "durable has a finite server-side max_deliver; its last delivery will be held with progress acks while a dead letter is retried"
-        );
-    }
     Binding {
         stream: stream_name.to_string(),
         durable: cc.durable.clone(),
         consumer,
         fallback: false,
         server_max_deliver,
+    }
+}
+
+/// Logs what in an existing durable's configuration differs from what the daemon would have
+/// created and matters to it: once per binding taken into use (a bind, or a stranded durable
+/// adopted), never on the lookups of every rebind tick.
+pub fn warn_about_durable(b: &Binding, cc: &ConsumerConfig) {
+    let config = &b.consumer.cached_info().config;
+    let (stream, durable) = (&b.stream, &b.durable);
+    if config.filter_subject != cc.filter_subject {
+        tracing::warn!(
+            consumer = %cc.kind, %stream, %durable,
+            existing = %config.filter_subject, configured = %cc.filter_subject,
+            "existing durable has a different filter subject; consuming it as it is"
+        );
+    }
+    if let Some(m) = b.server_max_deliver {
+        tracing::warn!(
+            consumer = %cc.kind, %stream, %durable,
+            server_max_deliver = m, daemon_max_deliver = cc.max_deliver,
+            "durable has a finite server-side max_deliver; its last delivery will be held with progress acks while a dead letter is retried"
+        );
+    }
+    if let Some(room) = pipeline_room(cc, config.max_ack_pending) {
+        tracing::warn!(
+            consumer = %cc.kind, %stream, %durable,
+            max_ack_pending = config.max_ack_pending, batch_size = cc.batch_size,
+            pipeline_depth = cc.pipeline_depth, full_batches_unacked = room,
+            "the durable's max_ack_pending holds fewer messages than the pipeline and its prefetched pull (batch size × (pipeline depth + 1)): JetStream delivers no more until acks arrive, and throughput drops; raise max_ack_pending on the durable (the daemon never edits an existing durable) or lower the batch size or pipeline depth"
+        );
     }
 }
 

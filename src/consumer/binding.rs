@@ -295,6 +295,7 @@ impl Worker {
                 .with_label_values(&[self.cc.kind.as_str(), &name, &b.durable])
                 .set(1);
             m.touch_binding(self.cc.kind, &self.cc.filter_subject, &name, &b.durable);
+            topology::warn_about_durable(&b, &self.cc);
             let mut b = b;
             b.fallback = name != primary;
             draining.push(self.spawn_binding(loops, b, shutdown));

@@ -571,3 +571,57 @@ async fn stream_mode_keeps_what_its_stream_buffered_through_a_broker_restart() {
     assert_eq!(unsettled(&app.metrics().await), 0.0);
     app.stop().await.unwrap();
 }
+
+/// What differs in an existing durable's configuration is logged once per binding taken into
+/// use, not on every rebind tick's lookup: a legacy durable (finite server-side `max_deliver`,
+/// another filter subject, a `max_ack_pending` smaller than the pipeline) on a stream that does
+/// not receive the subject is looked up every 200 ms and never adopted, so it is never warned
+/// about; the bound core durable with a finite `max_deliver` is warned about once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_configuration_warnings_are_logged_once_per_binding() {
+    let stack = Stack::builder()
+        .mode("multi")
+        .env(&[
+            ("TOPOLOGY_PROVISION", "off"),
+            ("REBIND_INTERVAL_MS", "200"),
+            ("LOG_FORMAT", "json"),
+        ])
+        .start()
+        .await;
+    let js = &stack.js;
+    topology_with(js, &stack.vars, true, 2).await;
+    let legacy = js
+        .create_stream(jetstream::stream::Config {
+            name: StreamNames::default().legacy,
+            subjects: vec!["legacy-only.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    legacy
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some(DURABLE.into()),
+            filter_subject: "legacy-only.hrv".into(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_deliver: 3,
+            max_ack_pending: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let daemon = stack.daemon().await;
+    publish(
+        js,
+        HRV_SUBJECT,
+        hrv_event("warn-once", "2025-03-01", 40.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
+    wait_drained(js, "AA_CORE_HOT", DURABLE).await;
+    // Ten rebind ticks or more, each looking the legacy durable up.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let logs = daemon.stderr();
+    let lines = |text: &str| logs.lines().filter(|l| l.contains(text)).count();
+    assert_eq!(lines("finite server-side max_deliver"), 1, "{logs}");
+    assert_eq!(lines("different filter subject"), 0, "{logs}");
+    assert_eq!(lines("max_ack_pending holds fewer messages"), 0, "{logs}");
+}
