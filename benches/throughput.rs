@@ -40,7 +40,8 @@
 //! `bare,publish,daemon,single,instances,steady`; `publish` is bare+publish),
 //! `BENCH_PIPELINE_DEPTH` (the daemon's `HRV_PIPELINE_DEPTH` in the batch, instance and soak
 //! runs; its default when unset), `BENCH_MAX_ACK_PENDING` (the daemons' durable's
-//! `HRV_MAX_ACK_PENDING`; the rule above when unset), `TEST_DATABASE_URL`, `NATS_SERVER_BIN`.
+//! `HRV_MAX_ACK_PENDING`; the rule above when unset), `BENCH_PULL_MODE` (the daemons'
+//! `HRV_PULL_MODE`; the default `fetch` when unset), `TEST_DATABASE_URL`, `NATS_SERVER_BIN`.
 //!
 //! Knobs off by default:
 //! - `BENCH_PRELOAD_ROWS` (0): rows already in `hrv_data` before each run of the rounds (bare,
@@ -418,6 +419,9 @@ fn start_daemon(stack: &Stack, batch: usize, depth: Option<usize>, instances: us
     ]);
     if let Some(d) = depth {
         vars.insert("HRV_PIPELINE_DEPTH".into(), d.to_string());
+    }
+    if let Ok(m) = std::env::var("BENCH_PULL_MODE") {
+        vars.insert("HRV_PULL_MODE".into(), m);
     }
     DaemonProcess::spawn_showing_stderr(&vars)
 }
