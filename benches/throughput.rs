@@ -400,10 +400,9 @@ fn histogram_mean(text: &str, name: &str, label: &str) -> f64 {
 }
 
 /// The daemon as a process with the service's defaults (not the tests' tuned ones) but
-/// `HRV_BATCH_SIZE`, `HRV_MAX_ACK_PENDING` ([`max_ack_pending`]) and `HRV_PIPELINE_DEPTH` when
-/// given, on the stack's servers; `depth`: `HRV_PIPELINE_DEPTH`, or the daemon's default when `None`;
-/// `instances`: how many daemons share the durable (for its `max_ack_pending`, see
-/// [`max_ack_pending`]).
+/// `HRV_BATCH_SIZE`, `HRV_MAX_ACK_PENDING` ([`max_ack_pending`]), `HRV_PIPELINE_DEPTH` (`depth`,
+/// the daemon's default when `None`) and `HRV_PULL_MODE` (`BENCH_PULL_MODE`), on the stack's
+/// servers; `instances`: how many daemons share the durable.
 fn start_daemon(stack: &Stack, batch: usize, depth: Option<usize>, instances: usize) -> DaemonProcess {
     let mut vars = vars(&[
         ("NATS_URL", &stack.nats.url()),
@@ -597,16 +596,11 @@ async fn run_daemon(
     );
     let name = "normalize_batch_duration_seconds";
     let f = Figures {
-        label: match depth {
-            Some(d) => format!(
-                "daemon HRV_BATCH_SIZE={batch} depth {d} max_ack_pending {}",
-                max_ack_pending(batch, depth, 1)
-            ),
-            None => format!(
-                "daemon HRV_BATCH_SIZE={batch} max_ack_pending {}",
-                max_ack_pending(batch, depth, 1)
-            ),
-        },
+        label: format!(
+            "daemon HRV_BATCH_SIZE={batch}{} max_ack_pending {}",
+            depth.map(|d| format!(" depth {d}")).unwrap_or_default(),
+            max_ack_pending(batch, depth, 1)
+        ),
         events: n,
         secs: took.as_secs_f64(),
         p50_ms: histogram_quantile(&text, name, 0.5),
