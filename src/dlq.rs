@@ -12,7 +12,11 @@
 //! rounds it goes through (docs/CONTRACT.md).
 
 use async_nats::header::HeaderMap;
-use async_nats::jetstream::{self, context::PublishError, message::PublishMessage};
+use async_nats::jetstream::{
+    self,
+    context::{PublishError, PublishErrorKind},
+    message::PublishMessage,
+};
 use chrono::{DateTime, SecondsFormat, Utc};
 
 /// Set on every replayed message by `dlq replay`: its value is `<dlq stream>:<dlq seq>`.
@@ -281,7 +285,74 @@ pub fn dead_letter_headers(
     headers
 }
 
-/// Publishes the dead letter and waits for JetStream to confirm it is stored.
+/// Set on a dead letter stored without its body because the letter would not fit the
+/// server's `max_payload` (or the DLQ stream's `max_msg_size`): the body's length in bytes.
+/// The body stays in `Dlq-Original-Stream` at `Dlq-Original-Sequence` while that stream keeps
+/// it (its `max_age`), and `dlq replay` takes it from there.
+pub const BODY_OMITTED: &str = "Dlq-Body-Omitted";
+
+/// `Dlq-Error`'s length when the whole error would not let the letter fit.
+const SHORT_ERROR: usize = 128;
+
+/// The size of a message with these headers and a body of `body` bytes, as the client and the
+/// server count it against `max_payload` (header block as serialized, plus the body).
+fn wire_size(headers: &HeaderMap, body: usize) -> usize {
+    let block: usize = headers
+        .iter()
+        .map(|(k, vs)| {
+            vs.iter()
+                .map(|v| AsRef::<str>::as_ref(k).len() + 2 + v.as_str().len() + 2)
+                .sum::<usize>()
+        })
+        .sum();
+    "NATS/1.0\r\n".len() + block + 2 + body
+}
+
+/// How a dead letter was made to fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// As built: the whole error and the body.
+    Whole,
+    /// `Dlq-Error` cut to 128 bytes; the body kept.
+    ErrorCut,
+    /// Without the body ([`BODY_OMITTED`]).
+    BodyOmitted,
+}
+
+/// Makes the letter fit `max_payload` (0: unknown, nothing changed): first the error text is
+/// cut, and only if that is not enough the body is left out, so a letter that cannot be stored
+/// never holds its message back for ever. The body is returned (empty when left out).
+pub fn fit_letter(headers: &mut HeaderMap, body: &bytes::Bytes, max_payload: usize) -> (bytes::Bytes, Fit) {
+    if max_payload == 0 || wire_size(headers, body.len()) <= max_payload {
+        return (body.clone(), Fit::Whole);
+    }
+    if let Some(e) = headers.get("Dlq-Error").map(|v| v.as_str().to_string()) {
+        headers.insert("Dlq-Error", header_safe(&e, SHORT_ERROR).as_str());
+        if wire_size(headers, body.len()) <= max_payload {
+            return (body.clone(), Fit::ErrorCut);
+        }
+    }
+    omit_body(headers, body.len());
+    (bytes::Bytes::new(), Fit::BodyOmitted)
+}
+
+fn omit_body(headers: &mut HeaderMap, len: usize) {
+    headers.insert(BODY_OMITTED, len.to_string().as_str());
+}
+
+/// Whether a refused publish says the message is too large: the client's `max_payload` check,
+/// or the stream's `max_msg_size` (JetStream error 10054).
+fn too_large(e: &PublishError) -> bool {
+    use std::error::Error as _;
+    e.kind() == PublishErrorKind::MaxPayloadExceeded
+        || e.source()
+            .and_then(|s| s.downcast_ref::<jetstream::Error>())
+            .is_some_and(|j| j.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
+}
+
+/// Publishes the dead letter and waits for JetStream to confirm it is stored. A letter that
+/// would not fit the server's `max_payload` is made to fit ([`fit_letter`]); one the client or
+/// the DLQ stream still refuses as too large is sent once more without its body.
 pub async fn publish(
     js: &jetstream::Context,
     prefix: &str,
@@ -290,17 +361,36 @@ pub async fn publish(
     reason: Reason,
     error: &str,
 ) -> Result<jetstream::publish::PublishAck, PublishError> {
-    let headers = dead_letter_headers(original.headers.as_ref(), origin, reason, error);
+    let mut headers = dead_letter_headers(original.headers.as_ref(), origin, reason, error);
     let subject = format!("{prefix}.{}", reason.as_str());
-    let ack = js
-        .send_publish(
-            subject,
-            PublishMessage::build()
-                .payload(original.payload.clone())
-                .headers(headers),
-        )
-        .await?;
-    ack.await
+    let max_payload = js.client().server_info().max_payload;
+    let (body, fit) = fit_letter(&mut headers, &original.payload, max_payload);
+    let send = |headers: HeaderMap, body: bytes::Bytes| {
+        let subject = subject.clone();
+        async move {
+            js.send_publish(subject, PublishMessage::build().payload(body).headers(headers))
+                .await?
+                .await
+        }
+    };
+    let result = match send(headers.clone(), body).await {
+        Err(e) if fit != Fit::BodyOmitted && too_large(&e) => {
+            omit_body(&mut headers, original.payload.len());
+            send(headers, bytes::Bytes::new())
+                .await
+                .map(|ack| (ack, Fit::BodyOmitted))
+        }
+        r => r.map(|ack| (ack, fit)),
+    };
+    let (ack, fit) = result?;
+    if fit == Fit::BodyOmitted {
+        tracing::warn!(
+            stream = %origin.stream, seq = origin.seq, bytes = original.payload.len(),
+            max_payload, dlq_seq = ack.sequence,
+            "dead letter stored without its body: with its headers it exceeds the server's max_payload (or the DLQ stream's max_msg_size); the body stays in the original stream at this sequence until its max_age, and `dlq replay` takes it from there"
+        );
+    }
+    Ok(ack)
 }
 
 #[cfg(test)]
@@ -335,6 +425,49 @@ mod tests {
             h.get("Dlq-Original-Timestamp").unwrap().as_str(),
             "2025-03-01T03:33:20.123456789Z"
         );
+    }
+
+    #[test]
+    fn a_letter_too_large_for_max_payload_loses_its_long_error_first_then_its_body() {
+        let mut one = HeaderMap::new();
+        one.insert("A", "b");
+        assert_eq!(wire_size(&one, 5), "NATS/1.0\r\nA: b\r\n\r\n".len() + 5);
+
+        let origin = Origin {
+            subject: "athlete-ally.hrv.raw-received",
+            stream: "AA_CORE_HOT",
+            seq: 42,
+            durable: "d",
+            delivered: 1,
+            published: None,
+        };
+        let letter = || dead_letter_headers(None, &origin, Reason::SchemaInvalid, &"e".repeat(2000));
+        let body = bytes::Bytes::from(vec![b'x'; 500]);
+        let whole = wire_size(&letter(), body.len());
+
+        for max in [0, whole, whole + 1] {
+            let mut h = letter();
+            let (b, fit) = fit_letter(&mut h, &body, max);
+            assert_eq!((fit, b.len()), (Fit::Whole, 500), "max_payload {max}");
+            assert_eq!(h.get("Dlq-Error").unwrap().as_str().len(), 1024);
+            assert!(h.get(BODY_OMITTED).is_none());
+        }
+
+        let mut h = letter();
+        let (b, fit) = fit_letter(&mut h, &body, whole - 1);
+        assert_eq!((fit, b.len()), (Fit::ErrorCut, 500));
+        assert_eq!(h.get("Dlq-Error").unwrap().as_str().len(), SHORT_ERROR);
+        assert!(wire_size(&h, b.len()) < whole - 1);
+
+        let mut h = letter();
+        let cut = whole - 1024 + SHORT_ERROR;
+        let (b, fit) = fit_letter(&mut h, &body, cut - 1);
+        assert_eq!((fit, b.len()), (Fit::BodyOmitted, 0));
+        assert_eq!(h.get(BODY_OMITTED).unwrap().as_str(), "500");
+        assert!(wire_size(&h, 0) < cut);
+        // What tells the letter's origin stays.
+        assert_eq!(h.get("Dlq-Original-Sequence").unwrap().as_str(), "42");
+        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "dlq:AA_CORE_HOT:42");
     }
 
     #[test]

@@ -487,3 +487,96 @@ async fn a_second_generation_replay_keeps_the_first_origin_and_time() {
     );
     app.stop().await.unwrap();
 }
+
+/// A message that fits the server's `max_payload` but not with the dead-letter headers: its
+/// letter is stored without the body (instead of being retried for ever, the message never
+/// settled), the message is settled at once, and `dlq replay` republishes the original body,
+/// read from the original stream position, and says so clearly once that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_letter_too_large_for_max_payload_is_stored_without_its_body_and_replayed_from_the_original() {
+    const MAX: usize = 64 * 1024;
+    let (stack, app) = Stack::builder()
+        .nats_conf(&format!("max_payload: {MAX}"))
+        .app()
+        .await;
+    let (js, vars) = (&stack.js, stack.vars.clone());
+    assert_eq!(
+        js.client().server_info().max_payload,
+        MAX,
+        "the test server's limit"
+    );
+
+    // Schema-invalid (no userId); with its id header 260 bytes below the limit, while the
+    // dead-letter headers take more.
+    let head = r#"{"payload": {"date": "2025-03-01", "rMSSD": 41.0, "raw": {"pad": ""#;
+    let tail = r#""}}}"#;
+    let pad = MAX - 300 - head.len() - tail.len();
+    let body = format!("{head}{}{tail}", "x".repeat(pad));
+    assert_eq!(body.len(), MAX - 300);
+    let seq = publish_with_id(js, HRV_SUBJECT, "ingest-huge", body.clone()).await;
+    wait_for("one dead letter", Duration::from_secs(20), || async {
+        stream_messages(js, "AA_DLQ").await == 1
+    })
+    .await;
+    wait_processed(js, "AA_CORE_HOT", seq).await;
+    let info = js
+        .get_stream("AA_CORE_HOT")
+        .await
+        .unwrap()
+        .consumer_info(DURABLE)
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.num_redelivered, 0, "settled on its first delivery");
+    assert_eq!(
+        metric_value(&app.metrics().await, "normalize_dlq_publish_failures_total", &[]).unwrap_or(0.0),
+        0.0
+    );
+    assert_eq!(app.health().await.1["status"], "ok");
+
+    let list = cli_json(&vars, &["dlq", "list"], 0).await;
+    let letter = &list["deadLetters"][0];
+    assert_eq!(letter["reason"], "schema-invalid", "{list}");
+    assert_eq!(letter["originalSequence"], seq);
+    assert_eq!(letter["size"], 0);
+    assert_eq!(letter["bodyOmitted"], body.len());
+    let dlq_seq = letter["sequence"].as_u64().unwrap().to_string();
+    let shown = cli(&vars, &["dlq", "show", &dlq_seq]).await;
+    assert!(
+        shown.stdout.contains("stored without its body") && shown.stdout.contains("AA_CORE_HOT at"),
+        "{}",
+        shown.stdout
+    );
+
+    // Replayed with the original body, taken from AA_CORE_HOT.
+    let replay = cli_json(&vars, &["dlq", "replay", &dlq_seq], 0).await;
+    assert_eq!(replay["counts"]["replayed"], 1, "{replay}");
+    let replayed = replay["results"][0]["replayedTo"]["sequence"].as_u64().unwrap();
+    let core = js.get_stream("AA_CORE_HOT").await.unwrap();
+    let m = core.get_raw_message(replayed).await.unwrap();
+    assert_eq!(m.payload, body.as_bytes(), "the original body, byte for byte");
+    assert_eq!(
+        m.headers.get("Replay-Original-Msg-Id").unwrap().as_str(),
+        "ingest-huge"
+    );
+    // Still invalid: dead-lettered again, the same way.
+    wait_processed(js, "AA_CORE_HOT", replayed).await;
+    wait_for("the replay's dead letter", Duration::from_secs(20), || async {
+        stream_messages(js, "AA_DLQ").await == 2
+    })
+    .await;
+
+    // Once the original is gone, the replay fails and says why; the letter stays.
+    core.delete_message(seq).await.unwrap();
+    let again = cli(&vars, &["dlq", "replay", &dlq_seq, "--json"]).await;
+    assert_eq!(again.code, 1, "{}\n{}", again.stdout, again.stderr);
+    let again = again.json();
+    assert_eq!(again["results"][0]["result"], "failed");
+    let error = again["results"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("stored without its body") && error.contains("no longer holds sequence"),
+        "{error}"
+    );
+    assert_eq!(stream_messages(js, "AA_DLQ").await, 2);
+    app.stop().await.unwrap();
+}

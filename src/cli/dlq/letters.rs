@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::{DlqError, FilterArgs, Selection};
 use crate::cli::output::{EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK};
 use crate::config::{Config, ConsumerKind};
-use crate::dlq::replay_headers;
+use crate::dlq::{replay_headers, BODY_OMITTED};
 
 /// One dead letter as read back from the stream.
 #[derive(Debug, Clone)]
@@ -51,7 +51,13 @@ impl DeadLetter {
             failed_at: self.header("Dlq-Failed-At"),
             error: self.header("Dlq-Error"),
             size: self.payload.len(),
+            body_omitted: self.body_omitted(),
         }
+    }
+
+    /// The body's length when the letter was stored without it ([`BODY_OMITTED`]).
+    pub(super) fn body_omitted(&self) -> Option<u64> {
+        self.header(BODY_OMITTED).and_then(|n| n.trim().parse().ok())
     }
 
     fn matches(&self, f: &FilterArgs, since: Option<DateTime<Utc>>) -> bool {
@@ -77,6 +83,9 @@ pub(super) struct Summary<'a> {
     pub(super) failed_at: Option<&'a str>,
     pub(super) error: Option<&'a str>,
     pub(super) size: usize,
+    /// The body's length when the letter was stored without it (`Dlq-Body-Omitted`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) body_omitted: Option<u64>,
 }
 
 /// Which consumer a dead letter belongs to: the longest configured `<prefix>.` its subject starts
@@ -221,10 +230,16 @@ impl Dlq {
             r.error = Some("no Dlq-Original-Subject header: the original subject is unknown".into());
             return r;
         };
+        let body = match body_of(js, l).await {
+            Ok(b) => b,
+            Err(e) => {
+                r.result = "failed";
+                r.error = Some(e);
+                return r;
+            }
+        };
         let headers = replay_headers(&l.headers, &self.name, l.seq);
-        let msg = PublishMessage::build()
-            .payload(l.payload.clone())
-            .headers(headers);
+        let msg = PublishMessage::build().payload(body).headers(headers);
         let acked = match js.send_publish(subject, msg).await {
             Ok(ack) => ack.await.map_err(async_nats::Error::from),
             Err(e) => Err(e.into()),
@@ -270,6 +285,45 @@ impl Dlq {
             }
         }
         r
+    }
+}
+
+/// The body a replay publishes: the letter's own, or for a letter stored without it
+/// ([`BODY_OMITTED`]) the original message's, read from its stream position while that stream
+/// still holds it.
+async fn body_of(js: &jetstream::Context, l: &DeadLetter) -> Result<bytes::Bytes, String> {
+    let Some(len) = l.header(BODY_OMITTED) else {
+        return Ok(l.payload.clone());
+    };
+    let stream = l.header("Dlq-Original-Stream").unwrap_or_default();
+    let seq = l
+        .header("Dlq-Original-Sequence")
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|&n| n != 0);
+    let gone = |why: String| {
+        format!(
+            "the dead letter was stored without its body ({len} bytes: too large for the server's max_payload with the dead-letter headers), and {why}; nothing was replayed"
+        )
+    };
+    let Some(seq) = seq.filter(|_| !stream.is_empty()) else {
+        return Err(gone(
+            "it names no original stream position to take the body from".into(),
+        ));
+    };
+    let original = match js.get_stream(stream).await {
+        Ok(s) => s.get_raw_message(seq).await,
+        Err(e) => return Err(gone(format!("its original stream {stream} cannot be read: {e}"))),
+    };
+    match original {
+        Ok(m) if Some(m.subject.as_str()) == l.header("Dlq-Original-Subject") => Ok(m.payload),
+        Ok(m) => Err(gone(format!(
+            "{stream} holds another subject ({}) at sequence {seq}",
+            m.subject
+        ))),
+        Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => Err(gone(format!(
+            "{stream} no longer holds sequence {seq} (past its max_age, or deleted)"
+        ))),
+        Err(e) => Err(gone(format!("reading {stream} at sequence {seq} failed: {e}"))),
     }
 }
 

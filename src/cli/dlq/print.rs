@@ -127,7 +127,16 @@ pub(super) fn show(l: &DeadLetter, json: bool) {
     outln!(t, "Stored:   {}", rfc3339(l.time));
     outln!(t, "Subject:  {}", l.subject);
     outln!(t, "Consumer: {}", l.consumer_str());
-    outln!(t, "Size:     {} bytes", l.payload.len());
+    match l.body_omitted() {
+        Some(n) => outln!(
+            t,
+            "Size:     {} bytes (stored without its body of {n} bytes, too large with the dead-letter headers; replay takes it from {} at {} while that stream keeps it)",
+            l.payload.len(),
+            l.header("Dlq-Original-Stream").unwrap_or("?"),
+            l.header("Dlq-Original-Sequence").unwrap_or("?")
+        ),
+        None => outln!(t, "Size:     {} bytes", l.payload.len()),
+    }
     outln!(t);
     for (name, values) in headers_json(&l.headers) {
         for v in values {
