@@ -247,9 +247,10 @@ impl Worker {
     /// rollback during the migration) would otherwise never be delivered. The durable on the
     /// other candidate stream is also taken at once, pending or not, when that stream receives
     /// the filter subject: a subject mapping may send any publish there without a rebind tick
-    /// noticing (see the module doc). Checked after every bind and on every rebind tick, with at
-    /// most two requests per stream not consumed yet; the loop stops when the durable is drained
-    /// ([`Worker::stop_drained`]).
+    /// noticing (see the module doc); when that stream has no durable, it is created there if
+    /// provisioning allows ([`Worker::provision_receiving`]). Checked after every bind and on
+    /// every rebind tick, with at most two requests per stream not consumed yet (and the
+    /// creation); the loop stops when the durable is drained ([`Worker::stop_drained`]).
     async fn adopt_stranded(
         &self,
         active: &Running,
@@ -267,9 +268,12 @@ impl Worker {
             {
                 continue;
             }
-            let b = match topology::existing_durable(&self.shared.js, &self.cc, &name).await {
-                Ok(Some(b)) => b,
-                Ok(None) => continue,
+            let (b, created) = match topology::existing_durable(&self.shared.js, &self.cc, &name).await {
+                Ok(Some(b)) => (b, false),
+                Ok(None) => match self.provision_receiving(&name).await {
+                    Some(b) => (b, true),
+                    None => continue,
+                },
                 Err(e) => {
                     tracing::debug!(stream = %name, error = %e, "cannot look for a stranded durable");
                     continue;
@@ -277,7 +281,12 @@ impl Worker {
             };
             let info = b.consumer.cached_info();
             let (pending, ack_pending) = (info.num_pending, info.num_ack_pending);
-            if pending > 0 || ack_pending > 0 {
+            if created {
+                tracing::info!(
+                    stream = %name, durable = %b.durable,
+                    "the stream receives the filter subject too (a subject mapping may send it there) and had no durable: created it, consuming it beside the active binding"
+                );
+            } else if pending > 0 || ack_pending > 0 {
                 tracing::info!(
                     stream = %name, durable = %b.durable, pending, ack_pending,
                     "the durable on a stream the subjects left still has messages; draining it"
@@ -295,12 +304,35 @@ impl Worker {
                 .with_label_values(&[self.cc.kind.as_str(), &name, &b.durable])
                 .set(1);
             m.touch_binding(self.cc.kind, &self.cc.filter_subject, &name, &b.durable);
-            topology::warn_about_durable(&b, &self.cc);
+            if !created {
+                // `bind_on` warned about a durable it bound.
+                topology::warn_about_durable(&b, &self.cc);
+            }
             let mut b = b;
             b.fallback = name != primary;
             draining.push(self.spawn_binding(loops, b, shutdown));
         }
         self.report_bindings(Some(active), draining);
+    }
+
+    /// The durable on `stream`, created there because that stream receives the filter subject
+    /// too (during a mapping cut-over both streams do, and either may get any publish) and
+    /// provisioning allows it (`TOPOLOGY_PROVISION=missing`; under `off` the operator's tooling
+    /// creates it, `migrate shift` does). `None` when the stream does not receive the subject,
+    /// provisioning is off, or the lookup failed (tried again next tick).
+    async fn provision_receiving(&self, stream: &str) -> Option<Binding> {
+        if self.shared.config.provision == crate::config::Provision::Off
+            || self.receives(stream).await != Some(true)
+        {
+            return None;
+        }
+        match topology::bind_on(&self.shared.js, &self.shared.config, &self.cc, stream).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(stream, error = %e, "cannot create the durable on a stream that receives the filter subject");
+                None
+            }
+        }
     }
 
     /// A durable seen drained on this many consecutive rebind ticks, its stream no longer

@@ -774,3 +774,37 @@ async fn a_cluster_that_hides_its_servers_needs_them_listed() {
     let text = r.to_string();
     assert!(text.contains("not within 1 s through"), "{r}");
 }
+
+/// A shift leaves both streams receiving the group's subjects: `migrate shift` makes sure the
+/// durables exist on the legacy stream too (the previous service never consumed Oura, so it may
+/// have none there), or a daemon under `TOPOLOGY_PROVISION=off` would leave the legacy share
+/// unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shift_creates_the_durables_on_the_legacy_stream_too() {
+    let stack = legacy_stack("").await;
+    let version = server_version(&stack).await;
+    if !at_least_2_10(&version) {
+        return refused_before_2_10(&stack, &version).await;
+    }
+    let vars = cli_vars(&stack);
+    let map = mapping_args(&stack);
+    step(&vars, &["migrate", "phase0"], &[]).await;
+    let legacy = stack.js.get_stream("ATHLETE_ALLY_EVENTS").await.unwrap();
+    if legacy.consumer_info("normalize-oura").await.is_ok() {
+        legacy.delete_consumer("normalize-oura").await.unwrap();
+    }
+    let r = step(&vars, &["migrate", "shift", "vendor", "10", "--yes"], &map).await;
+    assert!(
+        r.to_string()
+            .contains("create durable normalize-oura on ATHLETE_ALLY_EVENTS"),
+        "{r}"
+    );
+    for stream in ["ATHLETE_ALLY_EVENTS", "AA_VENDOR_HOT"] {
+        assert!(
+            consumer_backlog(&stack.js, stream, "normalize-oura")
+                .await
+                .is_some(),
+            "normalize-oura on {stream}"
+        );
+    }
+}

@@ -61,8 +61,8 @@ fn daemon_env(provision: &'static str) -> [(&'static str, &'static str); 3] {
 }
 
 /// The legacy stream, the namespaced core and vendor streams, AA_DLQ; each consumer's durable
-/// on the legacy stream, and on the new one too when `durables_on_new`.
-async fn cut_over_topology(stack: &Stack, durables_on_new: bool) {
+/// on the new stream when `durables_on_new`, and on the legacy one when `durables_on_legacy`.
+async fn cut_over_topology(stack: &Stack, durables_on_new: bool, durables_on_legacy: bool) {
     let js = &stack.js;
     let n = StreamNames::default();
     js.create_stream(topology::legacy_spec(&n, 1).to_config())
@@ -84,7 +84,7 @@ async fn cut_over_topology(stack: &Stack, durables_on_new: bool) {
     let config = Config::from_vars(stack.vars.clone()).unwrap();
     for cc in &config.consumers {
         for (i, name) in topology::candidates(&config, cc).iter().enumerate() {
-            if i == 0 && !durables_on_new {
+            if (i == 0 && !durables_on_new) || (i > 0 && !durables_on_legacy) {
                 continue;
             }
             js.get_stream(name)
@@ -398,7 +398,7 @@ async fn weighted_shift_loses_nothing_and_waits_for_no_tick() {
     if !transforms_supported(&stack.nats).await {
         return;
     }
-    cut_over_topology(&stack, true).await;
+    cut_over_topology(&stack, true, true).await;
     let app = stack.app().await;
     // Both streams receive the subjects (the new ones through the namespace): both consumed
     // from the first bind, before any publish reaches the new streams.
@@ -458,7 +458,7 @@ async fn rollback_by_mapping_is_consumed_at_once() {
     if !transforms_supported(&stack.nats).await {
         return;
     }
-    cut_over_topology(&stack, false).await;
+    cut_over_topology(&stack, false, true).await;
     let app = stack.app().await;
     wait_both_bound(&app).await;
     for (stream, durable) in [
@@ -517,7 +517,7 @@ async fn legacy_durable_is_released_once_its_stream_no_longer_receives() {
     if !transforms_supported(&stack.nats).await {
         return;
     }
-    cut_over_topology(&stack, true).await;
+    cut_over_topology(&stack, true, true).await;
     let app = stack.app().await;
     wait_both_bound(&app).await;
     // Far more than 3 empty rebind ticks: still consumed, its stream still receives.
@@ -565,5 +565,49 @@ async fn legacy_durable_is_released_once_its_stream_no_longer_receives() {
         count(&pool, "SELECT count(*) FROM hrv_data WHERE user_id = 'p3-h-0'").await == 1
     })
     .await;
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiving_legacy_stream_without_its_durable_gets_one_and_loses_nothing() {
+    // Mid-shift, the legacy stream has no durables (the previous service never consumed Oura; an
+    // operator deleted the others): half of every subject's publishes land there. With
+    // provisioning on, the daemon creates the durable on every stream that receives the
+    // subject, not only on the one it binds, and consumes both.
+    let stack = Stack::builder().env(&daemon_env("missing")).start().await;
+    if !transforms_supported(&stack.nats).await {
+        return;
+    }
+    cut_over_topology(&stack, true, false).await;
+    shift_to(&stack, 50, 0.3, 0.7).await;
+    let app = stack.app().await;
+    wait_both_bound(&app).await;
+    for durable in [
+        "normalize-hrv-durable",
+        "normalize-sleep-durable",
+        "normalize-oura",
+    ] {
+        assert!(
+            consumer_backlog(&stack.js, LEGACY, durable).await.is_some(),
+            "{durable} created on {LEGACY}"
+        );
+    }
+    let publisher = Publisher::start(stack.js.clone(), "nl", 600, 50);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let published = publisher.finish().await;
+    let sent = &published.sent;
+    assert_eq!(published.failed, 0, "no publish failed");
+    for kind in Kind::ALL {
+        assert!(
+            sent.iter().any(|s| s.kind == kind && s.stream == LEGACY),
+            "{kind:?} events reached {LEGACY}"
+        );
+    }
+    stored(&stack.db, "nl", sent).await;
+    assert_eq!(
+        stream_messages(&stack.js, "AA_DLQ").await,
+        0,
+        "nothing dead-lettered"
+    );
     app.stop().await.unwrap();
 }

@@ -89,8 +89,9 @@ fn base_routes(args: &StepArgs, observed: Routes) -> Routes {
 }
 
 /// `migrate phase1|phase2|shift|rollback` with the mapping cut-over: the group's new stream
-/// listens on the private namespace, the durables exist there, then the mapping routes
-/// `percent` of the group's publishes to it, verified by probes.
+/// listens on the private namespace, the durables exist there (and on the legacy stream while it
+/// keeps a share), then the mapping routes `percent` of the group's publishes to it, verified
+/// by probes.
 #[allow(clippy::too_many_arguments)]
 pub async fn route_group(
     c: &Ctx,
@@ -153,15 +154,24 @@ pub async fn route_group(
     if !listen_privately(c, role, args, report).await {
         return false;
     }
+    // A durable on every stream the mapping sends publishes to: the new one, and the legacy
+    // one while it still gets a share (after a rollback, all of it). A daemon under
+    // `TOPOLOGY_PROVISION=off` consumes only durables that exist.
+    let mut homes = vec![new_stream.clone()];
+    if percent < 100 {
+        homes.push(n.legacy.clone());
+    }
     for cc in consumers_of(&c.config, role) {
-        if args.dry_run {
-            report.action(
-                ActionKind::CreateConsumer,
-                format!("ensure durable {} on {new_stream}", cc.durable),
-                "dry run",
-            );
-        } else {
-            c.ensure_durable(cc, &new_stream, report).await;
+        for home in &homes {
+            if args.dry_run {
+                report.action(
+                    ActionKind::CreateConsumer,
+                    format!("ensure durable {} on {home}", cc.durable),
+                    "dry run",
+                );
+            } else {
+                c.ensure_durable(cc, home, report).await;
+            }
         }
     }
     if !report.ok {
