@@ -479,17 +479,19 @@ pub async fn bind(
 
 /// The first candidate stream that receives the consumer's filter subject
 /// ([`stream_receives`]): the primary stream while it does, even when a weighted subject
-/// mapping still sends part of the subject to the legacy stream.
+/// mapping still sends part of the subject to the legacy stream. `None` also when the server
+/// cannot tell for a stream before it (a timeout, a leader election): a later stream is no
+/// answer then, and taking it would report a fallback that did not happen.
 pub async fn capturing_stream(
     js: &jetstream::Context,
     config: &Config,
     cc: &ConsumerConfig,
 ) -> Option<String> {
     for name in candidates(config, cc) {
-        if let Ok(stream) = js.get_stream(&name).await {
-            if stream_receives(&stream.cached_info().config, &cc.filter_subject) {
-                return Some(name);
-            }
+        match stream_receives_now(js, &name, &cc.filter_subject).await {
+            Some(true) => return Some(name),
+            Some(false) => {}
+            None => return None,
         }
     }
     None

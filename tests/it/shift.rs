@@ -611,3 +611,82 @@ async fn a_receiving_legacy_stream_without_its_durable_gets_one_and_loses_nothin
     );
     app.stop().await.unwrap();
 }
+
+/// The daemon's user (`daemon`) and the test's (`test`); with `deny_core_info` the daemon's
+/// stream info requests for AA_CORE_HOT get no answer, as during a stream leader election.
+fn users(deny_core_info: bool) -> String {
+    let deny = if deny_core_info {
+        r#", permissions: {publish: {allow: [">"], deny: ["$JS.API.STREAM.INFO.AA_CORE_HOT"]}}"#
+    } else {
+        ""
+    };
+    format!(
+        "authorization {{\n  users = [\n    {{user: daemon, password: daemon-pw{deny}}}\n    {{user: test, password: test-pw}}\n  ]\n}}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_stream_info_is_no_fallback() {
+    // Both streams receive the subjects (the cut-over topology); when the primary's stream
+    // info goes unanswered, the daemon cannot tell which stream captures the subject: it keeps
+    // its binding instead of reporting a fallback to the legacy stream that did not happen.
+    let stack = Stack::builder()
+        .nats_conf(&users(false))
+        .nats_client(async_nats::ConnectOptions::with_user_and_password(
+            "test".into(),
+            "test-pw".into(),
+        ))
+        .env(&[
+            ("EVENT_STREAM_MODE", "multi"),
+            ("REBIND_INTERVAL_MS", "300"),
+            ("TOPOLOGY_PROVISION", "off"),
+            ("NATS_USER", "daemon"),
+            ("NATS_PASSWORD", "daemon-pw"),
+        ])
+        .start()
+        .await;
+    let version = stack.js.client().server_info().version;
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    if (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < (2, 10) {
+        eprintln!("note: nats-server {version} has no stream subject transforms (2.10+); nothing to test");
+        return;
+    }
+    cut_over_topology(&stack, true, true).await;
+    let app = stack.app().await;
+    wait_both_bound(&app).await;
+    stack.nats.reload_with(&users(true));
+    // Several rebind ticks, each waiting for the unanswered request to time out.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (_, h) = app.health().await;
+    for kind in ["hrv", "sleep"] {
+        let c = &h["consumers"][kind];
+        assert_eq!(c["stream"], CORE, "{kind}: {h}");
+        assert_eq!(c["fallback"], false, "{kind}: {h}");
+    }
+    assert_eq!(
+        metric_value(&app.metrics().await, "normalize_stream_fallback_total", &[]).unwrap_or(0.0),
+        0.0,
+        "no fallback counted"
+    );
+    // Still consumed where events land.
+    let ack = stack
+        .js
+        .publish(
+            HRV_SUBJECT,
+            hrv_event("ui-h-0", "2025-03-01", 40.0, "2025-03-01T06:00:00Z").into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(
+        ack.stream, LEGACY,
+        "no mapping: publishes land in the legacy stream"
+    );
+    let pool = stack.pool().await;
+    wait_for("the event stored", Duration::from_secs(10), || async {
+        count(&pool, "SELECT count(*) FROM hrv_data WHERE user_id = 'ui-h-0'").await == 1
+    })
+    .await;
+    app.stop().await.unwrap();
+}
