@@ -28,9 +28,10 @@ const CHANGING: u8 = u8::MAX;
 /// What "stored without waiting for a rebind tick" means here.
 const STORED_WITHIN: Duration = Duration::from_secs(5);
 
-/// True on nats-server 2.10+; prints why the test does nothing otherwise.
-async fn transforms_supported(nats: &NatsServer) -> bool {
-    let version = nats.client().await.server_info().version;
+/// True on nats-server 2.10+ (the server `client` is connected to); prints why the test does
+/// nothing otherwise.
+fn transforms_supported(client: &async_nats::Client) -> bool {
+    let version = client.server_info().version;
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     if (major, minor) < (2, 10) {
@@ -395,7 +396,7 @@ async fn wait_both_bound(app: &TestApp) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_shift_loses_nothing_and_waits_for_no_tick() {
     let stack = Stack::builder().env(&daemon_env("off")).start().await;
-    if !transforms_supported(&stack.nats).await {
+    if !transforms_supported(&stack.js.client()) {
         return;
     }
     cut_over_topology(&stack, true, true).await;
@@ -455,7 +456,7 @@ async fn rollback_by_mapping_is_consumed_at_once() {
     // Provisioning on and no durable on the new streams: the daemon creates them there, the
     // filter being received through the namespace.
     let stack = Stack::builder().env(&daemon_env("missing")).start().await;
-    if !transforms_supported(&stack.nats).await {
+    if !transforms_supported(&stack.js.client()) {
         return;
     }
     cut_over_topology(&stack, false, true).await;
@@ -514,7 +515,7 @@ async fn legacy_durable_is_released_once_its_stream_no_longer_receives() {
         ])
         .start()
         .await;
-    if !transforms_supported(&stack.nats).await {
+    if !transforms_supported(&stack.js.client()) {
         return;
     }
     cut_over_topology(&stack, true, true).await;
@@ -575,7 +576,7 @@ async fn a_receiving_legacy_stream_without_its_durable_gets_one_and_loses_nothin
     // provisioning on, the daemon creates the durable on every stream that receives the
     // subject, not only on the one it binds, and consumes both.
     let stack = Stack::builder().env(&daemon_env("missing")).start().await;
-    if !transforms_supported(&stack.nats).await {
+    if !transforms_supported(&stack.js.client()) {
         return;
     }
     cut_over_topology(&stack, true, false).await;
@@ -645,10 +646,7 @@ async fn an_unanswered_stream_info_is_no_fallback() {
         ])
         .start()
         .await;
-    let version = stack.js.client().server_info().version;
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    if (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < (2, 10) {
-        eprintln!("note: nats-server {version} has no stream subject transforms (2.10+); nothing to test");
+    if !transforms_supported(&stack.js.client()) {
         return;
     }
     cut_over_topology(&stack, true, true).await;
