@@ -52,11 +52,12 @@ fn namespaced(spec: StreamSpec, subjects: &[&str]) -> stream::Config {
     c
 }
 
-/// The daemon's variables for these tests: multi mode, a slow rebind tick.
-fn daemon_env(provision: &'static str) -> [(&'static str, &'static str); 3] {
+/// The daemon's variables for these tests: multi mode, a rebind tick every `rebind_ms`
+/// ([`REBIND_MS`]: slow).
+fn daemon_env(provision: &'static str, rebind_ms: &'static str) -> [(&'static str, &'static str); 3] {
     [
         ("EVENT_STREAM_MODE", "multi"),
-        ("REBIND_INTERVAL_MS", REBIND_MS),
+        ("REBIND_INTERVAL_MS", rebind_ms),
         ("TOPOLOGY_PROVISION", provision),
     ]
 }
@@ -395,7 +396,7 @@ async fn wait_both_bound(app: &TestApp) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_shift_loses_nothing_and_waits_for_no_tick() {
-    let stack = Stack::builder().env(&daemon_env("off")).start().await;
+    let stack = Stack::builder().env(&daemon_env("off", REBIND_MS)).start().await;
     if !transforms_supported(&stack.js.client()) {
         return;
     }
@@ -455,7 +456,10 @@ async fn weighted_shift_loses_nothing_and_waits_for_no_tick() {
 async fn rollback_by_mapping_is_consumed_at_once() {
     // Provisioning on and no durable on the new streams: the daemon creates them there, the
     // filter being received through the namespace.
-    let stack = Stack::builder().env(&daemon_env("missing")).start().await;
+    let stack = Stack::builder()
+        .env(&daemon_env("missing", REBIND_MS))
+        .start()
+        .await;
     if !transforms_supported(&stack.js.client()) {
         return;
     }
@@ -507,14 +511,7 @@ async fn rollback_by_mapping_is_consumed_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_durable_is_released_once_its_stream_no_longer_receives() {
-    let stack = Stack::builder()
-        .env(&[
-            ("EVENT_STREAM_MODE", "multi"),
-            ("REBIND_INTERVAL_MS", "300"),
-            ("TOPOLOGY_PROVISION", "off"),
-        ])
-        .start()
-        .await;
+    let stack = Stack::builder().env(&daemon_env("off", "300")).start().await;
     if !transforms_supported(&stack.js.client()) {
         return;
     }
@@ -575,7 +572,10 @@ async fn a_receiving_legacy_stream_without_its_durable_gets_one_and_loses_nothin
     // operator deleted the others): half of every subject's publishes land there. With
     // provisioning on, the daemon creates the durable on every stream that receives the
     // subject, not only on the one it binds, and consumes both.
-    let stack = Stack::builder().env(&daemon_env("missing")).start().await;
+    let stack = Stack::builder()
+        .env(&daemon_env("missing", REBIND_MS))
+        .start()
+        .await;
     if !transforms_supported(&stack.js.client()) {
         return;
     }
@@ -637,13 +637,8 @@ async fn an_unanswered_stream_info_is_no_fallback() {
             "test".into(),
             "test-pw".into(),
         ))
-        .env(&[
-            ("EVENT_STREAM_MODE", "multi"),
-            ("REBIND_INTERVAL_MS", "300"),
-            ("TOPOLOGY_PROVISION", "off"),
-            ("NATS_USER", "daemon"),
-            ("NATS_PASSWORD", "daemon-pw"),
-        ])
+        .env(&daemon_env("off", "300"))
+        .env(&[("NATS_USER", "daemon"), ("NATS_PASSWORD", "daemon-pw")])
         .start()
         .await;
     if !transforms_supported(&stack.js.client()) {
