@@ -189,10 +189,11 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
 }
 
 /// SQLSTATEs that mean "not now" rather than "never" — an outage of the database, not a fault
-/// of the message. Retried (NAK with backoff, then a replayable `max-deliver` dead letter):
+/// of the message. Retried (NAK with backoff, then a replayable `max-deliver` dead letter;
+/// those of [`is_outage_sqlstate`] without that limit):
 /// - 40001 serialization failure, 40P01 deadlock;
-/// - class 08, connection exceptions; class 53, insufficient resources;
-/// - 57P01..57P05 operator intervention (shutdown, crash recovery, …);
+/// - the outages of [`is_outage_sqlstate`];
+/// - 57P05 idle session timeout;
 /// - 57014 query cancelled — our `statement_timeout` (or an operator's `pg_cancel_backend`) —
 ///   and 55P03 lock not available (`lock_timeout`): a statement stuck behind a lock or on an
 ///   overloaded server;
@@ -210,10 +211,23 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
 ///   way once a fixed version runs.
 pub fn is_transient_sqlstate(code: &str) -> bool {
     matches!(code, "40001" | "40P01" | "55P03" | "57014")
-        || code.starts_with("08")
         || code.starts_with("42")
-        || code.starts_with("53")
         || code.starts_with("57P")
+        || is_outage_sqlstate(code)
+}
+
+/// SQLSTATEs that say the database as a whole is down or refuses this service, whatever the
+/// message: class 08 connection exceptions; class 53 insufficient resources (out of connection
+/// slots, disk full, out of memory); 57P01..57P04 the server shutting down, crashed, starting
+/// up, or the database dropped; class 28 credentials refused (a changed password or
+/// `pg_hba.conf`); 3D000 no such database; 25006 a read-only server (a failover in progress).
+/// A message failing with one of these is retried past its delivery limit: an outage of any
+/// length dead-letters nothing, and fixing the database lets everything be stored.
+pub fn is_outage_sqlstate(code: &str) -> bool {
+    matches!(code, "57P01" | "57P02" | "57P03" | "57P04" | "3D000" | "25006")
+        || code.starts_with("08")
+        || code.starts_with("28")
+        || code.starts_with("53")
 }
 
 #[cfg(test)]
@@ -226,6 +240,16 @@ mod tests {
             "40001", "40P01", "08006", "08001", "53300", "57P01", "57P03", "57014", "55P03",
         ] {
             assert!(is_transient_sqlstate(c), "{c}");
+        }
+        for c in [
+            "08006", "08001", "53300", "53100", "57P01", "57P03", "28P01", "28000", "3D000", "25006",
+        ] {
+            assert!(is_outage_sqlstate(c), "{c}");
+            assert!(is_transient_sqlstate(c), "{c}");
+        }
+        // A statement's own trouble is retried within the delivery limit.
+        for c in ["40001", "40P01", "57014", "55P03", "42P01", "57P05"] {
+            assert!(!is_outage_sqlstate(c), "{c}");
         }
         // Data and constraint errors depend on the message: dead-lettered at once.
         for c in [
