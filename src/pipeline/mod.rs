@@ -125,9 +125,16 @@ pub(crate) struct Clock {
 }
 
 /// Truncates to whole microseconds, the precision of PostgreSQL's `timestamptz`: a time compared
-/// in memory (within a batch) and the same time read back from the table must be equal.
+/// in memory (within a batch) and the same time read back from the table must be equal. A leap
+/// second (`…:59:60.5`, which RFC 3339 allows) becomes the next second's `.5`, as PostgreSQL
+/// stores it: chrono would order it before `…:00:00.0` and the table after, so the newest event of
+/// a batch and of the table could differ.
 pub fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
-    t.trunc_subsecs(6)
+    let t = t.trunc_subsecs(6);
+    match t.timestamp_subsec_nanos().checked_sub(1_000_000_000) {
+        Some(nanos) => DateTime::from_timestamp(t.timestamp().saturating_add(1), nanos).unwrap_or(t),
+        None => t,
+    }
 }
 
 /// Decodes one raw message of the given consumer kind. Never panics, whatever the bytes.
@@ -266,6 +273,10 @@ mod tests {
             ("2025-03-01T06:00:00.9999999+02:00", "2025-03-01T04:00:00.999999Z"),
             ("2025-03-01T06:00:00.0000009Z", "2025-03-01T06:00:00Z"),
             ("2025-03-01T06:00:00.5Z", "2025-03-01T06:00:00.500Z"),
+            // A leap second is the next second, as PostgreSQL stores it.
+            ("2025-03-01T06:59:60.9Z", "2025-03-01T07:00:00.900Z"),
+            ("2025-03-01T06:59:60Z", "2025-03-01T07:00:00Z"),
+            ("2025-03-01T08:59:60.25+02:00", "2025-03-01T07:00:00.250Z"),
         ] {
             for (kind, body) in [
                 (ConsumerKind::Hrv, hrv_at(given)),
@@ -278,8 +289,21 @@ mod tests {
                     "{kind} {given}"
                 );
                 assert_eq!(t.timestamp_subsec_nanos() % 1000, 0);
+                assert!(t.timestamp_subsec_nanos() < 1_000_000_000, "no leap second kept");
             }
         }
+        // Ordered as the table orders it: a leap second after the second before the next.
+        let leap = to_micros(
+            DateTime::parse_from_rfc3339("2025-03-01T06:59:60.9Z")
+                .unwrap()
+                .into(),
+        );
+        let after = to_micros(
+            DateTime::parse_from_rfc3339("2025-03-01T07:00:00.5Z")
+                .unwrap()
+                .into(),
+        );
+        assert!(leap > after);
     }
 
     #[test]

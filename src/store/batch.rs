@@ -294,7 +294,11 @@ async fn upsert_batch_once(
     }
     // Concurrent batches take their locks in one global order: tables in a fixed order, rows
     // in key order (merge returns them so), raw webhooks by key.
-    hooks.sort_by(|a, b| a.1.idempotency_key.cmp(&b.1.idempotency_key));
+    // Within a key, by position: the first copy is the one the row keeps.
+    hooks.sort_by(|a, b| {
+        let position = |i: usize| entries.get(i).map(|e| (e.source.stream, e.source.seq));
+        (a.1.idempotency_key.as_str(), position(a.0)).cmp(&(b.1.idempotency_key.as_str(), position(b.0)))
+    });
     let batch = Batch {
         hooks,
         hrv: Rows::merge(&tables::HRV, hrv, entries),

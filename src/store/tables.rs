@@ -99,8 +99,11 @@ pub static SLEEP: Table<SleepRecord> = Table {
     sql: LazyLock::new(|| SLEEP.statements()),
 };
 
-/// Stores the raw webhooks, each once per idempotency key (a repeat, even within the same
-/// statement, is a no-op).
+/// Stores the raw webhooks, one row per idempotency key. Of several copies under one key (the
+/// same body in two streams, a publisher reusing an id) the row keeps the one at the lowest
+/// position (stream name in byte order, then sequence), whatever the order they arrive in:
+/// `hooks` come sorted by key and then position, so the first copy of a key in a batch is its
+/// lowest one and the rest are left out of the statement.
 pub(super) async fn insert_webhooks(
     conn: &mut PgConnection,
     metrics: &Metrics,
@@ -114,6 +117,9 @@ pub(super) async fn insert_webhooks(
     let mut streams = Vec::with_capacity(hooks.len());
     let mut seqs = Vec::with_capacity(hooks.len());
     for (i, w) in hooks {
+        if keys.last() == Some(&w.idempotency_key.as_str()) {
+            continue;
+        }
         let src = &entries[*i].source;
         keys.push(w.idempotency_key.as_str());
         users.push(w.user_id.as_str());
@@ -125,7 +131,11 @@ pub(super) async fn insert_webhooks(
         "INSERT INTO vendor_webhook_events (vendor, idempotency_key, user_id, payload, source_stream, source_seq)
          SELECT 'oura', k, u, p::jsonb, s, q
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[]) AS t(k, u, p, s, q)
-         ON CONFLICT (idempotency_key) DO NOTHING",
+         ON CONFLICT (idempotency_key) DO UPDATE
+         SET user_id = EXCLUDED.user_id, payload = EXCLUDED.payload,
+             source_stream = EXCLUDED.source_stream, source_seq = EXCLUDED.source_seq
+         WHERE (EXCLUDED.source_stream COLLATE \"C\", EXCLUDED.source_seq)
+             < (vendor_webhook_events.source_stream COLLATE \"C\", vendor_webhook_events.source_seq)",
     )
     .bind(&keys)
     .bind(&users)
