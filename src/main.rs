@@ -35,7 +35,24 @@ async fn run() -> ExitCode {
     logging::init(config.log_format);
     normalize_service::app::log_effective_config(&config);
     let shutdown_timeout = config.shutdown_timeout;
-    let app = match Application::build(config).await {
+    // Listening for signals before start-up: a SIGTERM while NATS or the listener is still being
+    // reached stops the process cleanly (nothing can be in flight yet) instead of killing it.
+    let token = CancellationToken::new();
+    let signalled = token.clone();
+    tokio::spawn(async move {
+        if shutdown::on_signal(signalled).await {
+            shutdown::exit_after_deadline(shutdown_timeout);
+        }
+    });
+    let built = tokio::select! {
+        biased;
+        _ = token.cancelled() => {
+            tracing::info!(event = "stopped_during_startup", "signalled before start-up finished; exiting");
+            return ExitCode::SUCCESS;
+        }
+        built = Application::build(config) => built,
+    };
+    let app = match built {
         Ok(app) => app,
         Err(e) => {
             // The causes once each (a NATS error repeats its source in its own message).
@@ -45,13 +62,6 @@ async fn run() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let token = CancellationToken::new();
-    let signalled = token.clone();
-    tokio::spawn(async move {
-        if shutdown::on_signal(signalled).await {
-            shutdown::exit_after_deadline(shutdown_timeout);
-        }
-    });
     match app.run_until_stopped(token).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

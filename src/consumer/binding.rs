@@ -74,7 +74,14 @@ impl Worker {
         let mut backoff = Duration::from_millis(250);
         loop {
             if active.is_none() && !shutdown.is_cancelled() {
-                match topology::bind(&self.shared.js, &self.shared.config, &self.cc).await {
+                // Every NATS request of the supervisor races the shutdown: while the client
+                // reconnects a request waits its whole timeout, which must not delay the exit.
+                let bound = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => continue,
+                    r = topology::bind(&self.shared.js, &self.shared.config, &self.cc) => r,
+                };
+                match bound {
                     Ok(b) => {
                         backoff = Duration::from_millis(250);
                         let previous = draining
@@ -89,7 +96,11 @@ impl Worker {
                             }
                         }
                         if let Some(a) = &active {
-                            self.adopt_stranded(a, &mut draining, &mut loops, &shutdown).await;
+                            tokio::select! {
+                                biased;
+                                _ = shutdown.cancelled() => {}
+                                _ = self.adopt_stranded(a, &mut draining, &mut loops, &shutdown) => {}
+                            }
                         }
                     }
                     Err(e) => {
@@ -133,15 +144,36 @@ impl Worker {
                     }
                 }
                 _ = tokio::time::sleep(wait) => {
-                    if let Some(current) = active.take() {
-                        let current = self.rebalance(current, &mut draining, &mut loops, &shutdown).await;
-                        self.adopt_stranded(&current, &mut draining, &mut loops, &shutdown).await;
-                        active = Some(current);
-                    }
-                    self.stop_drained(&mut draining).await;
+                    // Cut short by a shutdown, the tick leaves `active` empty: every loop stops
+                    // with the shutdown token anyway, and the next pass joins them.
+                    let current = active.take();
+                    active = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => None,
+                        a = self.tick(current, &mut draining, &mut loops, &shutdown) => a,
+                    };
                 }
             }
         }
+    }
+
+    /// One rebind tick: follow the subject to the stream that captures it, adopt stranded
+    /// durables, stop the drained ones.
+    async fn tick(
+        &self,
+        active: Option<Running>,
+        draining: &mut Vec<Running>,
+        loops: &mut Loops,
+        shutdown: &CancellationToken,
+    ) -> Option<Running> {
+        let mut active = active;
+        if let Some(current) = active.take() {
+            let current = self.rebalance(current, draining, loops, shutdown).await;
+            self.adopt_stranded(&current, draining, loops, shutdown).await;
+            active = Some(current);
+        }
+        self.stop_drained(draining).await;
+        active
     }
 
     /// Starts a binding's loop on its own task; its intake stops with the returned token,
@@ -182,8 +214,13 @@ impl Worker {
         );
         let end = self.consume(&binding, &token, &root).await;
         info_stop.cancel();
+        // Aborted, not awaited to its end: a consumer-info request in flight while NATS is away
+        // waits its whole timeout, and the refresher only sets gauges.
+        refresher.abort();
         if let Err(e) = refresher.await {
-            tracing::debug!(error = %e, "the info refresher ended abnormally");
+            if e.is_panic() {
+                tracing::debug!(error = %e, "the info refresher ended abnormally");
+            }
         }
         self.shared
             .metrics

@@ -145,6 +145,41 @@ async fn sigterm_with_nats_unreachable_and_nothing_in_flight_exits_promptly() {
     assert_eq!(code, Some(0), "logs:\n{logs}");
 }
 
+/// NATS killed a while before the signal, with the rebind tick and the info refresher busy
+/// (every 200 ms): while the client reconnects, each of their requests waits its whole timeout
+/// (10 s, longer than the deadline). The stop cuts them short instead of waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_nats_gone_does_not_wait_for_the_supervisors_requests() {
+    let mut stack = Stack::builder()
+        .env(&[
+            ("SHUTDOWN_TIMEOUT_MS", &DEADLINE.as_millis().to_string()),
+            ("EVENT_STREAM_MODE", "multi"),
+            ("REBIND_INTERVAL_MS", "200"),
+            ("CONSUMER_INFO_INTERVAL_MS", "200"),
+        ])
+        .start()
+        .await;
+    let mut daemon = stack.daemon().await;
+    stack.nats.kill();
+    wait_for("the daemon sees NATS gone", Duration::from_secs(10), || async {
+        normalize_service::http::http_get("127.0.0.1", daemon.port, "/health/ready", Duration::from_secs(2))
+            .await
+            .is_ok_and(|(code, _)| code == 503)
+    })
+    .await;
+    // Every consumer's supervisor and refresher is now inside a request that cannot complete.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let (code, took) = sigterm_and_wait(&mut daemon).await;
+    eprintln!("NATS gone, supervisors waiting: exit {code:?} {took:?} after SIGTERM");
+    let logs = daemon.stderr();
+    assert!(
+        took < DEADLINE,
+        "nothing in flight, yet the stop waited {took:?} for the supervisors; logs:\n{logs}"
+    );
+    assert_eq!(code, Some(0), "logs:\n{logs}");
+}
+
 /// While the daemon runs, a client that starts a request and stops half-way is disconnected
 /// after `http::HEADER_READ_TIMEOUT` instead of holding its connection for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
