@@ -37,8 +37,12 @@ pub struct ConsumerState {
     pub stuck: bool,
     /// Messages delivered to this process and not settled yet (from [`Activity`]).
     pub held: u64,
-    /// False after a dead-letter publish failed, until one succeeds.
+    /// False after a dead-letter publish failed, until one succeeds or none has failed for
+    /// `stuck_after` (no message waits for one any more: a held last delivery retries its dead
+    /// letter within a third of ack_wait, a NAKed one comes back within the backoff).
     pub dead_letter_ok: bool,
+    /// When the last dead-letter publish failed.
+    pub dead_letter_failed_at: Option<Instant>,
     /// Why the consumer is unbound, for operators.
     pub bind_error: Option<String>,
 }
@@ -424,6 +428,12 @@ impl Health {
             .map(|(kind, s)| {
                 let activity = self.activity(*kind);
                 s.held = activity.holding();
+                if !s.dead_letter_ok
+                    && s.dead_letter_failed_at
+                        .is_some_and(|t| now.saturating_duration_since(t) > s.stuck_after)
+                {
+                    s.dead_letter_ok = true;
+                }
                 if deps_up {
                     s.stalled = s.stream.is_some()
                         && s.last_progress
@@ -692,8 +702,19 @@ mod tests {
         assert!(!h.ready(false, true));
         assert!(!h.ready(true, false));
         assert_eq!(h.to_json(true, true).status, "ok");
-        h.update(ConsumerKind::Hrv, |s| s.dead_letter_ok = false);
+        let failed = Instant::now();
+        h.update(ConsumerKind::Hrv, |s| {
+            s.dead_letter_ok = false;
+            s.dead_letter_failed_at = Some(failed);
+        });
         assert_eq!(h.to_json(true, true).status, "degraded");
+        // No dead letter has failed for the stuck period (3 × ack wait): nothing waits for one.
+        let stuck_after = h.snapshot()[&ConsumerKind::Hrv].stuck_after;
+        h.check_stalls(failed + stuck_after);
+        assert_eq!(h.to_json(true, true).status, "degraded", "not yet");
+        h.check_stalls(failed + stuck_after + Duration::from_millis(1));
+        assert_eq!(h.to_json(true, true).status, "ok", "no failure for 3 × ack wait");
+        h.update(ConsumerKind::Hrv, |s| s.dead_letter_ok = false);
         assert_eq!(h.to_json(true, false).status, "unavailable");
         h.set_shutting_down();
         assert!(!h.ready(true, true));

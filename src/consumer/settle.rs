@@ -345,7 +345,10 @@ impl<L> Settler<'_, L> {
                 Err(e) => e,
             };
             attempt += 1;
-            self.health.update(kind, |s| s.dead_letter_ok = false);
+            self.health.update(kind, |s| {
+                s.dead_letter_ok = false;
+                s.dead_letter_failed_at = Some(std::time::Instant::now());
+            });
             self.metrics
                 .dlq_publish_failures
                 .with_label_values(&[kind.as_str(), origin.stream, self.durable])
