@@ -71,13 +71,22 @@ async fn run() -> ExitCode {
     }
 }
 
+/// Where `healthcheck` finds the listener: loopback when it listens on every address, else the
+/// address it is bound to (a specific address does not answer on loopback).
+fn probe_host(host: &str) -> &str {
+    match host.trim_matches(|c| c == '[' || c == ']') {
+        "" | "0.0.0.0" | "::" => "127.0.0.1",
+        specific => specific,
+    }
+}
+
 async fn healthcheck(timeout: u64) -> ExitCode {
     let config = match load_config() {
         Ok(c) => c,
         Err(code) => return code,
     };
     match normalize_service::http::http_get(
-        "127.0.0.1",
+        probe_host(&config.host),
         config.port,
         "/health/ready",
         Duration::from_secs(timeout),

@@ -97,6 +97,29 @@ async fn healthcheck_subcommand_follows_readiness() {
     assert_eq!(daemon.expect_exit(Duration::from_secs(15)).await.code(), Some(0));
 }
 
+/// Listening on one specific address (`HOST`), which loopback does not reach: `healthcheck`
+/// asks that address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_asks_the_address_the_daemon_listens_on() {
+    let port = free_port();
+    let env = [("HOST", "127.0.0.2"), ("PORT", &port.to_string())];
+    let stack = Stack::builder().env(&env).start().await;
+    let mut daemon = DaemonProcess::spawn(&stack.vars);
+    let healthcheck_env = vars(&env);
+    wait_for("healthcheck passes", Duration::from_secs(30), || async {
+        cli(&healthcheck_env, &["healthcheck"]).await.code == 0
+    })
+    .await;
+    assert!(
+        normalize_service::http::http_get("127.0.0.1", port, "/health/ready", Duration::from_secs(2))
+            .await
+            .is_err(),
+        "the daemon listens on 127.0.0.2 only"
+    );
+    daemon.signal("TERM");
+    assert_eq!(daemon.expect_exit(Duration::from_secs(15)).await.code(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stays_up_not_ready_until_something_can_be_bound() {
     // Provisioning off and no streams: nothing can be bound.
