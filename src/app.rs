@@ -374,15 +374,6 @@ fn warn_about_server_version(config: &Config, version: &str) {
     }
 }
 
-/// A database round trip within `within`; the error says why not.
-async fn database_check(pool: &sqlx::PgPool, within: Duration) -> Result<(), String> {
-    match tokio::time::timeout(within, sqlx::query("SELECT 1").execute(pool)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {} ms", within.as_millis())),
-    }
-}
-
 fn log_database_change(change: Option<crate::health::DependencyChange>) {
     use crate::health::DependencyChange;
     match change {
@@ -482,7 +473,7 @@ async fn watchdog(
                 checked_version = version;
             }
         }
-        let db_result = database_check(&shared.pool, Duration::from_secs(1)).await;
+        let db_result = store::round_trip(&shared.pool, Duration::from_secs(1)).await;
         let db = db_result.is_ok();
         shared.metrics.database_up.set(i64::from(db));
         log_database_change(shared.health.observe_database(now, db_result));

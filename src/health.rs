@@ -38,14 +38,20 @@ pub struct ConsumerState {
     /// Messages delivered to this process and not settled yet (from [`Activity`]).
     pub held: u64,
     /// False after a dead-letter publish failed, until one succeeds or none has failed for
-    /// `stuck_after` (no message waits for one any more: a held last delivery retries its dead
-    /// letter within a third of ack_wait, a NAKed one comes back within the backoff).
+    /// [`DEAD_LETTER_FAILURE_KEPT`] or `stuck_after`, whichever is longer (no message waits for
+    /// one any more: a held last delivery retries its dead letter within a third of ack_wait plus
+    /// a PubAck timeout, a NAKed one comes back within the backoff).
     pub dead_letter_ok: bool,
     /// When the last dead-letter publish failed.
     pub dead_letter_failed_at: Option<Instant>,
     /// Why the consumer is unbound, for operators.
     pub bind_error: Option<String>,
 }
+
+/// The shortest time a failed dead letter keeps `deadLetter` at `unavailable` without a new
+/// failure: longer than a retry of a held message (a third of ack_wait plus a PubAck timeout)
+/// even with a short ack_wait, so the stuck check is not switched back on while it still fails.
+pub const DEAD_LETTER_FAILURE_KEPT: Duration = Duration::from_secs(60);
 
 /// One durable's counts from its consumer info.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -428,9 +434,10 @@ impl Health {
             .map(|(kind, s)| {
                 let activity = self.activity(*kind);
                 s.held = activity.holding();
+                let kept = s.stuck_after.max(DEAD_LETTER_FAILURE_KEPT);
                 if !s.dead_letter_ok
                     && s.dead_letter_failed_at
-                        .is_some_and(|t| now.saturating_duration_since(t) > s.stuck_after)
+                        .is_some_and(|t| now.saturating_duration_since(t) > kept)
                 {
                     s.dead_letter_ok = true;
                 }
@@ -708,8 +715,11 @@ mod tests {
             s.dead_letter_failed_at = Some(failed);
         });
         assert_eq!(h.to_json(true, true).status, "degraded");
-        // No dead letter has failed for the stuck period (3 × ack wait): nothing waits for one.
-        let stuck_after = h.snapshot()[&ConsumerKind::Hrv].stuck_after;
+        // No dead letter has failed for the stuck period (3 × ack wait, at least a minute):
+        // nothing waits for one.
+        let stuck_after = h.snapshot()[&ConsumerKind::Hrv]
+            .stuck_after
+            .max(DEAD_LETTER_FAILURE_KEPT);
         h.check_stalls(failed + stuck_after);
         assert_eq!(h.to_json(true, true).status, "degraded", "not yet");
         h.check_stalls(failed + stuck_after + Duration::from_millis(1));

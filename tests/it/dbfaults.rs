@@ -223,3 +223,51 @@ async fn the_statement_timeout_bounds_the_pool_but_not_migrations() {
         .await
         .unwrap();
 }
+
+/// Every pooled connection busy in a statement waiting on a lock: PostgreSQL still answers, so
+/// the watchdog's probe (over a connection of its own then) keeps the database `connected` and
+/// the instance ready, instead of calling a busy pool an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_busy_behind_a_lock_is_not_a_database_outage() {
+    let (stack, app) = Stack::builder()
+        .env(&[
+            ("DATABASE_MAX_CONNECTIONS", "1"),
+            ("DATABASE_STATEMENT_TIMEOUT_MS", "60000"),
+        ])
+        .app()
+        .await;
+    let (js, db) = (&stack.js, &stack.db);
+    let mut locker = lock_hrv_data(&db.url).await;
+    publish(
+        js,
+        HRV_SUBJECT,
+        hrv_event("busy", "2025-03-01", 42.0, "2025-03-01T06:00:00Z"),
+    )
+    .await;
+    let pool = db.pool().await;
+    let blocked = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND wait_event_type = 'Lock'",
+        db.name
+    );
+    wait_for(
+        "the batch waiting on the lock",
+        Duration::from_secs(20),
+        || async { count(&pool, &blocked).await >= 1 },
+    )
+    .await;
+    // The only pooled connection stays inside the blocked statement meanwhile.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (code, health) = app.health().await;
+        assert_eq!(health["database"], "connected", "{health}");
+        assert_eq!(code, 200, "{health}");
+    }
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    wait_for(
+        "the row once the lock is gone",
+        Duration::from_secs(20),
+        || async { count(&pool, "SELECT count(*) FROM hrv_data WHERE user_id = 'busy'").await == 1 },
+    )
+    .await;
+    app.stop().await.unwrap();
+}

@@ -34,11 +34,10 @@ async fn wait_settled(js: &jetstream::Context, stream: &str, durable: &str, seq:
     .await;
 }
 
-/// Daemons that give up on a message after two deliveries while a table is renamed away
-/// ([`Stack::hide_table`]: a schema fault, retried within the delivery limit; an outage of the
-/// database has none).
-const TWO_DELIVERIES: &[(&str, &str)] = &[
+/// Daemons that give up on a message after two deliveries while the database is away.
+const OUTAGE: &[(&str, &str)] = &[
     ("NORMALIZE_HRV_MAX_DELIVER", "2"),
+    ("DATABASE_ACQUIRE_TIMEOUT_MS", "300"),
     ("NORMALIZE_RETRY_BACKOFF_MS", "100"),
 ];
 
@@ -58,7 +57,8 @@ async fn hrv_row(pool: &sqlx::PgPool, user: &str) -> Option<(f64, String, i64)> 
 async fn dead_letters_are_listed_and_replay_stores_them_once_the_cause_is_fixed() {
     // The first daemon accepts at most 1 KiB: a bigger event is schema-invalid.
     let (stack, app) = Stack::builder()
-        .env(TWO_DELIVERIES)
+        .db_proxy()
+        .env(OUTAGE)
         .env(&[("MAX_PAYLOAD_BYTES", "1024")])
         .app()
         .await;
@@ -78,8 +78,8 @@ async fn dead_letters_are_listed_and_replay_stores_them_once_the_cause_is_fixed(
     )
     .await;
 
-    // A schema fault long enough to exhaust the daemon's two deliveries.
-    stack.hide_table("hrv_data").await;
+    // A database outage long enough to exhaust the daemon's two deliveries.
+    stack.proxy().cut();
     let outage = hrv_event("outage", "2025-03-01", 55.0, "2025-03-01T07:00:00Z");
     let outage_seq = publish(js, HRV_SUBJECT, outage.clone()).await;
     wait_for("max-deliver dead letter", Duration::from_secs(30), || async {
@@ -162,8 +162,8 @@ async fn dead_letters_are_listed_and_replay_stores_them_once_the_cause_is_fixed(
     assert_eq!(dry["counts"]["would-replay"], 3);
     assert_eq!(stream_messages(js, "AA_CORE_HOT").await, core_before);
 
-    // Fix both causes: the table is back, and the daemon accepts bigger payloads.
-    stack.restore_table("hrv_data").await;
+    // Fix both causes: the database is back, and the daemon accepts bigger payloads.
+    stack.proxy().restore().await;
     app.stop().await.unwrap();
     let fixed_vars = with(vars.clone(), &[("MAX_PAYLOAD_BYTES", "1048576")]);
     let app = TestApp::spawn(fixed_vars.clone()).await;
@@ -237,10 +237,10 @@ async fn dead_letters_are_listed_and_replay_stores_them_once_the_cause_is_fixed(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_stale_event_does_not_overwrite_a_newer_row() {
-    let (stack, app) = Stack::builder().env(TWO_DELIVERIES).app().await;
+    let (stack, app) = Stack::builder().db_proxy().env(OUTAGE).app().await;
     let js = &stack.js;
 
-    stack.hide_table("hrv_data").await;
+    stack.proxy().cut();
     let old_seq = publish(
         js,
         HRV_SUBJECT,
@@ -252,8 +252,9 @@ async fn replayed_stale_event_does_not_overwrite_a_newer_row() {
     })
     .await;
     wait_processed(js, "AA_CORE_HOT", old_seq).await;
-    // The table is back. The daemon restarts with the default delivery limit.
-    stack.restore_table("hrv_data").await;
+    // The outage is over. The daemon restarts with the default delivery limit: with only two
+    // deliveries, a message caught while the pool reconnects could be dead-lettered again.
+    stack.proxy().restore().await;
     app.stop().await.unwrap();
     let vars = stack.base_vars();
     let app = TestApp::spawn(vars.clone()).await;
@@ -301,13 +302,14 @@ async fn replayed_stale_event_does_not_overwrite_a_newer_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_webhooks_keep_their_idempotency_key() {
     let (stack, app) = Stack::builder()
-        .env(TWO_DELIVERIES)
+        .db_proxy()
+        .env(OUTAGE)
         .env(&[("NORMALIZE_OURA_MAX_DELIVER", "2")])
         .app()
         .await;
     let js = &stack.js;
 
-    stack.hide_table("vendor_webhook_events").await;
+    stack.proxy().cut();
     let hook = |user: &str| {
         serde_json::json!({"user_id": user, "timestamp": "2025-03-01T06:00:00Z",
                            "data": {"hrv": {"rmssd": 45.2}}})
@@ -322,7 +324,7 @@ async fn replayed_webhooks_keep_their_idempotency_key() {
     )
     .await;
     wait_settled(js, "AA_VENDOR_HOT", "normalize-oura", without_id.max(with_id)).await;
-    stack.restore_table("vendor_webhook_events").await;
+    stack.proxy().restore().await;
     app.stop().await.unwrap();
     let vars = stack.base_vars();
     let app = TestApp::spawn(vars.clone()).await;
@@ -366,13 +368,14 @@ fn header<'a>(h: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a st
 }
 
 /// Two dead-letter/replay rounds through the real daemon and the real CLI: a sleep event without
-/// `capturedAt` fails twice (its table renamed away), is replayed twice, and is finally stored with the
+/// `capturedAt` fails twice (database cut), is replayed twice, and is finally stored with the
 /// first publish's JetStream timestamp as `captured_at`; every replay carries the first origin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_generation_replay_keeps_the_first_origin_and_time() {
     const SLEEP_DURABLE: &str = "normalize-sleep-durable";
     let (stack, app) = Stack::builder()
-        .env(TWO_DELIVERIES)
+        .db_proxy()
+        .env(OUTAGE)
         .env(&[("NORMALIZE_SLEEP_MAX_DELIVER", "2")])
         .app()
         .await;
@@ -388,7 +391,7 @@ async fn a_second_generation_replay_keeps_the_first_origin_and_time() {
         }
     };
 
-    stack.hide_table("sleep_data").await;
+    stack.proxy().cut();
     let body = r#"{"payload":{"userId":"s1","date":"2025-03-01","durationMinutes":420}}"#;
     let first_seq = publish_with_id(js, SLEEP_SUBJECT, "sleep-1", body).await;
     let first = js
@@ -411,7 +414,7 @@ async fn a_second_generation_replay_keeps_the_first_origin_and_time() {
     );
     wait_settled(js, "AA_CORE_HOT", SLEEP_DURABLE, first_seq).await;
 
-    // Round 2: the replay fails too (the table is still away).
+    // Round 2: the replay fails too (the database is still cut).
     let replay = cli_json(&vars, &["dlq", "replay", &dlq[0].sequence.to_string()], 0).await;
     let replay1_seq = replay["results"][0]["replayedTo"]["sequence"].as_u64().unwrap();
     let dlq = letters(2).await;
@@ -427,9 +430,10 @@ async fn a_second_generation_replay_keeps_the_first_origin_and_time() {
     );
     wait_settled(js, "AA_CORE_HOT", SLEEP_DURABLE, replay1_seq).await;
 
-    // Round 3: the table is back; the second-generation replay is stored, by a fresh daemon
-    // with the default delivery limit.
-    stack.restore_table("sleep_data").await;
+    // Round 3: the database is back; the second-generation replay is stored.
+    // A fresh daemon with the default delivery limit, as in the test above: the pool of the
+    // first one may still hold connections the cut broke.
+    stack.proxy().restore().await;
     app.stop().await.unwrap();
     let app = TestApp::spawn(stack.base_vars()).await;
     app.wait_ready().await;

@@ -436,7 +436,7 @@ async fn liveness_holds_through_a_sixty_second_database_outage() {
         .env(&[
             ("DATABASE_ACQUIRE_TIMEOUT_MS", "1000"),
             ("NORMALIZE_RETRY_BACKOFF_MS", "1000,2000,4000"),
-            // The default delivery limit (5): a minute's outage outlasts it.
+            ("NORMALIZE_HRV_MAX_DELIVER", "1000"),
             ("NORMALIZE_HRV_ACK_WAIT_MS", "10000"),
         ])
         .app()

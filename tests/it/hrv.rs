@@ -186,12 +186,11 @@ async fn invalid_events_are_dead_lettered_once_with_headers(mode: &str) {
 
 per_mode!(database_outage_retries_without_dead_lettering);
 async fn database_outage_retries_without_dead_lettering(mode: &str) {
-    // Two deliveries allowed: an outage is retried past the limit, never dead-lettered.
     let (stack, app) = Stack::builder()
         .db_proxy()
         .mode(mode)
         .env(&[
-            ("NORMALIZE_HRV_MAX_DELIVER", "2"),
+            ("NORMALIZE_HRV_MAX_DELIVER", "1000"),
             ("DATABASE_ACQUIRE_TIMEOUT_MS", "500"),
         ])
         .app()
@@ -236,11 +235,14 @@ async fn database_outage_retries_without_dead_lettering(mode: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_failure_on_last_delivery_is_dead_lettered_as_max_deliver() {
     let (stack, app) = Stack::builder()
-        .env(&[("NORMALIZE_HRV_MAX_DELIVER", "3")])
+        .db_proxy()
+        .env(&[
+            ("NORMALIZE_HRV_MAX_DELIVER", "3"),
+            ("DATABASE_ACQUIRE_TIMEOUT_MS", "300"),
+        ])
         .app()
         .await;
-    // A schema fault (not an outage, which has no delivery limit).
-    stack.hide_table("hrv_data").await;
+    stack.proxy().cut();
     let js = &stack.js;
     let body = hrv_event("u", "2025-03-01", 40.0, "2025-03-01T06:00:00Z");
     let seq = publish(js, HRV_SUBJECT, body.clone()).await;
@@ -258,7 +260,7 @@ async fn retryable_failure_on_last_delivery_is_dead_lettered_as_max_deliver() {
     );
     assert_eq!(&l.payload[..], body.as_bytes());
     wait_drained(js, "AA_CORE_HOT", "normalize-hrv-durable").await;
-    stack.restore_table("hrv_data").await;
+    stack.proxy().restore().await;
     app.stop().await.unwrap();
 }
 

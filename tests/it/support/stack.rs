@@ -134,25 +134,6 @@ impl Stack {
         self.db.pool().await
     }
 
-    /// Renames `table` away: every write to it fails with SQLSTATE 42P01, a schema fault that the
-    /// daemon retries within its delivery limit (a database outage has none), so its messages
-    /// end as `max-deliver` dead letters. [`Stack::restore_table`] undoes it.
-    pub async fn hide_table(&self, table: &str) {
-        let sql = format!("ALTER TABLE {table} RENAME TO {table}_away");
-        sqlx::query(&sql)
-            .execute(&self.pool().await)
-            .await
-            .expect("renaming the table away");
-    }
-
-    pub async fn restore_table(&self, table: &str) {
-        let sql = format!("ALTER TABLE {table}_away RENAME TO {table}");
-        sqlx::query(&sql)
-            .execute(&self.pool().await)
-            .await
-            .expect("renaming the table back");
-    }
-
     /// The proxy between the daemons and the database (`StackBuilder::db_proxy`).
     pub fn proxy(&self) -> &DbProxy {
         self.proxy.as_ref().expect("a stack built with db_proxy()")
