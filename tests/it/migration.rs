@@ -492,3 +492,72 @@ async fn a_failed_step_points_to_the_rollback_not_the_next_phase() {
         .subjects
         .contains(&"vendor.>".to_string()));
 }
+
+/// An error after the step changed NATS (here: the probe cannot open its database) does not
+/// replace the report: the actions taken, the error as a failed check, the phase after and the
+/// rollback are printed, text and `--json`, with exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_after_the_move_keeps_the_report_and_the_rollback() {
+    let stack = legacy_stack().await;
+    let mut cli_env = cli_vars(&stack.nats, &stack.db);
+    ok(&cli_env, &["migrate", "phase0"]).await;
+    // A database that does not exist fails the connection at once (a refused connection would be
+    // retried by sqlx for its acquire timeout).
+    let (base, _) = stack.db.url.rsplit_once('/').unwrap();
+    cli_env.insert("DATABASE_URL".into(), format!("{base}/{}_missing", stack.db.name));
+
+    let out = cli(
+        &cli_env,
+        &["migrate", "phase1", "--cutover", "move", "--yes", "--json"],
+    )
+    .await;
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let v = out.json();
+    assert!(v.get("error").is_none(), "a report, not an error: {v}");
+    assert_eq!(v["ok"], false, "{v}");
+    let kinds: Vec<&str> = v["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["kind"].as_str())
+        .collect();
+    assert!(kinds.contains(&"moveSubjects"), "{v}");
+    let failed: Vec<&Value> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|c| c["status"].as_str().unwrap_or("").contains("DATABASE_URL")),
+        "{v}"
+    );
+    assert_eq!(v["phaseAfter"], "vendor-moved", "{v}");
+    assert_eq!(v["next"], Value::Null, "{v}");
+    assert!(
+        v["rollback"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("normalize-service migrate rollback phase1 --yes"),
+        "{v}"
+    );
+
+    // The same in text, on a re-run (the subjects are already in place).
+    let out = cli(&cli_env, &["migrate", "phase1", "--cutover", "move", "--yes"]).await;
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    for needle in [
+        "action  subjects [\"vendor.>\"] already on AA_VENDOR_HOT",
+        "check   verify — FAILED DATABASE_URL",
+        "phase after:",
+        "rollback: normalize-service migrate rollback phase1 --yes",
+    ] {
+        assert!(out.stdout.contains(needle), "{needle}: {}{}", out.stdout, out.stderr);
+    }
+    let out = cli(&cli_env, &["migrate", "verify", "phase1", "--json"]).await;
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let v = out.json();
+    assert!(v.get("error").is_none(), "{v}");
+    assert!(v["checks"].as_array().unwrap().len() > 1, "the checks made before the error: {v}");
+}

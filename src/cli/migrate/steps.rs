@@ -90,16 +90,29 @@ pub async fn run(step: Step, args: StepArgs, quiet: Duration) -> Result<Report<(
         point_back(step, &mut report);
         return Ok(report);
     }
+    // From here on the step may have changed NATS: an error no longer replaces the report (the
+    // operator needs the actions taken and the rollback), it becomes a failed check in it.
     if !args.dry_run && report.ok {
-        verify(&c, &expect_for(step, &c.config.streams), &args.probe, &mut report).await?;
+        if let Err(e) = verify(&c, &expect_for(step, &c.config.streams), &args.probe, &mut report).await {
+            report.check_failed("verify", &e);
+        }
     }
-    let state = subjects_state(&c.js).await?;
-    let routes = cutover::routes_now(&c, &state).await?;
-    let after = classify_routed(&state, &c.config.streams, routes);
-    report.next = after.next_command().map(String::from);
-    report.phase_after = Some(after);
+    match phase_now(&c).await {
+        Ok(after) => {
+            report.next = after.next_command().map(String::from);
+            report.phase_after = Some(after);
+        }
+        Err(e) => report.check_failed("phase after the step", &e),
+    }
     point_back(step, &mut report);
     Ok(report)
+}
+
+/// The phase the streams and the mapping's routes correspond to now.
+pub(super) async fn phase_now(c: &Ctx) -> Result<Phase, OpsError> {
+    let state = subjects_state(&c.js).await?;
+    let routes = cutover::routes_now(c, &state).await?;
+    Ok(classify_routed(&state, &c.config.streams, routes))
 }
 
 /// The group a routing step changes and the percent of its publishes it sends to the new

@@ -25,7 +25,10 @@ pub async fn verify_only(phase: PhaseStep, args: ProbeArgs) -> Result<Report<()>
     let routes = super::cutover::routes_now(&c, &state).await?;
     report.phase_before = Some(classify_routed(&state, &c.config.streams, routes));
     let expect = expect_for(Step::Forward(phase), &c.config.streams);
-    verify(&c, &expect, &args, &mut report).await?;
+    // The checks made before an error stay in the report, with the error as a failed check.
+    if let Err(e) = verify(&c, &expect, &args, &mut report).await {
+        report.check_failed("verify", &e);
+    }
     super::steps::point_back(Step::Forward(phase), &mut report);
     Ok(report)
 }
