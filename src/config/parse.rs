@@ -103,8 +103,14 @@ pub(super) fn nats_urls(v: Option<&str>) -> Result<Vec<String>, ConfigError> {
             format!("nats://{part}")
         };
         match url::Url::parse(&with_scheme) {
-            Ok(u) if matches!(u.scheme(), "nats" | "tls" | "ws" | "wss") && u.host_str().is_some() => {
-                urls.push(with_scheme)
+            Ok(u) if matches!(u.scheme(), "nats" | "tls") && u.host_str().is_some() => urls.push(with_scheme),
+            // The client is built without WebSocket support: such a URL could never connect.
+            Ok(u) if matches!(u.scheme(), "ws" | "wss") => {
+                return Err(ConfigError::new(
+                    Var::NatsUrl.name(),
+                    crate::redact::redact_url(part),
+                    "nats://host:port (or tls://) URLs: WebSocket URLs (ws://, wss://) are not supported; use the server's client port (4222), not its websocket port",
+                ))
             }
             _ => {
                 return Err(ConfigError::new(
@@ -123,4 +129,33 @@ pub(super) fn nats_urls(v: Option<&str>) -> Result<Vec<String>, ConfigError> {
         ));
     }
     Ok(urls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nats_urls;
+
+    #[test]
+    fn websocket_urls_are_refused_naming_nats_url() {
+        for raw in ["ws://nats:8080", "nats://a:4222,wss://svc:s3cret@b:443"] {
+            let e = nats_urls(Some(raw)).unwrap_err();
+            assert_eq!(e.var, "NATS_URL");
+            assert!(e.expected.contains("WebSocket"), "{e}");
+            assert!(!e.to_string().contains("s3cret"), "{e}");
+        }
+        assert_eq!(
+            nats_urls(Some("nats://a:4222,tls://b:4222")).unwrap(),
+            ["nats://a:4222", "tls://b:4222"]
+        );
+    }
+
+    #[test]
+    fn an_unparseable_url_never_shows_its_password() {
+        for raw in ["nats://svc:Ab/9xQ==@nats:42x2", "svc:s3cret@nats:42x2", "nats://svc:s3/cret@:4222"] {
+            let e = nats_urls(Some(raw)).unwrap_err();
+            let text = e.to_string();
+            assert_eq!(e.var, "NATS_URL");
+            assert!(!text.contains("s3cret") && !text.contains("s3/cret") && !text.contains("Ab/9xQ"), "{text}");
+        }
+    }
 }
