@@ -176,3 +176,30 @@ async fn errors_have_exit_codes_scripts_can_rely_on() {
     assert_eq!(r.code, 0);
     assert!(r.stdout.contains("Exit codes"), "{}", r.stdout);
 }
+
+/// Two purges (or `replay --purge-replayed` runs) at once: the second delete of a letter finds it
+/// gone. The real server's answer to that counts as deleted, not as a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_letter_already_deleted_counts_as_deleted() {
+    use normalize_service::cli::dlq::{delete_letter, Deleted};
+    let nats = NatsServer::start().await;
+    let js = nats.js().await;
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: "AA_DLQ".into(),
+            subjects: vec!["dlq.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let seq = publish(&js, "dlq.normalize.hrv.raw-received.schema-invalid", "{broken").await;
+    let first = delete_letter(&stream, seq).await;
+    assert_eq!(first.ok(), Some(Deleted::Now));
+    let second = delete_letter(&stream, seq).await;
+    assert!(matches!(second, Ok(Deleted::Already)), "{second:?}");
+    // Any other failure stays one (here: the stream itself is gone).
+    let seq = publish(&js, "dlq.normalize.hrv.raw-received.schema-invalid", "{broken").await;
+    js.delete_stream("AA_DLQ").await.unwrap();
+    let gone = delete_letter(&stream, seq).await;
+    assert!(gone.is_err(), "{gone:?}");
+}

@@ -1,7 +1,8 @@
 //! Dead letters read back from the stream, and what a replay or a purge did to each.
 
 use async_nats::header::HeaderMap;
-use async_nats::jetstream::{self, message::PublishMessage, message::StreamMessage, stream::Stream};
+use async_nats::jetstream::stream::{DeleteMessageError, DeleteMessageErrorKind, Stream};
+use async_nats::jetstream::{self, message::PublishMessage, message::StreamMessage};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
@@ -255,7 +256,7 @@ impl Dlq {
                     duplicate: ack.duplicate,
                 });
                 if purge {
-                    match self.stream.delete_message(l.seq).await {
+                    match delete_letter(&self.stream, l.seq).await {
                         Ok(_) => r.purged = true,
                         Err(e) => {
                             r.result = "failed";
@@ -277,7 +278,7 @@ impl Dlq {
 
     pub(super) async fn purge(&self, l: &DeadLetter) -> ItemResult {
         let mut r = ItemResult::planned(l, "purged");
-        match self.stream.delete_message(l.seq).await {
+        match delete_letter(&self.stream, l.seq).await {
             Ok(_) => r.purged = true,
             Err(e) => {
                 r.result = "failed";
@@ -285,6 +286,38 @@ impl Dlq {
             }
         }
         r
+    }
+}
+
+/// What deleting a dead letter did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    /// This request removed it.
+    Now,
+    /// It was gone already: another `dlq purge` or `dlq replay --purge-replayed` removed it
+    /// between this command's read and its delete. The letter is removed, which is what was
+    /// asked, so it counts as purged, not failed.
+    Already,
+}
+
+/// Deletes the dead letter at `seq` from `stream` (a letter this command has read). When the
+/// delete fails, a read of the same sequence tells whether the letter is gone all the same: the
+/// server's typed "no message found" (10037) there means [`Deleted::Already`]. nats-server 2.9
+/// answers a second delete with the generic 10057 ("message delete failed"), so the delete's own
+/// error code cannot tell; and a delete that timed out may have been applied.
+pub async fn delete_letter(stream: &Stream, seq: u64) -> Result<Deleted, DeleteMessageError> {
+    let e = match stream.delete_message(seq).await {
+        Ok(_) => return Ok(Deleted::Now),
+        Err(e) => e,
+    };
+    let gone = matches!(e.kind(), DeleteMessageErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND);
+    if gone {
+        return Ok(Deleted::Already);
+    }
+    match stream.get_raw_message(seq).await {
+        Err(read) if read.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => Ok(Deleted::Already),
+        _ => Err(e),
     }
 }
 

@@ -25,7 +25,7 @@ use crate::config::{Config, ConfigError, ConsumerKind};
 mod letters;
 mod print;
 
-pub use letters::{consumer_of, DeadLetter};
+pub use letters::{consumer_of, delete_letter, DeadLetter, Deleted};
 
 use letters::{exit_code_for, Dlq, ItemResult};
 
