@@ -21,7 +21,8 @@ pub fn redact_url(raw: &str) -> String {
                 // A PostgreSQL URL's lone user-info is a user name (the password, if any, comes
                 // from elsewhere): shown, as operators need it.
                 None if plain(userinfo)
-                    && (scheme.eq_ignore_ascii_case("postgres") || scheme.eq_ignore_ascii_case("postgresql")) =>
+                    && (scheme.eq_ignore_ascii_case("postgres")
+                        || scheme.eq_ignore_ascii_case("postgresql")) =>
                 {
                     userinfo.to_string()
                 }
@@ -101,7 +102,10 @@ mod tests {
             // A token with a '/'.
             ("nats://to/ken@h:4222", "nats://***@h:4222"),
             // PostgreSQL: a lone user name is shown, a password parameter is not.
-            ("postgres://app@db/x?password=s3cret", "postgres://app@db/x?password=***"),
+            (
+                "postgres://app@db/x?password=s3cret",
+                "postgres://app@db/x?password=***",
+            ),
             (
                 "postgres://db/x?sslmode=require&PassWord=s3cret&a=b",
                 "postgres://db/x?sslmode=require&PassWord=***&a=b",
@@ -131,8 +135,25 @@ mod tests {
             state.wrapping_mul(0x2545_F491_4F6C_DD1D)
         };
         const CHARS: &[u8] = b"abcXYZ019:/?#@%&=+-._~!$'()*,; [];";
-        let schemes = ["", "nats://", "tls://", "ws://", "postgres://", "postgresql://", "x+y://"];
-        let tails = ["", ":4222", ":42x2", "/", "/db?sslmode=disable", "?x=1", "#f", ":4222/a?b=c#d"];
+        let schemes = [
+            "",
+            "nats://",
+            "tls://",
+            "ws://",
+            "postgres://",
+            "postgresql://",
+            "x+y://",
+        ];
+        let tails = [
+            "",
+            ":4222",
+            ":42x2",
+            "/",
+            "/db?sslmode=disable",
+            "?x=1",
+            "#f",
+            ":4222/a?b=c#d",
+        ];
         for _ in 0..20_000 {
             let len = (next() % 24) as usize;
             let mut secret = String::from("Q7SECRET");

@@ -151,11 +151,18 @@ mod tests {
 
     #[test]
     fn an_unparseable_url_never_shows_its_password() {
-        for raw in ["nats://svc:Ab/9xQ==@nats:42x2", "svc:s3cret@nats:42x2", "nats://svc:s3/cret@:4222"] {
+        for raw in [
+            "nats://svc:Ab/9xQ==@nats:42x2",
+            "svc:s3cret@nats:42x2",
+            "nats://svc:s3/cret@:4222",
+        ] {
             let e = nats_urls(Some(raw)).unwrap_err();
             let text = e.to_string();
             assert_eq!(e.var, "NATS_URL");
-            assert!(!text.contains("s3cret") && !text.contains("s3/cret") && !text.contains("Ab/9xQ"), "{text}");
+            assert!(
+                !text.contains("s3cret") && !text.contains("s3/cret") && !text.contains("Ab/9xQ"),
+                "{text}"
+            );
         }
     }
 }

@@ -553,11 +553,19 @@ async fn an_error_after_the_move_keeps_the_report_and_the_rollback() {
         "phase after:",
         "rollback: normalize-service migrate rollback phase1 --yes",
     ] {
-        assert!(out.stdout.contains(needle), "{needle}: {}{}", out.stdout, out.stderr);
+        assert!(
+            out.stdout.contains(needle),
+            "{needle}: {}{}",
+            out.stdout,
+            out.stderr
+        );
     }
     let out = cli(&cli_env, &["migrate", "verify", "phase1", "--json"]).await;
     assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
     let v = out.json();
     assert!(v.get("error").is_none(), "{v}");
-    assert!(v["checks"].as_array().unwrap().len() > 1, "the checks made before the error: {v}");
+    assert!(
+        v["checks"].as_array().unwrap().len() > 1,
+        "the checks made before the error: {v}"
+    );
 }

@@ -316,7 +316,9 @@ pub async fn delete_letter(stream: &Stream, seq: u64) -> Result<Deleted, DeleteM
         return Ok(Deleted::Already);
     }
     match stream.get_raw_message(seq).await {
-        Err(read) if read.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => Ok(Deleted::Already),
+        Err(read) if read.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+            Ok(Deleted::Already)
+        }
         _ => Err(e),
     }
 }
