@@ -106,6 +106,22 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     n.checked_mul(secs_per_unit).map(Duration::from_secs)
 }
 
+/// A duration flag's value that [`parse_duration`] does not take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{input:?} is not a duration like 14d, 2h, 30m, 45s or 0")]
+pub struct InvalidDuration {
+    input: String,
+}
+
+/// [`parse_duration`] as a clap value parser: a bad value is a usage error (exit 2).
+pub fn duration_arg(s: &str) -> Result<Duration, InvalidDuration> {
+    parse_duration(s).ok_or_else(|| InvalidDuration { input: s.into() })
+}
+
+/// The longest wait a `--…-timeout SECS` flag takes (a day): a larger one is a usage error, not
+/// a deadline past what `Instant` can hold.
+pub const MAX_WAIT_SECS: u64 = 86_400;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +176,36 @@ mod tests {
             run.contains("docs/CONFIGURATION.md") && run.contains("NATS_URL"),
             "{run}"
         );
+    }
+
+    #[test]
+    fn out_of_range_numbers_and_bad_durations_are_usage_errors() {
+        let huge = u64::MAX.to_string();
+        for args in [
+            vec!["migrate", "verify", "phase1", "--probe-timeout", huge.as_str()],
+            vec!["migrate", "phase1", "--probe-timeout", "86401"],
+            vec!["migrate", "phase1", "--mapping-timeout", huge.as_str()],
+            vec!["migrate", "shift", "vendor", "10", "--mapping-timeout", "86401"],
+            vec!["migrate", "phase3", "--quiet-period", "2x"],
+            vec!["migrate", "phase3", "--quiet-period", "99999999999999999999d"],
+            vec!["dlq", "show", "0"],
+            vec!["dlq", "replay", "0", "5"],
+            vec!["dlq", "purge", "0"],
+        ] {
+            let e = Cli::try_parse_from(std::iter::once("normalize-service").chain(args.iter().copied()))
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} parsed"));
+            assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
+        }
+        for args in [
+            vec!["migrate", "verify", "phase1", "--probe-timeout", "86400"],
+            vec!["migrate", "phase3", "--quiet-period", "0"],
+            vec!["dlq", "replay", "1", "5"],
+        ] {
+            let parsed =
+                Cli::try_parse_from(std::iter::once("normalize-service").chain(args.iter().copied()));
+            assert!(parsed.is_ok(), "{args:?}: {parsed:?}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::cli::migrate::Subjects;
-use crate::cli::output::{ActionKind, Failure, Report, EXIT_CONFIG, EXIT_FAILED, EXIT_REFUSED};
+use crate::cli::output::{ActionKind, Failure, Report, EXIT_CONFIG, EXIT_FAILED};
 use crate::config::{Config, ConsumerConfig, NatsConfig, StreamRole};
 use crate::topology;
 
@@ -31,8 +31,6 @@ pub enum OpsError {
         #[source]
         source: async_nats::Error,
     },
-    #[error("refused: --quiet-period {input:?}: expected a duration like 14d, 2h, 30m, 0s")]
-    QuietPeriod { input: String },
     #[error("DATABASE_URL")]
     Database {
         #[source]
@@ -53,7 +51,6 @@ impl Failure for OpsError {
     fn exit_code(&self) -> u8 {
         match self {
             OpsError::Config(_) => EXIT_CONFIG,
-            OpsError::QuietPeriod { .. } => EXIT_REFUSED,
             OpsError::Connect { .. } | OpsError::Nats { .. } | OpsError::Database { .. } => EXIT_FAILED,
         }
     }

@@ -373,3 +373,59 @@ async fn json_documents_match_the_checked_in_schemas() {
     let bad = serde_json::json!({"schemaVersion": 2, "ok": false, "error": {"message": "x"}});
     assert_eq!(violations(&s, &s, &bad, "$").len(), 2);
 }
+
+/// A flag's value out of range or malformed is a usage error, exit 2, as every `--help` says,
+/// found before anything is done: a wait too long for a deadline (it used to panic, exit 101,
+/// once the probe ran), a bad `--quiet-period` (it used to exit 3, "refused"), sequence 0 (the
+/// server's bad-request answer used to end `dlq show 0` / `dlq replay 0 5` with exit 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_and_malformed_flags_are_usage_errors() {
+    let stack = Stack::start().await;
+    let vars = stack.vars.clone();
+    three_streams_and_a_letter(&stack.js, &vars).await;
+    let huge = u64::MAX.to_string();
+    for (args, flag) in [
+        (
+            vec!["migrate", "verify", "phase1", "--probe-timeout", &huge],
+            "--probe-timeout",
+        ),
+        (
+            vec!["migrate", "phase1", "--yes", "--mapping-timeout", &huge],
+            "--mapping-timeout",
+        ),
+        (
+            vec!["migrate", "phase3", "--yes", "--quiet-period", "2x"],
+            "--quiet-period",
+        ),
+        (vec!["dlq", "show", "0"], "SEQ"),
+        (vec!["dlq", "replay", "0", "5"], "SEQ"),
+        (vec!["dlq", "purge", "0", "--yes"], "SEQ"),
+    ] {
+        let r = cli(&vars, &args).await;
+        assert_eq!(r.code, 2, "{args:?}\n{}{}", r.stdout, r.stderr);
+        assert!(r.stderr.contains(flag), "{args:?}: {}", r.stderr);
+        assert!(!r.stderr.contains("panicked"), "{args:?}: {}", r.stderr);
+    }
+    // The largest wait taken still works (the probe fails for want of a daemon: exit 1).
+    let r = cli(
+        &vars,
+        &[
+            "migrate",
+            "verify",
+            "phase1",
+            "--no-probe",
+            "--probe-timeout",
+            "86400",
+        ],
+    )
+    .await;
+    assert_ne!(r.code, 2, "{}{}", r.stdout, r.stderr);
+}
+
+/// The three streams (so a probe's publish is stored and its wait begins), and one dead letter
+/// (sequence 1).
+async fn three_streams_and_a_letter(js: &jetstream::Context, vars: &HashMap<String, String>) {
+    let r = cli(vars, &["topology", "apply", "--mode", "multi"]).await;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    publish(js, "dlq.normalize.hrv.raw-received.schema-invalid", "{broken").await;
+}

@@ -65,7 +65,8 @@ pub enum DlqCommand {
     /// Headers and body of one dead letter (the body pretty-printed when it is JSON).
     #[command(after_help = concat!("Example:\n  normalize-service dlq show 1234\n\n", exit_codes!()))]
     Show {
-        /// Sequence of the dead letter in the dead-letter stream.
+        /// Sequence of the dead letter in the dead-letter stream (1 or more).
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
         seq: u64,
         /// Print one JSON document on stdout instead of text.
         #[arg(long)]
@@ -143,8 +144,9 @@ impl FilterArgs {
 #[derive(Debug, Clone, Args)]
 #[group(id = "selection", required = true, multiple = true, args = ["seqs", "consumer", "reason", "since", "all"])]
 pub struct Selection {
-    /// Sequences of dead letters in the dead-letter stream.
-    #[arg(value_name = "SEQ", conflicts_with_all = ["consumer", "reason", "since", "all"])]
+    /// Sequences of dead letters in the dead-letter stream (1 or more).
+    #[arg(value_name = "SEQ", conflicts_with_all = ["consumer", "reason", "since", "all"],
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub seqs: Vec<u64>,
     #[command(flatten)]
     pub filter: FilterArgs,

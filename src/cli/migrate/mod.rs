@@ -49,8 +49,9 @@ pub struct ProbeArgs {
     /// Skip the end-to-end probe (publish a probe event, see its row and the durable's ack floor).
     #[arg(long)]
     pub no_probe: bool,
-    /// Seconds to wait for the probe's row.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds to wait for the probe's row (at most 86400).
+    #[arg(long, default_value_t = 30, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(..=crate::cli::MAX_WAIT_SECS))]
     pub probe_timeout: u64,
 }
 
@@ -86,8 +87,9 @@ pub struct StepArgs {
     #[arg(long, value_name = "NAME")]
     pub account: Option<String>,
     /// With `--cutover mapping`: seconds to wait for probe publishes to show a mapping in
-    /// effect; the step never goes on before.
-    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    /// effect; the step never goes on before (at most 86400).
+    #[arg(long, default_value_t = 300, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(..=crate::cli::MAX_WAIT_SECS))]
     pub mapping_timeout: u64,
     #[command(flatten)]
     pub probe: ProbeArgs,
@@ -157,8 +159,8 @@ pub enum MigrateCommand {
         #[command(flatten)]
         step: StepArgs,
         /// Refuse while the legacy stream has a message newer than this (e.g. 14d, 2h, 0s).
-        #[arg(long, default_value = "14d")]
-        quiet_period: String,
+        #[arg(long, default_value = "14d", value_parser = crate::cli::duration_arg)]
+        quiet_period: std::time::Duration,
     },
     /// Route PERCENT of a group's publishes to its new stream (mapping cut-over only): 0 is the
     /// rollback, 100 the phase's full move; each step is verified by probe publishes.
@@ -200,11 +202,10 @@ pub async fn run(cmd: MigrateCommand) -> ExitCode {
         }
         MigrateCommand::Phase3 { step, quiet_period } => {
             let json = step.probe.json;
-            let result = match crate::cli::parse_duration(&quiet_period) {
-                Some(quiet) => steps::run(Step::Forward(PhaseStep::Phase3), step, quiet).await,
-                None => Err(OpsError::QuietPeriod { input: quiet_period }),
-            };
-            return finish(result, json);
+            return finish(
+                steps::run(Step::Forward(PhaseStep::Phase3), step, quiet_period).await,
+                json,
+            );
         }
         MigrateCommand::Phase0(args) => forward(PhaseStep::Phase0, args),
         MigrateCommand::Phase1(args) => forward(PhaseStep::Phase1, args),
