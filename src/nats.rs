@@ -291,6 +291,27 @@ async fn options(
     Ok(o)
 }
 
+/// The configuration that reaches the one server at `url` (an operator command probing through
+/// each server of a cluster) with the credentials every other connection uses: the URL's own
+/// when it carries any, else those [`options`] takes from `cfg` (the variables, else the first
+/// URL of `NATS_URL` that carries any).
+pub fn for_server(cfg: &NatsConfig, url: &str) -> NatsConfig {
+    let mut one = cfg.clone();
+    one.urls = vec![url.to_string()];
+    let explicit = cfg.user.is_some() || cfg.token.is_some() || cfg.creds_file.is_some();
+    if !explicit && url_credentials(&one.urls).is_none() {
+        match url_credentials(&cfg.urls) {
+            Some(UrlCredentials::UserPassword(user, password)) => {
+                one.user = Some(user);
+                one.password = Some(password);
+            }
+            Some(UrlCredentials::Token(token)) => one.token = Some(token),
+            None => {}
+        }
+    }
+    one
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum UrlCredentials {
     UserPassword(String, String),
@@ -369,6 +390,50 @@ mod tests {
         assert_eq!(
             url_credentials(&urls(&["nats://s3cr%2Ft@host:4222"])),
             Some(UrlCredentials::Token("s3cr/t".into()))
+        );
+    }
+
+    #[test]
+    fn one_server_is_reached_with_the_credentials_of_nats_url() {
+        let cfg = NatsConfig {
+            urls: urls(&["nats://a:4222", "nats://svc:p%40ss@b:4222"]),
+            creds_file: None,
+            user: None,
+            password: None,
+            token: None,
+            tls_ca_file: None,
+        };
+        // A URL without credentials (a `--server`, a peer from INFO): NATS_URL's, from the
+        // first URL that has any, as the main connection uses.
+        let one = for_server(&cfg, "nats://c:4222");
+        assert_eq!(one.urls, ["nats://c:4222"]);
+        assert_eq!(
+            (one.user.as_deref(), one.password.as_deref()),
+            (Some("svc"), Some("p@ss"))
+        );
+        // Its own credentials win.
+        let own = for_server(&cfg, "nats://ops:x@c:4222");
+        assert_eq!((own.user, own.token), (None, None));
+        assert_eq!(
+            url_credentials(&own.urls),
+            Some(UrlCredentials::UserPassword("ops".into(), "x".into()))
+        );
+        // A token in NATS_URL.
+        let token = NatsConfig {
+            urls: urls(&["nats://t0k@a:4222"]),
+            ..cfg.clone()
+        };
+        assert_eq!(for_server(&token, "nats://c:4222").token.as_deref(), Some("t0k"));
+        // The variables are kept as they are (they outrank any URL).
+        let vars = NatsConfig {
+            user: Some("env".into()),
+            password: Some("pw".into()),
+            ..cfg.clone()
+        };
+        let one = for_server(&vars, "nats://c:4222");
+        assert_eq!(
+            (one.user.as_deref(), one.password.as_deref()),
+            (Some("env"), Some("pw"))
         );
     }
 

@@ -158,3 +158,57 @@ async fn the_tls_ca_is_checked_by_every_command() {
     )
     .await;
 }
+
+/// `migrate … --server URL` without credentials reaches that server with the credentials of
+/// NATS_URL, taken as every connection takes them: from the first URL that carries any (here
+/// the second). It used to take them from the first URL only, so the step was refused with
+/// "cannot connect to … to probe through it".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_credentials_uses_those_of_nats_url() {
+    let password = "pw-9d2c";
+    let nats = NatsServer::start_bin_with(
+        &crate::versions::nats_2x_bin(),
+        &format!("authorization {{\n  user: svc\n  password: \"{password}\"\n}}\n"),
+    )
+    .await;
+    let client = async_nats::ConnectOptions::with_user_and_password("svc".into(), password.into())
+        .connect(nats.url())
+        .await
+        .unwrap();
+    jetstream::new(client)
+        .create_stream(topology::legacy_spec(&StreamNames::default(), 1).to_config())
+        .await
+        .unwrap();
+    let bare = nats.url();
+    let with_pw = format!("nats://svc:{password}@127.0.0.1:{}", nats.port);
+    let v = vars(&nats, &[("NATS_URL", &format!("{bare},{with_pw}"))]);
+    let r = cli(&v, &["migrate", "phase0", "--json"]).await;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+
+    // The mapping is only printed, never applied: the probes through --server run and time out.
+    let r = cli(
+        &v,
+        &[
+            "migrate",
+            "phase1",
+            "--yes",
+            "--cutover",
+            "mapping",
+            "--server",
+            &bare,
+            "--mapping-timeout",
+            "1",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(!r.stdout.contains("cannot connect"), "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    let doc = r.json();
+    let probed = doc["checks"].as_array().unwrap().iter().any(|c| {
+        c["what"].as_str().unwrap_or("").starts_with("mapping of")
+            && c["status"].as_str().unwrap_or("").contains("not within 1 s")
+    });
+    assert!(probed, "{doc}");
+    assert!(!r.stdout.contains(password) && !r.stderr.contains(password));
+}

@@ -290,7 +290,7 @@ fn nats_29_bin() -> String {
 /// The current 2.1x binary of the comparison below: `NATS_2X_BIN`, else where
 /// `scripts/install-nats-2x.sh` installs it (`$NATS_2X_DIR`, default
 /// `~/.cache/normalize-service/nats-2x`). Missing is a failure, not a skip: CI installs it.
-fn nats_2x_bin() -> String {
+pub(crate) fn nats_2x_bin() -> String {
     let path = std::env::var("NATS_2X_BIN").unwrap_or_else(|_| {
         let dir = std::env::var("NATS_2X_DIR").unwrap_or_else(|_| {
             format!(

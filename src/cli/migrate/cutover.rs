@@ -484,8 +484,7 @@ async fn servers(c: &Ctx, args: &StepArgs) -> Result<Vec<Server>, String> {
         js: c.js.clone(),
     }];
     for url in targets {
-        let mut cfg = c.config.nats.clone();
-        cfg.urls = vec![url.clone()];
+        let cfg = crate::nats::for_server(&c.config.nats, &url);
         let shown = crate::redact::redact_url(&url);
         let client = crate::nats::connect_now(&cfg, Duration::from_secs(5))
             .await
@@ -500,13 +499,22 @@ async fn servers(c: &Ctx, args: &StepArgs) -> Result<Vec<Server>, String> {
     Ok(out)
 }
 
-/// `peer` (`host:port` from INFO) with the scheme and credentials of the configured URL.
+/// `peer` (`host:port` from INFO) with the scheme of the configured URL. No credentials: the
+/// connection takes them as every other one does ([`crate::nats::for_server`]).
 fn peer_url(configured: Option<&str>, peer: &str) -> Option<String> {
     let base = configured.unwrap_or("nats://127.0.0.1:4222");
     let mut url = url::Url::parse(base).ok()?;
+    url.set_password(None).ok()?;
+    url.set_username("").ok()?;
     let (host, port) = peer.rsplit_once(':')?;
-    url.set_host(Some(host.trim_start_matches('[').trim_end_matches(']')))
-        .ok()?;
+    // An IPv6 address is set in brackets (`url` refuses it bare).
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let host = if bare.contains(':') {
+        format!("[{bare}]")
+    } else {
+        bare.to_string()
+    };
+    url.set_host(Some(&host)).ok()?;
     url.set_port(Some(port.parse().ok()?)).ok()?;
     Some(url.to_string().trim_end_matches('/').to_string())
 }
@@ -744,6 +752,19 @@ async fn update_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_url_takes_the_scheme_not_the_credentials() {
+        assert_eq!(
+            peer_url(Some("tls://svc:pw@a:4222"), "10.0.0.2:4223").as_deref(),
+            Some("tls://10.0.0.2:4223")
+        );
+        assert_eq!(
+            peer_url(Some("nats://t0k@a:4222"), "[::1]:4222").as_deref(),
+            Some("nats://[::1]:4222")
+        );
+        assert_eq!(peer_url(None, "b:4222").as_deref(), Some("nats://b:4222"));
+    }
 
     #[test]
     fn the_default_cut_over_follows_the_server_version() {
