@@ -203,3 +203,68 @@ async fn deleting_a_letter_already_deleted_counts_as_deleted() {
     let gone = delete_letter(&stream, seq).await;
     assert!(gone.is_err(), "{gone:?}");
 }
+
+/// NATS going away in the middle of a long purge (or replay): the command stops at once, says
+/// what was done and what was not (`not-attempted`), and exits 1, instead of waiting out each
+/// remaining request's 5 s timeout (hours for thousands of letters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_ends_a_long_purge_at_once() {
+    const LETTERS: u64 = 5000;
+    let mut nats = NatsServer::start().await;
+    let vars = base_vars(&nats, "postgres://postgres@127.0.0.1:5432/unused");
+    let js = nats.js().await;
+    js.create_stream(jetstream::stream::Config {
+        name: "AA_DLQ".into(),
+        subjects: vec!["dlq.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut acks = Vec::new();
+    for i in 0..LETTERS {
+        acks.push(
+            js.publish(
+                "dlq.normalize.hrv.raw-received.schema-invalid",
+                format!("{{broken {i}").into(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    let child = tokio::process::Command::new(BIN)
+        .args(["dlq", "purge", "--all", "--yes", "--json"])
+        .env_clear()
+        .envs(&vars)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Kill the server once the purge is under way.
+    wait_for("the purge under way", Duration::from_secs(60), || async {
+        stream_messages(&js, "AA_DLQ").await < LETTERS
+    })
+    .await;
+    nats.kill();
+    let started = std::time::Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the purge ends soon after NATS went away")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let doc: Value = serde_json::from_str(&stdout).unwrap();
+    let counts = &doc["counts"];
+    let purged = counts["purged"].as_u64().unwrap_or(0);
+    let lost = counts["not-attempted"].as_u64().unwrap_or(0);
+    let failed = counts["failed"].as_u64().unwrap_or(0);
+    assert!(purged > 0 && lost > 0, "{counts}");
+    assert_eq!(purged + lost + failed, LETTERS, "{counts}");
+    println!(
+        "NATS killed: the purge ended {:?} later ({counts})",
+        started.elapsed()
+    );
+}

@@ -304,16 +304,19 @@ pub enum Deleted {
 /// delete fails, a read of the same sequence tells whether the letter is gone all the same: the
 /// server's typed "no message found" (10037) there means [`Deleted::Already`]. nats-server 2.9
 /// answers a second delete with the generic 10057 ("message delete failed"), so the delete's own
-/// error code cannot tell; and a delete that timed out may have been applied.
+/// error code cannot tell. A delete without an answer stays a failure.
 pub async fn delete_letter(stream: &Stream, seq: u64) -> Result<Deleted, DeleteMessageError> {
     let e = match stream.delete_message(seq).await {
         Ok(_) => return Ok(Deleted::Now),
         Err(e) => e,
     };
-    let gone = matches!(e.kind(), DeleteMessageErrorKind::JetStream(j)
-        if j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND);
-    if gone {
-        return Ok(Deleted::Already);
+    match e.kind() {
+        DeleteMessageErrorKind::JetStream(j) if j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND => {
+            return Ok(Deleted::Already)
+        }
+        DeleteMessageErrorKind::JetStream(_) => {}
+        // No answer (a timeout, a lost connection): a read would not get one either.
+        DeleteMessageErrorKind::TimedOut | DeleteMessageErrorKind::Request => return Err(e),
     }
     match stream.get_raw_message(seq).await {
         Err(read) if read.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
@@ -368,7 +371,7 @@ async fn body_of(js: &jetstream::Context, l: &DeadLetter) -> Result<bytes::Bytes
 pub(super) struct ItemResult {
     pub(super) dlq_sequence: u64,
     /// `replayed`, `duplicate` (JetStream had this replay id already), `purged`, `would-replay`,
-    /// `would-purge`, `not-found` or `failed`.
+    /// `would-purge`, `not-found`, `failed` or `not-attempted` (the NATS connection was lost).
     pub(super) result: &'static str,
     pub(super) consumer: Option<&'static str>,
     pub(super) reason: Option<String>,
@@ -401,6 +404,16 @@ impl ItemResult {
         }
     }
 
+    /// A letter the command did not get to: the NATS connection was lost before it.
+    pub(super) fn not_attempted(l: &DeadLetter) -> ItemResult {
+        let mut r = ItemResult::planned(l, "not-attempted");
+        r.error = Some(
+            "the NATS connection was lost before this dead letter: nothing was done to it (re-run the same command; a replay is deduplicated)"
+                .into(),
+        );
+        r
+    }
+
     pub(super) fn not_found(seq: u64) -> ItemResult {
         ItemResult {
             dlq_sequence: seq,
@@ -415,9 +428,12 @@ impl ItemResult {
     }
 }
 
-/// 1 if anything failed, else 3 if a requested sequence was absent, else 0.
+/// 1 if anything failed or was not attempted, else 3 if a requested sequence was absent, else 0.
 pub(super) fn exit_code_for(results: &[ItemResult]) -> u8 {
-    if results.iter().any(|r| r.result == "failed") {
+    if results
+        .iter()
+        .any(|r| r.result == "failed" || r.result == "not-attempted")
+    {
         EXIT_FAILED
     } else if results.iter().any(|r| r.result == "not-found") {
         EXIT_NOT_FOUND

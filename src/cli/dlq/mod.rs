@@ -326,6 +326,8 @@ async fn execute(cmd: DlqCommand) -> Result<u8, DlqError> {
             for l in &letters {
                 results.push(if dry_run {
                     ItemResult::planned(l, "would-replay")
+                } else if !connected(&client) {
+                    ItemResult::not_attempted(l)
                 } else {
                     dlq.replay(&js, l, purge_replayed).await
                 });
@@ -338,10 +340,12 @@ async fn execute(cmd: DlqCommand) -> Result<u8, DlqError> {
             let (letters, missing) = dlq.select(&select).await?;
             let mut results: Vec<ItemResult> = missing.iter().map(|&s| ItemResult::not_found(s)).collect();
             for l in &letters {
-                results.push(if yes {
-                    dlq.purge(l).await
-                } else {
+                results.push(if !yes {
                     ItemResult::planned(l, "would-purge")
+                } else if !connected(&client) {
+                    ItemResult::not_attempted(l)
+                } else {
+                    dlq.purge(l).await
                 });
             }
             results.sort_by_key(|r| r.dlq_sequence);
@@ -352,11 +356,22 @@ async fn execute(cmd: DlqCommand) -> Result<u8, DlqError> {
             exit_code_for(&results)
         }
     };
-    // Replays and deletes are already acknowledged; this only makes the goodbye tidy.
+    // Replays and deletes are already acknowledged; this only makes the goodbye tidy (and is
+    // skipped when the connection is gone).
+    if !connected(&client) {
+        return Ok(code);
+    }
     if let Err(e) = client.drain().await {
         tracing::debug!(error = %e, "draining the connection failed");
     }
     Ok(code)
+}
+
+/// Whether the connection is up. Once it is lost, a long replay or purge stops at once and
+/// reports the rest as not attempted, instead of waiting out each request's timeout (5 s) for
+/// every remaining letter.
+fn connected(client: &async_nats::Client) -> bool {
+    client.connection_state() == async_nats::connection::State::Connected
 }
 
 /// Asks on the terminal whether to go on with `count` dead letters; `false` when stdin is not a

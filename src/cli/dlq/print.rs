@@ -201,7 +201,11 @@ pub(super) fn summary_line(action: &str, results: &[ItemResult]) -> String {
     let n = |names: &[&str]| results.iter().filter(|r| names.contains(&r.result)).count();
     let failed = n(&["failed"]);
     let skipped = n(&["not-found"]);
-    match action {
+    let lost = match n(&["not-attempted"]) {
+        0 => String::new(),
+        k => format!(", not attempted {k} (the NATS connection was lost)"),
+    };
+    let line = match action {
         "replay" if n(&["would-replay"]) > 0 => format!(
             "would replay {} (dry run: nothing replayed), skipped {skipped}",
             n(&["would-replay"])
@@ -216,7 +220,8 @@ pub(super) fn summary_line(action: &str, results: &[ItemResult]) -> String {
             n(&["would-purge"])
         ),
         _ => format!("purged {}, failed {failed}, skipped {skipped}", n(&["purged"])),
-    }
+    };
+    line + &lost
 }
 
 fn results_text(action: &str, stream: &str, results: &[ItemResult]) -> Text {

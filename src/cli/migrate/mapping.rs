@@ -451,6 +451,14 @@ impl Observation {
     }
 }
 
+/// The NATS connection went away during a round of probes.
+#[derive(Debug, thiserror::Error)]
+#[error("the NATS connection was lost after {sent} of {count} probes")]
+pub struct ConnectionLost {
+    sent: usize,
+    count: usize,
+}
+
 /// Publishes `count` probes spread over the group's probe subjects, each awaiting its PubAck,
 /// while subscribed to their private-namespace forms; then purges the probes from every stream
 /// that stored one. A probe is a JetStream publish with a unique `Nats-Msg-Id` and the
@@ -472,6 +480,10 @@ pub async fn observe(
         chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
     );
     for i in 0..count {
+        // Without a connection each probe would wait out its 5 s PubAck timeout: stop at once.
+        if client.connection_state() != async_nats::connection::State::Connected {
+            return Err(Box::new(ConnectionLost { sent: i, count }));
+        }
         let subject = subjects[i % subjects.len()].clone();
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(PROBE_HEADER, "1");
