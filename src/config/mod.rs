@@ -242,6 +242,14 @@ impl Config {
                 "a user name whenever NATS_PASSWORD is set",
             ));
         }
+        // A user alone would connect anonymously (and skip the URL's credentials): refused.
+        if nats.user.is_some() && nats.password.is_none() {
+            env.bad(ConfigError::new(
+                Var::NatsPassword.name(),
+                "<unset>",
+                "a password whenever NATS_USER is set",
+            ));
+        }
         let database_url = env.check(parse::database_url(env.get(Var::DatabaseUrl)), String::new());
         let mode = env.choice(
             Var::EventStreamMode,

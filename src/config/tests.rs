@@ -113,6 +113,15 @@ fn bad_values_name_the_variable() {
 }
 
 #[test]
+fn a_nats_user_and_password_need_each_other() {
+    let err = cfg(&[("NATS_USER", "svc")]).unwrap_err();
+    assert_eq!(err.var, "NATS_PASSWORD", "{err}");
+    let err = cfg(&[("NATS_PASSWORD", "pw")]).unwrap_err();
+    assert_eq!(err.var, "NATS_USER", "{err}");
+    assert!(cfg(&[("NATS_USER", "svc"), ("NATS_PASSWORD", "pw")]).is_ok());
+}
+
+#[test]
 fn secrets_are_not_echoed() {
     let err = cfg(&[("DATABASE_URL", "mysql://u:hunter2@h/db")]).unwrap_err();
     assert!(!err.to_string().contains("hunter2"), "{err}");
