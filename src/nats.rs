@@ -293,13 +293,18 @@ async fn options(
 
 /// The configuration that reaches the one server at `url` (an operator command probing through
 /// each server of a cluster) with the credentials every other connection uses: the URL's own
-/// when it carries any, else those [`options`] takes from `cfg` (the variables, else the first
-/// URL of `NATS_URL` that carries any).
+/// when it carries any (the variables' would replace them), else those [`options`] takes from
+/// `cfg` (the variables, else the first URL of `NATS_URL` that carries any).
 pub fn for_server(cfg: &NatsConfig, url: &str) -> NatsConfig {
     let mut one = cfg.clone();
     one.urls = vec![url.to_string()];
     let explicit = cfg.user.is_some() || cfg.token.is_some() || cfg.creds_file.is_some();
-    if !explicit && url_credentials(&one.urls).is_none() {
+    if url_credentials(&one.urls).is_some() {
+        one.user = None;
+        one.password = None;
+        one.token = None;
+        one.creds_file = None;
+    } else if !explicit {
         match url_credentials(&cfg.urls) {
             Some(UrlCredentials::UserPassword(user, password)) => {
                 one.user = Some(user);
@@ -434,6 +439,13 @@ mod tests {
         assert_eq!(
             (one.user.as_deref(), one.password.as_deref()),
             (Some("env"), Some("pw"))
+        );
+        // … but not a --server URL's own credentials (docs/CONFIGURATION.md).
+        let own = for_server(&vars, "nats://ops:x@c:4222");
+        assert_eq!((own.user, own.password, own.token), (None, None, None));
+        assert_eq!(
+            url_credentials(&own.urls),
+            Some(UrlCredentials::UserPassword("ops".into(), "x".into()))
         );
     }
 

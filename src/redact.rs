@@ -17,7 +17,8 @@ pub fn redact_url(raw: &str) -> String {
         Some(at) => {
             let userinfo = &rest[..at];
             let shown = match userinfo.split_once(':') {
-                Some((user, _)) if plain(user) => format!("{user}:***"),
+                // `TOKEN:` (an empty password) is a token to the client: hidden whole.
+                Some((user, password)) if plain(user) && !password.is_empty() => format!("{user}:***"),
                 // A PostgreSQL URL's lone user-info is a user name (the password, if any, comes
                 // from elsewhere): shown, as operators need it.
                 None if plain(userinfo)
@@ -116,6 +117,8 @@ mod tests {
             ("", ""),
             ("@", "***@"),
             ("nats://@h", "nats://***@h"),
+            // `TOKEN:` with an empty password is a token to the client.
+            ("nats://t0ken:@h:4222", "nats://***@h:4222"),
         ];
         for (raw, want) in cases {
             assert_eq!(redact_url(raw), want, "{raw:?}");

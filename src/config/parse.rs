@@ -95,6 +95,18 @@ pub(super) fn backoff(v: Option<&str>) -> Result<Vec<Duration>, ConfigError> {
 
 pub(super) fn nats_urls(v: Option<&str>) -> Result<Vec<String>, ConfigError> {
     let raw = v.unwrap_or(DEFAULT_NATS_URL);
+    // A piece without '@' of a list that has one may be the head of a password holding ','
+    // (`nats://svc:ab,cd@h`): shown without anything after its scheme.
+    let shown = |part: &str| {
+        if !part.contains('@') && raw.contains('@') {
+            match part.find("://") {
+                Some(i) => format!("{}***", &part[..i + 3]),
+                None => "***".to_string(),
+            }
+        } else {
+            crate::redact::redact_url(part)
+        }
+    };
     let mut urls = Vec::new();
     for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let with_scheme = if part.contains("://") {
@@ -108,14 +120,14 @@ pub(super) fn nats_urls(v: Option<&str>) -> Result<Vec<String>, ConfigError> {
             Ok(u) if matches!(u.scheme(), "ws" | "wss") => {
                 return Err(ConfigError::new(
                     Var::NatsUrl.name(),
-                    crate::redact::redact_url(part),
+                    shown(part),
                     "nats://host:port (or tls://) URLs: WebSocket URLs (ws://, wss://) are not supported; use the server's client port (4222), not its websocket port",
                 ))
             }
             _ => {
                 return Err(ConfigError::new(
                     Var::NatsUrl.name(),
-                    crate::redact::redact_url(part),
+                    shown(part),
                     "a comma-separated list of nats://host:port (or tls://) URLs",
                 ))
             }
@@ -155,6 +167,9 @@ mod tests {
             "nats://svc:Ab/9xQ==@nats:42x2",
             "svc:s3cret@nats:42x2",
             "nats://svc:s3/cret@:4222",
+            // A ',' in the password splits the list inside it.
+            "nats://svc:s3cret,x@nats:4222",
+            "nats://svc:s3cret,x/@nats:4222,nats://b:4222",
         ] {
             let e = nats_urls(Some(raw)).unwrap_err();
             let text = e.to_string();

@@ -511,7 +511,8 @@ async fn versions_and_announcements_follow_exactly_the_published_changes() {
 /// The rule itself, at the store: a random set of HRV, sleep and Oura events (few keys; equal,
 /// offset and leap-second times; webhook copies under one idempotency key with different bodies;
 /// copies of one body at two positions), written to two databases in two random orders and
-/// batchings, some events twice (a redelivery), leaves the same rows in both: every column but
+/// batchings (some batches written message by message, some two at once), some events twice (a
+/// redelivery), leaves the same rows in both: every column but
 /// the arrival bookkeeping (`id`, `version`, `changed_tx`, `created_at`, `updated_at`,
 /// `received_at`). `ORDERING_SEED` replays a run; the seed is in every failure message.
 #[tokio::test]
@@ -673,39 +674,83 @@ async fn the_rows_depend_only_on_the_set_of_events() {
                     b.push(i);
                 }
             }
-            for batch in batches.iter().filter(|b| !b.is_empty()) {
-                let decoded: Vec<_> = batch
-                    .iter()
-                    .map(|&i| {
-                        let e = &events[i];
-                        let env = Envelope {
-                            msg_id: e.msg_id,
-                            // The message's JetStream time: fixed per position.
-                            stable_time: base + chrono::Duration::seconds(e.seq as i64),
-                            now,
-                            max_future_skew: chrono::Duration::days(3650),
-                            max_payload_bytes: 1 << 20,
-                        };
-                        pipeline::decode(e.kind, e.body.as_bytes(), env)
-                            .unwrap_or_else(|err| panic!("seed {seed}: {} does not decode: {err}", e.body))
-                    })
-                    .collect();
-                let entries: Vec<BatchEntry<'_>> = batch
-                    .iter()
-                    .zip(&decoded)
-                    .map(|(&i, d)| BatchEntry {
-                        decoded: d,
-                        source: Source {
-                            stream: events[i].stream,
-                            seq: events[i].seq,
-                            identity: &events[i].identity,
-                            redelivered: false,
-                        },
-                    })
-                    .collect();
-                store::upsert_batch(pool, &metrics, &entries)
-                    .await
-                    .unwrap_or_else(|e| panic!("seed {seed} round {round}: batch write failed: {e}"));
+            let batches: Vec<Vec<usize>> = batches.into_iter().filter(|b| !b.is_empty()).collect();
+            let decoded: Vec<Vec<_>> = batches
+                .iter()
+                .map(|batch| {
+                    batch
+                        .iter()
+                        .map(|&i| {
+                            let e = &events[i];
+                            let env = Envelope {
+                                msg_id: e.msg_id,
+                                // The message's JetStream time: fixed per position.
+                                stable_time: base + chrono::Duration::seconds(e.seq as i64),
+                                now,
+                                max_future_skew: chrono::Duration::days(3650),
+                                max_payload_bytes: 1 << 20,
+                            };
+                            pipeline::decode(e.kind, e.body.as_bytes(), env).unwrap_or_else(|err| {
+                                panic!("seed {seed}: {} does not decode: {err}", e.body)
+                            })
+                        })
+                        .collect()
+                })
+                .collect();
+            let entries: Vec<Vec<BatchEntry<'_>>> = batches
+                .iter()
+                .zip(&decoded)
+                .map(|(batch, decoded)| {
+                    batch
+                        .iter()
+                        .zip(decoded)
+                        .map(|(&i, d)| BatchEntry {
+                            decoded: d,
+                            source: Source {
+                                stream: events[i].stream,
+                                seq: events[i].seq,
+                                identity: &events[i].identity,
+                                redelivered: next(3) == 0,
+                            },
+                        })
+                        .collect()
+                })
+                .collect();
+            // Each batch as one statement or message by message (the unroll path); now and
+            // then two batches at once (two pipeline slots or instances).
+            async fn write(
+                pool: &sqlx::PgPool,
+                metrics: &Metrics,
+                entries: &[BatchEntry<'_>],
+                one_by_one: bool,
+            ) -> Result<(), sqlx::Error> {
+                if one_by_one {
+                    for e in entries {
+                        store::upsert(pool, metrics, e).await?;
+                    }
+                } else {
+                    store::upsert_batch(pool, metrics, entries).await?;
+                }
+                Ok(())
+            }
+            let mut k = 0;
+            while k < entries.len() {
+                let (one, two) = (next(4) == 0, next(4) == 0);
+                let failed = |e: sqlx::Error| panic!("seed {seed} round {round}: write failed: {e}");
+                if k + 1 < entries.len() && next(3) == 0 {
+                    let (a, b) = tokio::join!(
+                        write(pool, &metrics, &entries[k], one),
+                        write(pool, &metrics, &entries[k + 1], two)
+                    );
+                    a.unwrap_or_else(failed);
+                    b.unwrap_or_else(failed);
+                    k += 2;
+                } else {
+                    write(pool, &metrics, &entries[k], one)
+                        .await
+                        .unwrap_or_else(failed);
+                    k += 1;
+                }
             }
             let mut rows = Vec::new();
             for table in ["hrv_data", "sleep_data", "vendor_webhook_events"] {

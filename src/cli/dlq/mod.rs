@@ -323,10 +323,11 @@ async fn execute(cmd: DlqCommand) -> Result<u8, DlqError> {
                 return Err(DlqError::Unconfirmed { count: letters.len() });
             }
             let mut results: Vec<ItemResult> = missing.iter().map(|&s| ItemResult::not_found(s)).collect();
+            let mut lost = false;
             for l in &letters {
                 results.push(if dry_run {
                     ItemResult::planned(l, "would-replay")
-                } else if !connected(&client) {
+                } else if !connected(&client, &mut lost).await {
                     ItemResult::not_attempted(l)
                 } else {
                     dlq.replay(&js, l, purge_replayed).await
@@ -339,10 +340,11 @@ async fn execute(cmd: DlqCommand) -> Result<u8, DlqError> {
         DlqCommand::Purge { select, yes, json } => {
             let (letters, missing) = dlq.select(&select).await?;
             let mut results: Vec<ItemResult> = missing.iter().map(|&s| ItemResult::not_found(s)).collect();
+            let mut lost = false;
             for l in &letters {
                 results.push(if !yes {
                     ItemResult::planned(l, "would-purge")
-                } else if !connected(&client) {
+                } else if !connected(&client, &mut lost).await {
                     ItemResult::not_attempted(l)
                 } else {
                     dlq.purge(l).await
@@ -358,7 +360,7 @@ async fn execute(cmd: DlqCommand) -> Result<u8, DlqError> {
     };
     // Replays and deletes are already acknowledged; this only makes the goodbye tidy (and is
     // skipped when the connection is gone).
-    if !connected(&client) {
+    if client.connection_state() != async_nats::connection::State::Connected {
         return Ok(code);
     }
     if let Err(e) = client.drain().await {
@@ -367,12 +369,28 @@ async fn execute(cmd: DlqCommand) -> Result<u8, DlqError> {
     Ok(code)
 }
 
-/// Whether the connection is up. Once it is lost, a long replay or purge stops at once and
-/// reports the rest as not attempted, instead of waiting out each request's timeout (5 s) for
-/// every remaining letter.
-fn connected(client: &async_nats::Client) -> bool {
-    client.connection_state() == async_nats::connection::State::Connected
+/// Whether the connection is up, or comes back within [`RECONNECT_GRACE`] (a blip: a rolling
+/// restart, a move to another cluster node). Once it is lost for longer, a long replay or purge
+/// stops and reports the rest as not attempted (`lost` is set, the rest are not waited for),
+/// instead of waiting out each request's timeout (5 s) for every remaining letter.
+async fn connected(client: &async_nats::Client, lost: &mut bool) -> bool {
+    if *lost {
+        return false;
+    }
+    let up = || client.connection_state() == async_nats::connection::State::Connected;
+    let deadline = tokio::time::Instant::now() + RECONNECT_GRACE;
+    while !up() {
+        if tokio::time::Instant::now() >= deadline {
+            *lost = true;
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    true
 }
+
+/// How long a replay or purge waits for a lost connection to come back before it stops.
+const RECONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Asks on the terminal whether to go on with `count` dead letters; `false` when stdin is not a
 /// terminal (a script must say `--yes`) or the answer is not yes.
