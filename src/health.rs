@@ -428,7 +428,9 @@ impl Health {
     /// while NATS or the database is down a loop that waits is not wedged, so both clocks are
     /// held (restarted) and nothing is stalled or stuck; readiness reports the dependencies.
     pub fn check_stalls(&self, now: Instant) -> Vec<Verdict> {
-        let deps_up = self.dependencies_up();
+        // A stopping process is bounded by its deadline and no longer pulls: neither stalled
+        // nor stuck (liveness stays 200 while it drains), as while a dependency is down.
+        let deps_up = self.dependencies_up() && !self.shutting_down();
         let mut map = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
         map.iter_mut()
             .map(|(kind, s)| {
@@ -747,6 +749,13 @@ mod tests {
         });
         assert!(!h.live());
         h.update(ConsumerKind::Hrv, |s| s.last_progress = Some(Instant::now()));
+        assert!(h.live());
+        // A stopping process drains within its deadline: still live, however long since the
+        // last pull.
+        h.update(ConsumerKind::Hrv, |s| {
+            s.last_progress = Instant::now().checked_sub(Duration::from_secs(5))
+        });
+        h.set_shutting_down();
         assert!(h.live());
     }
 

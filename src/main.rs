@@ -81,9 +81,11 @@ fn probe_host(host: &str) -> &str {
 }
 
 async fn healthcheck(timeout: u64) -> ExitCode {
+    // 0 or 1 only (container runtimes reserve other codes): a configuration it cannot read is
+    // not healthy.
     let config = match load_config() {
         Ok(c) => c,
-        Err(code) => return code,
+        Err(_) => return ExitCode::FAILURE,
     };
     match normalize_service::http::http_get(
         probe_host(&config.host),

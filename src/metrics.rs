@@ -408,11 +408,32 @@ impl Metrics {
         for r in MessageResult::ALL {
             self.messages[kind].with_label_values(&[r.as_str(), subject, stream, durable]);
         }
+        for r in crate::dlq::Reason::ALL {
+            self.dlq_messages
+                .with_label_values(&[kind.as_str(), r.as_str(), subject, stream, durable]);
+        }
         let labels = [kind.as_str(), stream, durable];
         self.pull_errors.with_label_values(&labels);
         self.dlq_publish_failures.with_label_values(&labels);
         self.released_unsettled.with_label_values(&labels);
         self.held_abandoned.with_label_values(&labels);
+    }
+
+    /// Drops the consumer-info gauges of a binding that ended (the durable is no longer
+    /// consumed here): left behind, they would show the old stream's last pending counts for
+    /// ever and keep lag alerts firing. A later binding to it creates them again.
+    pub fn forget_binding(&self, kind: ConsumerKind, stream: &str, durable: &str) {
+        let labels = [kind.as_str(), stream, durable];
+        for gauge in [
+            &self.consumer_pending,
+            &self.consumer_ack_pending,
+            &self.consumer_redelivered,
+            &self.consumer_max_ack_pending,
+        ] {
+            // An error only says the series was never set.
+            gauge.remove_label_values(&labels).ok();
+        }
+        self.consumer_oldest_pending_age.remove_label_values(&labels).ok();
     }
 
     /// Counts one invalid section of an Oura webhook. `section` is one of

@@ -88,8 +88,13 @@ impl Worker {
                             .iter()
                             .position(|r| r.binding.stream == b.stream && !r.token.is_cancelled());
                         match previous {
-                            // Bound again where we were draining: that loop becomes the active one.
-                            Some(i) => active = Some(draining.remove(i)),
+                            // Bound again where we were draining (a rollback soon after a
+                            // cut-over): that loop becomes the active one, logged and counted
+                            // as any binding is.
+                            Some(i) => {
+                                self.on_bound(&b, None);
+                                active = Some(draining.remove(i));
+                            }
                             None => {
                                 self.on_bound(&b, None);
                                 active = Some(self.spawn_binding(&mut loops, b, &shutdown));
@@ -227,6 +232,9 @@ impl Worker {
             .consumer_bound
             .with_label_values(&[kind.as_str(), &binding.stream, &binding.durable])
             .set(0);
+        self.shared
+            .metrics
+            .forget_binding(kind, &binding.stream, &binding.durable);
         end
     }
 

@@ -88,6 +88,10 @@ async fn healthcheck_subcommand_follows_readiness() {
     // Nothing listening: exit 1.
     let out = cli(&healthcheck_env, &["healthcheck"]).await;
     assert_eq!(out.code, 1);
+    // A configuration it cannot read: 1 too (container runtimes reserve other codes).
+    let out = cli(&vars(&[("PORT", "not-a-port")]), &["healthcheck"]).await;
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("PORT"), "{}", out.stderr);
 
     let stack = Stack::builder().env(&[("PORT", &port.to_string())]).start().await;
     let mut daemon = stack.daemon().await;

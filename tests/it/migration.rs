@@ -187,6 +187,38 @@ async fn forward_migration_without_restart_loses_nothing() {
             .is_some_and(|a| a.is_empty())
     })
     .await;
+    // The legacy durables are no longer consumed: their consumer-info gauges are gone (stale
+    // values would keep lag alerts firing), the new ones are there; every dead-letter reason
+    // has its series from the start.
+    let m = app.metrics().await;
+    for gauge in [
+        "normalize_consumer_pending_messages",
+        "normalize_consumer_ack_pending_messages",
+        "normalize_consumer_redelivered_messages",
+    ] {
+        assert_eq!(
+            metric_value(&m, gauge, &[("stream", "ATHLETE_ALLY_EVENTS")]),
+            None,
+            "{gauge}: {m}"
+        );
+        assert!(
+            metric_value(&m, gauge, &[("stream", "AA_CORE_HOT"), ("consumer", "hrv")]).is_some(),
+            "{gauge}: {m}"
+        );
+    }
+    assert_eq!(
+        metric_value(
+            &m,
+            "dlq_messages_total",
+            &[
+                ("consumer", "sleep"),
+                ("reason", "non-retryable"),
+                ("stream", "AA_CORE_HOT")
+            ]
+        ),
+        Some(0.0),
+        "{m}"
+    );
     let r = ok(&cli_env, &["migrate", "phase3", "--yes", "--quiet-period", "0s"]).await;
     assert_eq!(r["phaseAfter"], "migrated", "{r}");
     assert_eq!(stream_names(js).await, ["AA_CORE_HOT", "AA_DLQ", "AA_VENDOR_HOT"]);
