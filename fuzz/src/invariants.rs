@@ -62,8 +62,18 @@ pub fn check_time(t: DateTime<Utc>) {
     assert!(t <= latest(), "{t:?} is beyond the future skew");
 }
 
-/// `given` truncated to microseconds is `stored`.
+/// `given` truncated to microseconds is `stored`. A leap second (`…:59:60.x`) counts as the next
+/// second's `.x`, as PostgreSQL stores it (chrono alone would order it before that second).
 fn assert_truncated(given: DateTime<Utc>, stored: DateTime<Utc>) {
+    let nanos = given.timestamp_subsec_nanos();
+    let given = match nanos.checked_sub(1_000_000_000) {
+        Some(rest) => DateTime::from_timestamp(given.timestamp() + 1, rest).unwrap_or(given),
+        None => given,
+    };
+    assert!(
+        stored.timestamp_subsec_nanos() < 1_000_000_000,
+        "{stored:?} kept a leap second"
+    );
     let lost = given - stored;
     assert!(
         lost >= chrono::Duration::zero() && lost < chrono::Duration::microseconds(1),
