@@ -57,14 +57,24 @@ impl AckTarget for jetstream::Message {
 
 /// Where dead letters are stored: the DLQ stream in the daemon, a script in the unit tests.
 pub(super) trait Letters<M> {
-    /// Stores the dead letter of `msg` and awaits JetStream's PubAck; its DLQ sequence.
+    /// Stores the dead letter of `msg` and awaits JetStream's PubAck.
     fn store(
         &self,
         msg: &M,
         origin: &Origin<'_>,
         reason: Reason,
         error: &str,
-    ) -> impl Future<Output = Result<u64, PublishError>> + Send;
+    ) -> impl Future<Output = Result<StoredLetter, PublishError>> + Send;
+}
+
+/// A dead letter JetStream acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct StoredLetter {
+    /// Its DLQ sequence.
+    pub seq: u64,
+    /// Already stored (its `Nats-Msg-Id` is in the duplicate window): a redelivery after a
+    /// lost TERM or ack. Settled as stored, not counted again.
+    pub duplicate: bool,
 }
 
 /// The DLQ stream: `<prefix>.<reason>`.
@@ -80,10 +90,13 @@ impl Letters<jetstream::Message> for Dlq<'_> {
         origin: &Origin<'_>,
         reason: Reason,
         error: &str,
-    ) -> Result<u64, PublishError> {
+    ) -> Result<StoredLetter, PublishError> {
         dlq::publish(self.js, self.prefix, &msg.message, origin, reason, error)
             .await
-            .map(|ack| ack.sequence)
+            .map(|ack| StoredLetter {
+                seq: ack.sequence,
+                duplicate: ack.duplicate,
+            })
     }
 }
 
@@ -248,14 +261,17 @@ impl<L> Settler<'_, L> {
                     error: &report.error,
                     terminate: false,
                 };
-                if self.dead_letter(d, origin, letter).await {
-                    count_letter(reason);
-                    for section in report.sections {
-                        m.count_oura_invalid_section(section);
+                match self.dead_letter(d, origin, letter).await {
+                    Some(stored) => {
+                        if !stored.duplicate {
+                            count_letter(reason);
+                            for section in report.sections {
+                                m.count_oura_invalid_section(section);
+                            }
+                        }
+                        MessageResult::Success
                     }
-                    MessageResult::Success
-                } else {
-                    MessageResult::Retry
+                    None => MessageResult::Retry,
                 }
             }
             (Action::Ack, None) => {
@@ -276,15 +292,18 @@ impl<L> Settler<'_, L> {
                     error: &error,
                     terminate: true,
                 };
-                if self.dead_letter(d, origin, letter).await {
-                    count_letter(reason);
-                    if reason == Reason::SchemaInvalid {
-                        MessageResult::SchemaInvalid
-                    } else {
-                        MessageResult::Dlq
+                match self.dead_letter(d, origin, letter).await {
+                    Some(stored) => {
+                        if !stored.duplicate {
+                            count_letter(reason);
+                        }
+                        if reason == Reason::SchemaInvalid {
+                            MessageResult::SchemaInvalid
+                        } else {
+                            MessageResult::Dlq
+                        }
                     }
-                } else {
-                    MessageResult::Retry
+                    None => MessageResult::Retry,
                 }
             }
         };
@@ -306,13 +325,13 @@ impl<L> Settler<'_, L> {
     /// letter is retried — through a shutdown too, until shortly before its deadline, when it
     /// is given up with an ERROR naming its sequence (the server will not redeliver it) and
     /// counted in `normalize_held_messages_abandoned_total`.
-    /// Returns true when the dead letter was stored.
+    /// Returns the stored letter, `None` when it was not stored.
     async fn dead_letter<M: AckTarget>(
         &self,
         d: &Delivery<M>,
         origin: &Origin<'_>,
         letter: Letter<'_>,
-    ) -> bool
+    ) -> Option<StoredLetter>
     where
         L: Letters<M>,
     {
@@ -327,20 +346,23 @@ impl<L> Settler<'_, L> {
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
             let e = match self.letters.store(&d.msg, origin, reason, error).await {
-                Ok(dlq_seq) => {
+                Ok(stored) => {
                     self.health.update(kind, |s| s.dead_letter_ok = true);
                     // Per message at DEBUG; the watchdog summarises them at WARN.
-                    self.health.count_dead_letter(kind, reason.as_str(), dlq_seq);
+                    if !stored.duplicate {
+                        self.health.count_dead_letter(kind, reason.as_str(), stored.seq);
+                    }
                     tracing::debug!(
-                        reason = reason.as_str(), seq = origin.seq, dlq_seq,
-                        delivered = origin.delivered, error = %error, "message dead-lettered"
+                        reason = reason.as_str(), seq = origin.seq, dlq_seq = stored.seq,
+                        duplicate = stored.duplicate, delivered = origin.delivered, error = %error,
+                        "message dead-lettered"
                     );
                     if terminate {
                         d.term().await;
                     } else {
                         d.ack().await;
                     }
-                    return true;
+                    return Some(stored);
                 }
                 Err(e) => e,
             };
@@ -375,7 +397,7 @@ impl<L> Settler<'_, L> {
             match next {
                 Unstored::Nak(delay) => {
                     d.nak(Some(delay)).await;
-                    return false;
+                    return None;
                 }
                 // The server will not redeliver this message: hold it and retry here.
                 Unstored::Hold(wait) => {
@@ -400,7 +422,7 @@ impl<L> Settler<'_, L> {
                         "shutdown: giving up a held last delivery whose dead letter could not be stored; the server will not redeliver it: republish it from the stream at this sequence (docs/OPERATIONS.md)"
                     );
                     d.forget();
-                    return false;
+                    return None;
                 }
             }
         }

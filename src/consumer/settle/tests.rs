@@ -118,9 +118,12 @@ impl Books {
 }
 
 /// A DLQ whose answers are scripted: true stores the letter; the last answer repeats.
+/// `duplicate`: every stored letter is answered as already stored (a redelivery after a lost
+/// TERM).
 struct Script {
     answers: Mutex<VecDeque<bool>>,
     stored: Mutex<Vec<(Reason, String)>>,
+    duplicate: bool,
 }
 
 impl Script {
@@ -128,6 +131,7 @@ impl Script {
         Script {
             answers: Mutex::new(answers.iter().copied().collect()),
             stored: Mutex::default(),
+            duplicate: false,
         }
     }
 }
@@ -139,7 +143,7 @@ impl Letters<Fake> for &Script {
         _origin: &Origin<'_>,
         reason: Reason,
         error: &str,
-    ) -> impl Future<Output = Result<u64, PublishError>> + Send {
+    ) -> impl Future<Output = Result<StoredLetter, PublishError>> + Send {
         let mut answers = self.answers.lock().unwrap();
         let ok = if answers.len() > 1 {
             answers.pop_front()
@@ -149,7 +153,10 @@ impl Letters<Fake> for &Script {
         let result = if ok == Some(true) {
             let mut stored = self.stored.lock().unwrap();
             stored.push((reason, error.to_string()));
-            Ok(stored.len() as u64)
+            Ok(StoredLetter {
+                seq: stored.len() as u64,
+                duplicate: self.duplicate,
+            })
         } else {
             Err(PublishError::new(PublishErrorKind::TimedOut))
         };
@@ -300,6 +307,35 @@ async fn each_action_sends_its_settlement_and_counts_it() {
         ]
     );
     assert_eq!(s.metric("normalize_oura_invalid_sections_total", &["sleep"]), 1.0);
+    assert_eq!(s.books.holding(), 0);
+}
+
+/// A redelivery whose dead letter JetStream already holds (the TERM was lost): terminated as
+/// usual, but `dlq_messages_total` counts stored letters, not deliveries, so it is not counted
+/// again.
+#[tokio::test(start_paused = true)]
+async fn a_dead_letter_already_stored_is_settled_but_not_counted_again() {
+    let s = Setup::new(&[100]);
+    let script = Script {
+        duplicate: true,
+        ..Script::new(&[true])
+    };
+    let settler = s.settler(&script, None);
+    let ledger = s.books.ledger(None);
+    let failure = schema_failure();
+    let d = ledger.receive(Fake::new(2, 1));
+    settler
+        .settle(
+            &d,
+            &delivered(ORIGIN, 2),
+            Some(&failure),
+            Action::DeadLetter(Reason::SchemaInvalid),
+            None,
+        )
+        .await;
+    assert_eq!(Fake::sent(&d.msg.log), [Sent::Term]);
+    assert_eq!(s.metric("dlq_messages_total", &[]), 0.0);
+    assert!(s.dead_letter_ok());
     assert_eq!(s.books.holding(), 0);
 }
 
