@@ -426,7 +426,7 @@ fn start_daemon(stack: &Stack, batch: usize, depth: Option<usize>, instances: us
 }
 
 /// The daemon's pipeline depth when `HRV_PIPELINE_DEPTH` is not set.
-const DEFAULT_DEPTH: usize = 3;
+const DEFAULT_DEPTH: usize = normalize_service::config::DEFAULT_PIPELINE_DEPTH;
 
 /// The durable's `max_ack_pending` the daemons get: `BENCH_MAX_ACK_PENDING`, else the rule of
 /// docs/OPERATIONS.md, room for every instance's pipeline and prefetched pull (instances ×

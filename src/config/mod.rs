@@ -214,6 +214,13 @@ pub struct Config {
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/athlete_normalize";
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// Batches in flight per consumer by default. Small batches are bound by round trips, not CPU:
+/// at the default batch of 10 the benchmark gains 10–20 % from 3 to 5 and nothing more at 8
+/// (BENCHMARKS.md); large batches are bound by `max_ack_pending` and CPU, not by this.
+pub const DEFAULT_PIPELINE_DEPTH: usize = 5;
+/// The pool by default: one connection per batch in flight of the three consumers at the
+/// default depth, and one to spare.
+pub const DEFAULT_DATABASE_MAX_CONNECTIONS: u32 = 16;
 
 impl Config {
     /// Reads and validates the process environment.
@@ -306,7 +313,12 @@ impl Config {
         let config = Config {
             nats,
             database_url,
-            database_max_connections: env.num(Var::DatabaseMaxConnections, 10, 1, 1000),
+            database_max_connections: env.num(
+                Var::DatabaseMaxConnections,
+                DEFAULT_DATABASE_MAX_CONNECTIONS,
+                1,
+                1000,
+            ),
             database_acquire_timeout: env.ms(Var::DatabaseAcquireTimeoutMs, 3000, 10, 600_000),
             database_statement_timeout: env.ms(Var::DatabaseStatementTimeoutMs, 5000, 1, 3_600_000),
             run_migrations: env.flag(Var::RunMigrations, true),
@@ -374,7 +386,7 @@ fn consumer(env: &Env, kind: ConsumerKind) -> ConsumerConfig {
         max_deliver: env.num(&v.max_deliver, 5, 1, 1_000_000),
         ack_wait: env.ms(&v.ack_wait_ms, spec.ack_wait_default_ms, 100, 3_600_000),
         max_ack_pending: env.num(&v.max_ack_pending, 1000, 1, 1_000_000),
-        pipeline_depth: env.num(&v.pipeline_depth, 3, 1, 16),
+        pipeline_depth: env.num(&v.pipeline_depth, DEFAULT_PIPELINE_DEPTH, 1, 16),
     }
 }
 

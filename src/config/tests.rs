@@ -24,7 +24,11 @@ fn defaults_match_the_spec() {
     assert_eq!(hrv.idle_backoff, Duration::from_millis(50));
     assert_eq!(hrv.max_deliver, 5);
     assert_eq!(hrv.max_ack_pending, 1000);
-    assert_eq!(hrv.pipeline_depth, 3);
+    assert_eq!(hrv.pipeline_depth, 5);
+    // A connection for every batch in flight, and the pool's default leaves room for them.
+    assert!(
+        c.consumers.iter().map(|cc| cc.pipeline_depth).sum::<usize>() < c.database_max_connections as usize
+    );
     assert_eq!(hrv.pull_mode, PullMode::Fetch);
     let oura = c.consumer(ConsumerKind::Oura).unwrap();
     assert_eq!(oura.durable, "normalize-oura");
