@@ -245,16 +245,7 @@ async fn a_pool_busy_behind_a_lock_is_not_a_database_outage() {
     )
     .await;
     let pool = db.pool().await;
-    let blocked = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND wait_event_type = 'Lock'",
-        db.name
-    );
-    wait_for(
-        "the batch waiting on the lock",
-        Duration::from_secs(20),
-        || async { count(&pool, &blocked).await >= 1 },
-    )
-    .await;
+    wait_blocked_on_a_lock(&pool, &db.name).await;
     // The only pooled connection stays inside the blocked statement meanwhile.
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(500)).await;

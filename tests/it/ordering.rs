@@ -340,6 +340,30 @@ async fn input_edges_are_refused_or_reported_at_decode() {
     app.stop().await.unwrap();
 }
 
+/// `ORDERING_SEED`, else one from the clock, printed under `test` (cargo shows a failed test's
+/// output), and a xorshift generator over it: `next(n)` is in `0..n`.
+fn seeded(test: &str) -> (u64, impl FnMut(u64) -> u64) {
+    let seed: u64 = std::env::var("ORDERING_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                | 1
+        });
+    eprintln!("{test}: ORDERING_SEED={seed}");
+    // xorshift never leaves 0.
+    let mut state = seed | 1;
+    let next = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    (seed, next)
+}
+
 /// The `changed` part of the per-field upsert, checked directly against PostgreSQL: over random
 /// batches of HRV and sleep records on a few keys (values, times and vendors drawn from small
 /// sets, so equal values, ties and records without a vendor or quality are common), after every
@@ -355,25 +379,7 @@ async fn versions_and_announcements_follow_exactly_the_published_changes() {
     use normalize_service::pipeline::{self, Envelope, StoredRow};
     use normalize_service::store::{self, BatchEntry, Source};
 
-    let seed: u64 = std::env::var("ORDERING_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-                | 1
-        });
-    // Shown with the failure of any assertion or unwrap below (cargo prints a failed test's output).
-    eprintln!("versions_and_announcements: ORDERING_SEED={seed}");
-    // xorshift never leaves 0.
-    let mut state = seed | 1;
-    let mut next = move |n: u64| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state % n
-    };
+    let (seed, mut next) = seeded("versions_and_announcements");
     let db = TestDb::new().await;
     let pool = db.pool().await;
     store::MIGRATOR.run(&pool).await.unwrap();
@@ -532,23 +538,8 @@ async fn the_rows_depend_only_on_the_set_of_events() {
         "2025-03-01T09:00:00Z",
     ];
     const STREAMS: [&str; 2] = ["AA_VENDOR_HOT", "ATHLETE_ALLY_EVENTS"];
-    let seed: u64 = std::env::var("ORDERING_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-                | 1
-        });
-    eprintln!("the_rows_depend_only_on_the_set_of_events: ORDERING_SEED={seed}");
-    let mut state = seed | 1;
-    let mut next = move |n: usize| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % n as u64) as usize
-    };
+    let (seed, mut next_u64) = seeded("the_rows_depend_only_on_the_set_of_events");
+    let mut next = move |n: usize| next_u64(n as u64) as usize;
 
     struct Event {
         kind: ConsumerKind,

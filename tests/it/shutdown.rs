@@ -15,12 +15,28 @@ const GRACE: Duration = Duration::from_secs(2);
 
 /// Own servers and the daemon as a process with `SHUTDOWN_TIMEOUT_MS` = `DEADLINE`, ready.
 async fn start() -> (Stack, DaemonProcess) {
+    start_with(&[]).await
+}
+
+/// [`start`] with `extra` variables.
+async fn start_with(extra: &[(&str, &str)]) -> (Stack, DaemonProcess) {
     let stack = Stack::builder()
         .env(&[("SHUTDOWN_TIMEOUT_MS", &DEADLINE.as_millis().to_string())])
+        .env(extra)
         .start()
         .await;
     let daemon = stack.daemon().await;
     (stack, daemon)
+}
+
+/// Waits until the daemon's readiness says NATS is gone.
+async fn wait_sees_nats_gone(daemon: &DaemonProcess) {
+    wait_for("the daemon sees NATS gone", Duration::from_secs(10), || async {
+        normalize_service::http::http_get("127.0.0.1", daemon.port, "/health/ready", Duration::from_secs(2))
+            .await
+            .is_ok_and(|(code, _)| code == 503)
+    })
+    .await;
 }
 
 /// Sends SIGTERM and returns the exit code and the time from the signal to the exit; panics
@@ -66,16 +82,7 @@ async fn sigterm_with_a_batch_blocked_on_a_table_lock_exits_by_the_deadline() {
     )
     .await;
     let pool = stack.pool().await;
-    let blocked = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND wait_event_type = 'Lock'",
-        db.name
-    );
-    wait_for(
-        "the batch waiting on the lock",
-        Duration::from_secs(20),
-        || async { count(&pool, &blocked).await >= 1 },
-    )
-    .await;
+    wait_blocked_on_a_lock(&pool, &db.name).await;
 
     let (code, took) = sigterm_and_wait(&mut daemon).await;
     eprintln!("batch blocked on a lock: exit {code:?} {took:?} after SIGTERM");
@@ -127,12 +134,7 @@ async fn sigterm_with_a_half_sent_http_request_exits_promptly() {
 async fn sigterm_with_nats_unreachable_and_nothing_in_flight_exits_promptly() {
     let (mut stack, mut daemon) = start().await;
     stack.nats.kill();
-    wait_for("the daemon sees NATS gone", Duration::from_secs(10), || async {
-        normalize_service::http::http_get("127.0.0.1", daemon.port, "/health/ready", Duration::from_secs(2))
-            .await
-            .is_ok_and(|(code, _)| code == 503)
-    })
-    .await;
+    wait_sees_nats_gone(&daemon).await;
 
     let (code, took) = sigterm_and_wait(&mut daemon).await;
     eprintln!("NATS unreachable, nothing in flight: exit {code:?} {took:?} after SIGTERM");
@@ -150,23 +152,14 @@ async fn sigterm_with_nats_unreachable_and_nothing_in_flight_exits_promptly() {
 /// (10 s, longer than the deadline). The stop cuts them short instead of waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_nats_gone_does_not_wait_for_the_supervisors_requests() {
-    let mut stack = Stack::builder()
-        .env(&[
-            ("SHUTDOWN_TIMEOUT_MS", &DEADLINE.as_millis().to_string()),
-            ("EVENT_STREAM_MODE", "multi"),
-            ("REBIND_INTERVAL_MS", "200"),
-            ("CONSUMER_INFO_INTERVAL_MS", "200"),
-        ])
-        .start()
-        .await;
-    let mut daemon = stack.daemon().await;
-    stack.nats.kill();
-    wait_for("the daemon sees NATS gone", Duration::from_secs(10), || async {
-        normalize_service::http::http_get("127.0.0.1", daemon.port, "/health/ready", Duration::from_secs(2))
-            .await
-            .is_ok_and(|(code, _)| code == 503)
-    })
+    let (mut stack, mut daemon) = start_with(&[
+        ("EVENT_STREAM_MODE", "multi"),
+        ("REBIND_INTERVAL_MS", "200"),
+        ("CONSUMER_INFO_INTERVAL_MS", "200"),
+    ])
     .await;
+    stack.nats.kill();
+    wait_sees_nats_gone(&daemon).await;
     // Every consumer's supervisor and refresher is now inside a request that cannot complete.
     tokio::time::sleep(Duration::from_secs(2)).await;
 

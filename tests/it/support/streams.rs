@@ -149,6 +149,18 @@ pub async fn stream_contents(js: &jetstream::Context, name: &str) -> Vec<jetstre
     out
 }
 
+/// Waits until a session of database `db_name` waits on a lock (a batch behind
+/// [`lock_hrv_data`]); `pool` is any connection to that database.
+pub async fn wait_blocked_on_a_lock(pool: &PgPool, db_name: &str) {
+    let blocked = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db_name}' AND wait_event_type = 'Lock'"
+    );
+    wait_for("a batch waiting on the lock", Duration::from_secs(20), || async {
+        count(pool, &blocked).await >= 1
+    })
+    .await;
+}
+
 /// Another session holding `hrv_data` in an open transaction: every write of the daemon waits
 /// on this lock until the test sends `COMMIT` on the returned connection.
 pub async fn lock_hrv_data(db_url: &str) -> PgConnection {
