@@ -87,19 +87,13 @@ impl Worker {
                         let previous = draining
                             .iter()
                             .position(|r| r.binding.stream == b.stream && !r.token.is_cancelled());
-                        match previous {
+                        self.on_bound(&b, None);
+                        active = Some(match previous {
                             // Bound again where we were draining (a rollback soon after a
-                            // cut-over): that loop becomes the active one, logged and counted
-                            // as any binding is.
-                            Some(i) => {
-                                self.on_bound(&b, None);
-                                active = Some(draining.remove(i));
-                            }
-                            None => {
-                                self.on_bound(&b, None);
-                                active = Some(self.spawn_binding(&mut loops, b, &shutdown));
-                            }
-                        }
+                            // cut-over): that loop becomes the active one.
+                            Some(i) => draining.remove(i),
+                            None => self.spawn_binding(&mut loops, b, &shutdown),
+                        });
                         if let Some(a) = &active {
                             tokio::select! {
                                 biased;
@@ -171,12 +165,14 @@ impl Worker {
         loops: &mut Loops,
         shutdown: &CancellationToken,
     ) -> Option<Running> {
-        let mut active = active;
-        if let Some(current) = active.take() {
-            let current = self.rebalance(current, draining, loops, shutdown).await;
-            self.adopt_stranded(&current, draining, loops, shutdown).await;
-            active = Some(current);
-        }
+        let active = match active {
+            Some(current) => {
+                let current = self.rebalance(current, draining, loops, shutdown).await;
+                self.adopt_stranded(&current, draining, loops, shutdown).await;
+                Some(current)
+            }
+            None => None,
+        };
         self.stop_drained(draining).await;
         active
     }

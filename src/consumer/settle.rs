@@ -240,7 +240,12 @@ impl<L> Settler<'_, L> {
         L: Letters<M>,
     {
         let (kind, m, stream) = (self.kind, self.metrics, origin.stream);
-        let count_letter = |reason: Reason| {
+        // Counts a stored letter once: not again when a redelivery finds it already stored.
+        // True when counted.
+        let count_letter = |reason: Reason, stored: StoredLetter| {
+            if stored.duplicate {
+                return false;
+            }
             m.dlq_messages
                 .with_label_values(&[
                     kind.as_str(),
@@ -249,7 +254,8 @@ impl<L> Settler<'_, L> {
                     stream,
                     self.durable,
                 ])
-                .inc()
+                .inc();
+            true
         };
         let settled: MessageResult = match (action, report) {
             // Stored without its invalid sections: the dead letter that names them comes
@@ -263,8 +269,7 @@ impl<L> Settler<'_, L> {
                 };
                 match self.dead_letter(d, origin, letter).await {
                     Some(stored) => {
-                        if !stored.duplicate {
-                            count_letter(reason);
+                        if count_letter(reason, stored) {
                             for section in report.sections {
                                 m.count_oura_invalid_section(section);
                             }
@@ -294,9 +299,7 @@ impl<L> Settler<'_, L> {
                 };
                 match self.dead_letter(d, origin, letter).await {
                     Some(stored) => {
-                        if !stored.duplicate {
-                            count_letter(reason);
-                        }
+                        count_letter(reason, stored);
                         if reason == Reason::SchemaInvalid {
                             MessageResult::SchemaInvalid
                         } else {
